@@ -1,0 +1,1 @@
+"""Registered ops (``torch.library`` custom ops with fake implementations and autograd)."""

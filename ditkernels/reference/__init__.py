@@ -1,0 +1,1 @@
+"""Plain-PyTorch references: readable, float64-capable, the ground truth of the tests."""
