@@ -149,10 +149,6 @@ class BlockSchedule:
             visited, partial = self.tile_mask()
             self._transposed = BlockSchedule.from_tile_mask(
                 visited.transpose(1, 2), self.block_n, self.block_m, self.seq_k, self.seq_q, partial.transpose(1, 2))
-            self._transposed = BlockSchedule(**{**self._transposed.__dict__,
-                                               "kv_ptr": self._transposed.kv_ptr.to(self.kv_ptr.device),
-                                               "kv_idx": self._transposed.kv_idx.to(self.kv_ptr.device),
-                                               "partial": self._transposed.partial.to(self.kv_ptr.device)})
         return self._transposed
 
     def element_mask(self, mask: ElementMask | None = None) -> torch.Tensor:
