@@ -63,9 +63,15 @@ def _want_cuda() -> tuple[bool, str]:
     nvcc = shutil.which("nvcc") or (str(home / "bin" / "nvcc") if home else None)
     if nvcc and home and Path(nvcc).exists():
         return True, nvcc
-    if flag == "1":
-        raise RuntimeError("DITKERNELS_CUDA=1 but nvcc / CUDA_HOME was not found")
+    if flag == "1" or os.environ.get("DITKERNELS_CUDA_ARCHS"):
+        raise RuntimeError("the CUDA extension was requested (DITKERNELS_CUDA=1 or DITKERNELS_CUDA_ARCHS set) "
+                           "but nvcc was not found: put it on PATH or set CUDA_HOME")
     return False, "nvcc not found"
+
+
+def _cuda_archs() -> list[str]:
+    return [a.strip() for a in os.environ.get("DITKERNELS_CUDA_ARCHS", "80;90a").replace(",", ";").split(";")
+            if a.strip()]
 
 
 def _sources(*patterns: str) -> list[str]:
@@ -100,7 +106,7 @@ class NinjaBuildExt(build_ext):
         ]
         cuda_home = getattr(ext, "cuda_home", None)
         if cuda_home is not None:
-            archs = [a for a in os.environ.get("DITKERNELS_CUDA_ARCHS", "80;90a").replace(",", ";").split(";") if a]
+            archs = _cuda_archs()
             gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
             nvccflags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
                          "--expt-relaxed-constexpr", "-lineinfo", f"-I{ROOT / 'csrc'}", *gencode]
@@ -154,7 +160,9 @@ if use_cuda:
     cuda_ext = Extension("ditkernels._cuda", sources=_sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp"))
     cuda_ext.cuda_home = _find_cuda_home()
     cuda_ext.nvcc = why
-    cuda_ext.extra_compile_args = [f"-I{cuda_ext.cuda_home / 'include'}"]
+    # The host-side sources record the archs the device code was built for (``_cuda.archs()``).
+    cuda_ext.extra_compile_args = [f"-I{cuda_ext.cuda_home / 'include'}",
+                                   f'-DDITKERNELS_CUDA_ARCHS="{";".join(_cuda_archs())}"']
     ext_modules.append(cuda_ext)
 else:
     print(f"ditkernels: skipping the CUDA extension ({why})", file=sys.stderr)
