@@ -34,6 +34,7 @@ import math
 import os
 import pkgutil
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -235,13 +236,41 @@ def time_cpu(steps: dict[str, Callable[[], Any]], *, warmup: int, reps: int, bud
 
 
 def time_cuda(step: Callable[[], Any], *, quick: bool) -> dict[str, Any]:
-    """``triton.testing.do_bench`` median (ms) with 20 %/80 % quantiles."""
-    from triton.testing import do_bench
-
+    """Median (ms) with 20 %/80 % quantiles: ``triton.testing.do_bench``, or CUDA events without triton."""
     warmup, rep = (10, 40) if quick else (25, 100)
-    p50, p20, p80 = do_bench(step, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-    return {"time_ms": p50, "time_ms_p20": p20, "time_ms_p80": p80, "time_ms_min": None, "reps": None,
-            "timer": f"triton.testing.do_bench(warmup={warmup}, rep={rep}) median"}
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        p50, p20, p80 = do_bench(step, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+        return {"time_ms": p50, "time_ms_p20": p20, "time_ms_p80": p80, "time_ms_min": None, "reps": None,
+                "timer": f"triton.testing.do_bench(warmup={warmup}, rep={rep}) median"}
+    return dict(_summary(_cuda_event_times(step, warmup_ms=warmup, rep_ms=rep)),
+                timer=f"torch.cuda.Event median (warmup={warmup} ms, rep={rep} ms; triton not installed)")
+
+
+def _cuda_event_times(step: Callable[[], Any], *, warmup_ms: float, rep_ms: float) -> list[float]:
+    """do_bench's method without triton: estimate, warm up for ``warmup_ms``, time runs for ``rep_ms``."""
+    step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        step()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(max(3, int(rep_ms / estimate)))]
+    for a, b in events:
+        a.record()
+        step()
+        b.record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in events]
 
 
 def _reason(e: BaseException) -> str:
@@ -284,6 +313,7 @@ def run_case(case: Case, mode: str, impls: Sequence[str], device: torch.device, 
     diff = [inputs[n] for n in case.grad_inputs] if mode == "fwdbwd" else []
     grad_out: torch.Tensor | None = None
     ref_out: torch.Tensor | None = None
+    ref_grads: tuple[torch.Tensor, ...] | None = None
     rows: dict[str, dict[str, Any]] = {}
     steps: dict[str, Callable[[], Any]] = {}
     for name in sorted(impls, key=lambda n: n != case.reference):
@@ -293,6 +323,7 @@ def run_case(case: Case, mode: str, impls: Sequence[str], device: torch.device, 
             # Warnings of the setup and first call (e.g. a fallback to a slow backend) go into the row.
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
+                grads: tuple[torch.Tensor, ...] = ()
                 fn = case.impls[name](inputs)
                 row["detail"] = getattr(fn, "detail", None)
                 out = _primary(fn())  # first call: compilation / autotuning, not timed
@@ -300,16 +331,19 @@ def run_case(case: Case, mode: str, impls: Sequence[str], device: torch.device, 
                     if grad_out is None:
                         gen = torch.Generator(device=out.device).manual_seed(1)
                         grad_out = torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=gen)
-                    torch.autograd.grad(out, diff, grad_out)
+                    grads = torch.autograd.grad(out, diff, grad_out)
                 _sync(device)
             row["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught
                                       if not issubclass(w.category, _NOISE_WARNINGS)})
             row["setup_s"] = time.perf_counter() - t0
             out = out.detach()
             if name == case.reference:
-                ref_out = out
+                ref_out, ref_grads = out, grads
             row["rel_err_vs_ref"] = _rel_err(out, ref_out) if ref_out is not None else None
-            del out
+            if mode == "fwdbwd" and ref_grads is not None:
+                errs = [_rel_err(g, r) for g, r in zip(grads, ref_grads)]
+                row["rel_err_grads_vs_ref"] = dict(zip(case.grad_inputs, errs))
+            del out, grads
             if mode == "fwdbwd":
 
                 def step(fn=fn, g=grad_out) -> None:
@@ -343,7 +377,7 @@ def run_case(case: Case, mode: str, impls: Sequence[str], device: torch.device, 
         if r["status"] == "ok":
             r["useful_flop_per_s"] = r["useful_flops"] / (r["time_ms"] * 1e-3)
         r["speedup_vs_ref"] = ref_row["time_ms"] / r["time_ms"] if ref_ok and r["status"] == "ok" else None
-    del inputs, diff, grad_out, ref_out, steps
+    del inputs, diff, grad_out, ref_out, ref_grads, steps
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -440,7 +474,10 @@ def format_table(rows: list[dict[str, Any]], device: torch.device) -> str:
         ok = r["status"] == "ok"
         sp = r.get("speedup_vs_ref")
         speed = "-" if sp is None else f"{sp:.2f}x" + (" (ref)" if r["impl"] == r["reference"] else "")
-        err = r.get("rel_err_vs_ref") if r["impl"] != r["reference"] else None
+        err = None
+        if r["impl"] != r["reference"] and r.get("rel_err_vs_ref") is not None:
+            errs = [r["rel_err_vs_ref"], *(r.get("rel_err_grads_vs_ref") or {}).values()]
+            err = max(e for e in errs if e is not None)
         if ok:
             note = "; ".join(filter(None, [r.get("detail"), *r.get("warnings", [])]))
         else:
@@ -463,7 +500,7 @@ def format_table(rows: list[dict[str, Any]], device: torch.device) -> str:
 
 
 def write_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Bar chart: time (ms, log scale) per case and mode, one bar per impl."""
+    """Two panels per (case, mode) group, one bar per impl: time (ms, log) and speed-up vs the reference."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -474,32 +511,39 @@ def write_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             groups.append((r["case"], r["mode"]))
         if r["impl"] not in impls:
             impls.append(r["impl"])
-    times = {(r["case"], r["mode"], r["impl"]): r["time_ms"] for r in rows if r["status"] == "ok"}
+    ok = {(r["case"], r["mode"], r["impl"]): r for r in rows if r["status"] == "ok"}
 
-    fig = Figure(figsize=(max(6.0, 1.2 + 0.9 * len(groups) * max(1, len(impls)) * 0.45), 4.8), dpi=110)
+    fig = Figure(figsize=(max(6.0, 1.5 + 0.4 * len(groups) * max(1, len(impls))), 7.5), dpi=110)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    ax_t, ax_s = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
     width = 0.8 / max(1, len(impls))
     for j, impl in enumerate(impls):
-        xs, ys = [], []
+        xs, ts, sps = [], [], []
         for i, (case, mode) in enumerate(groups):
-            t = times.get((case, mode, impl))
-            if t is not None:
+            r = ok.get((case, mode, impl))
+            if r is not None:
                 xs.append(i - 0.4 + width * (j + 0.5))
-                ys.append(t)
+                ts.append(r["time_ms"])
+                sps.append(r.get("speedup_vs_ref") or 0.0)
+        color = f"C{j}"
         if xs:
-            ax.bar(xs, ys, width=width, label=impl)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{c.split('/', 1)[-1]}\n{c.split('/', 1)[0]} {m}" for c, m in groups],
-                       rotation=30, ha="right", fontsize=7)
-    if times:
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
+            ax_t.bar(xs, ts, width=width, label=impl, color=color)
+            ax_s.bar(xs, sps, width=width, label=impl, color=color)
+    labels = [f"{c.split('/', 1)[-1]}\n{c.split('/', 1)[0]} {m}" for c, m in groups]
+    for ax in (ax_t, ax_s):
+        ax.set_xticks(range(len(groups)))
+        ax.grid(axis="y", alpha=0.3, which="both")
+    ax_t.set_xticklabels([])
+    ax_s.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+    if ok:
+        ax_t.set_yscale("log")
+        ax_t.legend(fontsize=8)
     else:
-        ax.text(0.5, 0.5, "no implementation ran", ha="center", va="center", transform=ax.transAxes)
-    ax.set_ylabel("time (ms, lower is better)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(axis="y", alpha=0.3, which="both")
+        ax_t.text(0.5, 0.5, "no implementation ran", ha="center", va="center", transform=ax_t.transAxes)
+    ax_s.axhline(1.0, color="black", lw=0.8)
+    ax_t.set_ylabel("time (ms, lower is better)")
+    ax_s.set_ylabel("speed-up vs reference\n(higher is better)")
+    ax_t.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -554,7 +598,9 @@ def _progress(total: int, disable: bool):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, disable=disable, unit="run", dynamic_ncols=True, file=sys.stderr)
+    # shutil's width (COLUMNS, then the terminal, then 100): tqdm's own probe returns -1 on some ptys.
+    ncols = max(40, min(shutil.get_terminal_size((100, 24)).columns, 140))
+    return tqdm(total=total, disable=disable, unit="run", ncols=ncols, file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -642,7 +688,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     dev = record["device"]
     print(f"device: {dev['name']} ({device.type}, {torch.get_num_threads()} threads)  torch {torch.__version__}  "
-          f"dtype {dtype_name(dtype)}  speed-up = reference time / time (reference: {', '.join(sorted({str(c.reference) for c in cases}))})")
+          f"dtype {dtype_name(dtype)}")
+    print(f"speed-up = reference time / time (reference: {', '.join(sorted({str(c.reference) for c in cases}))}); "
+          "rel.err = max ||x - x_ref|| / ||x_ref|| over the output (and gradients in fwdbwd)")
     if device.type == "cpu" and load is not None and load > 0.5:
         print(f"note: the 1-minute load average was {load:.2f} before the run: other processes share the "
               "CPU, so timings are noisy (implementations were timed round-robin to share the noise)")
@@ -651,7 +699,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_plot:
         png_path = out_dir / f"{stem}.png"
         try:
-            write_plot(rows, png_path, f"{dev['name']} ({device.type}) - {dtype_name(dtype)} - torch {torch.__version__}")
+            commit = (record["git"] or {}).get("commit", "")[:10] or "no git"
+            write_plot(rows, png_path, f"{dev['name']} ({device.type}, {torch.get_num_threads()} threads)\n"
+                                       f"torch {torch.__version__} - {commit} - {record['timestamp']}")
             print(f"wrote {png_path}")
         except ImportError as e:
             print(f"ditkernels bench: no plot ({_reason(e)}; pip install matplotlib)", file=sys.stderr)

@@ -60,6 +60,9 @@ def test_dense_attention_record_table_and_plot(tmp_path, capsys):
         if r["impl"] == "ditkernels":
             assert r["status"] == "ok", r["reason"]
             assert r["rel_err_vs_ref"] < 1e-5
+            if r["mode"] == "fwdbwd":
+                assert set(r["rel_err_grads_vs_ref"]) == {"q", "k", "v"}
+                assert max(r["rel_err_grads_vs_ref"].values()) < 1e-5
 
     png = tmp_path / "t.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
