@@ -80,7 +80,9 @@ def build_flex(inputs: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - reported as the skip reason
         first = next((l for l in str(e).splitlines() if l.strip()), "")
         raise SkipImpl(f"torch.compile(flex_attention) failed: {type(e).__name__}: {first}") from None
-    return lambda: flex(q, k, v)
+    fn = lambda: flex(q, k, v)  # noqa: E731
+    fn.detail = "torch.compile(dynamic=False)"
+    return fn
 
 
 def _make_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Callable[[bool], dict[str, torch.Tensor]]:

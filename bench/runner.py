@@ -19,8 +19,14 @@ forward count of *visible* query-key pairs only (dense attention: ``4 * B * H * 
 the backward is ``2.5x`` the forward, so ``fwdbwd`` rows count ``3.5x`` ``useful_flops``
 (a case can change the backward factor with ``bwd_flops_factor``).
 
-Timing: on CUDA ``triton.testing.do_bench`` (median, with 20 %/80 % quantiles); on CPU the median
-wall time (``time.perf_counter``) of ``--reps`` runs after ``--warmup`` runs.
+Timing: on CUDA ``triton.testing.do_bench`` (median, with 20 %/80 % quantiles; CUDA events when
+triton is absent); on CPU the median wall time (``time.perf_counter``) of ``--reps`` runs after
+``--warmup`` runs, the implementations of a case timed round-robin.
+
+Output in ``--out`` (default ``bench_results/``): ``<tag>.json`` (device, versions, git commit,
+timestamp, threads, config and one row per case x mode x impl), ``<tag>.png`` (time and speed-up
+bars) and ``history.jsonl`` (every row of every run, each with device, versions, commit and
+timestamp, like Liger's benchmark records), plus the table on stdout.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -685,6 +691,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     stem = args.tag or f"bench-{now.strftime('%Y%m%d-%H%M%S')}"
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    stamp = {"timestamp": record["timestamp"], "device_name": record["device"]["name"], "device_type": device.type,
+             "threads": torch.get_num_threads(), **{f"{k}_version": v for k, v in record["versions"].items()},
+             "commit": (record["git"] or {}).get("commit"), "record": json_path.name}
+    with open(out_dir / "history.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps({**stamp, **r}, default=str) + "\n")
 
     dev = record["device"]
     print(f"device: {dev['name']} ({device.type}, {torch.get_num_threads()} threads)  torch {torch.__version__}  "

@@ -64,6 +64,10 @@ def test_dense_attention_record_table_and_plot(tmp_path, capsys):
                 assert set(r["rel_err_grads_vs_ref"]) == {"q", "k", "v"}
                 assert max(r["rel_err_grads_vs_ref"].values()) < 1e-5
 
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert len(history) == len(rows)
+    assert all(h["timestamp"] == record["timestamp"] and h["device_name"] and h["torch_version"] for h in history)
+
     png = tmp_path / "t.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "case" in out and "GFLOP/s" in out and "speed-up" in out
