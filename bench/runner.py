@@ -13,6 +13,9 @@ An op module registers a *case generator* for a family::
 Each implementation is a *setup function* ``build(inputs) -> fn``, where ``fn`` is a zero-arg
 callable returning the output tensor; ``build`` raises :class:`SkipImpl` with the reason when the
 implementation cannot run here. The first call of ``fn`` (compilation, autotuning) is not timed.
+Import optional peers (NATTEN, mamba-ssm, ...) inside the setup function, not at module level, so
+a missing peer is a ``skipped`` row with its reason; any other exception of a setup or first call
+is a ``failed`` row (``--strict`` turns those into exit status 1). Never a crash of the sweep.
 
 FLOP convention (flash-attention's ``benchmark_flash_attention.py``): ``useful_flops`` is the
 forward count of *visible* query-key pairs only (dense attention: ``4 * B * H * Sq * Sk * D``);
@@ -721,7 +724,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.strict and any(r["status"] == "failed" for r in rows):
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
