@@ -1,0 +1,653 @@
+// CPU flash attention: forward and backward of the ditkernels core (schedule + element mask +
+// epilogue), torch-independent. Python passes raw pointers (tensor.data_ptr()), sizes and strides
+// in elements; the launcher is ditkernels/backends/cpu.py.
+//
+// Layout of the work. Every matrix product is cast into the one GEMM of gemm.h, whose vector
+// dimension is the "tile" side of the problem, so that softmax statistics are vectors too:
+//  - forward / dQ: work item = (batch*head, query tile, group of <= kRowGroup query rows). The query
+//    rows are packed once, transposed and pre-scaled (Qt: D x rows). For each visited chunk of keys:
+//      St = K_chunk * Qt                  (keys x rows: K rows are read in place as the A operand)
+//      online softmax down the key axis (running max / sum are vectors over the query rows)
+//      Ot += V_chunk^T * Pt               (D x rows: V read in place, transposed through strides)
+//    and Ot is transposed back once when the item stores its rows.
+//  - dK/dV: work item = (batch*head, KV tile, group of key rows), visiting the query tiles of the
+//    transposed schedule: S = Q * Kt, P = exp2(S - lse), dVt += dO^T P, dP = dO * Vt,
+//    dS = P (dP - delta), dKt += Q^T dS. Deterministic: every output row is owned by one item.
+// Scores are scaled natural-log units (q or k is pre-scaled by `scale`); exp(x - m) is computed as
+// exp2((x - m) * log2(e)) after the subtraction, so a large logit (~1e3) costs no extra rounding.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdlib>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "cpu/gemm.h"
+#include "cpu/simd.h"
+#include "cpu/thread_pool.h"
+
+namespace py = pybind11;
+
+namespace ditk {
+namespace {
+
+// Ids shared with ditkernels/schedule.py.
+constexpr int MASK_NONE = 0;
+constexpr int EPILOGUE_NONE = 0;
+constexpr int EPILOGUE_SCALE_RESIDUAL = 1;
+
+constexpr int kRowGroup = 64;  // rows of the vector side per work item
+constexpr int kChunk = 64;     // rows of the streamed side per inner step
+constexpr double kLog2e = 1.4426950408889634;
+
+// ---- element masks: the one place where new mask kinds plug in ---------------------------------
+// visible(params, query_index, key_index) is evaluated on partial tile visits only; bounds are
+// handled separately and always. A new kind adds a specialisation and a case in dispatch_mask.
+template <int KIND>
+struct ElementMask;
+
+template <>
+struct ElementMask<MASK_NONE> {
+  static constexpr bool kTrivial = true;  // every in-bounds pair is visible: nothing to evaluate
+  static bool visible(const int32_t*, int64_t, int64_t) { return true; }
+};
+
+template <typename F>
+void dispatch_mask(int kind, F&& f) {
+  switch (kind) {
+    case MASK_NONE: f(std::integral_constant<int, MASK_NONE>{}); return;
+    default: throw std::invalid_argument("cpu attention: unsupported element mask kind " + std::to_string(kind));
+  }
+}
+
+template <typename F>
+void dispatch_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(float{}); return;
+    case kFloat64: f(double{}); return;
+    case kFloat16: f(fp16_t{}); return;
+    case kBFloat16: f(bf16_t{}); return;
+    default: throw std::invalid_argument("cpu attention: unknown dtype code " + std::to_string(dtype));
+  }
+}
+
+// ---- small helpers -----------------------------------------------------------------------------
+template <typename T>
+struct Buf {
+  T* p = nullptr;
+  size_t n = 0;
+  Buf() = default;
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { std::free(p); }
+  T* get(size_t m) {
+    if (m > n) {
+      std::free(p);
+      size_t bytes = ((std::max<size_t>(m, 1) * sizeof(T) + 63) / 64) * 64;
+      p = static_cast<T*>(std::aligned_alloc(64, bytes));
+      if (!p) throw std::bad_alloc();
+      n = m;
+    }
+    return p;
+  }
+};
+
+using Strides4 = std::array<int64_t, 4>;
+
+struct Tensor4 {
+  uintptr_t ptr = 0;
+  Strides4 st{};
+  template <typename S>
+  const S* row(int64_t b, int64_t h, int64_t i) const {
+    return reinterpret_cast<const S*>(ptr) + b * st[0] + h * st[1] + i * st[2];
+  }
+  template <typename S>
+  S* mrow(int64_t b, int64_t h, int64_t i) const {
+    return reinterpret_cast<S*>(ptr) + b * st[0] + h * st[1] + i * st[2];
+  }
+};
+
+// CSR over tiles (kv_ptr / kv_idx / partial); ptr == nullptr means dense.
+struct Sched {
+  const int32_t* ptr = nullptr;
+  const int32_t* idx = nullptr;
+  const int32_t* partial = nullptr;
+  int64_t ptr_stride = 0;  // per head slice; 0 when one slice is shared by every batch*head
+  int64_t idx_stride = 0;
+};
+
+// Calls fn(start, len, partial) for the chunks (<= chunk long) of the index ranges that `tile`
+// visits: every index of [0, seq) when dense, else the listed tiles of `block` indices, clipped to seq.
+template <typename F>
+inline void for_each_chunk(const Sched& s, int64_t bh, int64_t tile, int64_t block, int64_t seq, int64_t chunk,
+                           F&& fn) {
+  if (s.ptr == nullptr) {
+    for (int64_t a = 0; a < seq; a += chunk) fn(a, std::min(chunk, seq - a), false);
+    return;
+  }
+  const int32_t* ptr = s.ptr + bh * s.ptr_stride;
+  const int32_t* idx = s.idx + bh * s.idx_stride;
+  const int32_t* par = s.partial + bh * s.idx_stride;
+  for (int32_t e = ptr[tile]; e < ptr[tile + 1]; ++e) {
+    int64_t a0 = static_cast<int64_t>(idx[e]) * block, a1 = std::min(a0 + block, seq);
+    bool partial = par[e] != 0;
+    for (int64_t a = a0; a < a1; a += chunk) fn(a, std::min(chunk, a1 - a), partial);
+  }
+}
+
+// Rows [i0, i0+n) of a (.., D) tensor as a compute-type A operand: in place when the storage is
+// the compute type, else converted into buf. Returns the pointer and sets the row stride.
+template <typename S, typename T>
+inline const T* rows_operand(const S* src, int64_t rs, int64_t n, int64_t D, Buf<T>& buf, ptrdiff_t& row_stride) {
+  if constexpr (std::is_same<S, T>::value) {
+    row_stride = rs;
+    return src;
+  } else {
+    T* dst = buf.get(n * D);
+    for (int64_t i = 0; i < n; ++i) {
+      const S* s = src + i * rs;
+      T* d = dst + i * D;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < D; ++j) d[j] = to_compute(s[j]);
+    }
+    row_stride = D;
+    return dst;
+  }
+}
+
+// dst (D x ld) = transpose of n rows of src (n x D, row stride rs), times mult; zero beyond n.
+template <typename S, typename T>
+inline void pack_transposed(const S* src, int64_t rs, int64_t n, int64_t D, T mult, T* dst, int64_t ld) {
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t r = n; r < ld; ++r) dst[d * ld + r] = T(0);
+  for (int64_t r = 0; r < n; ++r) {
+    const S* s = src + r * rs;
+    for (int64_t d = 0; d < D; ++d) dst[d * ld + r] = to_compute(s[d]) * mult;
+  }
+}
+
+template <typename V>
+inline bool all_equal(V a, typename std::remove_reference<decltype(a[0])>::type s) {
+  constexpr int W = sizeof(V) / sizeof(a[0]);
+  bool eq = true;
+  for (int i = 0; i < W; ++i) eq &= (a[i] == s);
+  return eq;
+}
+
+int resolve_threads(int requested, int64_t items) {
+  int n = requested > 0 ? requested : 1;
+  if (items < n) n = static_cast<int>(std::max<int64_t>(items, 1));
+  return n;
+}
+
+// ================================================================================================
+// Forward
+// ================================================================================================
+struct FwdParams {
+  int64_t B, H, Sq, Sk, D;
+  double scale;
+  Tensor4 q, k, v, out;  // out.ptr == 0: statistics only (lse), no output
+  uintptr_t lse;         // (B, H, Sq) contiguous, float32 or float64
+  bool lse_f64;
+  int64_t block_m, block_n;
+  Sched sched;
+  const int32_t* mask_params;
+  int epilogue;
+  const float* row_scale;  // (B, H, Sq) with strides rs_st
+  std::array<int64_t, 3> rs_st;
+  Tensor4 residual;  // storage dtype of q
+  int num_threads;
+};
+
+template <typename S, int MASK>
+void fwd_kernel(const FwdParams& p) {
+  using T = typename ComputeOf<S>::type;
+  using V = vec_t<T>;
+  using Mask = ElementMask<MASK>;
+  constexpr int W = kLanes<T>;
+  const int64_t D = p.D, H = p.H, Sq = p.Sq, Sk = p.Sk;
+  const int64_t nqt = (Sq + p.block_m - 1) / p.block_m;
+  const int64_t ngroups = (p.block_m + kRowGroup - 1) / kRowGroup;
+  const int64_t total = p.B * H * nqt * ngroups;
+  if (total == 0) return;
+  const int64_t gmax = std::min<int64_t>(kRowGroup, p.block_m);
+  const int64_t ldmax = (gmax + W - 1) / W * W;
+  const T c = static_cast<T>(p.scale);
+  const T log2e = static_cast<T>(kLog2e);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const bool stats_only = p.out.ptr == 0;
+  std::atomic<int64_t> next{0};
+
+  auto body = [&](int) {
+    Buf<T> qt_b, ot_b, st_b, kc_b, vc_b, m_b, l_b;
+    T* Qt = qt_b.get(D * ldmax);
+    T* Ot = ot_b.get(D * ldmax);
+    T* St = st_b.get(kChunk * ldmax);
+    T* mrow = m_b.get(ldmax);
+    T* lrow = l_b.get(ldmax);
+    for (;;) {
+      const int64_t it = next.fetch_add(1, std::memory_order_relaxed);
+      if (it >= total) break;
+      const int64_t g = it % ngroups, m = (it / ngroups) % nqt, bh = it / (ngroups * nqt);
+      const int64_t b = bh / H, h = bh % H;
+      const int64_t q0 = m * p.block_m + g * kRowGroup;
+      const int64_t nr = std::min<int64_t>(kRowGroup, std::min((m + 1) * p.block_m, Sq) - q0);
+      if (nr <= 0) continue;
+      const int nv = static_cast<int>((nr + W - 1) / W);
+      const int64_t ld = static_cast<int64_t>(nv) * W;
+
+      pack_transposed(p.q.row<S>(b, h, q0), p.q.st[2], nr, D, c, Qt, ld);
+      std::fill(Ot, Ot + D * ld, T(0));
+      std::fill(mrow, mrow + ld, neg_inf);
+      std::fill(lrow, lrow + ld, T(0));
+      const S* kbase = p.k.row<S>(b, h, 0);
+      const S* vbase = p.v.row<S>(b, h, 0);
+
+      for_each_chunk(p.sched, bh, m, p.block_n, Sk, kChunk, [&](int64_t k0, int64_t nk, bool partial) {
+        ptrdiff_t krs;
+        const T* Kr = rows_operand<S, T>(kbase + k0 * p.k.st[2], p.k.st[2], nk, D, kc_b, krs);
+        gemm<T, false>(static_cast<int>(nk), nv, static_cast<int>(D), Kr, krs, 1, Qt, ld, St, ld);
+        if (!Mask::kTrivial && partial) {
+          for (int64_t kk = 0; kk < nk; ++kk)
+            for (int64_t r = 0; r < nr; ++r)
+              if (!Mask::visible(p.mask_params, q0 + r, k0 + kk)) St[kk * ld + r] = neg_inf;
+        }
+        // Online softmax down the key axis, one vector of query rows at a time.
+        for (int j = 0; j < nv; ++j) {
+          T* sj = St + j * W;
+          V mx = loadu(sj);
+          for (int64_t kk = 1; kk < nk; ++kk) mx = vmax(mx, loadu(sj + kk * ld));
+          const V mold = loadu(mrow + j * W);
+          const V mnew = vmax(mold, mx);
+          const V base = mnew == splat(neg_inf) ? V{} : mnew;  // -inf-safe: all-masked rows stay 0
+          const V alpha = exp2v((mold - base) * log2e);
+          V sum{};
+          for (int64_t kk = 0; kk < nk; ++kk) {
+            V e = exp2v((loadu(sj + kk * ld) - base) * log2e);
+            storeu(sj + kk * ld, e);
+            sum += e;
+          }
+          storeu(lrow + j * W, fmadd(loadu(lrow + j * W), alpha, sum));
+          storeu(mrow + j * W, mnew);
+          if (!stats_only && !all_equal(alpha, T(1))) {
+            for (int64_t d = 0; d < D; ++d) storeu(Ot + d * ld + j * W, loadu(Ot + d * ld + j * W) * alpha);
+          }
+        }
+        if (!stats_only) {
+          ptrdiff_t vrs;
+          const T* Vr = rows_operand<S, T>(vbase + k0 * p.v.st[2], p.v.st[2], nk, D, vc_b, vrs);
+          gemm<T, true>(static_cast<int>(D), nv, static_cast<int>(nk), Vr, 1, vrs, St, ld, Ot, ld);
+        }
+      });
+
+      // Normalise, apply the epilogue, store (transposing Ot back), write lse.
+      for (int64_t r = 0; r < nr; ++r) {
+        const T l = lrow[r];
+        const bool empty = !(l > T(0));
+        const T inv = empty ? T(0) : T(1) / l;
+        const double lse = empty ? -std::numeric_limits<double>::infinity()
+                                 : static_cast<double>(mrow[r]) + std::log(static_cast<double>(l));
+        const int64_t li = bh * Sq + q0 + r;
+        if (p.lse_f64)
+          reinterpret_cast<double*>(p.lse)[li] = lse;
+        else
+          reinterpret_cast<float*>(p.lse)[li] = static_cast<float>(lse);
+        if (stats_only) continue;
+        S* o = p.out.mrow<S>(b, h, q0 + r);
+        if (p.epilogue == EPILOGUE_SCALE_RESIDUAL) {
+          const T rsc = static_cast<T>(p.row_scale[b * p.rs_st[0] + h * p.rs_st[1] + (q0 + r) * p.rs_st[2]]);
+          const S* res = p.residual.row<S>(b, h, q0 + r);
+          for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(rsc * (Ot[d * ld + r] * inv) + to_compute(res[d]));
+        } else {
+          for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(Ot[d * ld + r] * inv);
+        }
+      }
+    }
+  };
+  ThreadPool::instance().run(resolve_threads(p.num_threads, total), body);
+}
+
+// ================================================================================================
+// Backward
+// ================================================================================================
+struct BwdParams {
+  int64_t B, H, Sq, Sk, D;
+  double scale;
+  Tensor4 dout, q, k, v, out, dq, dk, dv;
+  uintptr_t lse;  // (B, H, Sq) contiguous
+  bool lse_f64;
+  int64_t block_m, block_n;
+  Sched sched;   // over query tiles
+  Sched tsched;  // over KV tiles (schedule.transposed())
+  const int32_t* mask_params;
+  int num_threads;
+};
+
+template <typename S, int MASK>
+void bwd_kernel(const BwdParams& p) {
+  using T = typename ComputeOf<S>::type;
+  using V = vec_t<T>;
+  using Mask = ElementMask<MASK>;
+  constexpr int W = kLanes<T>;
+  const int64_t D = p.D, H = p.H, Sq = p.Sq, Sk = p.Sk, BH = p.B * p.H;
+  const T sc = static_cast<T>(p.scale);
+  const T log2e = static_cast<T>(kLog2e);
+  const T inf = std::numeric_limits<T>::infinity();
+  // fp16/bf16: the stored O is rounded, and delta = rowsum(dO * O) inherits that rounding, which
+  // large logits amplify in dQ/dK. Those dtypes get delta = rowsum(P * dP) from an extra scores pass.
+  constexpr bool kExactDelta = !std::is_same<S, T>::value;
+  ThreadPool& pool = ThreadPool::instance();
+
+  // ---- 1. per-row statistics: delta = rowsum(dO * O), lse (+inf for empty rows: P = exp(s - inf) = 0) ----
+  std::unique_ptr<T[]> delta(new T[std::max<int64_t>(BH * Sq, 1)]);
+  std::unique_ptr<T[]> lse_row(new T[std::max<int64_t>(BH * Sq, 1)]);
+  {
+    const int64_t rb = 256, nrb = (Sq + rb - 1) / rb, total = BH * nrb;
+    std::atomic<int64_t> next{0};
+    auto body = [&](int) {
+      for (;;) {
+        const int64_t it = next.fetch_add(1, std::memory_order_relaxed);
+        if (it >= total) break;
+        const int64_t bh = it / nrb, b = bh / H, h = bh % H, i0 = (it % nrb) * rb, i1 = std::min(i0 + rb, Sq);
+        for (int64_t i = i0; i < i1; ++i) {
+          const S* o = p.out.row<S>(b, h, i);
+          const S* g = p.dout.row<S>(b, h, i);
+          T acc = 0;
+          if (!kExactDelta)
+            for (int64_t d = 0; d < D; ++d) acc += to_compute(o[d]) * to_compute(g[d]);
+          delta[bh * Sq + i] = acc;
+          const double l = p.lse_f64 ? reinterpret_cast<const double*>(p.lse)[bh * Sq + i]
+                                     : static_cast<double>(reinterpret_cast<const float*>(p.lse)[bh * Sq + i]);
+          lse_row[bh * Sq + i] = l == -std::numeric_limits<double>::infinity() ? inf : static_cast<T>(l);
+        }
+      }
+    };
+    if (total > 0) pool.run(resolve_threads(p.num_threads, total), body);
+  }
+
+  // ---- 2. dQ: per query row group, over its KV tiles ---------------------------------------------
+  {
+    const int64_t nqt = (Sq + p.block_m - 1) / p.block_m;
+    const int64_t ngroups = (p.block_m + kRowGroup - 1) / kRowGroup;
+    const int64_t total = BH * nqt * ngroups;
+    const int64_t ldmax = (std::min<int64_t>(kRowGroup, p.block_m) + W - 1) / W * W;
+    std::atomic<int64_t> next{0};
+    auto body = [&](int) {
+      Buf<T> qt_b, dot_b, dqt_b, st_b, dpt_b, kc_b, vc_b, l_b, dl_b;
+      T* Qt = qt_b.get(D * ldmax);
+      T* dOt = dot_b.get(D * ldmax);
+      T* dQt = dqt_b.get(D * ldmax);
+      T* St = st_b.get(kChunk * ldmax);
+      T* dPt = dpt_b.get(kChunk * ldmax);
+      T* lrow = l_b.get(ldmax);
+      T* drow = dl_b.get(ldmax);
+      for (;;) {
+        const int64_t it = next.fetch_add(1, std::memory_order_relaxed);
+        if (it >= total) break;
+        const int64_t g = it % ngroups, m = (it / ngroups) % nqt, bh = it / (ngroups * nqt);
+        const int64_t b = bh / H, h = bh % H;
+        const int64_t q0 = m * p.block_m + g * kRowGroup;
+        const int64_t nr = std::min<int64_t>(kRowGroup, std::min((m + 1) * p.block_m, Sq) - q0);
+        if (nr <= 0) continue;
+        const int nv = static_cast<int>((nr + W - 1) / W);
+        const int64_t ld = static_cast<int64_t>(nv) * W;
+        pack_transposed(p.q.row<S>(b, h, q0), p.q.st[2], nr, D, sc, Qt, ld);
+        pack_transposed(p.dout.row<S>(b, h, q0), p.dout.st[2], nr, D, T(1), dOt, ld);
+        std::fill(dQt, dQt + D * ld, T(0));
+        for (int64_t r = 0; r < ld; ++r) {
+          lrow[r] = r < nr ? lse_row[bh * Sq + q0 + r] : inf;
+          drow[r] = r < nr ? delta[bh * Sq + q0 + r] : T(0);
+        }
+        const S* kbase = p.k.row<S>(b, h, 0);
+        const S* vbase = p.v.row<S>(b, h, 0);
+        // St = scores (keys x rows), dPt = dP (keys x rows), for the key chunk [k0, k0 + nk).
+        auto scores = [&](int64_t k0, int64_t nk, bool partial, const T*& Kr, ptrdiff_t& krs) {
+          ptrdiff_t vrs;
+          Kr = rows_operand<S, T>(kbase + k0 * p.k.st[2], p.k.st[2], nk, D, kc_b, krs);
+          const T* Vr = rows_operand<S, T>(vbase + k0 * p.v.st[2], p.v.st[2], nk, D, vc_b, vrs);
+          gemm<T, false>(static_cast<int>(nk), nv, static_cast<int>(D), Kr, krs, 1, Qt, ld, St, ld);
+          if (!Mask::kTrivial && partial) {
+            for (int64_t kk = 0; kk < nk; ++kk)
+              for (int64_t r = 0; r < nr; ++r)
+                if (!Mask::visible(p.mask_params, q0 + r, k0 + kk)) St[kk * ld + r] = -inf;
+          }
+          gemm<T, false>(static_cast<int>(nk), nv, static_cast<int>(D), Vr, vrs, 1, dOt, ld, dPt, ld);
+        };
+        if constexpr (kExactDelta) {
+          // delta = sum_j P_ij dP_ij from the scores: rowsum(dO * O) would use the rounded O.
+          std::fill(drow, drow + ld, T(0));
+          for_each_chunk(p.sched, bh, m, p.block_n, Sk, kChunk, [&](int64_t k0, int64_t nk, bool partial) {
+            const T* Kr;
+            ptrdiff_t krs;
+            scores(k0, nk, partial, Kr, krs);
+            for (int j = 0; j < nv; ++j) {
+              const V lj = loadu(lrow + j * W);
+              V acc{};
+              for (int64_t kk = 0; kk < nk; ++kk)
+                acc = fmadd(exp2v((loadu(St + kk * ld + j * W) - lj) * log2e), loadu(dPt + kk * ld + j * W), acc);
+              storeu(drow + j * W, loadu(drow + j * W) + acc);
+            }
+          });
+          for (int64_t r = 0; r < nr; ++r) delta[bh * Sq + q0 + r] = drow[r];  // for the dK/dV pass
+        }
+        for_each_chunk(p.sched, bh, m, p.block_n, Sk, kChunk, [&](int64_t k0, int64_t nk, bool partial) {
+          const T* Kr;
+          ptrdiff_t krs;
+          scores(k0, nk, partial, Kr, krs);
+          for (int j = 0; j < nv; ++j) {
+            const V lj = loadu(lrow + j * W), dj = loadu(drow + j * W);
+            for (int64_t kk = 0; kk < nk; ++kk) {
+              T* s = St + kk * ld + j * W;
+              T* dp = dPt + kk * ld + j * W;
+              const V pr = exp2v((loadu(s) - lj) * log2e);
+              storeu(dp, pr * (loadu(dp) - dj));
+            }
+          }
+          gemm<T, true>(static_cast<int>(D), nv, static_cast<int>(nk), Kr, 1, krs, dPt, ld, dQt, ld);
+        });
+        for (int64_t r = 0; r < nr; ++r) {
+          S* o = p.dq.mrow<S>(b, h, q0 + r);
+          for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(dQt[d * ld + r] * sc);
+        }
+      }
+    };
+    if (total > 0) pool.run(resolve_threads(p.num_threads, total), body);
+  }
+
+  // ---- 3. dK, dV: per key row group, over the query tiles that visit its KV tile --------------------
+  {
+    const int64_t nkt = (Sk + p.block_n - 1) / p.block_n;
+    const int64_t ngroups = (p.block_n + kRowGroup - 1) / kRowGroup;
+    const int64_t total = BH * nkt * ngroups;
+    const int64_t ldmax = (std::min<int64_t>(kRowGroup, p.block_n) + W - 1) / W * W;
+    std::atomic<int64_t> next{0};
+    auto body = [&](int) {
+      Buf<T> kt_b, vt_b, dkt_b, dvt_b, s_b, dp_b, qc_b, dc_b;
+      T* Kt = kt_b.get(D * ldmax);
+      T* Vt = vt_b.get(D * ldmax);
+      T* dKt = dkt_b.get(D * ldmax);
+      T* dVt = dvt_b.get(D * ldmax);
+      T* Sm = s_b.get(kChunk * ldmax);
+      T* dP = dp_b.get(kChunk * ldmax);
+      for (;;) {
+        const int64_t it = next.fetch_add(1, std::memory_order_relaxed);
+        if (it >= total) break;
+        const int64_t g = it % ngroups, n = (it / ngroups) % nkt, bh = it / (ngroups * nkt);
+        const int64_t b = bh / H, h = bh % H;
+        const int64_t k0 = n * p.block_n + g * kRowGroup;
+        const int64_t nk = std::min<int64_t>(kRowGroup, std::min((n + 1) * p.block_n, Sk) - k0);
+        if (nk <= 0) continue;
+        const int nv = static_cast<int>((nk + W - 1) / W);
+        const int64_t ld = static_cast<int64_t>(nv) * W;
+        pack_transposed(p.k.row<S>(b, h, k0), p.k.st[2], nk, D, sc, Kt, ld);
+        pack_transposed(p.v.row<S>(b, h, k0), p.v.st[2], nk, D, T(1), Vt, ld);
+        std::fill(dKt, dKt + D * ld, T(0));
+        std::fill(dVt, dVt + D * ld, T(0));
+        const S* qbase = p.q.row<S>(b, h, 0);
+        const S* gbase = p.dout.row<S>(b, h, 0);
+        const T* lse_bh = lse_row.get() + bh * Sq;
+        const T* delta_bh = delta.get() + bh * Sq;
+        for_each_chunk(p.tsched, bh, n, p.block_m, Sq, kChunk, [&](int64_t q0, int64_t nq, bool partial) {
+          ptrdiff_t qrs, grs;
+          const T* Qr = rows_operand<S, T>(qbase + q0 * p.q.st[2], p.q.st[2], nq, D, qc_b, qrs);
+          const T* Gr = rows_operand<S, T>(gbase + q0 * p.dout.st[2], p.dout.st[2], nq, D, dc_b, grs);
+          const int inq = static_cast<int>(nq), iD = static_cast<int>(D);
+          gemm<T, false>(inq, nv, iD, Qr, qrs, 1, Kt, ld, Sm, ld);
+          if (!Mask::kTrivial && partial) {
+            for (int64_t i = 0; i < nq; ++i)
+              for (int64_t j = 0; j < nk; ++j)
+                if (!Mask::visible(p.mask_params, q0 + i, k0 + j)) Sm[i * ld + j] = -inf;
+          }
+          for (int64_t i = 0; i < nq; ++i) {
+            const V li = splat(lse_bh[q0 + i]);
+            T* s = Sm + i * ld;
+            for (int j = 0; j < nv; ++j) storeu(s + j * W, exp2v((loadu(s + j * W) - li) * log2e));
+          }
+          gemm<T, true>(iD, nv, inq, Gr, 1, grs, Sm, ld, dVt, ld);
+          gemm<T, false>(inq, nv, iD, Gr, grs, 1, Vt, ld, dP, ld);
+          for (int64_t i = 0; i < nq; ++i) {
+            const V di = splat(delta_bh[q0 + i]);
+            T* s = Sm + i * ld;
+            T* dp = dP + i * ld;
+            for (int j = 0; j < nv; ++j) storeu(dp + j * W, loadu(s + j * W) * (loadu(dp + j * W) - di));
+          }
+          gemm<T, true>(iD, nv, inq, Qr, 1, qrs, dP, ld, dKt, ld);
+        });
+        for (int64_t j = 0; j < nk; ++j) {
+          S* ok = p.dk.mrow<S>(b, h, k0 + j);
+          S* ov = p.dv.mrow<S>(b, h, k0 + j);
+          for (int64_t d = 0; d < D; ++d) {
+            ok[d] = from_compute<S>(dKt[d * ld + j] * sc);
+            ov[d] = from_compute<S>(dVt[d * ld + j]);
+          }
+        }
+      }
+    };
+    if (total > 0) pool.run(resolve_threads(p.num_threads, total), body);
+  }
+}
+
+// ================================================================================================
+// Python bindings
+// ================================================================================================
+Sched make_sched(uintptr_t ptr, uintptr_t idx, uintptr_t partial, int64_t ptr_stride, int64_t idx_stride) {
+  Sched s;
+  if (ptr == 0) return s;
+  if (idx == 0 || partial == 0) throw std::invalid_argument("cpu attention: schedule pointers must all be set");
+  s.ptr = reinterpret_cast<const int32_t*>(ptr);
+  s.idx = reinterpret_cast<const int32_t*>(idx);
+  s.partial = reinterpret_cast<const int32_t*>(partial);
+  s.ptr_stride = ptr_stride;
+  s.idx_stride = idx_stride;
+  return s;
+}
+
+void check_common(int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_t D, int64_t block_m, int64_t block_n,
+                  const std::initializer_list<const Strides4*>& strides) {
+  if (B < 0 || H < 0 || Sq < 0 || Sk < 0 || D < 1)
+    throw std::invalid_argument("cpu attention: bad sizes B=" + std::to_string(B) + " H=" + std::to_string(H) +
+                                " Sq=" + std::to_string(Sq) + " Sk=" + std::to_string(Sk) + " D=" + std::to_string(D));
+  if (block_m < 1 || block_n < 1)
+    throw std::invalid_argument("cpu attention: block sizes must be positive, got (" + std::to_string(block_m) +
+                                ", " + std::to_string(block_n) + ")");
+  for (const Strides4* s : strides)
+    if ((*s)[3] != 1 && D > 1) throw std::invalid_argument("cpu attention: the last dimension must have stride 1");
+}
+
+void attention_fwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_t D, double scale, uintptr_t q,
+                   Strides4 q_strides, uintptr_t k, Strides4 k_strides, uintptr_t v, Strides4 v_strides,
+                   uintptr_t out, Strides4 out_strides, uintptr_t lse, bool lse_f64, int64_t block_m, int64_t block_n,
+                   uintptr_t kv_ptr, uintptr_t kv_idx, uintptr_t partial, int64_t sched_ptr_stride,
+                   int64_t sched_idx_stride, int mask_kind, uintptr_t mask_params, int epilogue_kind,
+                   uintptr_t row_scale, std::array<int64_t, 3> row_scale_strides, uintptr_t residual,
+                   Strides4 residual_strides, int num_threads) {
+  check_common(B, H, Sq, Sk, D, block_m, block_n, {&q_strides, &k_strides, &v_strides, &out_strides});
+  if (epilogue_kind != EPILOGUE_NONE && epilogue_kind != EPILOGUE_SCALE_RESIDUAL)
+    throw std::invalid_argument("cpu attention: unknown epilogue kind " + std::to_string(epilogue_kind));
+  if (epilogue_kind == EPILOGUE_SCALE_RESIDUAL && (row_scale == 0 || residual == 0 || (residual_strides[3] != 1 && D > 1)))
+    throw std::invalid_argument("cpu attention: the epilogue needs row_scale and a residual with unit last stride");
+  if (lse == 0) throw std::invalid_argument("cpu attention: lse pointer is required");
+  FwdParams p;
+  p.B = B, p.H = H, p.Sq = Sq, p.Sk = Sk, p.D = D, p.scale = scale;
+  p.q = {q, q_strides}, p.k = {k, k_strides}, p.v = {v, v_strides}, p.out = {out, out_strides};
+  p.lse = lse, p.lse_f64 = lse_f64;
+  p.block_m = block_m, p.block_n = block_n;
+  p.sched = make_sched(kv_ptr, kv_idx, partial, sched_ptr_stride, sched_idx_stride);
+  p.mask_params = reinterpret_cast<const int32_t*>(mask_params);
+  p.epilogue = epilogue_kind;
+  p.row_scale = reinterpret_cast<const float*>(row_scale);
+  p.rs_st = row_scale_strides;
+  p.residual = {residual, residual_strides};
+  p.num_threads = num_threads;
+  py::gil_scoped_release nogil;
+  dispatch_dtype(dtype, [&](auto s) {
+    using S = decltype(s);
+    dispatch_mask(mask_kind, [&](auto kind) { fwd_kernel<S, decltype(kind)::value>(p); });
+  });
+}
+
+void attention_bwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_t D, double scale,
+                   uintptr_t dout, Strides4 dout_strides, uintptr_t q, Strides4 q_strides, uintptr_t k,
+                   Strides4 k_strides, uintptr_t v, Strides4 v_strides, uintptr_t out, Strides4 out_strides,
+                   uintptr_t lse, bool lse_f64, uintptr_t dq, Strides4 dq_strides, uintptr_t dk, Strides4 dk_strides,
+                   uintptr_t dv, Strides4 dv_strides, int64_t block_m, int64_t block_n, uintptr_t kv_ptr,
+                   uintptr_t kv_idx, uintptr_t partial, int64_t sched_ptr_stride, int64_t sched_idx_stride,
+                   uintptr_t t_kv_ptr, uintptr_t t_kv_idx, uintptr_t t_partial, int64_t t_sched_ptr_stride,
+                   int64_t t_sched_idx_stride, int mask_kind, uintptr_t mask_params, int num_threads) {
+  check_common(B, H, Sq, Sk, D, block_m, block_n,
+               {&dout_strides, &q_strides, &k_strides, &v_strides, &out_strides, &dq_strides, &dk_strides,
+                &dv_strides});
+  if (lse == 0) throw std::invalid_argument("cpu attention: lse pointer is required");
+  if ((kv_ptr == 0) != (t_kv_ptr == 0))
+    throw std::invalid_argument("cpu attention: pass both the schedule and its transpose, or neither");
+  BwdParams p;
+  p.B = B, p.H = H, p.Sq = Sq, p.Sk = Sk, p.D = D, p.scale = scale;
+  p.dout = {dout, dout_strides}, p.q = {q, q_strides}, p.k = {k, k_strides}, p.v = {v, v_strides};
+  p.out = {out, out_strides}, p.dq = {dq, dq_strides}, p.dk = {dk, dk_strides}, p.dv = {dv, dv_strides};
+  p.lse = lse, p.lse_f64 = lse_f64;
+  p.block_m = block_m, p.block_n = block_n;
+  p.sched = make_sched(kv_ptr, kv_idx, partial, sched_ptr_stride, sched_idx_stride);
+  p.tsched = make_sched(t_kv_ptr, t_kv_idx, t_partial, t_sched_ptr_stride, t_sched_idx_stride);
+  p.mask_params = reinterpret_cast<const int32_t*>(mask_params);
+  p.num_threads = num_threads;
+  py::gil_scoped_release nogil;
+  dispatch_dtype(dtype, [&](auto s) {
+    using S = decltype(s);
+    dispatch_mask(mask_kind, [&](auto kind) { bwd_kernel<S, decltype(kind)::value>(p); });
+  });
+}
+
+}  // namespace
+}  // namespace ditk
+
+void register_attention_cpu(py::module_& m) {
+  using namespace pybind11::literals;
+  m.attr("DTYPE_FLOAT32") = static_cast<int>(ditk::kFloat32);
+  m.attr("DTYPE_FLOAT64") = static_cast<int>(ditk::kFloat64);
+  m.attr("DTYPE_FLOAT16") = static_cast<int>(ditk::kFloat16);
+  m.attr("DTYPE_BFLOAT16") = static_cast<int>(ditk::kBFloat16);
+  m.attr("SIMD_BYTES") = ditk::kVecBytes;
+  m.def("attention_fwd", &ditk::attention_fwd,
+        "Flash-attention forward on the CPU. Pointers are data_ptr() integers; strides are in elements.\n"
+        "q: (B, H, Sq, D); k, v: (B, H, Sk, D); out: (B, H, Sq, D) (0: compute lse only);\n"
+        "lse: (B, H, Sq) contiguous float32 (float64 if lse_f64). kv_ptr == 0 means dense.",
+        "dtype"_a, "B"_a, "H"_a, "Sq"_a, "Sk"_a, "D"_a, "scale"_a, "q"_a, "q_strides"_a, "k"_a, "k_strides"_a,
+        "v"_a, "v_strides"_a, "out"_a, "out_strides"_a, "lse"_a, "lse_f64"_a, "block_m"_a, "block_n"_a,
+        "kv_ptr"_a, "kv_idx"_a, "partial"_a, "sched_ptr_stride"_a, "sched_idx_stride"_a, "mask_kind"_a,
+        "mask_params"_a, "epilogue_kind"_a, "row_scale"_a, "row_scale_strides"_a, "residual"_a,
+        "residual_strides"_a, "num_threads"_a);
+  m.def("attention_bwd", &ditk::attention_bwd,
+        "Flash-attention backward on the CPU (FA2, deterministic). do, out: (B, H, Sq, D); lse as from\n"
+        "attention_fwd; writes dq, dk, dv. The t_* CSR is the transposed schedule (over KV tiles).",
+        "dtype"_a, "B"_a, "H"_a, "Sq"_a, "Sk"_a, "D"_a, "scale"_a, "dout"_a, "dout_strides"_a, "q"_a,
+        "q_strides"_a, "k"_a, "k_strides"_a, "v"_a, "v_strides"_a, "out"_a, "out_strides"_a, "lse"_a, "lse_f64"_a,
+        "dq"_a, "dq_strides"_a, "dk"_a, "dk_strides"_a, "dv"_a, "dv_strides"_a, "block_m"_a, "block_n"_a,
+        "kv_ptr"_a, "kv_idx"_a, "partial"_a, "sched_ptr_stride"_a, "sched_idx_stride"_a, "t_kv_ptr"_a,
+        "t_kv_idx"_a, "t_partial"_a, "t_sched_ptr_stride"_a, "t_sched_idx_stride"_a, "mask_kind"_a,
+        "mask_params"_a, "num_threads"_a);
+}

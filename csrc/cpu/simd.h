@@ -1,0 +1,208 @@
+// Portable SIMD building blocks of the CPU kernels: GCC/Clang vector extensions sized to the widest
+// vector unit the build targets (-march=native), a vectorised exp2, and the storage dtypes
+// (fp16 / bf16 load and store through fp32, round-to-nearest-even).
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace ditk {
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(kVecBytes)));
+  typedef int32_t itype __attribute__((vector_size(kVecBytes)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(kVecBytes)));
+  typedef int64_t itype __attribute__((vector_size(kVecBytes)));
+};
+template <typename T>
+using vec_t = typename VecOf<T>::type;
+template <typename T>
+constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(T));
+
+template <typename T>
+inline vec_t<T> splat(T s) {
+  return s - vec_t<T>{};  // s - 0 == s for every s (unlike 0 + s for s = -0): folds to a broadcast
+}
+template <typename T>
+inline vec_t<T> loadu(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void storeu(T* p, vec_t<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename V>
+inline V vmax(V a, V b) {
+  return a > b ? a : b;
+}
+
+// a * b + c as one fused instruction. The build compiles in ISO C++ mode, where GCC does not
+// contract a*b+c on its own, so the micro-kernels spell the FMA out.
+inline vec_t<float> fmadd(vec_t<float> a, vec_t<float> b, vec_t<float> c) {
+#if defined(__AVX512F__)
+  return (vec_t<float>)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__AVX__) && defined(__FMA__)
+  return (vec_t<float>)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+inline vec_t<double> fmadd(vec_t<double> a, vec_t<double> b, vec_t<double> c) {
+#if defined(__AVX512F__)
+  return (vec_t<double>)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#elif defined(__AVX__) && defined(__FMA__)
+  return (vec_t<double>)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+#else
+  return a * b + c;
+#endif
+}
+
+// 2^x lane-wise. Exactly 0 for x < -126 (and x = -inf); inputs are clamped at 127 above.
+// Cephes' exp2f polynomial on [-0.5, 0.5] after rounding x to the nearest integer: ~2e-7 relative.
+inline vec_t<float> exp2v(vec_t<float> x) {
+  using V = vec_t<float>;
+  using VI = VecOf<float>::itype;
+  const V lo = splat(-126.0f), hi = splat(127.0f);
+  V xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const V magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  V y = xc + magic;
+  V k = y - magic;
+  V f = xc - k;
+  V p = splat(1.535336188319500e-4f);
+  p = fmadd(p, f, splat(1.339887440266574e-3f));
+  p = fmadd(p, f, splat(9.618437357674640e-3f));
+  p = fmadd(p, f, splat(5.550332471162809e-2f));
+  p = fmadd(p, f, splat(2.402264791363012e-1f));
+  p = fmadd(p, f, splat(6.931472028550421e-1f));
+  p = fmadd(p, f, splat(1.0f));
+  VI ki = (VI)y - 0x4B400000;
+  V r = (V)((VI)p + (ki << 23));
+  return x < lo ? V{} : r;
+}
+// The float64 kernels are for accuracy, not speed: the libm exp2 lane by lane.
+inline vec_t<double> exp2v(vec_t<double> x) {
+  vec_t<double> r;
+  for (int i = 0; i < kLanes<double>; ++i) r[i] = std::exp2(x[i]);
+  return r;
+}
+
+// ---- storage dtypes -------------------------------------------------------------------------
+struct bf16_t {
+  uint16_t bits;
+};
+struct fp16_t {
+  uint16_t bits;
+};
+
+enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float half_to_float_portable(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ffu;
+  if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (mant << 13));
+  if (exp == 0) {
+    float v = std::ldexp((float)mant, -24);
+    return sign ? -v : v;
+  }
+  return bits_to_float(sign | ((exp + 112) << 23) | (mant << 13));
+}
+inline uint16_t float_to_half_portable(float f) {
+  uint32_t u = float_to_bits(f);
+  uint32_t sign = (u >> 16) & 0x8000u;
+  uint32_t a = u & 0x7fffffffu;
+  if (a >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u));
+  if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  // rounds to >= 65520: inf
+  if (a < 0x38800000u) {                                      // subnormal half (or zero)
+    float v = std::fabs(f) * 16777216.0f;                      // in units of 2^-24
+    return (uint16_t)(sign | (uint32_t)std::nearbyint(v));
+  }
+  uint32_t r = a + 0xfffu + ((a >> 13) & 1u);  // round to nearest even on the 13 dropped bits
+  return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
+}
+
+inline float to_compute(float x) { return x; }
+inline double to_compute(double x) { return x; }
+inline float to_compute(bf16_t x) { return bits_to_float((uint32_t)x.bits << 16); }
+inline float to_compute(fp16_t x) {
+#if defined(__FLT16_MAX__) && defined(__F16C__)
+  _Float16 h;
+  std::memcpy(&h, &x.bits, 2);
+  return (float)h;
+#else
+  return half_to_float_portable(x.bits);
+#endif
+}
+
+template <typename S>
+inline S from_compute(float x);
+template <typename S>
+inline S from_compute(double x);
+template <>
+inline float from_compute<float>(float x) { return x; }
+template <>
+inline double from_compute<double>(double x) { return x; }
+template <>
+inline bf16_t from_compute<bf16_t>(float x) {
+  uint32_t u = float_to_bits(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{(uint16_t)((u >> 16) | 0x40u)};  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16_t{(uint16_t)(u >> 16)};
+}
+template <>
+inline fp16_t from_compute<fp16_t>(float x) {
+#if defined(__FLT16_MAX__) && defined(__F16C__)
+  _Float16 h = (_Float16)x;
+  fp16_t r;
+  std::memcpy(&r.bits, &h, 2);
+  return r;
+#else
+  return fp16_t{float_to_half_portable(x)};
+#endif
+}
+
+// The compute type of each storage type: float64 stays float64, everything else computes in fp32.
+template <typename S>
+struct ComputeOf {
+  using type = float;
+};
+template <>
+struct ComputeOf<double> {
+  using type = double;
+};
+
+}  // namespace ditk

@@ -1,0 +1,248 @@
+"""The ``cpu`` backend: the flash-attention core as C++ (std::thread pool + SIMD) in ``ditkernels._C``.
+
+The extension is torch-independent: this launcher validates, allocates outputs, and passes raw
+pointers (``data_ptr()``), sizes and strides in elements. Inputs whose last dimension is not
+contiguous are copied; every other stride is used as it is. The kernels live in
+``csrc/cpu/attention.cpp``; importing this module never needs the extension.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+from .. import _alloc
+from ..schedule import EPILOGUE_NONE, EPILOGUE_SCALE_RESIDUAL, MASK_NONE, BlockSchedule, ElementMask, Epilogue
+
+NAME = "cpu"
+_FIX = "Rebuild with: pip install --no-build-isolation -e . (or pip install .)"
+# Storage dtype -> code understood by _C.attention_fwd / attention_bwd (csrc/cpu/simd.h, enum DType).
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+# Element-mask kinds the C++ mask function implements (csrc/cpu/attention.cpp, ElementMask<KIND>).
+_MASK_KINDS = (MASK_NONE,)
+
+_ext: ModuleType | None = None
+_ext_error: str | None = None
+
+
+def _extension() -> ModuleType | None:
+    """``ditkernels._C`` if it imports and has the attention kernels, else None (reason kept)."""
+    global _ext, _ext_error
+    if _ext is None and _ext_error is None:
+        try:
+            mod = importlib.import_module("ditkernels._C")
+            if not hasattr(mod, "attention_fwd"):
+                raise ImportError("it has no attention_fwd (stale build)")
+            _ext = mod
+        except Exception as exc:  # ImportError, or OSError from the dynamic loader
+            _ext_error = f"{type(exc).__name__}: {exc}"
+    return _ext
+
+
+def available() -> tuple[bool, str]:
+    if _extension() is None:
+        return False, f"ditkernels._C failed to import: {_ext_error}. {_FIX}"
+    return True, ""
+
+
+def _require() -> ModuleType:
+    ext = _extension()
+    if ext is None:
+        raise RuntimeError(available()[1])
+    return ext
+
+
+def block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(block_m, block_n) of the CPU kernels: 64 query rows (the vector side) x 64 keys."""
+    return 64, 64
+
+
+# ---- validation -------------------------------------------------------------------------------
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise ValueError(f"{name}: the cpu backend takes CPU tensors, got device {t.device}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dims (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+    if q.dtype not in _DTYPE_CODES:
+        raise TypeError(f"q: expected one of {tuple(_DTYPE_CODES)}, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} (that of q), got {t.dtype}")
+    b, h, _, d = q.shape
+    if k.shape[:2] != (b, h) or k.shape[3] != d:
+        raise ValueError(f"k: expected shape ({b}, {h}, seq_k, {d}), got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
+    if d < 1:
+        raise ValueError(f"q: head_dim must be >= 1, got {d}")
+
+
+def _check_like(name: str, t: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.shape != like.shape:
+        raise ValueError(f"{name}: expected shape {tuple(like.shape)}, got {tuple(t.shape)}")
+    if t.dtype != (dtype or like.dtype):
+        raise TypeError(f"{name}: expected dtype {dtype or like.dtype}, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name}: expected device {like.device}, got {t.device}")
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """t with stride 1 on its last dimension (the kernels' only layout requirement)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _csr(schedule: BlockSchedule | None, bh: int) -> tuple[int, int, int, int, int]:
+    """(kv_ptr, kv_idx, partial, ptr_stride, idx_stride) pointers/strides; zeros for dense."""
+    if schedule is None:
+        return 0, 0, 0, 0, 0
+    hs = schedule.num_heads_sched
+    if hs not in (1, bh):
+        raise ValueError(f"schedule: expected 1 or batch*heads={bh} head slices, got {hs}")
+    for name in ("kv_ptr", "kv_idx", "partial"):
+        t = getattr(schedule, name)
+        if t.dtype != torch.int32 or t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 2 \
+                or t.shape[0] != hs:
+            raise ValueError(f"schedule.{name}: expected a contiguous int32 CPU tensor ({hs}, n), got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    if schedule.kv_ptr.shape[1] != schedule.num_q_tiles + 1:
+        raise ValueError(f"schedule.kv_ptr: expected {schedule.num_q_tiles + 1} columns, got {schedule.kv_ptr.shape[1]}")
+    shared = hs == 1
+    return (schedule.kv_ptr.data_ptr(), schedule.kv_idx.data_ptr(), schedule.partial.data_ptr(),
+            0 if shared else schedule.kv_ptr.stride(0), 0 if shared else schedule.kv_idx.stride(0))
+
+
+def _check_schedule(schedule: BlockSchedule | None, sq: int, sk: int) -> None:
+    if schedule is None:
+        return
+    if not isinstance(schedule, BlockSchedule):
+        raise TypeError(f"schedule: expected a BlockSchedule or None, got {type(schedule).__name__}")
+    if schedule.block_m < 1 or schedule.block_n < 1:
+        raise ValueError(f"schedule: block sizes must be positive, got ({schedule.block_m}, {schedule.block_n})")
+    if (schedule.seq_q, schedule.seq_k) != (sq, sk):
+        raise ValueError(f"schedule: built for seq_q={schedule.seq_q}, seq_k={schedule.seq_k}; "
+                         f"the inputs have seq_q={sq}, seq_k={sk}")
+
+
+def _mask_args(mask: ElementMask | None) -> tuple[int, int, torch.Tensor | None]:
+    if mask is None or mask.kind == MASK_NONE:
+        return MASK_NONE, 0, None
+    if mask.kind not in _MASK_KINDS:
+        raise ValueError(f"mask: the cpu backend implements element mask kinds {_MASK_KINDS}, got {mask.kind}")
+    params = torch.tensor(list(mask.params) or [0], dtype=torch.int32)
+    return mask.kind, params.data_ptr(), params
+
+
+def _blocks(schedule: BlockSchedule | None, d: int, dtype: torch.dtype) -> tuple[int, int]:
+    return (schedule.block_m, schedule.block_n) if schedule is not None else block_sizes(d, dtype)
+
+
+# ---- launchers --------------------------------------------------------------------------------
+def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+              schedule: BlockSchedule | None = None, mask: ElementMask | None = None,
+              epilogue: Epilogue | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash-attention forward.
+
+    q: (batch, heads, seq_q, head_dim); k, v: (batch, heads, seq_k, head_dim), one dtype of
+    float32/float64/float16/bfloat16, any strides. Returns out (batch, heads, seq_q, head_dim) in
+    q.dtype (with the epilogue applied) and lse (batch, heads, seq_q) float32, natural log.
+    """
+    ext = _require()
+    _check_qkv(q, k, v)
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    _check_schedule(schedule, sq, sk)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    out = _alloc.empty(b, h, sq, d, dtype=q.dtype, device=q.device)
+    lse = _alloc.empty(b, h, sq, dtype=torch.float32, device=q.device)
+    ep_kind, row_scale, residual = EPILOGUE_NONE, None, None
+    if epilogue is not None:
+        if not isinstance(epilogue, Epilogue):
+            raise TypeError(f"epilogue: expected an Epilogue or None, got {type(epilogue).__name__}")
+        if epilogue.kind != EPILOGUE_SCALE_RESIDUAL:
+            raise ValueError(f"epilogue: the cpu backend implements kind {EPILOGUE_SCALE_RESIDUAL}, got {epilogue.kind}")
+        if tuple(epilogue.row_scale.shape) != (b, h, sq):
+            raise ValueError(f"epilogue.row_scale: expected shape {(b, h, sq)}, got {tuple(epilogue.row_scale.shape)}")
+        if tuple(epilogue.residual.shape) != (b, h, sq, d):
+            raise ValueError(f"epilogue.residual: expected shape {(b, h, sq, d)}, got {tuple(epilogue.residual.shape)}")
+        ep_kind = EPILOGUE_SCALE_RESIDUAL
+        row_scale = epilogue.row_scale.to(device=q.device, dtype=torch.float32)
+        # The reference applies the epilogue in the output dtype: take the residual in it too.
+        residual = _unit_last(epilogue.residual.to(device=q.device, dtype=q.dtype))
+    mask_kind, mask_ptr, _keep = _mask_args(mask)
+    bm, bn = _blocks(schedule, d, q.dtype)
+    kv_ptr, kv_idx, partial, ps, is_ = _csr(schedule, b * h)
+    ext.attention_fwd(
+        _DTYPE_CODES[q.dtype], b, h, sq, sk, d, float(scale),
+        q.data_ptr(), q.stride(), k.data_ptr(), k.stride(), v.data_ptr(), v.stride(),
+        out.data_ptr(), out.stride(), lse.data_ptr(), False, bm, bn,
+        kv_ptr, kv_idx, partial, ps, is_, mask_kind, mask_ptr, ep_kind,
+        row_scale.data_ptr() if row_scale is not None else 0,
+        row_scale.stride() if row_scale is not None else (0, 0, 0),
+        residual.data_ptr() if residual is not None else 0,
+        residual.stride() if residual is not None else (0, 0, 0, 1),
+        torch.get_num_threads())
+    return out, lse
+
+
+def _lse64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, schedule: BlockSchedule | None,
+           mask_kind: int, mask_ptr: int) -> torch.Tensor:
+    """lse recomputed in float64 (statistics-only forward): float64 gradients need more than fp32 lse."""
+    ext = _require()
+    b, h, sq, d = q.shape
+    lse = _alloc.empty(b, h, sq, dtype=torch.float64, device=q.device)
+    bm, bn = _blocks(schedule, d, q.dtype)
+    kv_ptr, kv_idx, partial, ps, is_ = _csr(schedule, b * h)
+    ext.attention_fwd(
+        _DTYPE_CODES[q.dtype], b, h, sq, k.shape[2], d, float(scale),
+        q.data_ptr(), q.stride(), k.data_ptr(), k.stride(), v.data_ptr(), v.stride(),
+        0, (0, 0, 0, 1), lse.data_ptr(), True, bm, bn,
+        kv_ptr, kv_idx, partial, ps, is_, mask_kind, mask_ptr, EPILOGUE_NONE, 0, (0, 0, 0), 0, (0, 0, 0, 1),
+        torch.get_num_threads())
+    return lse
+
+
+def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, *, scale: float, schedule: BlockSchedule | None = None,
+              mask: ElementMask | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flash-attention backward (FA2, deterministic: no atomics).
+
+    do, out: (batch, heads, seq_q, head_dim), out being the core output before any epilogue;
+    lse: (batch, heads, seq_q) float32 from :func:`flash_fwd`. Returns dq, dk, dv like q, k, v.
+    """
+    ext = _require()
+    _check_qkv(q, k, v)
+    _check_like("do", do, q)
+    _check_like("out", out, q)
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (b, h, sq) or \
+            lse.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"lse: expected a float32 tensor of shape {(b, h, sq)}, got "
+                         f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")
+    _check_schedule(schedule, sq, sk)
+    do, q, k, v, out = (_unit_last(t) for t in (do, q, k, v, out))
+    mask_kind, mask_ptr, _keep = _mask_args(mask)
+    if q.dtype == torch.float64 and lse.dtype != torch.float64:
+        lse = _lse64(q, k, v, scale, schedule, mask_kind, mask_ptr)
+    lse = lse.contiguous()
+    dq = _alloc.empty(*q.shape, dtype=q.dtype, device=q.device)
+    dk = _alloc.empty(*k.shape, dtype=k.dtype, device=k.device)
+    dv = _alloc.empty(*v.shape, dtype=v.dtype, device=v.device)
+    bm, bn = _blocks(schedule, d, q.dtype)
+    kv_ptr, kv_idx, partial, ps, is_ = _csr(schedule, b * h)
+    t_ptr, t_idx, t_partial, tps, tis = _csr(schedule.transposed() if schedule is not None else None, b * h)
+    ext.attention_bwd(
+        _DTYPE_CODES[q.dtype], b, h, sq, sk, d, float(scale),
+        do.data_ptr(), do.stride(), q.data_ptr(), q.stride(), k.data_ptr(), k.stride(), v.data_ptr(), v.stride(),
+        out.data_ptr(), out.stride(), lse.data_ptr(), lse.dtype == torch.float64,
+        dq.data_ptr(), dq.stride(), dk.data_ptr(), dk.stride(), dv.data_ptr(), dv.stride(), bm, bn,
+        kv_ptr, kv_idx, partial, ps, is_, t_ptr, t_idx, t_partial, tps, tis, mask_kind, mask_ptr,
+        torch.get_num_threads())
+    return dq, dk, dv
