@@ -1,0 +1,71 @@
+// The ditkernels._cuda module: CUDA C++ kernels over raw pointers (no torch headers). Compiled by the
+// host compiler against the CUDA runtime headers; the kernels and launchers are in csrc/cuda/*.cu.
+// Importing it never needs a GPU: device_count() reports 0 and cuda_status() says why.
+#include <cuda_runtime.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "cuda/launchers.h"
+
+namespace py = pybind11;
+
+namespace {
+
+std::pair<int, std::string> query_devices() {
+  int n = 0;
+  cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    std::string msg = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+    cudaGetLastError();  // reset the runtime's last-error state (a missing driver is not sticky)
+    return {0, msg};
+  }
+  return {n, ""};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "ditkernels CUDA kernels (torch-independent, raw pointers + cudaStream_t as int)";
+  m.def("archs", &dk::cuda::compiled_archs, "GPU architectures compiled into this module, e.g. ['80', '90a']");
+  m.def(
+      "device_count", [] { return query_devices().first; },
+      "Number of visible CUDA devices; 0 when there is none or the driver is missing (never raises).");
+  m.def(
+      "cuda_status",
+      [] {
+        auto r = query_devices();
+        return r.first > 0 ? std::string("ok: ") + std::to_string(r.first) + " device(s)" : r.second.empty() ? std::string("no CUDA device") : r.second;
+      },
+      "Human-readable reason when device_count() is 0.");
+  m.def("runtime_version", [] {
+    int v = 0;
+    cudaRuntimeGetVersion(&v);
+    return v;
+  });
+  m.def("driver_version", [] {
+    int v = 0;
+    if (cudaDriverGetVersion(&v) != cudaSuccess) v = 0;
+    return v;
+  });
+  m.def(
+      "scan_pairs",
+      [](uintptr_t a, uintptr_t b, uintptr_t out, uintptr_t h0, int64_t rows, int64_t L, py::tuple a_strides,
+         py::tuple b_strides, py::tuple out_strides, int64_t h0_stride, int threads, int items, uintptr_t stream) {
+        int64_t ar = a_strides[0].cast<int64_t>(), at = a_strides[1].cast<int64_t>();
+        int64_t br = b_strides[0].cast<int64_t>(), bt = b_strides[1].cast<int64_t>();
+        int64_t orr = out_strides[0].cast<int64_t>(), ot = out_strides[1].cast<int64_t>();
+        py::gil_scoped_release nogil;
+        dk::cuda::scan_pairs(reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(b),
+                             reinterpret_cast<float*>(out), reinterpret_cast<const float*>(h0), rows, L, ar, at, br,
+                             bt, orr, ot, h0_stride, threads, items, stream);
+      },
+      py::arg("a"), py::arg("b"), py::arg("out"), py::arg("h0"), py::arg("rows"), py::arg("L"),
+      py::arg("a_strides"), py::arg("b_strides"), py::arg("out_strides"), py::arg("h0_stride") = 1,
+      py::arg("threads") = 0, py::arg("items") = 0, py::arg("stream") = 0,
+      "h[r, t] = a[r, t] * h[r, t-1] + b[r, t] (fp32, device pointers), h[r, -1] = h0[r * h0_stride] (0 if h0 == 0).\n"
+      "*_strides: (row stride, t stride) in elements; stream: cudaStream_t as int (0: default stream).\n"
+      "Asynchronous on `stream`; launch errors raise RuntimeError.");
+  m.def("scan_pairs_configs", &dk::cuda::scan_pairs_configs);
+}
