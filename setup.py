@@ -109,7 +109,9 @@ class NinjaBuildExt(build_ext):
             archs = _cuda_archs()
             gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
             nvccflags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
-                         "--expt-relaxed-constexpr", "-lineinfo", f"-I{ROOT / 'csrc'}", *gencode]
+                         "--expt-relaxed-constexpr", "-lineinfo", f"-I{ROOT / 'csrc'}", *gencode,
+                         # recorded for ``_cuda.archs()``; '_'-separated because nvcc splits -D values at commas
+                         f"-DDK_CUDA_ARCHS={'_'.join(archs)}"]
             lines += [
                 f"nvcc = {ext.nvcc}",
                 f"nvccflags = {' '.join(map(shlex.quote, nvccflags))}",
@@ -160,9 +162,7 @@ if use_cuda:
     cuda_ext = Extension("ditkernels._cuda", sources=_sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp"))
     cuda_ext.cuda_home = _find_cuda_home()
     cuda_ext.nvcc = why
-    # The host-side sources record the archs the device code was built for (``_cuda.archs()``).
-    cuda_ext.extra_compile_args = [f"-I{cuda_ext.cuda_home / 'include'}",
-                                   f'-DDITKERNELS_CUDA_ARCHS="{";".join(_cuda_archs())}"']
+    cuda_ext.extra_compile_args = [f"-I{cuda_ext.cuda_home / 'include'}"]
     ext_modules.append(cuda_ext)
 else:
     print(f"ditkernels: skipping the CUDA extension ({why})", file=sys.stderr)
