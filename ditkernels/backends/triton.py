@@ -1,0 +1,70 @@
+"""The ``triton`` backend: the flash-attention core of ``ditkernels.triton_kernels.flash``.
+
+Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
+imported (the test suite does). triton is imported on first use, so this module always imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+from ..schedule import BlockSchedule, ElementMask, Epilogue
+
+NAME = "triton"
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _flash() -> ModuleType:
+    ok, why = available()
+    if not ok:
+        raise RuntimeError(f"the triton backend is not available: {why}")
+    return importlib.import_module("ditkernels.triton_kernels.flash")
+
+
+def available() -> tuple[bool, str]:
+    """(ok, reason and fix when not ok)."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed: pip install triton"
+    if _interpret():
+        return True, ""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run on CPU for tests)"
+    return True, ""
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and _interpret():
+        return
+    raise RuntimeError(f"the triton backend takes CUDA tensors, got {t.device.type} tensors "
+                       "(set TRITON_INTERPRET=1 before importing triton to run it on the CPU for tests)")
+
+
+def block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(block_m, block_n) of the forward tiles for this head_dim / dtype on the current device."""
+    return _flash().block_sizes(head_dim, dtype)
+
+
+def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+              schedule: BlockSchedule | None = None, mask: ElementMask | None = None,
+              epilogue: Epilogue | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: (batch, heads, seq_q, head_dim); k, v: (batch, heads, seq_k, head_dim) -> out, lse (fp32)."""
+    _check_device(q)
+    return _flash().flash_fwd(q, k, v, scale=scale, schedule=schedule, mask=mask, epilogue=epilogue)
+
+
+def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, *, scale: float, schedule: BlockSchedule | None = None,
+              mask: ElementMask | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients dq, dk, dv of the core attention (no epilogue) given do and the forward's out, lse."""
+    _check_device(q)
+    return _flash().flash_bwd(do, q, k, v, out, lse, scale=scale, schedule=schedule, mask=mask)

@@ -1,0 +1,346 @@
+"""``python -m ditkernels compile-report``: compile every shipped GPU kernel without a GPU.
+
+Each shipped Triton configuration (``ditkernels.triton_kernels.flash``) is compiled for real
+sm_80 / sm_90 targets (TTIR -> PTX -> cubin, the same compiler a GPU run uses, with the argument
+specialisation a contiguous launch gets), and its cubin is read with the ``cuobjdump`` bundled in
+the triton wheel: registers, spills (local memory), stack, shared memory and the MMA instruction
+(HGMMA: sm_90 warpgroup MMA; HMMA: mma.sync; none: CUDA-core FMA). The embedded cubins of the
+``ditkernels._cuda`` extension, when built, are reported the same way.
+
+Exit status 1 when any kernel fails to compile, spills, uses more shared memory than the chip has
+per block, or (sm_90, fp16/bf16 attention) lacks HGMMA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+# Max shared memory per block (opt-in), bytes.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+ATTN_KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One compilation: a shipped config of a kernel plus the plug-in variant."""
+
+    arch: int
+    kernel: str  # fwd | bwd_preprocess | bwd_dkdv | bwd_dq
+    dtype: str  # fp16 | bf16 | fp32
+    block_d: int
+    variant: str = "dense"  # dense | csr | epilogue | odd_d (head_dim < BLOCK_D: masked head dims)
+    part: str = ""  # bwd_dkdv with a split config: "dk" or "dv" (one launch each)
+
+
+@dataclass
+class Row:
+    arch: int
+    kernel: str
+    variant: str
+    dtype: str
+    block_d: int
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    registers: int = -1
+    spill_bytes: int = -1
+    stack: int = -1
+    shared: int = -1
+    mma: str = "?"
+    compile_s: float = 0.0
+    status: str = "ok"
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(path):
+        return path
+    found = shutil.which("cuobjdump")
+    if not found:
+        raise RuntimeError("cuobjdump not found (it ships inside the triton wheel: pip install triton)")
+    return found
+
+
+def jobs_for(archs: list[int], quick: bool) -> list[Job]:
+    """Every shipped config (plus CSR / epilogue / odd-head_dim variants), or a representative subset."""
+    from ditkernels.triton_kernels.flash import BLOCK_D_BUCKETS, DTYPES, KERNELS
+
+    jobs: list[Job] = []
+    for arch in archs:
+        if quick:
+            jobs += [Job(arch, "fwd", "fp16", 128), Job(arch, "fwd", "bf16", 64), Job(arch, "fwd", "fp32", 32),
+                     Job(arch, "bwd_preprocess", "fp16", 128), Job(arch, "bwd_dkdv", "bf16", 128),
+                     Job(arch, "bwd_dq", "fp16", 128), Job(arch, "fwd", "fp16", 64, "csr"),
+                     Job(arch, "fwd", "fp16", 128, "epilogue")]
+            continue
+        for kernel in KERNELS:
+            for dtype in DTYPES:
+                for d in BLOCK_D_BUCKETS:
+                    jobs.append(Job(arch, kernel, dtype, d))
+        for d in BLOCK_D_BUCKETS:
+            for kernel in ATTN_KERNELS:
+                jobs.append(Job(arch, kernel, "fp16", d, "csr"))
+                jobs.append(Job(arch, kernel, "bf16", d, "odd_d"))
+            jobs.append(Job(arch, "fwd", "bf16", d, "epilogue"))
+    return [p for j in jobs for p in _split(j)]
+
+
+def _split(job: Job) -> list[Job]:
+    from ditkernels.triton_kernels import flash
+
+    if job.kernel == "bwd_dkdv" and flash.config_for(job.kernel, job.arch, flash.DTYPES[job.dtype], job.block_d).split:
+        return [Job(job.arch, job.kernel, job.dtype, job.block_d, job.variant, part) for part in ("dk", "dv")]
+    return [job]
+
+
+_PTR_ARGS = {
+    "Q": "x", "K": "x", "V": "x", "Out": "x", "DO": "x", "DK": "x", "DV": "x", "DQ": "x", "Residual": "x",
+    "Lse": "fp32", "Lse2": "fp32", "Delta": "fp32", "RowScale": "fp32",
+    "KvPtr": "i32", "KvIdx": "i32", "Partial": "i32", "MaskParams": "i32",
+}
+
+
+def _example_args(job: Job, cfg, head_dim: int) -> dict[str, object]:
+    """Runtime argument values of a typical launch: contiguous (B=2, H=8, S=4096, head_dim)."""
+    from ditkernels.triton_kernels import flash
+
+    heads, seq = 8, 4096
+    s4 = (heads * seq * head_dim, seq * head_dim, head_dim, 1)
+    vals: dict[str, object] = {"H": heads, "seq_q": seq, "seq_k": seq, "head_dim": head_dim,
+                               "qk_scale": 0.125, "sm_scale": 0.125}
+    for pre in ("q", "k", "v", "o", "do", "dk", "dv", "dq", "r", "d"):
+        for i, ax in enumerate(("b", "h", ("m" if pre in ("q", "o", "do", "dq", "r", "d") else "n"), "d")):
+            vals[f"stride_{pre}{ax}"] = s4[i]
+    for ax, s in zip(("b", "h", "m"), (heads * seq, seq, 1)):
+        vals[f"stride_s{ax}"] = s  # row_scale
+        vals[f"stride_l{ax}"] = s  # lse
+    sched = job.variant == "csr"
+    vals.update(stride_sched_ptr=(seq // 64 + 1) if sched else 0, stride_sched_idx=4096 if sched else 0,
+                sched_head_stride=1 if sched else 0)
+    fwd = flash.config_for("fwd", job.arch, flash.DTYPES[job.dtype], job.block_d)
+    sbm, sbn = (fwd.block_m, fwd.block_n) if sched else (cfg.block_m, cfg.block_n)
+    vals.update(BLOCK_M=min(cfg.block_m, sbm), BLOCK_N=min(cfg.block_n, sbn) if cfg.block_n else 0,
+                BLOCK_D=job.block_d, SCHED_BM=sbm, SCHED_BN=sbn,
+                SCHEDULE=flash.SCHEDULE_CSR if sched else flash.SCHEDULE_DENSE, MASK=flash.MASK_NONE,
+                EPILOGUE=flash.EPILOGUE_SCALE_RESIDUAL if job.variant == "epilogue" else flash.EPILOGUE_NONE,
+                EVEN_D=head_dim == job.block_d, OUT_DK=job.part in ("", "dk"), OUT_DV=job.part in ("", "dv"),
+                DOT_PREC=flash._dot_prec(flash.DTYPES[job.dtype]))
+    return vals
+
+
+def _source(job: Job):
+    """(ASTSource, config) with the signature/specialisation triton's JIT would give a typical launch."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import native_specialize_impl
+
+    from ditkernels.triton_kernels import flash
+
+    fn = {"fwd": flash._flash_fwd_kernel, "bwd_preprocess": flash._flash_bwd_preprocess_kernel,
+          "bwd_dkdv": flash._flash_bwd_dkdv_kernel, "bwd_dq": flash._flash_bwd_dq_kernel}[job.kernel]
+    cfg = flash.config_for(job.kernel, job.arch, flash.DTYPES[job.dtype], job.block_d)
+    head_dim = job.block_d if job.variant != "odd_d" else job.block_d * 5 // 8
+    vals = _example_args(job, cfg, head_dim)
+    backend = make_backend(GPUTarget("cuda", job.arch, 32))
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = vals[name]
+        elif name in _PTR_ARGS:
+            ty = _PTR_ARGS[name]
+            signature[name] = "*" + (job.dtype if ty == "x" else ty)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("qk_scale", "sm_scale"):
+            signature[name] = "fp32"
+        else:
+            ty, spec = native_specialize_impl(backend, vals[name], False, True, True)
+            if ty == "constexpr":
+                signature[name] = "constexpr"
+                constexprs[(i,)] = vals[name]
+            else:
+                signature[name] = ty
+                if spec == "D":
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), cfg, vals
+
+
+def _worker_init() -> None:
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what a GPU launch uses by default
+
+
+def compile_job(job: Job) -> Row:
+    """Compile one job and read its cubin (runs in a worker process)."""
+    _worker_init()
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    row = Row(job.arch, job.kernel + (f"[{job.part}]" if job.part else ""), job.variant, job.dtype, job.block_d, 0, 0, 0, 0)
+    try:
+        src, cfg, vals = _source(job)
+        row.block_m, row.block_n = vals["BLOCK_M"], vals["BLOCK_N"]
+        row.num_warps, row.num_stages = cfg.num_warps, cfg.num_stages
+        t0 = time.perf_counter()
+        k = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
+                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        row.compile_s = time.perf_counter() - t0
+        tool = _cuobjdump()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.cubin")
+            with open(path, "wb") as f:
+                f.write(k.asm["cubin"])
+            usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True,
+                                   check=True).stdout
+            sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True, check=True).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+        if m is None:
+            raise RuntimeError(f"cannot parse cuobjdump output: {usage[-300:]}")
+        reg, stack, static_shared, local = map(int, m.groups())
+        row.registers, row.stack, row.spill_bytes = reg, stack, local
+        row.shared = static_shared + int(k.metadata.shared)
+        row.mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "none")
+        problems = []
+        if local or stack:
+            problems.append(f"spills (LOCAL:{local} STACK:{stack})")
+        if row.shared > SHARED_LIMIT[job.arch]:
+            problems.append(f"shared {row.shared} > {SHARED_LIMIT[job.arch]}")
+        if (job.arch == 90 and job.kernel in ATTN_KERNELS and job.dtype in ("fp16", "bf16")
+                and row.mma != "HGMMA"):
+            problems.append(f"no HGMMA ({row.mma})")
+        row.status = "ok" if not problems else "FAIL: " + "; ".join(problems)
+    except Exception as exc:  # a compile failure is a report row, not a crash of the report
+        msg = str(exc).strip().splitlines()
+        row.status = f"FAIL: compile error: {type(exc).__name__}: {msg[-1] if msg else ''}"[:300]
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# The CUDA extension's embedded cubins
+# --------------------------------------------------------------------------------------------
+
+def cuda_extension_rows() -> tuple[list[dict], str]:
+    """(rows, note): resource usage of every kernel embedded in ditkernels._cuda, per arch."""
+    try:
+        spec = importlib.util.find_spec("ditkernels._cuda")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        return [], "ditkernels._cuda is not built (no nvcc at install time): no CUDA C++ kernels to report"
+    try:
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", spec.origin], capture_output=True,
+                             text=True).stdout
+    except Exception as exc:
+        return [], f"cuobjdump failed on {spec.origin}: {exc}"
+    rows, arch = [], "?"
+    for line in out.splitlines():
+        am = re.search(r"arch = (sm_\w+)", line)
+        if am:
+            arch = am.group(1)
+        fm = re.search(r"Function (\S+):\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if fm:
+            name, reg, stack, shared, local = fm.group(1), *map(int, fm.groups()[1:])
+            rows.append({"arch": arch, "kernel": name, "registers": reg, "stack": stack, "shared": shared,
+                         "spill_bytes": local,
+                         "status": "ok" if not (local or stack) else f"FAIL: spills (LOCAL:{local} STACK:{stack})"})
+    if rows and shutil.which("c++filt"):
+        names = subprocess.run(["c++filt"], input="\n".join(r["kernel"] for r in rows), capture_output=True,
+                               text=True).stdout.splitlines()
+        if len(names) == len(rows):
+            for r, n in zip(rows, names):
+                r["kernel"] = n.split("(")[0]
+    note = f"{spec.origin}: {len(rows)} kernel images" if rows else f"{spec.origin}: no embedded CUDA kernels yet"
+    return rows, note
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+_COLS = ("arch", "kernel", "variant", "dtype", "block_d", "block_m", "block_n", "num_warps", "num_stages",
+         "registers", "spill_bytes", "stack", "shared", "mma", "status")
+_HEAD = ("arch", "kernel", "variant", "dtype", "D", "BM", "BN", "warps", "stages", "regs", "spill", "stack",
+         "shared", "mma", "status")
+
+
+def _table(rows: list[dict], cols, head) -> str:
+    cells = [list(head)] + [[str(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(head))).rstrip() for c in cells)
+
+
+def run(archs: list[int], quick: bool, workers: int) -> tuple[list[Row], float]:
+    jobs = jobs_for(archs, quick)
+    t0 = time.perf_counter()
+    # Fresh interpreters with TRITON_INTERPRET=0: a parent running under the interpreter (tests)
+    # must not hand its interpreted kernels to the compiler.
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                    initializer=_worker_init) as pool:
+            rows = list(pool.map(compile_job, jobs))
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    return rows, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ditkernels compile-report", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", default="80,90", help="comma-separated SM archs (80, 90); default 80,90")
+    parser.add_argument("--quick", action="store_true", help="a representative subset of the configs")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
+    args = parser.parse_args(argv)
+    try:
+        archs = [int(a.strip().removeprefix("sm_").rstrip("a")) for a in args.arch.split(",") if a.strip()]
+    except ValueError:
+        parser.error(f"--arch: expected comma-separated integers like 80,90, got {args.arch!r}")
+    for a in archs:
+        if a not in SHARED_LIMIT:
+            parser.error(f"--arch: supported archs are {sorted(SHARED_LIMIT)}, got {a}")
+    if importlib.util.find_spec("triton") is None:
+        print("compile-report: triton is not installed: pip install triton", file=sys.stderr)
+        return 1
+
+    rows, elapsed = run(archs, args.quick, max(1, args.jobs))
+    dict_rows = [asdict(r) for r in rows]
+    print(f"Triton kernels ({'quick subset' if args.quick else 'every shipped config'}), "
+          f"archs {', '.join(f'sm_{a}' for a in archs)}:")
+    print(_table(dict_rows, _COLS, _HEAD))
+    cuda_rows, note = cuda_extension_rows()
+    print(f"\nCUDA C++ kernels: {note}")
+    if cuda_rows:
+        cols = ("arch", "kernel", "registers", "spill_bytes", "stack", "shared", "status")
+        print(_table(cuda_rows, cols, ("arch", "kernel", "regs", "spill", "stack", "shared", "status")))
+    failed = [r for r in dict_rows + cuda_rows if r["status"] != "ok"]
+    hgmma = sum(1 for r in rows if r.mma == "HGMMA")
+    print(f"\n{len(rows)} Triton compilations in {elapsed:.1f} s ({max(1, args.jobs)} processes); "
+          f"{hgmma} use HGMMA; {len(cuda_rows)} CUDA kernel images; {len(failed)} failed")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"archs": archs, "quick": args.quick, "seconds": elapsed, "triton": dict_rows,
+                       "cuda": cuda_rows, "cuda_note": note, "failed": len(failed)}, f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,772 @@
+"""Flash-attention core in Triton: forward, backward, and the table of shipped configurations.
+
+One kernel family serves every attention op of ditkernels. Three compile-time plug-ins select
+what a launch computes, so no op copies the kernel:
+
+- ``SCHEDULE``: 0 dense (every KV tile), 1 CSR (the tiles of a :class:`ditkernels.schedule.BlockSchedule`);
+- ``MASK``: the element-mask id evaluated on *partial* CSR visits only (:func:`_element_mask`);
+- ``EPILOGUE``: 0 none, 1 ``out = row_scale * out + residual`` before the store (forward only).
+
+Kernels (names follow the layers: kernel -> launcher):
+
+- ``_flash_fwd_kernel``: FlashAttention-2 online softmax, exp2 with ``scale * log2(e)`` folded,
+  fp32 accumulation; writes ``out`` (input dtype) and ``lse`` (fp32, natural log).
+- ``_flash_bwd_preprocess_kernel``: ``delta = rowsum(do * out)`` and the log2-domain lse.
+- ``_flash_bwd_dkdv_kernel``: one program per (KV tile, batch*head), looping over the query tiles
+  that visit it (dense: all; CSR: ``schedule.transposed()``).
+- ``_flash_bwd_dq_kernel``: one program per (query tile, batch*head) over its KV tiles.
+
+No atomics anywhere: every output element is written by exactly one program, so results are
+deterministic. The launchers honour a schedule's ``block_m``/``block_n``; a kernel whose own tile
+is smaller walks each schedule tile in sub-tiles (``SCHED_BM // BLOCK_M`` per tile), which keeps the
+backward kernels within their register budget for any forward tile size.
+
+Token indices of a tile come from :func:`_q_tokens` / :func:`_kv_tokens` (1-D contiguous tiles now);
+a 2-D/3-D tiling of images or videos replaces these two helpers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ditkernels import _alloc
+
+# Element-mask and epilogue ids: the same values as ditkernels.schedule.
+MASK_NONE = 0
+EPILOGUE_NONE = 0
+EPILOGUE_SCALE_RESIDUAL = 1
+SCHEDULE_DENSE = 0
+SCHEDULE_CSR = 1
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+BLOCK_D_BUCKETS = (16, 32, 64, 128, 256)
+KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
+
+
+# --------------------------------------------------------------------------------------------
+# Plug-in hooks
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _q_tokens(tile, BLOCK_M: tl.constexpr):
+    """Query token indices of query tile ``tile`` (tiles of BLOCK_M rows; 1-D contiguous)."""
+    return tile * BLOCK_M + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def _kv_tokens(tile, BLOCK_N: tl.constexpr):
+    """Key token indices of KV tile ``tile`` (tiles of BLOCK_N keys; 1-D contiguous)."""
+    return tile * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _element_mask(offs_m, offs_n, mask_params_ptr, MASK: tl.constexpr):
+    """Visibility of (query, key) pairs on a partial tile.
+
+    offs_m, offs_n: query / key token indices, already broadcastable to the tile's 2-D shape
+    (``offs_m[:, None], offs_n[None, :]`` in the forward, transposed in the dK/dV kernel).
+    mask_params_ptr: int32 parameters of the rule (``ElementMask.params``).
+    New mask kinds add a ``MASK == id`` branch here; kernels only call this on partial visits.
+    """
+    # MASK_NONE: every pair is visible.
+    return (offs_m >= 0) & (offs_n >= 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_rows(base, offs_r, offs_d, stride_r, stride_d, n_rows, head_dim,
+               CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile; out-of-range rows / padded head dims read as 0."""
+    ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+    if CHECK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < head_dim), other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_rows(base, x, offs_r, offs_d, stride_r, stride_d, n_rows, head_dim, EVEN_D: tl.constexpr):
+    ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+    if EVEN_D:
+        tl.store(ptrs, x, mask=offs_r[:, None] < n_rows)
+    else:
+        tl.store(ptrs, x, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < head_dim))
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, j, part, seq_k, head_dim,
+              stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, mask_params,
+              BLOCK_N: tl.constexpr, MASK: tl.constexpr, CHECK_N: tl.constexpr,
+              EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One KV tile ``j`` (of BLOCK_N keys) of the online softmax; returns (acc, m_i, l_i)."""
+    offs_n = _kv_tokens(j, BLOCK_N)
+    k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, CHECK_N, EVEN_D)
+    v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, CHECK_N, EVEN_D)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # log2 domain
+    if CHECK_N:
+        if (j + 1) * BLOCK_N > seq_k:
+            s = tl.where(offs_n[None, :] < seq_k, s, float("-inf"))
+    if MASK != 0:
+        if part != 0:
+            s = tl.where(_element_mask(offs_m[:, None], offs_n[None, :], mask_params, MASK), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no visible key keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _flash_fwd_kernel(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, seq_q, seq_k, head_dim, qk_scale,
+    KvPtr, KvIdx, Partial, stride_sched_ptr, stride_sched_idx, sched_head_stride,
+    MaskParams,
+    RowScale, Residual,
+    stride_sb, stride_sh, stride_sm,
+    stride_rb, stride_rh, stride_rm, stride_rd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCHED_BM: tl.constexpr, SCHED_BN: tl.constexpr,
+    SCHEDULE: tl.constexpr, MASK: tl.constexpr, EPILOGUE: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    offs_m = _q_tokens(pid_m, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, True, EVEN_D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    if SCHEDULE == 0:
+        n_full = seq_k // BLOCK_N
+        for j in range(0, n_full):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, j, 0, seq_k, head_dim,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
+                                      BLOCK_N, MASK, False, EVEN_D, DOT_PREC)
+        if n_full * BLOCK_N < seq_k:
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n_full, 0, seq_k, head_dim,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
+                                      BLOCK_N, MASK, True, EVEN_D, DOT_PREC)
+    else:
+        srow = pid_bh * sched_head_stride
+        ptr_base = KvPtr + srow * stride_sched_ptr
+        idx_base = KvIdx + srow * stride_sched_idx
+        part_base = Partial + srow * stride_sched_idx
+        st = pid_m // (SCHED_BM // BLOCK_M)
+        start = tl.load(ptr_base + st)
+        end = tl.load(ptr_base + st + 1)
+        for e in range(start, end):
+            tile = tl.load(idx_base + e)
+            part = tl.load(part_base + e)
+            if SCHED_BN == BLOCK_N:
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, tile, part, seq_k,
+                                          head_dim, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
+                                          BLOCK_N, MASK, True, EVEN_D, DOT_PREC)
+            else:
+                for c in range(0, SCHED_BN // BLOCK_N):
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d,
+                                              tile * (SCHED_BN // BLOCK_N) + c, part, seq_k, head_dim,
+                                              stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
+                                              BLOCK_N, MASK, True, EVEN_D, DOT_PREC)
+
+    # Rows with no visible key have l_i == 0: out = 0, lse = -inf.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    if EPILOGUE == 1:
+        rs = tl.load(RowScale + b * stride_sb + h * stride_sh + offs_m * stride_sm, mask=offs_m < seq_q, other=0.0)
+        res = _load_rows(Residual + b * stride_rb + h * stride_rh, offs_m, offs_d, stride_rm, stride_rd,
+                         seq_q, head_dim, True, EVEN_D)
+        out = out * rs[:, None] + res.to(tl.float32)
+    _store_rows(Out + b * stride_ob + h * stride_oh, out.to(Out.dtype.element_ty), offs_m, offs_d,
+                stride_om, stride_od, seq_q, head_dim, EVEN_D)
+    tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _flash_bwd_preprocess_kernel(
+    Out, DO, Lse, Delta, Lse2,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    stride_lb, stride_lh, stride_lm,
+    H, seq_q, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """delta = rowsum(do * out) (fp32) and lse2 = lse * log2(e), with -inf rows mapped to +inf
+    so that exp2(s - lse2) is 0 for rows that saw no key."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od,
+                   seq_q, head_dim, True, EVEN_D).to(tl.float32)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dm, stride_dd,
+                    seq_q, head_dim, True, EVEN_D).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm, mask=offs_m < seq_q, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    row = pid_bh.to(tl.int64) * seq_q + offs_m
+    tl.store(Delta + row, delta, mask=offs_m < seq_q)
+    tl.store(Lse2 + row, lse2, mask=offs_m < seq_q)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, offs_n, offs_d, i, part, seq_q, head_dim,
+               stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, mask_params,
+               BLOCK_M: tl.constexpr, MASK: tl.constexpr, CHECK_M: tl.constexpr,
+               EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, OUT_DK: tl.constexpr, OUT_DV: tl.constexpr):
+    """Contribution of query tile ``i`` (BLOCK_M rows) to this program's dK, dV (transposed math)."""
+    offs_m = _q_tokens(i, BLOCK_M)
+    q = _load_rows(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, CHECK_M, EVEN_D)
+    do = _load_rows(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, CHECK_M, EVEN_D)
+    if CHECK_M:
+        lse2 = tl.load(lse2_base + offs_m, mask=offs_m < seq_q, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=offs_m < seq_q, other=0.0)
+    else:
+        lse2 = tl.load(lse2_base + offs_m)
+        delta = tl.load(delta_base + offs_m)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+    p_t = tl.math.exp2(s_t - lse2[None, :])
+    if MASK != 0:
+        if part != 0:
+            p_t = tl.where(_element_mask(offs_m[None, :], offs_n[:, None], mask_params, MASK), p_t, 0.0)
+    if OUT_DV:
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+    if OUT_DK:
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _flash_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, Lse2, Delta,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, seq_q, seq_k, head_dim, qk_scale, sm_scale,
+    KvPtr, KvIdx, Partial, stride_sched_ptr, stride_sched_idx, sched_head_stride,
+    MaskParams,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCHED_BM: tl.constexpr, SCHED_BN: tl.constexpr,
+    SCHEDULE: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    OUT_DK: tl.constexpr, OUT_DV: tl.constexpr,
+):
+    """Grid (cdiv(seq_k, BLOCK_N), batch*heads). With SCHEDULE=1 the CSR is the *transposed*
+    schedule (KV tiles of SCHED_BN keys -> query tiles of SCHED_BM rows). OUT_DK / OUT_DV select
+    the outputs: configs short of registers (head_dim 256) run one launch for each, with one
+    accumulator live instead of two."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse2_base = Lse2 + pid_bh.to(tl.int64) * seq_q
+    delta_base = Delta + pid_bh.to(tl.int64) * seq_q
+
+    offs_n = _kv_tokens(pid_n, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim,
+                   True, EVEN_D)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim,
+                   True, EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    if SCHEDULE == 0:
+        m_full = seq_q // BLOCK_M
+        for i in range(0, m_full):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, offs_n, offs_d, i, 0, seq_q,
+                                head_dim, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, MaskParams,
+                                BLOCK_M, MASK, False, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
+        if m_full * BLOCK_M < seq_q:
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, offs_n, offs_d, m_full, 0,
+                                seq_q, head_dim, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, MaskParams,
+                                BLOCK_M, MASK, True, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
+    else:
+        srow = pid_bh * sched_head_stride
+        ptr_base = KvPtr + srow * stride_sched_ptr
+        idx_base = KvIdx + srow * stride_sched_idx
+        part_base = Partial + srow * stride_sched_idx
+        st = pid_n // (SCHED_BN // BLOCK_N)
+        start = tl.load(ptr_base + st)
+        end = tl.load(ptr_base + st + 1)
+        for e in range(start, end):
+            tile = tl.load(idx_base + e)
+            part = tl.load(part_base + e)
+            if SCHED_BM == BLOCK_M:
+                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, offs_n, offs_d, tile,
+                                    part, seq_q, head_dim, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
+                                    MaskParams, BLOCK_M, MASK, True, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
+            else:
+                for c in range(0, SCHED_BM // BLOCK_M):
+                    dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, offs_n, offs_d,
+                                        tile * (SCHED_BM // BLOCK_M) + c, part, seq_q, head_dim, stride_qm,
+                                        stride_qd, stride_dom, stride_dod, qk_scale, MaskParams,
+                                        BLOCK_M, MASK, True, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
+
+    if OUT_DK:
+        dk = dk * sm_scale
+        _store_rows(DK + b * stride_dkb + h * stride_dkh, dk.to(DK.dtype.element_ty), offs_n, offs_d,
+                    stride_dkn, stride_dkd, seq_k, head_dim, EVEN_D)
+    if OUT_DV:
+        _store_rows(DV + b * stride_dvb + h * stride_dvh, dv.to(DV.dtype.element_ty), offs_n, offs_d,
+                    stride_dvn, stride_dvd, seq_k, head_dim, EVEN_D)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, j, part, seq_k, head_dim,
+             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, mask_params,
+             BLOCK_N: tl.constexpr, MASK: tl.constexpr, CHECK_N: tl.constexpr,
+             EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Contribution of KV tile ``j`` (BLOCK_N keys) to this program's dQ."""
+    offs_n = _kv_tokens(j, BLOCK_N)
+    k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, CHECK_N, EVEN_D)
+    v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, CHECK_N, EVEN_D)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    p = tl.math.exp2(s - lse2[:, None])
+    if CHECK_N:
+        # Keys past seq_k load as 0 but exp2(0 - lse2) need not be small: drop them explicitly.
+        if (j + 1) * BLOCK_N > seq_k:
+            p = tl.where(offs_n[None, :] < seq_k, p, 0.0)
+    if MASK != 0:
+        if part != 0:
+            p = tl.where(_element_mask(offs_m[:, None], offs_n[None, :], mask_params, MASK), p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _flash_bwd_dq_kernel(
+    Q, K, V, DO, DQ, Lse2, Delta,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, seq_q, seq_k, head_dim, qk_scale, sm_scale,
+    KvPtr, KvIdx, Partial, stride_sched_ptr, stride_sched_idx, sched_head_stride,
+    MaskParams,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCHED_BM: tl.constexpr, SCHED_BN: tl.constexpr,
+    SCHEDULE: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Grid (cdiv(seq_q, BLOCK_M), batch*heads), same schedule as the forward."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    offs_m = _q_tokens(pid_m, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim,
+                   True, EVEN_D)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, seq_q,
+                    head_dim, True, EVEN_D)
+    row = pid_bh.to(tl.int64) * seq_q + offs_m
+    lse2 = tl.load(Lse2 + row, mask=offs_m < seq_q, other=float("inf"))
+    delta = tl.load(Delta + row, mask=offs_m < seq_q, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    if SCHEDULE == 0:
+        n_full = seq_k // BLOCK_N
+        for j in range(0, n_full):
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, j, 0, seq_k, head_dim,
+                          stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
+                          BLOCK_N, MASK, False, EVEN_D, DOT_PREC)
+        if n_full * BLOCK_N < seq_k:
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, n_full, 0, seq_k, head_dim,
+                          stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
+                          BLOCK_N, MASK, True, EVEN_D, DOT_PREC)
+    else:
+        srow = pid_bh * sched_head_stride
+        ptr_base = KvPtr + srow * stride_sched_ptr
+        idx_base = KvIdx + srow * stride_sched_idx
+        part_base = Partial + srow * stride_sched_idx
+        st = pid_m // (SCHED_BM // BLOCK_M)
+        start = tl.load(ptr_base + st)
+        end = tl.load(ptr_base + st + 1)
+        for e in range(start, end):
+            tile = tl.load(idx_base + e)
+            part = tl.load(part_base + e)
+            if SCHED_BN == BLOCK_N:
+                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, tile, part, seq_k, head_dim,
+                              stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
+                              BLOCK_N, MASK, True, EVEN_D, DOT_PREC)
+            else:
+                for c in range(0, SCHED_BN // BLOCK_N):
+                    dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d,
+                                  tile * (SCHED_BN // BLOCK_N) + c, part, seq_k, head_dim,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
+                                  BLOCK_N, MASK, True, EVEN_D, DOT_PREC)
+
+    dq = dq * sm_scale
+    _store_rows(DQ + b * stride_dqb + h * stride_dqh, dq.to(DQ.dtype.element_ty), offs_m, offs_d,
+                stride_dqm, stride_dqd, seq_q, head_dim, EVEN_D)
+
+
+# --------------------------------------------------------------------------------------------
+# Shipped configurations
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Config:
+    """Launch configuration of one kernel. block_m: query rows per tile; block_n: keys per tile
+    (0 for the preprocess kernel). For bwd_dkdv the program owns a KV tile of block_n keys and walks
+    query tiles of block_m rows; for bwd_dq it owns block_m query rows and walks KV tiles of block_n."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    split: bool = False  # bwd_dkdv only: one launch for dK and one for dV
+
+
+ARCHS = (80, 90)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+# (kernel, dtype class, block_d) -> Config, per arch. "f16" covers fp16 and bf16.
+# Chosen so every config compiles without spills and within the shared memory of the chip
+# (python -m ditkernels compile-report checks all of them).
+_TABLE: dict[int, dict[tuple[str, str, int], Config]] = {80: {}, 90: {}}
+
+
+def _fill() -> None:
+    for arch in ARCHS:
+        t = _TABLE[arch]
+        for d in BLOCK_D_BUCKETS:
+            # fp16 / bf16: tensor-core MMA (HMMA on sm_80, HGMMA on sm_90; sm_90 needs 64-row MMA tiles).
+            if arch == 90:
+                t["fwd", "f16", d] = {256: Config(64, 64, 8, 2), 128: Config(128, 64, 8, 3)}.get(d, Config(128, 64, 4, 3))
+                t["bwd_dkdv", "f16", d] = Config(16, 64, 8, 2, split=True) if d == 256 else Config(32, 64, 4, 2 if d == 128 else 3)
+                t["bwd_dq", "f16", d] = Config(64, 16, 8, 2) if d == 256 else Config(64, 32, 4, 2 if d == 128 else 3)
+            else:
+                t["fwd", "f16", d] = Config(64, 32, 8, 2) if d == 256 else Config(64, 64, 4, 3)
+                t["bwd_dkdv", "f16", d] = {256: Config(16, 16, 8, 2, split=True), 128: Config(32, 32, 8, 2)}.get(
+                    d, Config(32, 64, 4, 2))
+                t["bwd_dq", "f16", d] = {256: Config(32, 16, 8, 2), 128: Config(32, 32, 4, 2)}.get(d, Config(64, 32, 4, 3))
+            # fp32: IEEE fp32 products on CUDA cores (TF32 loses ~1e-3). Triton's FMA dot keeps whole
+            # K-slices of both operands in registers, so head dims >= 64 spill (see compile-report).
+            t["fwd", "f32", d] = Config(32, 32, 8, 2) if d <= 32 else Config(32, 16, 4, 2)
+            t["bwd_dkdv", "f32", d] = Config(16, 32, 8, 2, split=d >= 64)
+            t["bwd_dq", "f32", d] = Config(16, 16, 4, 2)
+            for cls in ("f16", "f32"):
+                t["bwd_preprocess", cls, d] = Config(64 if d <= 128 else 32, 0, 4, 1)
+
+
+_fill()
+
+# Under TRITON_INTERPRET=1 (CPU tests): small tiles so seq 97 / 200 spans several tiles and a tail,
+# and backward tiles smaller than the forward's so the sub-tile walk of schedule tiles runs.
+_INTERPRET_CONFIGS = {
+    "fwd": Config(32, 32, 4, 1),
+    "bwd_preprocess": Config(32, 0, 4, 1),
+    "bwd_dkdv": Config(16, 32, 4, 1),
+    "bwd_dq": Config(16, 32, 4, 1),
+}
+
+
+def block_d_for(head_dim: int) -> int:
+    """Padded head dim: the power of two >= max(head_dim, 16)."""
+    if not 1 <= head_dim <= 256:
+        raise ValueError(f"head_dim: expected 1..256, got {head_dim}")
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return "f16"
+    if dtype == torch.float32:
+        return "f32"
+    raise TypeError(f"dtype: the triton backend takes float16, bfloat16 or float32, got {dtype}")
+
+
+def config_for(kernel: str, arch: int | None, dtype: torch.dtype, block_d: int) -> Config:
+    """The shipped config of ``kernel`` for ``arch`` (None: the interpreter's)."""
+    _dtype_class(dtype)
+    if arch is None:
+        return _INTERPRET_CONFIGS[kernel]
+    return _TABLE[arch][kernel, _dtype_class(dtype), block_d]
+
+
+def shipped_configs(arch: int) -> list[tuple[str, str, int, Config]]:
+    """Every (kernel, dtype name, block_d, config) shipped for ``arch`` (what compile-report checks)."""
+    out = []
+    for kernel in KERNELS:
+        for dname, dt in DTYPES.items():
+            for d in BLOCK_D_BUCKETS:
+                out.append((kernel, dname, d, config_for(kernel, arch, dt, d)))
+    return out
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def device_arch(device: torch.device) -> int | None:
+    """Config table key for ``device``: 90 for sm_90+, 80 below; None under the interpreter."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def _patch_interpreter_bf16_dot() -> None:
+    """Triton 3.x's CPU interpreter multiplies the raw uint16 bit patterns of bfloat16 operands in
+    ``tl.dot``. Widen them to float32 first (exact: bf16 products are exact in fp32, as on a GPU's
+    bf16 MMA with fp32 accumulation). Touches only the interpreter, never compiled kernels."""
+    from triton.runtime import interpreter as _interp
+
+    builder = _interp.InterpreterBuilder
+    if getattr(builder.create_dot, "_ditkernels_bf16", False):
+        return
+    orig = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        def widen(x):
+            if x.dtype.scalar == tl.bfloat16 or x.dtype == tl.bfloat16:
+                data = (x.data.astype("uint32") << 16).view("float32")
+                return _interp.TensorHandle(data, tl.float32)
+            return x
+        return orig(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._ditkernels_bf16 = True
+    builder.create_dot = create_dot
+
+
+if interpreting():
+    _patch_interpreter_bf16_dot()
+
+
+def block_sizes(head_dim: int, dtype: torch.dtype, device: torch.device | None = None) -> tuple[int, int]:
+    """(block_m, block_n) of the forward config used for this head_dim / dtype on ``device``
+    (default: the current CUDA device, or the interpreter's when there is none)."""
+    if device is None:
+        device = torch.device("cuda") if (torch.cuda.is_available() and not interpreting()) else torch.device("cpu")
+    cfg = config_for("fwd", device_arch(device), dtype, block_d_for(head_dim))
+    return cfg.block_m, cfg.block_n
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    # fp32 inputs: IEEE products (TF32 would lose ~1e-3 relative accuracy); ignored for fp16/bf16.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _is_pow2(x: int) -> bool:
+    return x >= 1 and (x & (x - 1)) == 0
+
+
+def _check_schedule(schedule, batch: int, heads: int, seq_q: int, seq_k: int, device: torch.device) -> None:
+    for name in ("block_m", "block_n"):
+        val = getattr(schedule, name)
+        if not (_is_pow2(val) and val >= 16):
+            raise ValueError(f"schedule.{name}: the triton backend needs a power of two >= 16, got {val}")
+    if schedule.seq_q != seq_q or schedule.seq_k != seq_k:
+        raise ValueError(f"schedule: built for seq_q={schedule.seq_q}, seq_k={schedule.seq_k}, "
+                         f"got q/k with seq_q={seq_q}, seq_k={seq_k}")
+    if schedule.num_heads_sched not in (1, batch * heads):
+        raise ValueError(f"schedule: expected 1 or batch*heads={batch * heads} head slices, "
+                         f"got {schedule.num_heads_sched}")
+    if schedule.kv_ptr.shape[1] != schedule.num_q_tiles + 1:
+        raise ValueError(f"schedule.kv_ptr: expected {schedule.num_q_tiles + 1} columns, got {schedule.kv_ptr.shape[1]}")
+    for name in ("kv_ptr", "kv_idx", "partial"):
+        t = getattr(schedule, name)
+        if t.dtype != torch.int32 or t.device != device or not t.is_contiguous():
+            raise ValueError(f"schedule.{name}: expected contiguous int32 on {device}, got {t.dtype} on {t.device}")
+
+
+def _sched_args(schedule, dummy: torch.Tensor) -> tuple:
+    """(KvPtr, KvIdx, Partial, stride_ptr, stride_idx, head_stride) for a (possibly absent) CSR."""
+    if schedule is None:
+        return dummy, dummy, dummy, 0, 0, 0
+    hs = schedule.kv_ptr.shape[0]
+    return (schedule.kv_ptr, schedule.kv_idx, schedule.partial, schedule.kv_ptr.stride(0),
+            schedule.kv_idx.stride(0), 0 if hs == 1 else 1)
+
+
+def _mask_args(mask, device: torch.device) -> tuple[int, torch.Tensor]:
+    if mask is None:
+        return MASK_NONE, torch.zeros(1, dtype=torch.int32, device=device)
+    params = list(mask.params) or [0]
+    return int(mask.kind), torch.tensor(params, dtype=torch.int32, device=device)
+
+
+def _launch_blocks(cfg: Config, schedule) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, SCHED_BM, SCHED_BN): kernel tiles, sub-tiles of the schedule's when given."""
+    if schedule is None:
+        return cfg.block_m, cfg.block_n, cfg.block_m, cfg.block_n
+    bm = min(cfg.block_m, schedule.block_m)
+    bn = min(cfg.block_n, schedule.block_n)
+    return bm, bn, schedule.block_m, schedule.block_n
+
+
+def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, schedule=None, mask=None,
+              epilogue=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: (batch, heads, seq_q, head_dim); k, v: (batch, heads, seq_k, head_dim), any strides.
+
+    Returns out (batch, heads, seq_q, head_dim) in q.dtype and lse (batch, heads, seq_q) fp32.
+    """
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    device = q.device
+    block_d = block_d_for(head_dim)
+    cfg = config_for("fwd", device_arch(device), q.dtype, block_d)
+    if schedule is not None:
+        _check_schedule(schedule, batch, heads, seq_q, seq_k, device)
+        # The forward runs the schedule's own tiles (its tile sizes are the forward config's when the
+        # op asked block_sizes()); larger schedule tiles are walked in sub-tiles.
+        cfg = Config(min(schedule.block_m, 128), min(schedule.block_n, 128), cfg.num_warps, cfg.num_stages)
+    bm, bn, sbm, sbn = _launch_blocks(cfg, schedule)
+    out = _alloc.empty(batch, heads, seq_q, head_dim, dtype=q.dtype, device=device)
+    lse = _alloc.empty(batch, heads, seq_q, dtype=torch.float32, device=device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    dummy = torch.zeros(1, dtype=torch.int32, device=device)
+    mask_kind, mask_params = _mask_args(mask, device)
+    if epilogue is not None:
+        rs, res = epilogue.row_scale, epilogue.residual
+        if rs.shape != (batch, heads, seq_q) or res.shape != (batch, heads, seq_q, head_dim):
+            raise ValueError(f"epilogue: expected row_scale {(batch, heads, seq_q)} and residual "
+                             f"{(batch, heads, seq_q, head_dim)}, got {tuple(rs.shape)} and {tuple(res.shape)}")
+        rs = rs.to(torch.float32)
+        epi = (int(epilogue.kind), rs, res, *rs.stride(), *res.stride())
+    else:
+        epi = (EPILOGUE_NONE, dummy, dummy, 0, 0, 0, 0, 0, 0, 0)
+    grid = (triton.cdiv(seq_q, bm), batch * heads)
+    _flash_fwd_kernel[grid](
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads, seq_q, seq_k, head_dim, scale * LOG2E,
+        *_sched_args(schedule, dummy),
+        mask_params,
+        epi[1], epi[2], *epi[3:],
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, SCHED_BM=sbm, SCHED_BN=sbn,
+        SCHEDULE=SCHEDULE_DENSE if schedule is None else SCHEDULE_CSR, MASK=mask_kind, EPILOGUE=epi[0],
+        EVEN_D=head_dim == block_d, DOT_PREC=_dot_prec(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, *, scale: float, schedule=None, mask=None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the core attention. do, out: (batch, heads, seq_q, head_dim); lse: (batch, heads, seq_q).
+
+    Returns dq, dk, dv with the shapes and dtypes of q, k, v.
+    """
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    device = q.device
+    arch = device_arch(device)
+    block_d = block_d_for(head_dim)
+    even_d = head_dim == block_d
+    dq = _alloc.empty(*q.shape, dtype=q.dtype, device=device)
+    dk = _alloc.empty(*k.shape, dtype=k.dtype, device=device)
+    dv = _alloc.empty(*v.shape, dtype=v.dtype, device=device)
+    if schedule is not None:
+        _check_schedule(schedule, batch, heads, seq_q, seq_k, device)
+    if batch * heads == 0 or head_dim == 0:
+        return dq, dk, dv
+    if seq_q == 0 or seq_k == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        return dq, dk, dv
+
+    cfg = config_for("bwd_preprocess", arch, q.dtype, block_d)
+    delta = _alloc.empty(batch * heads, seq_q, dtype=torch.float32, device=device)
+    lse2 = _alloc.empty(batch * heads, seq_q, dtype=torch.float32, device=device)
+    _flash_bwd_preprocess_kernel[(triton.cdiv(seq_q, cfg.block_m), batch * heads)](
+        out, do, lse, delta, lse2, *out.stride(), *do.stride(), *lse.stride(), heads, seq_q, head_dim,
+        BLOCK_M=cfg.block_m, BLOCK_D=block_d, EVEN_D=even_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+    dummy = torch.zeros(1, dtype=torch.int32, device=device)
+    mask_kind, mask_params = _mask_args(mask, device)
+    sched_kind = SCHEDULE_DENSE if schedule is None else SCHEDULE_CSR
+    prec = _dot_prec(q.dtype)
+
+    cfg = config_for("bwd_dkdv", arch, q.dtype, block_d)
+    bm, bn, sbm, sbn = _launch_blocks(cfg, schedule)
+    tsched = schedule.transposed() if schedule is not None else None
+    for out_dk, out_dv in ((True, False), (False, True)) if cfg.split else ((True, True),):
+        _flash_bwd_dkdv_kernel[(triton.cdiv(seq_k, bn), batch * heads)](
+            q, k, v, do, dk, dv, lse2, delta,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            heads, seq_q, seq_k, head_dim, scale * LOG2E, scale,
+            *_sched_args(tsched, dummy), mask_params,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, SCHED_BM=sbm, SCHED_BN=sbn,
+            SCHEDULE=sched_kind, MASK=mask_kind, EVEN_D=even_d, DOT_PREC=prec, OUT_DK=out_dk, OUT_DV=out_dv,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    cfg = config_for("bwd_dq", arch, q.dtype, block_d)
+    bm, bn, sbm, sbn = _launch_blocks(cfg, schedule)
+    _flash_bwd_dq_kernel[(triton.cdiv(seq_q, bm), batch * heads)](
+        q, k, v, do, dq, lse2, delta,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        heads, seq_q, seq_k, head_dim, scale * LOG2E, scale,
+        *_sched_args(schedule, dummy), mask_params,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, SCHED_BM=sbm, SCHED_BN=sbn,
+        SCHEDULE=sched_kind, MASK=mask_kind, EVEN_D=even_d, DOT_PREC=prec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dq, dk, dv
