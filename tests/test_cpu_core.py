@@ -279,3 +279,11 @@ def test_unavailable_extension_is_explained(monkeypatch):
     assert "pip install --no-build-isolation -e ." in why
     with pytest.raises(RuntimeError, match="failed to import"):
         cpu.flash_fwd(*make_qkv((1, 1, 2, 2, 2), torch.float32, False, seed=0), scale=1.0)
+
+
+def test_schedule_out_of_range_index_is_rejected():
+    q, k, v = make_qkv((1, 1, 8, 8, 4), torch.float32, False, seed=0)
+    s = BlockSchedule.from_tile_mask(torch.ones(1, 1, dtype=torch.bool), 8, 8, 8, 8)
+    s.kv_idx[0, 0] = 3
+    with pytest.raises(ValueError, match="schedule.kv_idx"):
+        cpu.flash_fwd(q, k, v, scale=1.0, schedule=s)

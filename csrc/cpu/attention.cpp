@@ -41,8 +41,14 @@ constexpr int MASK_NONE = 0;
 constexpr int EPILOGUE_NONE = 0;
 constexpr int EPILOGUE_SCALE_RESIDUAL = 1;
 
-constexpr int kRowGroup = 64;  // rows of the vector side per work item
-constexpr int kChunk = 64;     // rows of the streamed side per inner step
+#ifndef DITK_ROW_GROUP
+#define DITK_ROW_GROUP 64
+#endif
+#ifndef DITK_CHUNK
+#define DITK_CHUNK 64
+#endif
+constexpr int kRowGroup = DITK_ROW_GROUP;  // rows of the vector side per work item
+constexpr int kChunk = DITK_CHUNK;         // rows of the streamed side per inner step
 constexpr double kLog2e = 1.4426950408889634;
 
 // ---- element masks: the one place where new mask kinds plug in ---------------------------------

@@ -80,9 +80,25 @@ inline vec_t<double> fmadd(vec_t<double> a, vec_t<double> b, vec_t<double> c) {
 #endif
 }
 
-// 2^x lane-wise. Exactly 0 for x < -126 (and x = -inf); inputs are clamped at 127 above.
+// 2^x lane-wise. Exactly 0 for x < -126 (and x = -inf); x <= 127 expected (softmax arguments are <= ~0).
 // Cephes' exp2f polynomial on [-0.5, 0.5] after rounding x to the nearest integer: ~2e-7 relative.
 inline vec_t<float> exp2v(vec_t<float> x) {
+#if defined(__AVX512F__)
+  // AVX-512: round with vrndscaleps, scale with vscalefps, zero x < -126 (and -inf, NaN) by the mask.
+  const __m512 xv = (__m512)x;
+  // (the masked form with src = xv: GCC 12 warns about the undefined src of the plain one)
+  const __m512 k = _mm512_mask_roundscale_ps(xv, (__mmask16)0xffff, xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(xv, k);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
+  return (vec_t<float>)_mm512_maskz_scalef_ps(keep, p, k);
+#else
   using V = vec_t<float>;
   using VI = VecOf<float>::itype;
   const V lo = splat(-126.0f), hi = splat(127.0f);
@@ -102,6 +118,7 @@ inline vec_t<float> exp2v(vec_t<float> x) {
   VI ki = (VI)y - 0x4B400000;
   V r = (V)((VI)p + (ki << 23));
   return x < lo ? V{} : r;
+#endif
 }
 // The float64 kernels are for accuracy, not speed: the libm exp2 lane by lane.
 inline vec_t<double> exp2v(vec_t<double> x) {

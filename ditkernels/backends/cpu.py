@@ -113,6 +113,15 @@ def _csr(schedule: BlockSchedule | None, bh: int) -> tuple[int, int, int, int, i
                              f"{t.dtype} {tuple(t.shape)} on {t.device}")
     if schedule.kv_ptr.shape[1] != schedule.num_q_tiles + 1:
         raise ValueError(f"schedule.kv_ptr: expected {schedule.num_q_tiles + 1} columns, got {schedule.kv_ptr.shape[1]}")
+    # The kernel trusts these indices with raw pointers: check them (cheap next to the attention).
+    ptr = schedule.kv_ptr
+    if int(ptr[:, 0].min()) < 0 or int(ptr[:, -1].max()) > schedule.kv_idx.shape[1] \
+            or bool((ptr[:, 1:] < ptr[:, :-1]).any()):
+        raise ValueError("schedule.kv_ptr: expected non-decreasing offsets within kv_idx")
+    if schedule.kv_idx.numel() and (int(schedule.kv_idx.min()) < 0
+                                    or int(schedule.kv_idx.max()) >= max(schedule.num_kv_tiles, 1)):
+        raise ValueError(f"schedule.kv_idx: expected KV tile indices in [0, {schedule.num_kv_tiles}), got "
+                         f"[{int(schedule.kv_idx.min())}, {int(schedule.kv_idx.max())}]")
     shared = hs == 1
     return (schedule.kv_ptr.data_ptr(), schedule.kv_idx.data_ptr(), schedule.partial.data_ptr(),
             0 if shared else schedule.kv_ptr.stride(0), 0 if shared else schedule.kv_idx.stride(0))
@@ -161,6 +170,8 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = _alloc.empty(b, h, sq, d, dtype=q.dtype, device=q.device)
     lse = _alloc.empty(b, h, sq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
     ep_kind, row_scale, residual = EPILOGUE_NONE, None, None
     if epilogue is not None:
         if not isinstance(epilogue, Epilogue):
@@ -229,12 +240,14 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     _check_schedule(schedule, sq, sk)
     do, q, k, v, out = (_unit_last(t) for t in (do, q, k, v, out))
     mask_kind, mask_ptr, _keep = _mask_args(mask)
-    if q.dtype == torch.float64 and lse.dtype != torch.float64:
+    if q.dtype == torch.float64 and lse.dtype != torch.float64 and q.numel() > 0 and k.numel() > 0:
         lse = _lse64(q, k, v, scale, schedule, mask_kind, mask_ptr)
     lse = lse.contiguous()
     dq = _alloc.empty(*q.shape, dtype=q.dtype, device=q.device)
     dk = _alloc.empty(*k.shape, dtype=k.dtype, device=k.device)
     dv = _alloc.empty(*v.shape, dtype=v.dtype, device=v.device)
+    if dq.numel() == 0 or dk.numel() == 0:  # nothing to compute; no key at all: every gradient is 0
+        return dq.zero_(), dk.zero_(), dv.zero_()
     bm, bn = _blocks(schedule, d, q.dtype)
     kv_ptr, kv_idx, partial, ps, is_ = _csr(schedule, b * h)
     t_ptr, t_idx, t_partial, tps, tis = _csr(schedule.transposed() if schedule is not None else None, b * h)
