@@ -155,12 +155,7 @@ inline const T* rows_operand(const S* src, int64_t rs, int64_t n, int64_t D, Buf
     return src;
   } else {
     T* dst = buf.get(n * D);
-    for (int64_t i = 0; i < n; ++i) {
-      const S* s = src + i * rs;
-      T* d = dst + i * D;
-#pragma GCC ivdep
-      for (int64_t j = 0; j < D; ++j) d[j] = to_compute(s[j]);
-    }
+    for (int64_t i = 0; i < n; ++i) convert_row(src + i * rs, dst + i * D, D);
     row_stride = D;
     return dst;
   }

@@ -212,6 +212,28 @@ inline fp16_t from_compute<fp16_t>(float x) {
 #endif
 }
 
+// dst[0, n) = src[0, n) in the compute type (the hot conversion of K/V/Q/dO rows for fp16/bf16).
+template <typename S, typename T>
+inline void convert_row(const S* __restrict src, T* __restrict dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = to_compute(src[j]);
+}
+inline void convert_row(const bf16_t* __restrict src, float* __restrict dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+#pragma GCC ivdep
+  for (int64_t j = 0; j < n; ++j) dst[j] = bits_to_float((uint32_t)s[j] << 16);
+}
+inline void convert_row(const fp16_t* __restrict src, float* __restrict dst, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j + 16 <= n; j += 16)
+    _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j))));
+#elif defined(__F16C__) && defined(__AVX__)
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+#endif
+  for (; j < n; ++j) dst[j] = to_compute(src[j]);
+}
+
 // The compute type of each storage type: float64 stays float64, everything else computes in fp32.
 template <typename S>
 struct ComputeOf {
