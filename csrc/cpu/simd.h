@@ -226,7 +226,8 @@ inline void convert_row(const fp16_t* __restrict src, float* __restrict dst, int
   int64_t j = 0;
 #if defined(__AVX512F__)
   for (; j + 16 <= n; j += 16)
-    _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j))));
+    _mm512_storeu_ps(dst + j, _mm512_mask_cvtph_ps(_mm512_setzero_ps(), (__mmask16)0xffff,  // (GCC 12 -Wmaybe-uninitialized)
+                                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j))));
 #elif defined(__F16C__) && defined(__AVX__)
   for (; j + 8 <= n; j += 8)
     _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
