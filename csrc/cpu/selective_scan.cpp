@@ -135,73 +135,161 @@ void store(int64_t addr, int dtype, int64_t stride, int n, const Acc* src) {
 int64_t itemsize(int dtype) { return dtype == kF64 ? 8 : dtype == kF32 ? 4 : 2; }
 
 // ---------------------------------------------------------------------------------------------
-// Vectorisable elementary functions. float: Cephes-style polynomials (~1 ulp) written so that gcc
-// vectorises loops calling them; double: libm (the float64 path is for exactness, not speed).
+// 16-lane vectors (GCC vector extensions: one zmm with AVX-512, two ymm with AVX2, plain SSE
+// elsewhere; no intrinsics). Float math uses Cephes-style polynomials (~1 ulp); the float64 path
+// calls libm per lane (it is there for exactness, not speed).
 
-inline float vexp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  // Round x*log2(e) to the nearest integer with the 1.5*2^23 trick (no -ffast-math, so gcc keeps it).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = std::fma(n, -0.693359375f, x);
-  r = std::fma(n, 2.12194440e-4f, r);
-  float p = 1.9875691500e-4f;
-  p = std::fma(p, r, 1.3981999507e-3f);
-  p = std::fma(p, r, 8.3334519073e-3f);
-  p = std::fma(p, r, 4.1665795894e-2f);
-  p = std::fma(p, r, 1.6666665459e-1f);
-  p = std::fma(p, r, 5.0000001201e-1f);
-  const float e = std::fma(p, r * r, r) + 1.0f;
-  return e * float_of(uint32_t(int32_t(n) + 127) << 23);
+template <class Acc>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(W * sizeof(float))));
+  typedef int32_t itype __attribute__((vector_size(W * sizeof(float))));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(W * sizeof(double))));
+  typedef int64_t itype __attribute__((vector_size(W * sizeof(double))));
+};
+template <class Acc>
+using Vec = typename VecOf<Acc>::type;
+
+template <class Acc>
+inline Vec<Acc> vload(const Acc* p) {
+  Vec<Acc> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
 }
-inline double vexp(double x) { return std::exp(x); }
+template <class Acc>
+inline void vstore(Acc* p, Vec<Acc> v) {
+  std::memcpy(p, &v, sizeof v);
+}
+template <class Acc>
+inline Vec<Acc> splat(Acc x) {
+  return Vec<Acc>{} + x;
+}
 
-// log(x) for finite x >= 1 (used by softplus only).
-inline float vlog_ge1(float x) {
-  const uint32_t b = bits_of(x);
-  float e = float(int32_t(b >> 23) - 126);
-  float m = float_of((b & 0x007fffffu) | 0x3f000000u);  // mantissa in [0.5, 1)
-  const bool small = m < 0.707106781186547524f;
+// 2^x: x = n + f with n = round(x), 2^f by a degree-6 polynomial on [-0.5, 0.5] (Cephes exp2f,
+// ~1 ulp). Adding 1.5*2^23 + 127 rounds x and leaves n + 127 in the low mantissa bits, so the
+// exponent 2^n is one shift away.
+inline Vec<float> vexp2(Vec<float> x) {
+  typedef VecOf<float>::itype VI;
+  using V = Vec<float>;
+  x = x < splat(-126.0f) ? splat(-126.0f) : x;
+  x = x > splat(126.0f) ? splat(126.0f) : x;
+  const V magic = splat(12582912.0f + 127.0f);
+  const V v = x + magic;
+  const V f = x - (v - magic);
+  V p = splat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  return p * (V)((VI)v << 23);
+}
+inline Vec<double> vexp2(Vec<double> x) {
+  for (int i = 0; i < W; ++i) x[i] = std::exp2(x[i]);
+  return x;
+}
+inline Vec<float> vexp(Vec<float> x) { return vexp2(x * 1.44269504088896341f); }
+inline Vec<double> vexp(Vec<double> x) {
+  for (int i = 0; i < W; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+// exp(x) for the decays: e^x = 2^(x log2 e); callers pre-scale A by log2(e).
+constexpr double kLog2e = 1.4426950408889634074;
+
+// log(x) for finite x >= 1 (softplus only).
+inline Vec<float> vlog_ge1(Vec<float> x) {
+  typedef VecOf<float>::itype VI;
+  using V = Vec<float>;
+  const VI b = (VI)x;
+  V e = __builtin_convertvector((b >> 23) - 126, V);
+  V m = (V)((b & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
+  const VI small = m < splat(0.707106781186547524f);
   e = small ? e - 1.0f : e;
   m = small ? m + m - 1.0f : m - 1.0f;
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = std::fma(y, m, -1.1514610310e-1f);
-  y = std::fma(y, m, 1.1676998740e-1f);
-  y = std::fma(y, m, -1.2420140846e-1f);
-  y = std::fma(y, m, 1.4249322787e-1f);
-  y = std::fma(y, m, -1.6668057665e-1f);
-  y = std::fma(y, m, 2.0000714765e-1f);
-  y = std::fma(y, m, -2.4999993993e-1f);
-  y = std::fma(y, m, 3.3333331174e-1f);
+  const V z = m * m;
+  V y = splat(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
   y = y * m * z;
-  y = std::fma(e, -2.12194440e-4f, y);
-  y = std::fma(z, -0.5f, y);
-  return std::fma(e, 0.693359375f, m + y);
+  y = y - e * 2.12194440e-4f;
+  y = y - z * 0.5f;
+  return (m + y) + e * 0.693359375f;
 }
 
 // softplus with torch's threshold 20; log1p(e) = log(1+e) * e / ((1+e) - 1) keeps small e accurate.
-inline float softplus(float x) {
-  const float e = vexp(std::min(x, 20.0f));
-  const float u = 1.0f + e;
-  const float d = u - 1.0f;
-  const float lp = d == 0.0f ? e : vlog_ge1(u) * (e / d);
-  return x > 20.0f ? x : lp;
+inline Vec<float> vsoftplus(Vec<float> x) {
+  using V = Vec<float>;
+  const V e = vexp(x < splat(20.0f) ? x : splat(20.0f));
+  const V u = e + 1.0f;
+  const V d = u - 1.0f;
+  const V lp = d == splat(0.0f) ? e : vlog_ge1(u) * (e / (d == splat(0.0f) ? splat(1.0f) : d));
+  return x > splat(20.0f) ? x : lp;
 }
-inline double softplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
+inline Vec<double> vsoftplus(Vec<double> x) {
+  for (int i = 0; i < W; ++i) x[i] = x[i] > 20.0 ? x[i] : std::log1p(std::exp(x[i]));
+  return x;
+}
 
 template <class Acc>
-inline Acc sigmoid(Acc x) {
-  return Acc(1) / (Acc(1) + vexp(-x));
+inline Vec<Acc> vsigmoid(Vec<Acc> x) {
+  return Acc(1) / (vexp(-x) + Acc(1));
 }
 
-// Sum of 16 lanes as a fixed tree (deterministic, and gcc vectorises it without -ffast-math).
+// Sum of the 16 lanes as a fixed tree.
 template <class Acc>
-inline Acc hsum(const Acc* p) {
+inline Acc hsum(Vec<Acc> v) {
   Acc a[8];
-  for (int j = 0; j < 8; ++j) a[j] = p[j] + p[j + 8];
-  Acc b[4];
-  for (int j = 0; j < 4; ++j) b[j] = a[j] + a[j + 4];
-  return (b[0] + b[2]) + (b[1] + b[3]);
+  for (int j = 0; j < 8; ++j) a[j] = v[j] + v[j + 8];
+  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+// y[t] += sum_j Q[t * W + j] for t < tl: 16 rows at a time by a shuffle tree (a transposing
+// reduction, ~3 vector ops per row instead of a horizontal sum per row).
+template <class V>
+inline V fold8(V a, V b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+template <class V>
+inline V fold4(V a, V b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+         __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+}
+template <class V>
+inline V fold2(V a, V b) {
+  return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+         __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+}
+template <class V>
+inline V fold1(V a, V b) {
+  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+template <class Acc>
+void add_row_sums(const Acc* Q, int64_t tl, Acc* y) {
+  using V = Vec<Acc>;
+  int64_t t = 0;
+  for (; t + W <= tl; t += W) {
+    const Acc* q = Q + t * W;
+    V s8[8], s4[4], s2[2];
+    for (int k = 0; k < 8; ++k) s8[k] = fold8(vload(q + (2 * k) * W), vload(q + (2 * k + 1) * W));
+    for (int k = 0; k < 4; ++k) s4[k] = fold4(s8[2 * k], s8[2 * k + 1]);
+    for (int k = 0; k < 2; ++k) s2[k] = fold2(s4[2 * k], s4[2 * k + 1]);
+    vstore(y + t, vload(y + t) + fold1(s2[0], s2[1]));
+  }
+  for (; t < tl; ++t) y[t] += hsum<Acc>(vload(Q + t * W));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -294,48 +382,45 @@ int64_t row_addr(const Operand& op, int64_t b, int64_t d, int64_t t0) {
   return op.ptr + (b * op.sb + d * op.sd + t0 * op.sl) * itemsize(op.dtype);
 }
 
-// One row, one chunk of the forward recurrence. h: (NP,) state in/out; y[t] = <h_t, C_t>.
+// One row, one chunk of the forward recurrence. A: (NP,) scaled by log2(e); h: (NP,) state in/out; y[t] = <h_t, C_t>; Q: (T, W) scratch.
 template <class Acc>
 void chunk_forward(const Shape& s, int64_t tl, const Acc* A, const Acc* dt, const Acc* dtu, const Acc* Bt,
-                   int64_t bts, const Acc* Ct, int64_t cts, Acc* h, Acc* y) {
+                   int64_t bts, const Acc* Ct, int64_t cts, Acc* h, Acc* y, Acc* Q) {
+  using V = Vec<Acc>;
   for (int64_t t = 0; t < tl; ++t) y[t] = 0;
   for (int64_t nb = 0; nb < s.NB; ++nb) {
-    Acc hr[W], Ar[W];
-    for (int j = 0; j < W; ++j) hr[j] = h[nb * W + j], Ar[j] = A[nb * W + j];
+    V hr = vload(h + nb * W);
+    const V Ar = vload(A + nb * W);
     const Acc* Bb = Bt + nb * W;
     const Acc* Cb = Ct + nb * W;
     for (int64_t t = 0; t < tl; ++t) {
-      const Acc dtv = dt[t], dtuv = dtu[t];
-      const Acc* Bp = Bb + t * bts;
-      const Acc* Cp = Cb + t * cts;
-      Acc p[W];
-      for (int j = 0; j < W; ++j) {
-        hr[j] = std::fma(vexp(dtv * Ar[j]), hr[j], dtuv * Bp[j]);
-        p[j] = hr[j] * Cp[j];
-      }
-      y[t] += hsum(p);
+      hr = vexp2(Ar * dt[t]) * hr + vload(Bb + t * bts) * dtu[t];
+      vstore(Q + t * W, hr * vload(Cb + t * cts));
     }
-    for (int j = 0; j < W; ++j) h[nb * W + j] = hr[j];
+    vstore(h + nb * W, hr);
+    add_row_sums(Q, tl, y);
   }
 }
 
-// Per-row chunk inputs: u, delta' (after bias / softplus), delta' * u, and raw z.
+// Per-row chunk inputs (padded to whole vectors): u, delta + bias, delta' (after softplus), delta' * u, z.
 template <class Acc>
 struct RowChunk {
+  int64_t TP;
   std::vector<Acc> u, x, dt, dtu, z;
-  explicit RowChunk(int64_t T) : u(T), x(T), dt(T), dtu(T), z(T) {}
+  explicit RowChunk(int64_t T)
+      : TP((T + W - 1) / W * W), u(TP, Acc(0)), x(TP, Acc(0)), dt(TP, Acc(0)), dtu(TP, Acc(0)), z(TP, Acc(0)) {}
   void load_inputs(const Params& p, int64_t b, int64_t d, int64_t t0, int64_t tl) {
     load<Acc>(row_addr(p.u, b, d, t0), p.u.dtype, p.u.sl, int(tl), u.data());
     load<Acc>(row_addr(p.delta, b, d, t0), p.delta.dtype, p.delta.sl, int(tl), x.data());
     if (p.z.ptr) load<Acc>(row_addr(p.z, b, d, t0), p.z.dtype, p.z.sl, int(tl), z.data());
     const Acc bias = p.delta_bias ? reinterpret_cast<const Acc*>(p.delta_bias)[d] : Acc(0);
-    for (int64_t t = 0; t < tl; ++t) x[t] += bias;
-    if (p.softplus) {
-      for (int64_t t = 0; t < tl; ++t) dt[t] = softplus(x[t]);
-    } else {
-      for (int64_t t = 0; t < tl; ++t) dt[t] = x[t];
+    for (int64_t t = 0; t < tl; t += W) {
+      const Vec<Acc> xv = vload(&x[t]) + bias;
+      const Vec<Acc> dv = p.softplus ? vsoftplus(xv) : xv;
+      vstore(&x[t], xv);
+      vstore(&dt[t], dv);
+      vstore(&dtu[t], dv * vload(&u[t]));
     }
-    for (int64_t t = 0; t < tl; ++t) dtu[t] = dt[t] * u[t];
   }
 };
 
@@ -353,8 +438,8 @@ void forward(const Params& p) {
 
   parallel_for(nt, [&](int tid) {
     const int64_t r0 = R * tid / nt, r1 = R * (tid + 1) / nt;
-    std::vector<Acc> Bt(s.T * s.NP), Ct(s.T * s.NP), Apad(s.NP, Acc(0)), y(s.T), h;
     RowChunk<Acc> rc(s.T);
+    std::vector<Acc> Bt(s.T * s.NP), Ct(s.T * s.NP), Apad(s.NP, Acc(0)), y(rc.TP), Q(s.T * W), h;
     const int64_t bts = gb.var ? s.NP : 0, cts = gc.var ? s.NP : 0;
     for_each_segment(s, gb, gc, r0, r1, [&](int64_t b, int64_t d0, int64_t nrows) {
       h.assign(nrows * s.NP, Acc(0));
@@ -370,14 +455,19 @@ void forward(const Params& p) {
           const int64_t d = d0 + i, row = b * s.D + d;
           Acc* hr = &h[i * s.NP];
           std::copy(hr, hr + s.N, hs + (row * (s.nc + 1) + c) * s.N);
-          std::copy(A + d * s.N, A + (d + 1) * s.N, Apad.data());
+          for (int64_t n = 0; n < s.N; ++n) Apad[n] = A[d * s.N + n] * Acc(kLog2e);
           rc.load_inputs(p, b, d, t0, tl);
           chunk_forward<Acc>(s, tl, Apad.data(), rc.dt.data(), rc.dtu.data(), Bt.data(), bts, Ct.data(), cts, hr,
-                             y.data());
+                             y.data(), Q.data());
           const Acc dv = Dv ? Dv[d] : Acc(0);
-          for (int64_t t = 0; t < tl; ++t) y[t] = std::fma(dv, rc.u[t], y[t]);
-          if (p.z.ptr)
-            for (int64_t t = 0; t < tl; ++t) y[t] *= rc.z[t] * sigmoid(rc.z[t]);
+          for (int64_t t = 0; t < tl; t += W) {
+            Vec<Acc> yv = vload(&y[t]) + vload(&rc.u[t]) * dv;
+            if (p.z.ptr) {
+              const Vec<Acc> zv = vload(&rc.z[t]);
+              yv = yv * zv * vsigmoid<Acc>(zv);
+            }
+            vstore(&y[t], yv);
+          }
           store<Acc>(row_addr(p.out, b, d, t0), p.out.dtype, p.out.sl, int(tl), y.data());
         }
       }
@@ -441,8 +531,36 @@ void reduce_partials(const Shape& s, const GroupOperand& g, const Operand& out, 
   });
 }
 
+// One state block of one row over one chunk, in reverse: g (dL/dh after the chunk) in/out, dA in/out,
+// dB/dC tiles accumulated, per-step sums <g_t, B_t> into QB rows and <A, g_t a_t h_{t-1}> into QA rows.
+// H, Ab: the chunk's recomputed states and decays. A constant B or C (VB / VC false) accumulates its
+// gradient in a register.
+template <class Acc, bool VB, bool VC>
+void reverse_block(int64_t tl, const Acc* dy, const Acc* dt, const Acc* dtu, Vec<Acc> Ar, Vec<Acc> hprev0,
+                   const Acc* H, const Acc* Ab, const Acc* Bb, const Acc* Cb, Acc* dBb, Acc* dCb, Vec<Acc>& gr,
+                   Vec<Acc>& dAr, Acc* QB, Acc* QA, int64_t NP) {
+  using V = Vec<Acc>;
+  V dBc = VB ? V{} : vload(dBb), dCc = VC ? V{} : vload(dCb);
+  for (int64_t t = tl - 1; t >= 0; --t) {
+    const V Ht = vload(H + t * W), At = vload(Ab + t * W);
+    const V hp = t > 0 ? vload(H + (t - 1) * W) : hprev0;
+    const V Cv = vload(Cb + (VC ? t * NP : 0)), Bv = vload(Bb + (VB ? t * NP : 0));
+    const V gj = Cv * dy[t] + gr;  // dL/dh_t
+    if (VC) vstore(dCb + t * NP, vload(dCb + t * NP) + Ht * dy[t]); else dCc += Ht * dy[t];
+    if (VB) vstore(dBb + t * NP, vload(dBb + t * NP) + gj * dtu[t]); else dBc += gj * dtu[t];
+    const V w = gj * At * hp;
+    dAr += w * dt[t];
+    vstore(QB + t * W, gj * Bv);
+    vstore(QA + t * W, Ar * w);
+    gr = At * gj;  // dL/dh_{t-1}
+  }
+  if (!VB) vstore(dBb, dBc);
+  if (!VC) vstore(dCb, dCc);
+}
+
 template <class Acc>
 void backward(const Params& p) {
+  using V = Vec<Acc>;
   const Shape s(p);
   const GroupOperand gb{&p.Bm, p.b_groups, s.D / p.b_groups, p.b_var};
   const GroupOperand gc{&p.Cm, p.c_groups, s.D / p.c_groups, p.c_var};
@@ -452,16 +570,20 @@ void backward(const Params& p) {
   const int64_t R = s.Bsz * s.D;
   const int nt = int(std::max<int64_t>(1, std::min<int64_t>(p.nthreads, R)));
   std::vector<Partial<Acc>> pb(nt), pc(nt);
+  auto reverse = gb.var ? (gc.var ? reverse_block<Acc, true, true> : reverse_block<Acc, true, false>)
+                        : (gc.var ? reverse_block<Acc, false, true> : reverse_block<Acc, false, false>);
 
   parallel_for(nt, [&](int tid) {
     const int64_t r0 = R * tid / nt, r1 = R * (tid + 1) / nt;
     init_partial(s, gb, r0, r1, pb[tid]);
     init_partial(s, gc, r0, r1, pc[tid]);
     const int64_t T = s.T, NP = s.NP;
-    std::vector<Acc> Bt(T * NP), Ct(T * NP), dBt(T * NP), dCt(T * NP), Apad(NP, Acc(0));
-    std::vector<Acc> H(T * W), Ab(T * W), dout(T), dy(T), rgb(T), rga(T), y(T), tmp(T);
-    std::vector<Acc> g, dAacc, dDacc, dbacc;
     RowChunk<Acc> rc(T);
+    const int64_t TP = rc.TP;
+    std::vector<Acc> Bt(T * NP), Ct(T * NP), dBt(T * NP), dCt(T * NP), Apad(NP, Acc(0)), h0(NP, Acc(0));
+    std::vector<Acc> H(T * W), Ab(T * W), QB(T * W), QA(T * W), dout(TP, Acc(0)), dy(TP, Acc(0)),
+        rgb(TP, Acc(0)), rga(TP, Acc(0)), y(TP, Acc(0)), tmp(TP, Acc(0));
+    std::vector<Acc> g, dAacc, dDacc, dbacc;
     const int64_t bts = gb.var ? NP : 0, cts = gc.var ? NP : 0;
     const bool has_z = p.z.ptr != 0;
 
@@ -483,92 +605,65 @@ void backward(const Params& p) {
         for (int64_t i = 0; i < nrows; ++i) {
           const int64_t d = d0 + i, row = b * s.D + d;
           std::copy(A + d * s.N, A + (d + 1) * s.N, Apad.data());
+          std::copy(hs + (row * (s.nc + 1) + c) * s.N, hs + (row * (s.nc + 1) + c + 1) * s.N, h0.data());
           rc.load_inputs(p, b, d, t0, tl);
           load<Acc>(row_addr(p.dout, b, d, t0), p.dout.dtype, p.dout.sl, int(tl), dout.data());
-          if (has_z) {
-            for (int64_t t = 0; t < tl; ++t) dy[t] = dout[t] * rc.z[t] * sigmoid(rc.z[t]);
-          } else {
-            for (int64_t t = 0; t < tl; ++t) dy[t] = dout[t];
-          }
-          for (int64_t t = 0; t < tl; ++t) rgb[t] = rga[t] = y[t] = 0;
-          const Acc* h0 = hs + (row * (s.nc + 1) + c) * s.N;
-          for (int64_t nb = 0; nb < s.NB; ++nb) {
-            Acc hr[W], hprev0[W], Ar[W], gr[W], dAr[W];
-            for (int j = 0; j < W; ++j) {
-              const int64_t n = nb * W + j;
-              hprev0[j] = hr[j] = n < s.N ? h0[n] : Acc(0);
-              Ar[j] = Apad[n];
-              gr[j] = g[i * NP + n];
-              dAr[j] = dAacc[i * NP + n];
+          for (int64_t t = 0; t < tl; t += W) {
+            V dyv = vload(&dout[t]);
+            if (has_z) {
+              const V zv = vload(&rc.z[t]);
+              dyv = dyv * zv * vsigmoid<Acc>(zv);
             }
+            vstore(&dy[t], dyv);
+            vstore(&rgb[t], V{});
+            vstore(&rga[t], V{});
+            vstore(&y[t], V{});
+          }
+          for (int64_t nb = 0; nb < s.NB; ++nb) {
+            const V Ar = vload(&Apad[nb * W]), Ar2 = Ar * Acc(kLog2e), hprev0 = vload(&h0[nb * W]);
             const Acc* Bb = Bt.data() + nb * W;
             const Acc* Cb = Ct.data() + nb * W;
-            Acc* dBb = dBt.data() + nb * W;
-            Acc* dCb = dCt.data() + nb * W;
             // Recompute the chunk's states h_t and decays exp(delta'_t A).
+            V hr = hprev0;
             for (int64_t t = 0; t < tl; ++t) {
-              const Acc dtv = rc.dt[t], dtuv = rc.dtu[t];
-              const Acc* Bp = Bb + t * bts;
-              Acc* Ht = &H[t * W];
-              Acc* At = &Ab[t * W];
-              for (int j = 0; j < W; ++j) {
-                At[j] = vexp(dtv * Ar[j]);
-                hr[j] = std::fma(At[j], hr[j], dtuv * Bp[j]);
-                Ht[j] = hr[j];
-              }
-              if (has_z) {
-                const Acc* Cp = Cb + t * cts;
-                Acc q[W];
-                for (int j = 0; j < W; ++j) q[j] = Ht[j] * Cp[j];
-                y[t] += hsum(q);
-              }
+              const V a = vexp2(Ar2 * rc.dt[t]);
+              hr = a * hr + vload(Bb + t * bts) * rc.dtu[t];
+              vstore(&Ab[t * W], a);
+              vstore(&H[t * W], hr);
+              if (has_z) vstore(&QB[t * W], hr * vload(Cb + t * cts));
             }
-            // Reverse recurrence: g_t = dy_t C_t + exp(delta'_{t+1} A) g_{t+1}.
-            for (int64_t t = tl - 1; t >= 0; --t) {
-              const Acc dyv = dy[t], dtv = rc.dt[t], dtuv = rc.dtu[t];
-              const Acc* Bp = Bb + t * bts;
-              const Acc* Cp = Cb + t * cts;
-              Acc* dBp = dBb + t * bts;
-              Acc* dCp = dCb + t * cts;
-              const Acc* Ht = &H[t * W];
-              const Acc* At = &Ab[t * W];
-              const Acc* hp = t > 0 ? &H[(t - 1) * W] : hprev0;
-              Acc qb[W], qa[W];
-              for (int j = 0; j < W; ++j) {
-                const Acc gj = std::fma(dyv, Cp[j], gr[j]);
-                dCp[j] = std::fma(dyv, Ht[j], dCp[j]);
-                dBp[j] = std::fma(gj, dtuv, dBp[j]);
-                const Acc w = gj * At[j] * hp[j];
-                dAr[j] = std::fma(dtv, w, dAr[j]);
-                qb[j] = gj * Bp[j];
-                qa[j] = Ar[j] * w;
-                gr[j] = At[j] * gj;
-              }
-              rgb[t] += hsum(qb);
-              rga[t] += hsum(qa);
-            }
-            for (int j = 0; j < W; ++j) {
-              g[i * NP + nb * W + j] = gr[j];
-              dAacc[i * NP + nb * W + j] = dAr[j];
-            }
+            if (has_z) add_row_sums(QB.data(), tl, y.data());
+            V gr = vload(&g[i * NP + nb * W]), dAr = vload(&dAacc[i * NP + nb * W]);
+            reverse(tl, dy.data(), rc.dt.data(), rc.dtu.data(), Ar, hprev0, H.data(), Ab.data(), Bb, Cb,
+                    dBt.data() + nb * W, dCt.data() + nb * W, gr, dAr, QB.data(), QA.data(), NP);
+            add_row_sums(QB.data(), tl, rgb.data());
+            add_row_sums(QA.data(), tl, rga.data());
+            vstore(&g[i * NP + nb * W], gr);
+            vstore(&dAacc[i * NP + nb * W], dAr);
           }
           // Per-time-step gradients of this row.
           const Acc dv = Dv ? Dv[d] : Acc(0);
           Acc sD = 0, sb = 0;
-          for (int64_t t = 0; t < tl; ++t) sD = std::fma(dy[t], rc.u[t], sD);
+          for (int64_t t = 0; t < tl; ++t) sD += dy[t] * rc.u[t];
           if (has_z) {
-            for (int64_t t = 0; t < tl; ++t) {
-              const Acc zt = rc.z[t], sg = sigmoid(zt);
-              const Acc yt = std::fma(dv, rc.u[t], y[t]);
-              tmp[t] = dout[t] * yt * sg * (Acc(1) + zt * (Acc(1) - sg));
+            for (int64_t t = 0; t < tl; t += W) {
+              const V zv = vload(&rc.z[t]), sg = vsigmoid<Acc>(zv);
+              const V yv = vload(&y[t]) + vload(&rc.u[t]) * dv;
+              vstore(&tmp[t], vload(&dout[t]) * yv * sg * (zv * (Acc(1) - sg) + Acc(1)));
             }
             store<Acc>(row_addr(p.dz, b, d, t0), p.dz.dtype, p.dz.sl, int(tl), tmp.data());
           }
-          for (int64_t t = 0; t < tl; ++t) tmp[t] = std::fma(dy[t], dv, rc.dt[t] * rgb[t]);
+          for (int64_t t = 0; t < tl; t += W)
+            vstore(&tmp[t], vload(&dy[t]) * dv + vload(&rc.dt[t]) * vload(&rgb[t]));
           store<Acc>(row_addr(p.du, b, d, t0), p.du.dtype, p.du.sl, int(tl), tmp.data());
-          for (int64_t t = 0; t < tl; ++t) tmp[t] = std::fma(rc.u[t], rgb[t], rga[t]);
-          if (p.softplus)
-            for (int64_t t = 0; t < tl; ++t) tmp[t] = rc.x[t] > Acc(20) ? tmp[t] : tmp[t] * sigmoid(rc.x[t]);
+          for (int64_t t = 0; t < tl; t += W) {
+            V dd = vload(&rc.u[t]) * vload(&rgb[t]) + vload(&rga[t]);  // dL/d delta'
+            if (p.softplus) {
+              const V xv = vload(&rc.x[t]);
+              dd = xv > Acc(20) ? dd : dd * vsigmoid<Acc>(xv);
+            }
+            vstore(&tmp[t], dd);
+          }
           for (int64_t t = 0; t < tl; ++t) sb += tmp[t];
           store<Acc>(row_addr(p.ddelta, b, d, t0), p.ddelta.dtype, p.ddelta.sl, int(tl), tmp.data());
           dDacc[i] += sD;
