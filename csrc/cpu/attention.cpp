@@ -11,7 +11,7 @@
 //      Ot += V_chunk^T * Pt               (D x rows: V read in place, transposed through strides)
 //    and Ot is transposed back once when the item stores its rows.
 //  - dK/dV: work item = (batch*head, KV tile, group of key rows), visiting the query tiles of the
-//    transposed schedule: S = Q * Kt, P = exp2(S - lse), dVt += dO^T P, dP = dO * Vt,
+//    transposed schedule: S = Q * Kt, P = exp(S - lse), dVt += dO^T P, dP = dO * Vt,
 //    dS = P (dP - delta), dKt += Q^T dS. Deterministic: every output row is owned by one item.
 // Scores are scaled natural-log units (q or k is pre-scaled by `scale`); exp(x - m) is computed as
 // exp2((x - m) * log2(e)) after the subtraction, so a large logit (~1e3) costs no extra rounding.
@@ -47,6 +47,7 @@ constexpr int EPILOGUE_SCALE_RESIDUAL = 1;
 #ifndef DITK_CHUNK
 #define DITK_CHUNK 64
 #endif
+// Tuning knobs (-DDITK_ROW_GROUP=..., -DDITK_CHUNK=...): any positive values are correct.
 constexpr int kRowGroup = DITK_ROW_GROUP;  // rows of the vector side per work item
 constexpr int kChunk = DITK_CHUNK;         // rows of the streamed side per inner step
 constexpr double kLog2e = 1.4426950408889634;
