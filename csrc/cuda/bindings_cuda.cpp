@@ -24,6 +24,22 @@ std::pair<int, std::string> query_devices() {
   return {n, ""};
 }
 
+// SelectiveScanArgs from a dict of field name -> int (unknown names raise: they are typos).
+dk::sscan::SelectiveScanArgs selective_scan_args(const py::dict& d) {
+  dk::sscan::SelectiveScanArgs a;
+  for (auto item : d) {
+    const std::string key = item.first.cast<std::string>();
+    const int64_t v = item.second.cast<int64_t>();
+    bool found = false;
+#define DK_SS_SET(name) \
+    if (key == #name) a.name = v, found = true;
+    DK_SELECTIVE_SCAN_FIELDS(DK_SS_SET)
+#undef DK_SS_SET
+    if (!found) throw py::key_error("selective_scan: unknown argument '" + key + "'");
+  }
+  return a;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -68,4 +84,23 @@ PYBIND11_MODULE(_cuda, m) {
       "*_strides: (row stride, t stride) in elements; stream: cudaStream_t as int (0: default stream).\n"
       "Asynchronous on `stream`; launch errors raise RuntimeError.");
   m.def("scan_pairs_configs", &dk::cuda::scan_pairs_configs);
+  m.def(
+      "selective_scan_fwd",
+      [](py::dict args, uintptr_t stream) {
+        auto a = selective_scan_args(args);
+        py::gil_scoped_release nogil;
+        dk::cuda::selective_scan_fwd(a, stream);
+      },
+      py::arg("args"), py::arg("stream") = 0,
+      "Selective-scan forward (csrc/kernels/selective_scan.cuh); args: dict of SelectiveScanArgs fields\n"
+      "(device addresses and element strides as ints). Asynchronous on `stream`.");
+  m.def(
+      "selective_scan_bwd",
+      [](py::dict args, uintptr_t stream) {
+        auto a = selective_scan_args(args);
+        py::gil_scoped_release nogil;
+        dk::cuda::selective_scan_bwd(a, stream);
+      },
+      py::arg("args"), py::arg("stream") = 0, "Selective-scan backward from the forward's chunk-boundary states hs.");
+  m.def("selective_scan_configs", &dk::cuda::selective_scan_configs);
 }

@@ -8,6 +8,8 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/selective_scan_args.cuh"
+
 namespace dk {
 namespace cuda {
 
@@ -20,6 +22,12 @@ std::vector<std::pair<int, int>> scan_pairs_configs();
 
 // The GPU architectures this module was compiled for, e.g. {"80", "90a"}.
 std::vector<std::string> compiled_archs();
+
+// Selective scan (csrc/kernels/selective_scan.cuh): forward (out, hs, last) and backward from hs.
+// Raw device addresses and element strides in `args`; stream: cudaStream_t as an integer.
+void selective_scan_fwd(const dk::sscan::SelectiveScanArgs& args, uintptr_t stream);
+void selective_scan_bwd(const dk::sscan::SelectiveScanArgs& args, uintptr_t stream);
+std::vector<std::pair<int, int>> selective_scan_configs();
 
 }  // namespace cuda
 }  // namespace dk

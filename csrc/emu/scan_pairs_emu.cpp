@@ -7,6 +7,7 @@
 namespace py = pybind11;
 
 void register_emu_selftest(py::module_& m);  // csrc/emu/simt_selftest.cpp
+void register_selective_scan_emu(py::module_& m);  // csrc/emu/selective_scan_emu.cpp
 
 namespace {
 
@@ -58,4 +59,5 @@ void register_emu(py::module_& m) {
     return py::make_tuple(t, i);
   });
   register_emu_selftest(m);
+  register_selective_scan_emu(m);
 }
