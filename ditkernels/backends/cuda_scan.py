@@ -104,7 +104,8 @@ class _Runner:
         if self.emulated:
             fn(args, **self.emu_kw)
         else:
-            fn(args, torch.cuda.current_stream(device).cuda_stream)
+            with torch.cuda.device(device):  # launches go to the current device
+                fn(args, torch.cuda.current_stream(device).cuda_stream)
 
 
 def _cuda_runner(device: torch.device) -> _Runner:
