@@ -54,12 +54,15 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     Bd, Cd = _per_channel(B, dim, ct), _per_channel(C, dim, ct)
     A = A.to(ct)
     h = u.new_zeros(u.shape[0], dim, A.shape[1], dtype=ct) if initial_state is None else initial_state.to(ct)
+    # unbind once (not x[..., t] per step): its backward is one stack, not L scatters of a full tensor.
+    dts, us = dt.unbind(-1), uu.unbind(-1)
+    Bs, Cs = Bd.unbind(-1), Cd.unbind(-1)
     ys = [None] * L
     for t in (range(L - 1, -1, -1) if reverse else range(L)):
-        dA = torch.exp(torch.einsum("bd,dn->bdn", dt[:, :, t], A))
-        Bt = Bd[..., t if Bd.shape[-1] > 1 else 0]
-        Ct = Cd[..., t if Cd.shape[-1] > 1 else 0]
-        h = dA * h + (dt[:, :, t] * uu[:, :, t])[..., None] * Bt
+        dA = torch.exp(torch.einsum("bd,dn->bdn", dts[t], A))
+        Bt = Bs[t if len(Bs) > 1 else 0]
+        Ct = Cs[t if len(Cs) > 1 else 0]
+        h = dA * h + (dts[t] * us[t])[..., None] * Bt
         ys[t] = (h * Ct).sum(-1)
     y = torch.stack(ys, dim=2)
     out = y if D is None else y + uu * D.to(ct)[:, None]
