@@ -7,8 +7,9 @@ and ``python -m ditkernels info`` explains any that is missing.
 from __future__ import annotations
 
 from .ops.attention import attention
+from .ops.selective_scan import selective_scan, selective_scan_fn
 from .schedule import BlockSchedule, ElementMask, Epilogue
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "BlockSchedule", "ElementMask", "Epilogue", "__version__"]
+__all__ = ["attention", "selective_scan", "selective_scan_fn", "BlockSchedule", "ElementMask", "Epilogue", "__version__"]

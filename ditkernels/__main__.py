@@ -34,7 +34,7 @@ def info(argv: list[str] | None = None) -> int:
           f"{backends.ENV}={os.environ.get(backends.ENV, '')!s}  torch threads: {torch.get_num_threads()}")
     print("backends:")
     for name, ok, why in backends.report():
-        print(f"  {name:<10} {'available' if ok else 'unavailable'}" + ("" if ok else f": {why}"))
+        print(f"  {name:<10} {'available' if ok else 'unavailable'}" + (f": {why}" if why else ""))
     archs = cuda.compiled_archs()
     print(f"compiled CUDA archs: {', '.join(archs) if archs else 'none (ditkernels._cuda not built)'}")
     return 0
