@@ -27,6 +27,21 @@ def assert_matches(name: str, x: torch.Tensor, ref64: torch.Tensor, ref_low: tor
     assert err <= bound, f"{name}: relative error {err:.3e} > {bound:.3e}"
 
 
+def attention_lowp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   visible: torch.Tensor | None = None) -> torch.Tensor:
+    """"The reference run in the same low dtype" of VERIFY.md §4 for attention: plain PyTorch attention
+    evaluated in the inputs' dtype, as a model without a fused kernel computes it (flash-attention's
+    tests call this ``attention_ref(upcast=False)``): scores ``q @ kᵀ`` in the low dtype, softmax in
+    float32 rounded back to the low dtype, ``p @ v`` in the low dtype. Differentiable (autograd runs in
+    the same dtypes), so the same function bounds the gradients."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    s = s.float()
+    if visible is not None:
+        s = s.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype)
+    return torch.matmul(p, v)
+
+
 def make_qkv(b: int, h: int, sq: int, sk: int, d: int, dtype: torch.dtype, *, strided: bool = False,
              logit_scale: float = 1.0, seed: int = 0, device: str = "cpu"):
     """Random q, k, v; ``strided`` makes them transposes of (B, S, H, D) buffers like a real model's."""

@@ -9,7 +9,7 @@ import ditkernels
 from ditkernels import backends
 from ditkernels.reference.attention import attention_ref
 
-from numerics import assert_matches, make_qkv
+from numerics import assert_matches, attention_lowp, make_qkv
 
 BACKENDS = ("reference", "cpu", "triton")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -32,10 +32,14 @@ def backend(request):
     return request.param
 
 
-def _reference(q, k, v, scale, do):
-    """(out, lse, dq, dk, dv) of the reference on these exact tensors (autograd for gradients)."""
+def _reference(q, k, v, scale, do, lowp=False):
+    """(out, lse, dq, dk, dv) of the reference on these exact tensors (autograd for gradients);
+    ``lowp``: plain PyTorch attention in the inputs' low dtype (VERIFY.md §4's low-precision yardstick)."""
     qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out, lse = attention_ref(qq, kk, vv, scale)
+    if lowp:
+        out, lse = attention_lowp(qq, kk, vv, scale), None
+    else:
+        out, lse = attention_ref(qq, kk, vv, scale)
     dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), do.to(out.dtype))
     return out, lse, dq, dk, dv
 
@@ -49,7 +53,7 @@ def test_forward_backward_matches_float64(backend, shape, dtype, strided):
     scale = d ** -0.5
     do = torch.randn(b, h, sq, d, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype)
     ref64 = _reference(q.double(), k.double(), v.double(), scale, do.double())
-    ref_low = _reference(q, k, v, scale, do) if dtype != torch.float32 else (None,) * 5
+    ref_low = _reference(q, k, v, scale, do, lowp=True) if dtype != torch.float32 else (None,) * 5
 
     qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     out, lse = ditkernels.attention(qq, kk, vv, return_lse=True, backend=backend)
