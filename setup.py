@@ -168,7 +168,7 @@ else:
     print(f"ditkernels: skipping the CUDA extension ({why})", file=sys.stderr)
 
 setup(
-    packages=["ditkernels", "ditkernels.backends", "ditkernels.reference", "ditkernels.ops",
+    packages=["ditkernels", "ditkernels.backends", "ditkernels.reference", "ditkernels.ops", "ditkernels.nn",
               "ditkernels.triton_kernels", "ditkernels.bench"],
     # Triton sources and benchmarks live at the top level of the repository but install inside the
     # ditkernels namespace: other distributions own the top-level name ``triton_kernels``.

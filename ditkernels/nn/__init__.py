@@ -1,0 +1,12 @@
+"""Drop-in ``torch.nn`` modules over ditkernels' ops (SPEC §5). Imports only torch.
+
+- :class:`Mamba`: mamba-ssm's ``Mamba`` (v1) mixer; its state dicts load unchanged.
+- :class:`SS2D`: VMamba's 2-D multi-direction selective-scan mixer for token grids.
+"""
+
+from __future__ import annotations
+
+from .mamba import Mamba
+from .ss2d import SS2D
+
+__all__ = ["Mamba", "SS2D"]
