@@ -90,16 +90,17 @@ class SS2D(nn.Module):
         x_proj = torch.empty(K, R + 2 * d_state, d_inner, **factory)
         for k in range(K):  # nn.Linear's default init, per direction
             nn.init.kaiming_uniform_(x_proj[k], a=5 ** 0.5)
-        self.x_proj_weight = nn.Parameter(x_proj)
         dt_w = torch.empty(K, d_inner, R, **factory)
         dt_weight_init_(dt_w, R, dt_scale, dt_init)
-        self.dt_projs_weight = nn.Parameter(dt_w)
-        self.dt_projs_bias = nn.Parameter(torch.stack([dt_bias_init(d_inner, dt_min, dt_max, dt_init_floor, **factory)
-                                                       for _ in range(K)]))
-        self.A_logs = nn.Parameter(a_log_init(d_state, K * d_inner, device))
+        dt_b = torch.stack([dt_bias_init(d_inner, dt_min, dt_max, dt_init_floor, **factory) for _ in range(K)])
+        # Registered in VMamba's order, so state dict keys come out in the same order.
+        self.x_proj_weight = nn.Parameter(x_proj)
+        self.A_logs = nn.Parameter(a_log_init(d_state, K * d_inner, device))  # float32 whatever dtype
         self.A_logs._no_weight_decay = True
-        self.Ds = nn.Parameter(torch.ones(K * d_inner, device=device))
+        self.Ds = nn.Parameter(torch.ones(K * d_inner, device=device))  # float32
         self.Ds._no_weight_decay = True
+        self.dt_projs_weight = nn.Parameter(dt_w)
+        self.dt_projs_bias = nn.Parameter(dt_b)
         self.out_norm = nn.LayerNorm(d_inner, **factory)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

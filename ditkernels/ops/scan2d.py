@@ -36,6 +36,11 @@ input (u, delta, z, variable B/C), one selective scan, one merge. A module that 
 from the reordered ``u`` itself (as :class:`ditkernels.nn.SS2D` does, like VMamba) needs only the
 split of ``u``: use :func:`split_directions`, :func:`~ditkernels.selective_scan` and
 :func:`merge_directions` directly.
+
+The gathers are separate torch ops, not fused into the scan kernels (which would read ``u`` through
+the order index directly and save the split's write and the merge's temporary). Under
+``torch.compile`` the index tensors are built inside the graph (constants after compilation) and
+the whole function traces without graph breaks.
 """
 
 from __future__ import annotations
