@@ -13,12 +13,13 @@ from types import ModuleType
 import torch
 
 from .. import _validate
-from ..backends import cpu_scan, cuda_scan, reference_scan, resolve
+from ..backends import cpu_scan, cuda_scan, reference_scan, resolve, triton_scan
 from ..reference.selective_scan import compute_dtype
 
-SUPPORTED = ("reference", "cpu", "cuda")
+SUPPORTED = ("reference", "cpu", "cuda", "triton")
 # Backend name (as resolved by ditkernels.backends.resolve) -> its selective-scan launcher module.
-LAUNCHERS: dict[str, ModuleType] = {"reference": reference_scan, "cpu": cpu_scan, "cuda": cuda_scan}
+LAUNCHERS: dict[str, ModuleType] = {"reference": reference_scan, "cpu": cpu_scan, "cuda": cuda_scan,
+                                    "triton": triton_scan}
 MAX_DSTATE = 256
 
 _SAVED = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state", "saved")

@@ -1,0 +1,234 @@
+"""The Triton selective-scan kernels (triton_kernels/selective_scan.py) under TRITON_INTERPRET=1.
+
+Forward and backward through the triton launcher (and through the registered op with autograd)
+against the float64 reference on the same (rounded) inputs, with the rule of VERIFY.md §4: fp32
+err <= 1e-5; fp16/bf16 err <= 2 * err(reference in that dtype) + 1e-6 for the output, last_state
+and every gradient. Outputs start as NaN (conftest sets DITKERNELS_POISON=1). The kernels run with
+the shipped configs: N = 16 chunks L by 64 steps (fwd 4 / bwd 2 channels per program), N = 4 by 64,
+N = 40 (BLOCK_N 64) by 32, N = 256 by 16, so L = 97 and 200 run several chunks and a tail.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+
+from numerics import assert_matches
+
+pytest.importorskip("triton")
+
+from ditkernels import backends  # noqa: E402
+from ditkernels.backends import reference_scan, triton_scan  # noqa: E402
+from ditkernels.ops.selective_scan import selective_scan  # noqa: E402
+from ditkernels.reference.selective_scan import selective_scan_ref, selective_scan_ref_backward  # noqa: E402
+from ditkernels.triton_kernels import selective_scan as kernels  # noqa: E402
+
+ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+GRAD_NAMES = tuple(f"d{k}" for k in ORDER)
+LOW = (torch.float16, torch.bfloat16)
+
+
+def make_case(batch=2, dim=12, L=97, N=16, *, dtype=torch.float32, b_kind="group2", c_kind="var", D=True, z=True,
+              bias=True, init=True, dlast=True, seed=0):
+    """Random inputs (float64 master copies rounded to ``dtype``); B / C kinds: const, var, var32, group<G>."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift
+
+    def bc(kind):
+        if kind == "const":
+            return rnd(dim, N).float()
+        if kind == "var":
+            return rnd(batch, N, L).to(dtype)
+        if kind == "var32":  # variable float32 B / C with 16-bit u
+            return rnd(batch, N, L).float()
+        return rnd(batch, int(kind[5:]), N, L).to(dtype)
+
+    x = dict(
+        u=rnd(batch, dim, L).to(dtype),
+        # delta' > 0 with or without softplus (a negative step makes exp(delta' A) > 1 and blows up)
+        delta=(0.5 * torch.rand(batch, dim, L, generator=g, dtype=torch.float64) + 0.02).to(dtype),
+        A=-(0.5 + torch.rand(dim, N, generator=g, dtype=torch.float64)).float(),
+        B=bc(b_kind), C=bc(c_kind),
+        D=rnd(dim).float() if D else None,
+        z=rnd(batch, dim, L).to(dtype) if z else None,
+        delta_bias=(0.2 * torch.rand(dim, generator=g, dtype=torch.float64) - 0.01).float() if bias else None,
+        initial_state=rnd(batch, dim, N).float() if init else None,
+    )
+    grads = dict(dout=rnd(batch, dim, L).to(dtype), dlast=rnd(batch, dim, N).float() if dlast else None)
+    return x, grads
+
+
+def args_of(x, to=None):
+    return [None if x[k] is None else (x[k] if to is None else x[k].to(to)) for k in ORDER]
+
+
+def run_triton(x, gr, softplus, reverse, n_sub=None):
+    out, last, saved = triton_scan.scan_fwd(*args_of(x), softplus, reverse)
+    grads = kernels.scan_bwd(gr["dout"], gr["dlast"], *args_of(x), saved, softplus, reverse, n_sub=n_sub)
+    return out, last, grads
+
+
+def run_ref64(x, gr, softplus, reverse):
+    a = args_of(x, torch.float64)
+    out, last = selective_scan_ref(*a[:6], a[6], a[7], softplus, True, initial_state=a[8], reverse=reverse)
+    dlast = None if gr["dlast"] is None else gr["dlast"].double()
+    grads = selective_scan_ref_backward(gr["dout"].double(), dlast, *a[:8], delta_softplus=softplus,
+                                        initial_state=a[8], reverse=reverse)
+    return out, last, grads
+
+
+def run_ref_low(x, gr, softplus, reverse):
+    """The reference in the inputs' own dtypes (fp32 math, outputs and gradients rounded like a backend's)."""
+    out, last, saved = reference_scan.scan_fwd(*args_of(x), softplus, reverse)
+    grads = reference_scan.scan_bwd(gr["dout"], gr["dlast"], *args_of(x), saved, softplus, reverse)
+    return out, last, grads
+
+
+def check(x, gr, softplus, reverse, n_sub=None):
+    out, last, grads = run_triton(x, gr, softplus, reverse, n_sub)
+    r_out, r_last, r_grads = run_ref64(x, gr, softplus, reverse)
+    low = x["u"].dtype in LOW
+    l_out, l_last, l_grads = run_ref_low(x, gr, softplus, reverse) if low else (None, None, [None] * 9)
+    assert out.dtype == x["u"].dtype and last.dtype == torch.float32
+    assert_matches("out", out, r_out, l_out)
+    assert_matches("last_state", last, r_last, l_last)
+    for name, g, r, lo, key in zip(GRAD_NAMES, grads, r_grads, l_grads, ORDER):
+        if x[key] is None:
+            assert g is None, name
+            continue
+        assert g.dtype == x[key].dtype and g.shape == x[key].shape, name
+        # fp32 gradients (A, D, delta_bias, constant or float32 B / C, initial_state) get the fp32 bound.
+        assert_matches(name, g, r, lo if g.dtype in LOW else None)
+    return out, last, grads
+
+
+# ------------------------------------------------------------------------------------------------ fp32
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("L", [1, 97, 200], ids=lambda L: f"L{L}")
+def test_all_options(L, reverse):
+    """Every option at once: grouped B (G=2), variable C, D, z, bias + softplus, initial state, d last_state;
+    6 channels in 2 units of 3 (masked lanes; two backward channel blocks per unit)."""
+    x, gr = make_case(dim=6, L=L, seed=L)
+    check(x, gr, softplus=True, reverse=reverse)
+
+
+OPTION_CASES = {
+    "const_BC": dict(b_kind="const", c_kind="const"),
+    "constB_varC": dict(b_kind="const", c_kind="group2"),
+    "varB_constC": dict(b_kind="var", c_kind="const"),
+    "group4_B_group3_C": dict(b_kind="group4", c_kind="group3"),
+    "plain": dict(D=False, z=False, bias=False, init=False, dlast=False),
+    "no_z_no_init": dict(z=False, init=False),
+}
+
+
+@pytest.mark.parametrize("softplus", [False, True], ids=["linear", "softplus"])
+@pytest.mark.parametrize("case", list(OPTION_CASES), ids=str)
+def test_options(case, softplus):
+    x, gr = make_case(batch=1, L=97, N=4, seed=len(case), **OPTION_CASES[case])
+    reverse = case in ("const_BC", "group4_B_group3_C", "plain")
+    check(x, gr, softplus=softplus, reverse=reverse)
+
+
+@pytest.mark.parametrize("N,L", [(1, 70), (40, 70), (256, 37)], ids=lambda v: str(v))
+def test_state_sizes(N, L):
+    """N = 1, N = 40 (BLOCK_N 64, masked states) and N = 256 (one channel per program); G = dim for N=40."""
+    kind = "group3" if N == 40 else "var"
+    x, gr = make_case(batch=1, dim=3, L=L, N=N, b_kind=kind, c_kind=kind, seed=N)
+    check(x, gr, softplus=N != 40, reverse=N == 256)
+
+
+@pytest.mark.parametrize("n_sub", [1, 2, 3])
+def test_channel_blocks_per_backward_program(n_sub):
+    """dB / dC partials over 1, 2 or 3 backward channel blocks per program; 12 channels in 2 units of 6
+    (two forward channel blocks per unit)."""
+    x, gr = make_case(batch=1, L=70, b_kind="var", c_kind="group2", seed=11)
+    check(x, gr, softplus=True, reverse=False, n_sub=n_sub)
+
+
+def test_backward_is_deterministic():
+    x, gr = make_case(batch=1, dim=6, L=70, seed=3)
+    _, _, g1 = run_triton(x, gr, True, False)
+    _, _, g2 = run_triton(x, gr, True, False)
+    for name, a, b in zip(GRAD_NAMES, g1, g2):
+        assert torch.equal(a, b), name
+
+
+def test_strided_inputs():
+    """u, delta, z, dout as transposes of (batch, L, dim) buffers; B as a slice of a wider buffer."""
+    x, gr = make_case(batch=2, dim=4, L=90, N=8, b_kind="var", c_kind="group2", seed=8)
+    for k in ("u", "delta", "z"):
+        x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
+        assert not x[k].is_contiguous()
+    wide = torch.zeros(2, 8 + 3, 90)
+    wide[:, 1:9] = x["B"]
+    x["B"] = wide[:, 1:9]
+    gr["dout"] = gr["dout"].transpose(1, 2).contiguous().transpose(1, 2)
+    check(x, gr, softplus=True, reverse=True)
+
+
+# --------------------------------------------------------------------------------------- fp16 / bf16
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
+def test_low_precision(dtype, reverse):
+    x, gr = make_case(dim=6, L=97, dtype=dtype, seed=5)
+    check(x, gr, softplus=True, reverse=reverse)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
+def test_low_precision_constant_and_mixed_BC(dtype):
+    """Constant float32 B with 16-bit u, and a variable float32 C with 16-bit u."""
+    x, gr = make_case(batch=1, dim=4, L=100, N=8, dtype=dtype, b_kind="const", c_kind="var32", seed=21)
+    check(x, gr, softplus=False, reverse=False)
+
+
+# ---------------------------------------------------------------------------- the op, autograd, launcher
+def test_op_autograd_matches_reference():
+    """ditkernels.selective_scan(backend="triton"): gradients through the registered op, incl. last_state."""
+    x, gr = make_case(batch=2, dim=6, L=75, N=8, seed=9)
+    leaves = {k: None if v is None else v.clone().requires_grad_(True) for k, v in x.items()}
+    out, last = selective_scan(*args_of(leaves)[:8], True, True, initial_state=leaves["initial_state"],
+                               reverse=True, backend="triton")
+    torch.autograd.backward((out, last), (gr["dout"], gr["dlast"]))
+    r_out, r_last, r_grads = run_ref64(x, gr, True, True)
+    assert_matches("out", out.detach(), r_out)
+    assert_matches("last_state", last.detach(), r_last)
+    for key, r in zip(ORDER, r_grads):
+        assert_matches(f"d{key}", leaves[key].grad, r)
+
+
+def test_saved_shape_and_bad_saved():
+    x, gr = make_case(batch=2, dim=4, L=150, N=16, seed=2)
+    out, last, saved = triton_scan.scan_fwd(*args_of(x), True, False)
+    assert tuple(saved.shape) == triton_scan.saved_shape(2, 4, 150, 16) == (2, 4, 4, 16)  # chunks of 64
+    assert torch.equal(saved[:, :, -1], last)
+    assert torch.equal(saved[:, :, 0], x["initial_state"])
+    assert triton_scan.saved_shape(1, 1, 100, 256) == (1, 1, 8, 256)  # chunks of 16
+    with pytest.raises(ValueError, match="saved"):
+        triton_scan.scan_bwd(gr["dout"], None, *args_of(x), saved[:, :, :1].contiguous(), True, False)
+
+
+def test_backend_is_registered_and_refuses_float64():
+    ok, why = backends.availability("triton")
+    assert ok, why
+    x, _ = make_case(batch=1, dim=2, L=5, N=2, dtype=torch.float64, seed=1)
+    with pytest.raises(RuntimeError, match="float64"):
+        selective_scan(*args_of(x)[:8], backend="triton")
+
+
+def test_bwd_blocks_caps_the_workspace():
+    MiB = 1 << 20
+    # (batch * units, blocks per unit, partial bytes per program, gradient bytes, target programs)
+    assert kernels.bwd_blocks(8, 4, 0, 0, 1) == 1  # no variable B / C: every block its own program
+    assert kernels.bwd_blocks(2, 4, MiB, MiB, 4) == 2  # the most blocks per program giving 4 programs
+    assert kernels.bwd_blocks(1, 4, MiB, MiB, 4) == 1
+    assert kernels.bwd_blocks(1, 4, MiB, MiB, 1) == 4
+    # Mamba at batch 8, dim 1536 (768 blocks of 2), N 16, L 4096, variable B and C, 528 programs wanted:
+    # 11 blocks per program (8 * 70 programs) need 8 * 70 * 512 KiB = 280 MiB > 256 MiB; 12 blocks fit.
+    partial = 2 * 16 * 4096 * 4
+    assert kernels.bwd_blocks(8, 768, partial, 8 * partial, 528) == 12
+    # L = 65536: 8 MiB of partials per program, cap 8x the 64 MiB gradients: 64 programs of 96 blocks.
+    assert kernels.bwd_blocks(8, 768, 16 * partial, 8 * 16 * partial, 528) == 96
