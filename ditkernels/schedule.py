@@ -15,6 +15,7 @@ reports is the schedule a kernel executes.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,8 @@ import torch
 # Element-mask kinds understood by every backend. New masks add an id here, a case in each
 # backend's mask function, and a torch version in :func:`ElementMask.dense`.
 MASK_NONE = 0
+# Local windows (SPEC §1): params = ditkernels.reference.local.LocalSpec.mask_params().
+MASK_LOCAL = 1
 
 # Epilogue kinds.
 EPILOGUE_NONE = 0
@@ -43,6 +46,14 @@ class ElementMask:
         """The rule as a bool tensor ``(seq_q, seq_k)`` (reference backend and tests only)."""
         if self.kind == MASK_NONE:
             return torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
+        if self.kind == MASK_LOCAL:
+            from .reference.local import LocalSpec, local_visible
+
+            spec = LocalSpec.from_mask_params(self.params)
+            if (spec.seq, spec.seq_k) != (seq_q, seq_k):
+                raise ValueError(f"mask: local mask built for seq_q={spec.seq}, seq_k={spec.seq_k}, "
+                                 f"asked for ({seq_q}, {seq_k})")
+            return local_visible(spec, device)
         raise NotImplementedError(f"element mask kind {self.kind} has no dense form")
 
 
@@ -174,3 +185,104 @@ class BlockSchedule:
     def to(self, device: torch.device | str) -> "BlockSchedule":
         return BlockSchedule(self.block_m, self.block_n, self.seq_q, self.seq_k, self.kv_ptr.to(device),
                              self.kv_idx.to(device), self.partial.to(device))
+
+
+@dataclass
+class TiledSchedule(BlockSchedule):
+    """A :class:`BlockSchedule` whose tiles are arbitrary token sets (2-D/3-D tiles of a grid, tails).
+
+    q_tokens: (num_q_tiles, block_m) int32, the query tokens of each query tile; kv_tokens:
+    (num_kv_tiles, block_n) int32, the key tokens of each KV tile. Each row lists its valid tokens
+    first and is padded with the sentinel ``seq_q`` (resp. ``seq_k``), so ``token < seq`` is the
+    bounds test a kernel already does for contiguous tiles. CSR, ``partial`` and :meth:`transposed`
+    mean what they mean for :class:`BlockSchedule`, over these tile ids. A plain
+    :class:`BlockSchedule` is the special case ``q_tokens[m] = m*block_m + arange(block_m)``.
+    """
+
+    q_tokens: torch.Tensor | None = None
+    kv_tokens: torch.Tensor | None = None
+
+    @property
+    def num_q_tiles(self) -> int:
+        return self.q_tokens.shape[0]
+
+    @property
+    def num_kv_tiles(self) -> int:
+        return self.kv_tokens.shape[0]
+
+    @classmethod
+    def from_visits(cls, q_tokens: torch.Tensor, kv_tokens: torch.Tensor, seq_q: int, seq_k: int,
+                    q_ids: torch.Tensor, kv_ids: torch.Tensor, partial: torch.Tensor, **extra) -> "TiledSchedule":
+        """Build from a list of visits ``(q_ids[e], kv_ids[e], partial[e])`` (any order, no repeats),
+        shared by every batch*head. ``extra``: further dataclass fields of a subclass."""
+        nq, nk = q_tokens.shape[0], kv_tokens.shape[0]
+        dev = q_tokens.device
+        q_ids, kv_ids = q_ids.to(dev, torch.int64), kv_ids.to(dev, torch.int64)
+        order = torch.argsort(q_ids * max(nk, 1) + kv_ids)
+        q_ids, kv_ids, partial = q_ids[order], kv_ids[order], partial.to(dev)[order]
+        counts = torch.bincount(q_ids, minlength=nq)
+        kv_ptr = torch.zeros(1, nq + 1, dtype=torch.int32, device=dev)
+        kv_ptr[0, 1:] = torch.cumsum(counts, 0)
+        n = max(kv_ids.numel(), 1)
+        kv_idx = torch.zeros(1, n, dtype=torch.int32, device=dev)
+        part = torch.zeros(1, n, dtype=torch.int32, device=dev)
+        kv_idx[0, :kv_ids.numel()] = kv_ids.to(torch.int32)
+        part[0, :kv_ids.numel()] = partial.to(torch.int32)
+        return cls(q_tokens.shape[1], kv_tokens.shape[1], seq_q, seq_k, kv_ptr, kv_idx, part,
+                   q_tokens=q_tokens.to(torch.int32).contiguous(), kv_tokens=kv_tokens.to(torch.int32).contiguous(),
+                   **extra)
+
+    def visits(self, h: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q_tile, kv_tile, partial) int64/int64/bool of every visit of head slice ``h``, CSR order."""
+        ptr = self.kv_ptr[h].long()
+        n = int(ptr[-1])
+        rows = torch.repeat_interleave(torch.arange(self.num_q_tiles, device=ptr.device), ptr[1:] - ptr[:-1])
+        return rows, self.kv_idx[h, :n].long(), self.partial[h, :n].bool()
+
+    def transposed(self) -> "TiledSchedule":
+        """The same visits as CSR over KV tiles (a plain TiledSchedule with q/kv roles swapped)."""
+        if self._transposed is None:
+            if self.num_heads_sched != 1:
+                raise NotImplementedError("TiledSchedule.transposed: one shared head slice only")
+            qt, kt, par = self.visits()
+            self._transposed = TiledSchedule.from_visits(self.kv_tokens, self.q_tokens, self.seq_k, self.seq_q,
+                                                         kt, qt, par)
+        return self._transposed
+
+    @property
+    def computed_pairs(self) -> int:
+        """Query-key token pairs inside the visited tiles (padding slots not counted)."""
+        qn = (self.q_tokens < self.seq_q).sum(1)
+        kn = (self.kv_tokens < self.seq_k).sum(1)
+        return sum(int((qn[q] * kn[k]).sum()) for q, k, _ in (self.visits(h) for h in range(self.num_heads_sched)))
+
+    @property
+    def slot_pairs(self) -> int:
+        """block_m * block_n per visited tile: what a GPU kernel computes, padding included."""
+        return self.visited_tiles * self.block_m * self.block_n
+
+    def element_mask(self, mask: ElementMask | None = None) -> torch.Tensor:
+        """Visibility ``(H_s, seq_q, seq_k)`` implied by the visited tiles and the element mask."""
+        out = torch.zeros(self.num_heads_sched, self.seq_q + 1, self.seq_k + 1, dtype=torch.bool,
+                          device=self.kv_ptr.device)
+        elem = None
+        if mask is not None and mask.kind != MASK_NONE:
+            elem = torch.zeros(self.seq_q + 1, self.seq_k + 1, dtype=torch.bool, device=out.device)
+            elem[: self.seq_q, : self.seq_k] = mask.dense(self.seq_q, self.seq_k, out.device)
+        qtok, ktok = self.q_tokens.long(), self.kv_tokens.long()
+        for h in range(self.num_heads_sched):
+            qt, kt, par = self.visits(h)
+            rows = qtok[qt][:, :, None].expand(-1, -1, self.block_n)
+            cols = ktok[kt][:, None, :].expand(-1, self.block_m, -1)
+            vis = torch.ones_like(rows, dtype=torch.bool)
+            if elem is not None:
+                vis = ~par[:, None, None] | elem[rows, cols]
+            out[h][rows[vis], cols[vis]] = True
+        return out[:, : self.seq_q, : self.seq_k]
+
+    def to(self, device: torch.device | str) -> "TiledSchedule":
+        new = copy.copy(self)
+        for name in ("kv_ptr", "kv_idx", "partial", "q_tokens", "kv_tokens"):
+            setattr(new, name, getattr(self, name).to(device))
+        new._transposed = None
+        return new

@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "cpu/gemm.h"
+#include "cpu/local_mask.h"
 #include "cpu/simd.h"
 #include "cpu/thread_pool.h"
 
@@ -38,6 +39,7 @@ namespace {
 
 // Ids shared with ditkernels/schedule.py.
 constexpr int MASK_NONE = 0;
+constexpr int MASK_LOCAL = 1;  // local windows: csrc/cpu/local_mask.h
 constexpr int EPILOGUE_NONE = 0;
 constexpr int EPILOGUE_SCALE_RESIDUAL = 1;
 
@@ -64,10 +66,17 @@ struct ElementMask<MASK_NONE> {
   static bool visible(const int32_t*, int64_t, int64_t) { return true; }
 };
 
+// MASK_LOCAL is applied row-wise through a LocalTable (local_mask.h), not element by element.
+template <>
+struct ElementMask<MASK_LOCAL> {
+  static constexpr bool kTrivial = false;
+};
+
 template <typename F>
 void dispatch_mask(int kind, F&& f) {
   switch (kind) {
     case MASK_NONE: f(std::integral_constant<int, MASK_NONE>{}); return;
+    case MASK_LOCAL: f(std::integral_constant<int, MASK_LOCAL>{}); return;
     default: throw std::invalid_argument("cpu attention: unsupported element mask kind " + std::to_string(kind));
   }
 }
@@ -173,6 +182,136 @@ inline void pack_transposed(const S* src, int64_t rs, int64_t n, int64_t D, T mu
   }
 }
 
+// ---- token-mapped tiles (ditkernels.schedule.TiledSchedule) -----------------------------------
+// A tile is a list of token indices (valid first, then the sentinel `seq`). Rows of such a tile are
+// gathered into packed compute-type buffers (the conversion fp16/bf16 -> fp32 does the same work).
+template <typename S, typename T>
+inline void load_row(const S* src, T* dst, int64_t D) {
+  if constexpr (std::is_same<S, T>::value)
+    std::memcpy(dst, src, static_cast<size_t>(D) * sizeof(T));
+  else
+    convert_row(src, dst, D);
+}
+
+// pack_transposed over the rows tok[0, n) of a tensor whose row r starts at base + r * rs.
+template <typename S, typename T>
+inline void pack_transposed_tok(const S* base, int64_t rs, const int32_t* tok, int64_t n, int64_t D, T mult, T* dst,
+                                int64_t ld) {
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t r = n; r < ld; ++r) dst[d * ld + r] = T(0);
+  for (int64_t r = 0; r < n; ++r) {
+    const S* s = base + static_cast<int64_t>(tok[r]) * rs;
+    for (int64_t d = 0; d < D; ++d) dst[d * ld + r] = to_compute(s[d]) * mult;
+  }
+}
+
+// Number of valid tokens at the start of a token list of at most cap entries.
+inline int64_t count_tokens(const int32_t* tok, int64_t cap, int64_t seq) {
+  int64_t n = 0;
+  while (n < cap && tok[n] < seq) ++n;
+  return n;
+}
+
+// The rows of one chunk of visited tiles: contiguous rows row0 + [0, n) (one partial flag), or
+// gathered rows with their tokens and per-row partial flags.
+struct RowInfo {
+  int64_t row0 = 0;
+  const int32_t* tok = nullptr;
+  const uint8_t* par = nullptr;
+  bool partial = false;
+  bool any_partial = false;
+  int64_t token(int64_t i) const { return tok ? tok[i] : row0 + i; }
+  bool is_partial(int64_t i) const { return par ? par[i] != 0 : partial; }
+};
+
+template <typename T>
+struct ChunkBufs {
+  Buf<T> x, y;
+  Buf<int32_t> tok;
+  Buf<uint8_t> par;
+};
+
+// Calls fn(X, xrs, Y, yrs, n, RowInfo) for chunks of <= kChunk rows of the tiles that lane tile
+// `tile` visits, X and Y being the same rows of two (.., D) tensors as compute-type A operands.
+// !MAP: contiguous tiles of `block` rows (in place when possible: for_each_chunk). MAP: tile u is
+// the token list tokmap[u * block, (u + 1) * block); rows of consecutive visits are gathered into
+// one chunk until it holds kChunk rows. Returns the number of tiles visited.
+template <bool MAP, typename S, typename T, typename F>
+inline int64_t for_each_rows(const Sched& s, const int32_t* tokmap, int64_t bh, int64_t tile, int64_t block,
+                             int64_t seq, const S* xbase, int64_t xst, const S* ybase, int64_t yst, int64_t D,
+                             ChunkBufs<T>& cb, F&& fn) {
+  if constexpr (!MAP) {
+    for_each_chunk(s, bh, tile, block, seq, kChunk, [&](int64_t a, int64_t n, bool partial) {
+      ptrdiff_t xrs, yrs;
+      const T* X = rows_operand<S, T>(xbase + a * xst, xst, n, D, cb.x, xrs);
+      const T* Y = rows_operand<S, T>(ybase + a * yst, yst, n, D, cb.y, yrs);
+      RowInfo ri;
+      ri.row0 = a, ri.partial = ri.any_partial = partial;
+      fn(X, xrs, Y, yrs, n, ri);
+    });
+    if (s.ptr == nullptr) return (seq + block - 1) / block;
+    const int32_t* ptr = s.ptr + bh * s.ptr_stride;
+    return ptr[tile + 1] - ptr[tile];
+  } else {
+    T* X = cb.x.get(kChunk * D);
+    T* Y = cb.y.get(kChunk * D);
+    int32_t* tk = cb.tok.get(kChunk);
+    uint8_t* pr = cb.par.get(kChunk);
+    int64_t fill = 0;
+    bool anyp = false;
+    auto flush = [&] {
+      if (fill == 0) return;
+      RowInfo ri;
+      ri.tok = tk, ri.par = pr, ri.any_partial = anyp;
+      fn(static_cast<const T*>(X), static_cast<ptrdiff_t>(D), static_cast<const T*>(Y), static_cast<ptrdiff_t>(D),
+         fill, ri);
+      fill = 0, anyp = false;
+    };
+    const int32_t* ptr = s.ptr + bh * s.ptr_stride;
+    const int32_t* idx = s.idx + bh * s.idx_stride;
+    const int32_t* par = s.partial + bh * s.idx_stride;
+    for (int32_t e = ptr[tile]; e < ptr[tile + 1]; ++e) {
+      const int32_t* tl = tokmap + static_cast<int64_t>(idx[e]) * block;
+      const bool p = par[e] != 0;
+      for (int64_t i = 0; i < block; ++i) {
+        const int64_t j = tl[i];
+        if (j >= seq) break;
+        load_row(xbase + j * xst, X + fill * D, D);
+        load_row(ybase + j * yst, Y + fill * D, D);
+        tk[fill] = static_cast<int32_t>(j);
+        pr[fill] = p;
+        anyp |= p;
+        if (++fill == kChunk) flush();
+      }
+    }
+    flush();
+    return ptr[tile + 1] - ptr[tile];
+  }
+}
+
+// Masks the partial rows of a (n x ld) score tile S (rows: RowInfo tokens; lanes: the table's).
+template <typename T>
+inline void apply_local(const LocalTable<T>& tab, const LocalGeom& g, T* Sc, int64_t ld, int nv, int64_t n,
+                        const RowInfo& ri) {
+  using V = vec_t<T>;
+  constexpr int W = kLanes<T>;
+  const V ninf = splat(-std::numeric_limits<T>::infinity());
+  for (int64_t i = 0; i < n; ++i) {
+    if (!ri.is_partial(i)) continue;
+    int64_t row;
+    T x;
+    tab.row_of(g, ri.token(i), row, x);
+    const V xv = splat(x);
+    const T* lo = tab.lo + row * tab.ld;
+    const T* hi = tab.hi + row * tab.ld;
+    T* sr = Sc + i * ld;
+    for (int j = 0; j < nv; ++j) {
+      const V sv = loadu(sr + j * W);
+      storeu(sr + j * W, (xv >= loadu(lo + j * W)) & (xv <= loadu(hi + j * W)) ? sv : ninf);
+    }
+  }
+}
+
 template <typename V>
 inline bool all_equal(V a, typename std::remove_reference<decltype(a[0])>::type s) {
   constexpr int W = sizeof(V) / sizeof(a[0]);
@@ -199,6 +338,10 @@ struct FwdParams {
   int64_t block_m, block_n;
   Sched sched;
   const int32_t* mask_params;
+  const LocalGeom* geom;  // MASK_LOCAL only
+  const int32_t* q_tokens;   // token-mapped tiles (TiledSchedule), else nullptr
+  const int32_t* kv_tokens;
+  int64_t n_q_tiles;
   int epilogue;
   const float* row_scale;  // (B, H, Sq) with strides rs_st
   std::array<int64_t, 3> rs_st;
@@ -206,16 +349,21 @@ struct FwdParams {
   int num_threads;
 };
 
-template <typename S, int MASK>
+// Tiles visited by the last forward call (for tests: the kernel runs exactly the plan's tiles).
+std::atomic<int64_t> g_fwd_visits{0};
+
+template <typename S, int MASK, bool MAP>
 void fwd_kernel(const FwdParams& p) {
   using T = typename ComputeOf<S>::type;
   using V = vec_t<T>;
   using Mask = ElementMask<MASK>;
   constexpr int W = kLanes<T>;
-  const int64_t D = p.D, H = p.H, Sq = p.Sq, Sk = p.Sk;
-  const int64_t nqt = (Sq + p.block_m - 1) / p.block_m;
+  constexpr bool kLocal = MASK == MASK_LOCAL;
+  const int64_t D = p.D, H = p.H, Sq = p.Sq, Sk = p.Sk, BH = p.B * p.H;
+  const int64_t nqt = MAP ? p.n_q_tiles : (Sq + p.block_m - 1) / p.block_m;
   const int64_t ngroups = (p.block_m + kRowGroup - 1) / kRowGroup;
-  const int64_t total = p.B * H * nqt * ngroups;
+  const int64_t total = BH * nqt * ngroups;
+  g_fwd_visits.store(0);
   if (total == 0) return;
   const int64_t gmax = std::min<int64_t>(kRowGroup, p.block_m);
   const int64_t ldmax = (gmax + W - 1) / W * W;
@@ -226,7 +374,10 @@ void fwd_kernel(const FwdParams& p) {
   std::atomic<int64_t> next{0};
 
   auto body = [&](int) {
-    Buf<T> qt_b, ot_b, st_b, kc_b, vc_b, m_b, l_b;
+    Buf<T> qt_b, ot_b, st_b, m_b, l_b;
+    ChunkBufs<T> cb;
+    LocalTable<T> table;
+    int64_t visits = 0;
     T* Qt = qt_b.get(D * ldmax);
     T* Ot = ot_b.get(D * ldmax);
     T* St = st_b.get(kChunk * ldmax);
@@ -235,81 +386,103 @@ void fwd_kernel(const FwdParams& p) {
     for (;;) {
       const int64_t it = next.fetch_add(1, std::memory_order_relaxed);
       if (it >= total) break;
-      const int64_t g = it % ngroups, m = (it / ngroups) % nqt, bh = it / (ngroups * nqt);
+      // Local masks: batch*head varies fastest, so a thread reuses its lane table across heads.
+      const int64_t bh = kLocal ? it % BH : it / (ngroups * nqt);
+      const int64_t lt = kLocal ? it / BH : it % (ngroups * nqt);
+      const int64_t g = lt % ngroups, m = lt / ngroups;
       const int64_t b = bh / H, h = bh % H;
-      const int64_t q0 = m * p.block_m + g * kRowGroup;
-      const int64_t nr = std::min<int64_t>(kRowGroup, std::min((m + 1) * p.block_m, Sq) - q0);
+      const int32_t* ltok = nullptr;  // lane (query) tokens when MAP
+      int64_t q0 = 0, nr;
+      if constexpr (MAP) {
+        ltok = p.q_tokens + m * p.block_m + g * kRowGroup;
+        nr = count_tokens(ltok, std::min<int64_t>(kRowGroup, p.block_m - g * kRowGroup), Sq);
+      } else {
+        q0 = m * p.block_m + g * kRowGroup;
+        nr = std::min<int64_t>(kRowGroup, std::min((m + 1) * p.block_m, Sq) - q0);
+      }
       if (nr <= 0) continue;
       const int nv = static_cast<int>((nr + W - 1) / W);
       const int64_t ld = static_cast<int64_t>(nv) * W;
 
-      pack_transposed(p.q.row<S>(b, h, q0), p.q.st[2], nr, D, c, Qt, ld);
+      if constexpr (MAP)
+        pack_transposed_tok(p.q.row<S>(b, h, 0), p.q.st[2], ltok, nr, D, c, Qt, ld);
+      else
+        pack_transposed(p.q.row<S>(b, h, q0), p.q.st[2], nr, D, c, Qt, ld);
+      if constexpr (kLocal) {
+        if (table.cached != lt) {
+          table.build(*p.geom, true, ltok, q0, nr, ld);
+          table.cached = lt;
+        }
+      }
       std::fill(Ot, Ot + D * ld, T(0));
       std::fill(mrow, mrow + ld, neg_inf);
       std::fill(lrow, lrow + ld, T(0));
       const S* kbase = p.k.row<S>(b, h, 0);
       const S* vbase = p.v.row<S>(b, h, 0);
 
-      for_each_chunk(p.sched, bh, m, p.block_n, Sk, kChunk, [&](int64_t k0, int64_t nk, bool partial) {
-        ptrdiff_t krs;
-        const T* Kr = rows_operand<S, T>(kbase + k0 * p.k.st[2], p.k.st[2], nk, D, kc_b, krs);
-        gemm<T, false>(static_cast<int>(nk), nv, static_cast<int>(D), Kr, krs, 1, Qt, ld, St, ld);
-        if (!Mask::kTrivial && partial) {
-          for (int64_t kk = 0; kk < nk; ++kk)
-            for (int64_t r = 0; r < nr; ++r)
-              if (!Mask::visible(p.mask_params, q0 + r, k0 + kk)) St[kk * ld + r] = neg_inf;
-        }
-        // Online softmax down the key axis, one vector of query rows at a time.
-        for (int j = 0; j < nv; ++j) {
-          T* sj = St + j * W;
-          V mx = loadu(sj);
-          for (int64_t kk = 1; kk < nk; ++kk) mx = vmax(mx, loadu(sj + kk * ld));
-          const V mold = loadu(mrow + j * W);
-          const V mnew = vmax(mold, mx);
-          const V base = mnew == splat(neg_inf) ? V{} : mnew;  // -inf-safe: all-masked rows stay 0
-          const V alpha = exp2v((mold - base) * log2e);
-          V sum{};
-          for (int64_t kk = 0; kk < nk; ++kk) {
-            V e = exp2v((loadu(sj + kk * ld) - base) * log2e);
-            storeu(sj + kk * ld, e);
-            sum += e;
-          }
-          storeu(lrow + j * W, fmadd(loadu(lrow + j * W), alpha, sum));
-          storeu(mrow + j * W, mnew);
-          if (!stats_only && !all_equal(alpha, T(1))) {
-            for (int64_t d = 0; d < D; ++d) storeu(Ot + d * ld + j * W, loadu(Ot + d * ld + j * W) * alpha);
-          }
-        }
-        if (!stats_only) {
-          ptrdiff_t vrs;
-          const T* Vr = rows_operand<S, T>(vbase + k0 * p.v.st[2], p.v.st[2], nk, D, vc_b, vrs);
-          gemm<T, true>(static_cast<int>(D), nv, static_cast<int>(nk), Vr, 1, vrs, St, ld, Ot, ld);
-        }
-      });
+      visits += for_each_rows<MAP, S, T>(
+          p.sched, p.kv_tokens, bh, m, p.block_n, Sk, kbase, p.k.st[2], vbase, p.v.st[2], D, cb,
+          [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs, int64_t nk, const RowInfo& ri) {
+            gemm<T, false>(static_cast<int>(nk), nv, static_cast<int>(D), Kr, krs, 1, Qt, ld, St, ld);
+            if constexpr (kLocal) {
+              if (ri.any_partial) apply_local(table, *p.geom, St, ld, nv, nk, ri);
+            } else if constexpr (!Mask::kTrivial) {
+              if (ri.any_partial)
+                for (int64_t kk = 0; kk < nk; ++kk)
+                  if (ri.is_partial(kk))
+                    for (int64_t r = 0; r < nr; ++r)
+                      if (!Mask::visible(p.mask_params, MAP ? ltok[r] : q0 + r, ri.token(kk)))
+                        St[kk * ld + r] = neg_inf;
+            }
+            // Online softmax down the key axis, one vector of query rows at a time.
+            for (int j = 0; j < nv; ++j) {
+              T* sj = St + j * W;
+              V mx = loadu(sj);
+              for (int64_t kk = 1; kk < nk; ++kk) mx = vmax(mx, loadu(sj + kk * ld));
+              const V mold = loadu(mrow + j * W);
+              const V mnew = vmax(mold, mx);
+              const V base = mnew == splat(neg_inf) ? V{} : mnew;  // -inf-safe: all-masked rows stay 0
+              const V alpha = exp2v((mold - base) * log2e);
+              V sum{};
+              for (int64_t kk = 0; kk < nk; ++kk) {
+                V e = exp2v((loadu(sj + kk * ld) - base) * log2e);
+                storeu(sj + kk * ld, e);
+                sum += e;
+              }
+              storeu(lrow + j * W, fmadd(loadu(lrow + j * W), alpha, sum));
+              storeu(mrow + j * W, mnew);
+              if (!stats_only && !all_equal(alpha, T(1))) {
+                for (int64_t d = 0; d < D; ++d) storeu(Ot + d * ld + j * W, loadu(Ot + d * ld + j * W) * alpha);
+              }
+            }
+            if (!stats_only) gemm<T, true>(static_cast<int>(D), nv, static_cast<int>(nk), Vr, 1, vrs, St, ld, Ot, ld);
+          });
 
       // Normalise, apply the epilogue, store (transposing Ot back), write lse.
       for (int64_t r = 0; r < nr; ++r) {
+        const int64_t qi = MAP ? ltok[r] : q0 + r;
         const T l = lrow[r];
         const bool empty = !(l > T(0));
         const T inv = empty ? T(0) : T(1) / l;
         const double lse = empty ? -std::numeric_limits<double>::infinity()
                                  : static_cast<double>(mrow[r]) + std::log(static_cast<double>(l));
-        const int64_t li = bh * Sq + q0 + r;
+        const int64_t li = bh * Sq + qi;
         if (p.lse_f64)
           reinterpret_cast<double*>(p.lse)[li] = lse;
         else
           reinterpret_cast<float*>(p.lse)[li] = static_cast<float>(lse);
         if (stats_only) continue;
-        S* o = p.out.mrow<S>(b, h, q0 + r);
+        S* o = p.out.mrow<S>(b, h, qi);
         if (p.epilogue == EPILOGUE_SCALE_RESIDUAL) {
-          const T rsc = static_cast<T>(p.row_scale[b * p.rs_st[0] + h * p.rs_st[1] + (q0 + r) * p.rs_st[2]]);
-          const S* res = p.residual.row<S>(b, h, q0 + r);
+          const T rsc = static_cast<T>(p.row_scale[b * p.rs_st[0] + h * p.rs_st[1] + qi * p.rs_st[2]]);
+          const S* res = p.residual.row<S>(b, h, qi);
           for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(rsc * (Ot[d * ld + r] * inv) + to_compute(res[d]));
         } else {
           for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(Ot[d * ld + r] * inv);
         }
       }
     }
+    g_fwd_visits.fetch_add(visits, std::memory_order_relaxed);
   };
   ThreadPool::instance().run(resolve_threads(p.num_threads, total), body);
 }
@@ -327,15 +500,20 @@ struct BwdParams {
   Sched sched;   // over query tiles
   Sched tsched;  // over KV tiles (schedule.transposed())
   const int32_t* mask_params;
+  const LocalGeom* geom;     // MASK_LOCAL only
+  const int32_t* q_tokens;   // token-mapped tiles (TiledSchedule), else nullptr
+  const int32_t* kv_tokens;
+  int64_t n_q_tiles, n_kv_tiles;
   int num_threads;
 };
 
-template <typename S, int MASK>
+template <typename S, int MASK, bool MAP>
 void bwd_kernel(const BwdParams& p) {
   using T = typename ComputeOf<S>::type;
   using V = vec_t<T>;
   using Mask = ElementMask<MASK>;
   constexpr int W = kLanes<T>;
+  constexpr bool kLocal = MASK == MASK_LOCAL;
   const int64_t D = p.D, H = p.H, Sq = p.Sq, Sk = p.Sk, BH = p.B * p.H;
   const T sc = static_cast<T>(p.scale);
   const T log2e = static_cast<T>(kLog2e);
@@ -374,13 +552,15 @@ void bwd_kernel(const BwdParams& p) {
 
   // ---- 2. dQ: per query row group, over its KV tiles ---------------------------------------------
   {
-    const int64_t nqt = (Sq + p.block_m - 1) / p.block_m;
+    const int64_t nqt = MAP ? p.n_q_tiles : (Sq + p.block_m - 1) / p.block_m;
     const int64_t ngroups = (p.block_m + kRowGroup - 1) / kRowGroup;
     const int64_t total = BH * nqt * ngroups;
     const int64_t ldmax = (std::min<int64_t>(kRowGroup, p.block_m) + W - 1) / W * W;
     std::atomic<int64_t> next{0};
     auto body = [&](int) {
-      Buf<T> qt_b, dot_b, dqt_b, st_b, dpt_b, kc_b, vc_b, l_b, dl_b;
+      Buf<T> qt_b, dot_b, dqt_b, st_b, dpt_b, l_b, dl_b;
+      ChunkBufs<T> cb;
+      LocalTable<T> table;
       T* Qt = qt_b.get(D * ldmax);
       T* dOt = dot_b.get(D * ldmax);
       T* dQt = dqt_b.get(D * ldmax);
@@ -391,69 +571,91 @@ void bwd_kernel(const BwdParams& p) {
       for (;;) {
         const int64_t it = next.fetch_add(1, std::memory_order_relaxed);
         if (it >= total) break;
-        const int64_t g = it % ngroups, m = (it / ngroups) % nqt, bh = it / (ngroups * nqt);
+        const int64_t bh = kLocal ? it % BH : it / (ngroups * nqt);
+        const int64_t lt = kLocal ? it / BH : it % (ngroups * nqt);
+        const int64_t g = lt % ngroups, m = lt / ngroups;
         const int64_t b = bh / H, h = bh % H;
-        const int64_t q0 = m * p.block_m + g * kRowGroup;
-        const int64_t nr = std::min<int64_t>(kRowGroup, std::min((m + 1) * p.block_m, Sq) - q0);
+        const int32_t* ltok = nullptr;
+        int64_t q0 = 0, nr;
+        if constexpr (MAP) {
+          ltok = p.q_tokens + m * p.block_m + g * kRowGroup;
+          nr = count_tokens(ltok, std::min<int64_t>(kRowGroup, p.block_m - g * kRowGroup), Sq);
+        } else {
+          q0 = m * p.block_m + g * kRowGroup;
+          nr = std::min<int64_t>(kRowGroup, std::min((m + 1) * p.block_m, Sq) - q0);
+        }
         if (nr <= 0) continue;
         const int nv = static_cast<int>((nr + W - 1) / W);
         const int64_t ld = static_cast<int64_t>(nv) * W;
-        pack_transposed(p.q.row<S>(b, h, q0), p.q.st[2], nr, D, sc, Qt, ld);
-        pack_transposed(p.dout.row<S>(b, h, q0), p.dout.st[2], nr, D, T(1), dOt, ld);
+        if constexpr (MAP) {
+          pack_transposed_tok(p.q.row<S>(b, h, 0), p.q.st[2], ltok, nr, D, sc, Qt, ld);
+          pack_transposed_tok(p.dout.row<S>(b, h, 0), p.dout.st[2], ltok, nr, D, T(1), dOt, ld);
+        } else {
+          pack_transposed(p.q.row<S>(b, h, q0), p.q.st[2], nr, D, sc, Qt, ld);
+          pack_transposed(p.dout.row<S>(b, h, q0), p.dout.st[2], nr, D, T(1), dOt, ld);
+        }
+        if constexpr (kLocal) {
+          if (table.cached != lt) {
+            table.build(*p.geom, true, ltok, q0, nr, ld);
+            table.cached = lt;
+          }
+        }
         std::fill(dQt, dQt + D * ld, T(0));
         for (int64_t r = 0; r < ld; ++r) {
-          lrow[r] = r < nr ? lse_row[bh * Sq + q0 + r] : inf;
-          drow[r] = r < nr ? delta[bh * Sq + q0 + r] : T(0);
+          const int64_t qi = r < nr ? (MAP ? ltok[r] : q0 + r) : 0;
+          lrow[r] = r < nr ? lse_row[bh * Sq + qi] : inf;
+          drow[r] = r < nr ? delta[bh * Sq + qi] : T(0);
         }
         const S* kbase = p.k.row<S>(b, h, 0);
         const S* vbase = p.v.row<S>(b, h, 0);
-        // St = scores (keys x rows), dPt = dP (keys x rows), for the key chunk [k0, k0 + nk).
-        auto scores = [&](int64_t k0, int64_t nk, bool partial, const T*& Kr, ptrdiff_t& krs) {
-          ptrdiff_t vrs;
-          Kr = rows_operand<S, T>(kbase + k0 * p.k.st[2], p.k.st[2], nk, D, kc_b, krs);
-          const T* Vr = rows_operand<S, T>(vbase + k0 * p.v.st[2], p.v.st[2], nk, D, vc_b, vrs);
+        // St = scores (keys x rows), dPt = dP (keys x rows), for one chunk of keys.
+        auto scores = [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs, int64_t nk, const RowInfo& ri) {
           gemm<T, false>(static_cast<int>(nk), nv, static_cast<int>(D), Kr, krs, 1, Qt, ld, St, ld);
-          if (!Mask::kTrivial && partial) {
-            for (int64_t kk = 0; kk < nk; ++kk)
-              for (int64_t r = 0; r < nr; ++r)
-                if (!Mask::visible(p.mask_params, q0 + r, k0 + kk)) St[kk * ld + r] = -inf;
+          if constexpr (kLocal) {
+            if (ri.any_partial) apply_local(table, *p.geom, St, ld, nv, nk, ri);
+          } else if constexpr (!Mask::kTrivial) {
+            if (ri.any_partial)
+              for (int64_t kk = 0; kk < nk; ++kk)
+                if (ri.is_partial(kk))
+                  for (int64_t r = 0; r < nr; ++r)
+                    if (!Mask::visible(p.mask_params, MAP ? ltok[r] : q0 + r, ri.token(kk))) St[kk * ld + r] = -inf;
           }
           gemm<T, false>(static_cast<int>(nk), nv, static_cast<int>(D), Vr, vrs, 1, dOt, ld, dPt, ld);
         };
         if constexpr (kExactDelta) {
           // delta = sum_j P_ij dP_ij from the scores: rowsum(dO * O) would use the rounded O.
           std::fill(drow, drow + ld, T(0));
-          for_each_chunk(p.sched, bh, m, p.block_n, Sk, kChunk, [&](int64_t k0, int64_t nk, bool partial) {
-            const T* Kr;
-            ptrdiff_t krs;
-            scores(k0, nk, partial, Kr, krs);
-            for (int j = 0; j < nv; ++j) {
-              const V lj = loadu(lrow + j * W);
-              V acc{};
-              for (int64_t kk = 0; kk < nk; ++kk)
-                acc = fmadd(exp2v((loadu(St + kk * ld + j * W) - lj) * log2e), loadu(dPt + kk * ld + j * W), acc);
-              storeu(drow + j * W, loadu(drow + j * W) + acc);
-            }
-          });
-          for (int64_t r = 0; r < nr; ++r) delta[bh * Sq + q0 + r] = drow[r];  // for the dK/dV pass
+          for_each_rows<MAP, S, T>(
+              p.sched, p.kv_tokens, bh, m, p.block_n, Sk, kbase, p.k.st[2], vbase, p.v.st[2], D, cb,
+              [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs, int64_t nk, const RowInfo& ri) {
+                scores(Kr, krs, Vr, vrs, nk, ri);
+                for (int j = 0; j < nv; ++j) {
+                  const V lj = loadu(lrow + j * W);
+                  V acc{};
+                  for (int64_t kk = 0; kk < nk; ++kk)
+                    acc = fmadd(exp2v((loadu(St + kk * ld + j * W) - lj) * log2e), loadu(dPt + kk * ld + j * W), acc);
+                  storeu(drow + j * W, loadu(drow + j * W) + acc);
+                }
+              });
+          for (int64_t r = 0; r < nr; ++r) delta[bh * Sq + (MAP ? ltok[r] : q0 + r)] = drow[r];  // for dK/dV
         }
-        for_each_chunk(p.sched, bh, m, p.block_n, Sk, kChunk, [&](int64_t k0, int64_t nk, bool partial) {
-          const T* Kr;
-          ptrdiff_t krs;
-          scores(k0, nk, partial, Kr, krs);
-          for (int j = 0; j < nv; ++j) {
-            const V lj = loadu(lrow + j * W), dj = loadu(drow + j * W);
-            for (int64_t kk = 0; kk < nk; ++kk) {
-              T* s = St + kk * ld + j * W;
-              T* dp = dPt + kk * ld + j * W;
-              const V pr = exp2v((loadu(s) - lj) * log2e);
-              storeu(dp, pr * (loadu(dp) - dj));
-            }
-          }
-          gemm<T, true>(static_cast<int>(D), nv, static_cast<int>(nk), Kr, 1, krs, dPt, ld, dQt, ld);
-        });
+        for_each_rows<MAP, S, T>(
+            p.sched, p.kv_tokens, bh, m, p.block_n, Sk, kbase, p.k.st[2], vbase, p.v.st[2], D, cb,
+            [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs, int64_t nk, const RowInfo& ri) {
+              scores(Kr, krs, Vr, vrs, nk, ri);
+              for (int j = 0; j < nv; ++j) {
+                const V lj = loadu(lrow + j * W), dj = loadu(drow + j * W);
+                for (int64_t kk = 0; kk < nk; ++kk) {
+                  T* s = St + kk * ld + j * W;
+                  T* dp = dPt + kk * ld + j * W;
+                  const V pr = exp2v((loadu(s) - lj) * log2e);
+                  storeu(dp, pr * (loadu(dp) - dj));
+                }
+              }
+              gemm<T, true>(static_cast<int>(D), nv, static_cast<int>(nk), Kr, 1, krs, dPt, ld, dQt, ld);
+            });
         for (int64_t r = 0; r < nr; ++r) {
-          S* o = p.dq.mrow<S>(b, h, q0 + r);
+          S* o = p.dq.mrow<S>(b, h, MAP ? ltok[r] : q0 + r);
           for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(dQt[d * ld + r] * sc);
         }
       }
@@ -463,13 +665,15 @@ void bwd_kernel(const BwdParams& p) {
 
   // ---- 3. dK, dV: per key row group, over the query tiles that visit its KV tile --------------------
   {
-    const int64_t nkt = (Sk + p.block_n - 1) / p.block_n;
+    const int64_t nkt = MAP ? p.n_kv_tiles : (Sk + p.block_n - 1) / p.block_n;
     const int64_t ngroups = (p.block_n + kRowGroup - 1) / kRowGroup;
     const int64_t total = BH * nkt * ngroups;
     const int64_t ldmax = (std::min<int64_t>(kRowGroup, p.block_n) + W - 1) / W * W;
     std::atomic<int64_t> next{0};
     auto body = [&](int) {
-      Buf<T> kt_b, vt_b, dkt_b, dvt_b, s_b, dp_b, qc_b, dc_b;
+      Buf<T> kt_b, vt_b, dkt_b, dvt_b, s_b, dp_b;
+      ChunkBufs<T> cb;
+      LocalTable<T> table;
       T* Kt = kt_b.get(D * ldmax);
       T* Vt = vt_b.get(D * ldmax);
       T* dKt = dkt_b.get(D * ldmax);
@@ -479,50 +683,74 @@ void bwd_kernel(const BwdParams& p) {
       for (;;) {
         const int64_t it = next.fetch_add(1, std::memory_order_relaxed);
         if (it >= total) break;
-        const int64_t g = it % ngroups, n = (it / ngroups) % nkt, bh = it / (ngroups * nkt);
+        const int64_t bh = kLocal ? it % BH : it / (ngroups * nkt);
+        const int64_t lt = kLocal ? it / BH : it % (ngroups * nkt);
+        const int64_t g = lt % ngroups, n = lt / ngroups;
         const int64_t b = bh / H, h = bh % H;
-        const int64_t k0 = n * p.block_n + g * kRowGroup;
-        const int64_t nk = std::min<int64_t>(kRowGroup, std::min((n + 1) * p.block_n, Sk) - k0);
+        const int32_t* ltok = nullptr;  // lane (key) tokens when MAP
+        int64_t k0 = 0, nk;
+        if constexpr (MAP) {
+          ltok = p.kv_tokens + n * p.block_n + g * kRowGroup;
+          nk = count_tokens(ltok, std::min<int64_t>(kRowGroup, p.block_n - g * kRowGroup), Sk);
+        } else {
+          k0 = n * p.block_n + g * kRowGroup;
+          nk = std::min<int64_t>(kRowGroup, std::min((n + 1) * p.block_n, Sk) - k0);
+        }
         if (nk <= 0) continue;
         const int nv = static_cast<int>((nk + W - 1) / W);
         const int64_t ld = static_cast<int64_t>(nv) * W;
-        pack_transposed(p.k.row<S>(b, h, k0), p.k.st[2], nk, D, sc, Kt, ld);
-        pack_transposed(p.v.row<S>(b, h, k0), p.v.st[2], nk, D, T(1), Vt, ld);
+        if constexpr (MAP) {
+          pack_transposed_tok(p.k.row<S>(b, h, 0), p.k.st[2], ltok, nk, D, sc, Kt, ld);
+          pack_transposed_tok(p.v.row<S>(b, h, 0), p.v.st[2], ltok, nk, D, T(1), Vt, ld);
+        } else {
+          pack_transposed(p.k.row<S>(b, h, k0), p.k.st[2], nk, D, sc, Kt, ld);
+          pack_transposed(p.v.row<S>(b, h, k0), p.v.st[2], nk, D, T(1), Vt, ld);
+        }
+        if constexpr (kLocal) {
+          if (table.cached != lt) {
+            table.build(*p.geom, false, ltok, k0, nk, ld);
+            table.cached = lt;
+          }
+        }
         std::fill(dKt, dKt + D * ld, T(0));
         std::fill(dVt, dVt + D * ld, T(0));
         const S* qbase = p.q.row<S>(b, h, 0);
         const S* gbase = p.dout.row<S>(b, h, 0);
         const T* lse_bh = lse_row.get() + bh * Sq;
         const T* delta_bh = delta.get() + bh * Sq;
-        for_each_chunk(p.tsched, bh, n, p.block_m, Sq, kChunk, [&](int64_t q0, int64_t nq, bool partial) {
-          ptrdiff_t qrs, grs;
-          const T* Qr = rows_operand<S, T>(qbase + q0 * p.q.st[2], p.q.st[2], nq, D, qc_b, qrs);
-          const T* Gr = rows_operand<S, T>(gbase + q0 * p.dout.st[2], p.dout.st[2], nq, D, dc_b, grs);
-          const int inq = static_cast<int>(nq), iD = static_cast<int>(D);
-          gemm<T, false>(inq, nv, iD, Qr, qrs, 1, Kt, ld, Sm, ld);
-          if (!Mask::kTrivial && partial) {
-            for (int64_t i = 0; i < nq; ++i)
-              for (int64_t j = 0; j < nk; ++j)
-                if (!Mask::visible(p.mask_params, q0 + i, k0 + j)) Sm[i * ld + j] = -inf;
-          }
-          for (int64_t i = 0; i < nq; ++i) {
-            const V li = splat(lse_bh[q0 + i]);
-            T* s = Sm + i * ld;
-            for (int j = 0; j < nv; ++j) storeu(s + j * W, exp2v((loadu(s + j * W) - li) * log2e));
-          }
-          gemm<T, true>(iD, nv, inq, Gr, 1, grs, Sm, ld, dVt, ld);
-          gemm<T, false>(inq, nv, iD, Gr, grs, 1, Vt, ld, dP, ld);
-          for (int64_t i = 0; i < nq; ++i) {
-            const V di = splat(delta_bh[q0 + i]);
-            T* s = Sm + i * ld;
-            T* dp = dP + i * ld;
-            for (int j = 0; j < nv; ++j) storeu(dp + j * W, loadu(s + j * W) * (loadu(dp + j * W) - di));
-          }
-          gemm<T, true>(iD, nv, inq, Qr, 1, qrs, dP, ld, dKt, ld);
-        });
+        for_each_rows<MAP, S, T>(
+            p.tsched, p.q_tokens, bh, n, p.block_m, Sq, qbase, p.q.st[2], gbase, p.dout.st[2], D, cb,
+            [&](const T* Qr, ptrdiff_t qrs, const T* Gr, ptrdiff_t grs, int64_t nq, const RowInfo& ri) {
+              const int inq = static_cast<int>(nq), iD = static_cast<int>(D);
+              gemm<T, false>(inq, nv, iD, Qr, qrs, 1, Kt, ld, Sm, ld);
+              if constexpr (kLocal) {
+                if (ri.any_partial) apply_local(table, *p.geom, Sm, ld, nv, nq, ri);
+              } else if constexpr (!Mask::kTrivial) {
+                if (ri.any_partial)
+                  for (int64_t i = 0; i < nq; ++i)
+                    if (ri.is_partial(i))
+                      for (int64_t j = 0; j < nk; ++j)
+                        if (!Mask::visible(p.mask_params, ri.token(i), MAP ? ltok[j] : k0 + j)) Sm[i * ld + j] = -inf;
+              }
+              for (int64_t i = 0; i < nq; ++i) {
+                const V li = splat(lse_bh[ri.token(i)]);
+                T* s = Sm + i * ld;
+                for (int j = 0; j < nv; ++j) storeu(s + j * W, exp2v((loadu(s + j * W) - li) * log2e));
+              }
+              gemm<T, true>(iD, nv, inq, Gr, 1, grs, Sm, ld, dVt, ld);
+              gemm<T, false>(inq, nv, iD, Gr, grs, 1, Vt, ld, dP, ld);
+              for (int64_t i = 0; i < nq; ++i) {
+                const V di = splat(delta_bh[ri.token(i)]);
+                T* s = Sm + i * ld;
+                T* dp = dP + i * ld;
+                for (int j = 0; j < nv; ++j) storeu(dp + j * W, loadu(s + j * W) * (loadu(dp + j * W) - di));
+              }
+              gemm<T, true>(iD, nv, inq, Qr, 1, qrs, dP, ld, dKt, ld);
+            });
         for (int64_t j = 0; j < nk; ++j) {
-          S* ok = p.dk.mrow<S>(b, h, k0 + j);
-          S* ov = p.dv.mrow<S>(b, h, k0 + j);
+          const int64_t kj = MAP ? ltok[j] : k0 + j;
+          S* ok = p.dk.mrow<S>(b, h, kj);
+          S* ov = p.dv.mrow<S>(b, h, kj);
           for (int64_t d = 0; d < D; ++d) {
             ok[d] = from_compute<S>(dKt[d * ld + j] * sc);
             ov[d] = from_compute<S>(dVt[d * ld + j]);
@@ -561,14 +789,24 @@ void check_common(int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_t D, int64
     if ((*s)[3] != 1 && D > 1) throw std::invalid_argument("cpu attention: the last dimension must have stride 1");
 }
 
+// Token-mapped tiles: both maps or neither, and only with a schedule (the launcher checks their contents).
+void check_tokens(uintptr_t q_tokens, uintptr_t kv_tokens, uintptr_t kv_ptr, int64_t n_q_tiles, int64_t n_kv_tiles) {
+  if ((q_tokens == 0) != (kv_tokens == 0))
+    throw std::invalid_argument("cpu attention: pass both token maps (q_tokens, kv_tokens) or neither");
+  if (q_tokens != 0 && (kv_ptr == 0 || n_q_tiles < 0 || n_kv_tiles < 0))
+    throw std::invalid_argument("cpu attention: token maps need a schedule and tile counts");
+}
+
 void attention_fwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_t D, double scale, uintptr_t q,
                    Strides4 q_strides, uintptr_t k, Strides4 k_strides, uintptr_t v, Strides4 v_strides,
                    uintptr_t out, Strides4 out_strides, uintptr_t lse, bool lse_f64, int64_t block_m, int64_t block_n,
                    uintptr_t kv_ptr, uintptr_t kv_idx, uintptr_t partial, int64_t sched_ptr_stride,
                    int64_t sched_idx_stride, int mask_kind, uintptr_t mask_params, int epilogue_kind,
                    uintptr_t row_scale, std::array<int64_t, 3> row_scale_strides, uintptr_t residual,
-                   Strides4 residual_strides, int num_threads) {
+                   Strides4 residual_strides, int num_threads, uintptr_t q_tokens, uintptr_t kv_tokens,
+                   int64_t n_q_tiles, int64_t n_kv_tiles) {
   check_common(B, H, Sq, Sk, D, block_m, block_n, {&q_strides, &k_strides, &v_strides, &out_strides});
+  check_tokens(q_tokens, kv_tokens, kv_ptr, n_q_tiles, n_kv_tiles);
   if (epilogue_kind != EPILOGUE_NONE && epilogue_kind != EPILOGUE_SCALE_RESIDUAL)
     throw std::invalid_argument("cpu attention: unknown epilogue kind " + std::to_string(epilogue_kind));
   if (epilogue_kind == EPILOGUE_SCALE_RESIDUAL && (row_scale == 0 || residual == 0 || (residual_strides[3] != 1 && D > 1)))
@@ -581,6 +819,15 @@ void attention_fwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int6
   p.block_m = block_m, p.block_n = block_n;
   p.sched = make_sched(kv_ptr, kv_idx, partial, sched_ptr_stride, sched_idx_stride);
   p.mask_params = reinterpret_cast<const int32_t*>(mask_params);
+  LocalGeom geom;
+  if (mask_kind == MASK_LOCAL) {
+    if (mask_params == 0) throw std::invalid_argument("cpu attention: the local mask needs its parameters");
+    geom.init(p.mask_params, Sq, Sk);
+  }
+  p.geom = &geom;
+  p.q_tokens = reinterpret_cast<const int32_t*>(q_tokens);
+  p.kv_tokens = reinterpret_cast<const int32_t*>(kv_tokens);
+  p.n_q_tiles = n_q_tiles;
   p.epilogue = epilogue_kind;
   p.row_scale = reinterpret_cast<const float*>(row_scale);
   p.rs_st = row_scale_strides;
@@ -589,7 +836,12 @@ void attention_fwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int6
   py::gil_scoped_release nogil;
   dispatch_dtype(dtype, [&](auto s) {
     using S = decltype(s);
-    dispatch_mask(mask_kind, [&](auto kind) { fwd_kernel<S, decltype(kind)::value>(p); });
+    dispatch_mask(mask_kind, [&](auto kind) {
+      if (q_tokens)
+        fwd_kernel<S, decltype(kind)::value, true>(p);
+      else
+        fwd_kernel<S, decltype(kind)::value, false>(p);
+    });
   });
 }
 
@@ -600,10 +852,12 @@ void attention_bwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int6
                    uintptr_t dv, Strides4 dv_strides, int64_t block_m, int64_t block_n, uintptr_t kv_ptr,
                    uintptr_t kv_idx, uintptr_t partial, int64_t sched_ptr_stride, int64_t sched_idx_stride,
                    uintptr_t t_kv_ptr, uintptr_t t_kv_idx, uintptr_t t_partial, int64_t t_sched_ptr_stride,
-                   int64_t t_sched_idx_stride, int mask_kind, uintptr_t mask_params, int num_threads) {
+                   int64_t t_sched_idx_stride, int mask_kind, uintptr_t mask_params, int num_threads,
+                   uintptr_t q_tokens, uintptr_t kv_tokens, int64_t n_q_tiles, int64_t n_kv_tiles) {
   check_common(B, H, Sq, Sk, D, block_m, block_n,
                {&dout_strides, &q_strides, &k_strides, &v_strides, &out_strides, &dq_strides, &dk_strides,
                 &dv_strides});
+  check_tokens(q_tokens, kv_tokens, kv_ptr, n_q_tiles, n_kv_tiles);
   if (lse == 0) throw std::invalid_argument("cpu attention: lse pointer is required");
   if ((kv_ptr == 0) != (t_kv_ptr == 0))
     throw std::invalid_argument("cpu attention: pass both the schedule and its transpose, or neither");
@@ -616,11 +870,25 @@ void attention_bwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int6
   p.sched = make_sched(kv_ptr, kv_idx, partial, sched_ptr_stride, sched_idx_stride);
   p.tsched = make_sched(t_kv_ptr, t_kv_idx, t_partial, t_sched_ptr_stride, t_sched_idx_stride);
   p.mask_params = reinterpret_cast<const int32_t*>(mask_params);
+  LocalGeom geom;
+  if (mask_kind == MASK_LOCAL) {
+    if (mask_params == 0) throw std::invalid_argument("cpu attention: the local mask needs its parameters");
+    geom.init(p.mask_params, Sq, Sk);
+  }
+  p.geom = &geom;
+  p.q_tokens = reinterpret_cast<const int32_t*>(q_tokens);
+  p.kv_tokens = reinterpret_cast<const int32_t*>(kv_tokens);
+  p.n_q_tiles = n_q_tiles, p.n_kv_tiles = n_kv_tiles;
   p.num_threads = num_threads;
   py::gil_scoped_release nogil;
   dispatch_dtype(dtype, [&](auto s) {
     using S = decltype(s);
-    dispatch_mask(mask_kind, [&](auto kind) { bwd_kernel<S, decltype(kind)::value>(p); });
+    dispatch_mask(mask_kind, [&](auto kind) {
+      if (q_tokens)
+        bwd_kernel<S, decltype(kind)::value, true>(p);
+      else
+        bwd_kernel<S, decltype(kind)::value, false>(p);
+    });
   });
 }
 
@@ -637,12 +905,15 @@ void register_attention_cpu(py::module_& m) {
   m.def("attention_fwd", &ditk::attention_fwd,
         "Flash-attention forward on the CPU. Pointers are data_ptr() integers; strides are in elements.\n"
         "q: (B, H, Sq, D); k, v: (B, H, Sk, D); out: (B, H, Sq, D) (0: compute lse only);\n"
-        "lse: (B, H, Sq) contiguous float32 (float64 if lse_f64). kv_ptr == 0 means dense.",
+        "lse: (B, H, Sq) contiguous float32 (float64 if lse_f64). kv_ptr == 0 means dense.\n"
+        "q_tokens / kv_tokens: int32 (n_q_tiles, block_m) / (n_kv_tiles, block_n) token lists of the tiles\n"
+        "(valid tokens first, padded with Sq / Sk); 0: tiles are contiguous index ranges.",
         "dtype"_a, "B"_a, "H"_a, "Sq"_a, "Sk"_a, "D"_a, "scale"_a, "q"_a, "q_strides"_a, "k"_a, "k_strides"_a,
         "v"_a, "v_strides"_a, "out"_a, "out_strides"_a, "lse"_a, "lse_f64"_a, "block_m"_a, "block_n"_a,
         "kv_ptr"_a, "kv_idx"_a, "partial"_a, "sched_ptr_stride"_a, "sched_idx_stride"_a, "mask_kind"_a,
         "mask_params"_a, "epilogue_kind"_a, "row_scale"_a, "row_scale_strides"_a, "residual"_a,
-        "residual_strides"_a, "num_threads"_a);
+        "residual_strides"_a, "num_threads"_a, "q_tokens"_a = 0, "kv_tokens"_a = 0, "n_q_tiles"_a = 0,
+        "n_kv_tiles"_a = 0);
   m.def("attention_bwd", &ditk::attention_bwd,
         "Flash-attention backward on the CPU (FA2, deterministic). do, out: (B, H, Sq, D); lse as from\n"
         "attention_fwd; writes dq, dk, dv. The t_* CSR is the transposed schedule (over KV tiles).",
@@ -651,5 +922,8 @@ void register_attention_cpu(py::module_& m) {
         "dq"_a, "dq_strides"_a, "dk"_a, "dk_strides"_a, "dv"_a, "dv_strides"_a, "block_m"_a, "block_n"_a,
         "kv_ptr"_a, "kv_idx"_a, "partial"_a, "sched_ptr_stride"_a, "sched_idx_stride"_a, "t_kv_ptr"_a,
         "t_kv_idx"_a, "t_partial"_a, "t_sched_ptr_stride"_a, "t_sched_idx_stride"_a, "mask_kind"_a,
-        "mask_params"_a, "num_threads"_a);
+        "mask_params"_a, "num_threads"_a, "q_tokens"_a = 0, "kv_tokens"_a = 0, "n_q_tiles"_a = 0,
+        "n_kv_tiles"_a = 0);
+  m.def("attention_fwd_visits", [] { return ditk::g_fwd_visits.load(); },
+        "Tiles (CSR entries) visited by the last attention_fwd call, summed over batch*head and row groups.");
 }

@@ -14,14 +14,15 @@ from types import ModuleType
 import torch
 
 from .. import _alloc
-from ..schedule import EPILOGUE_NONE, EPILOGUE_SCALE_RESIDUAL, MASK_NONE, BlockSchedule, ElementMask, Epilogue
+from ..schedule import (EPILOGUE_NONE, EPILOGUE_SCALE_RESIDUAL, MASK_LOCAL, MASK_NONE, BlockSchedule, ElementMask,
+                        Epilogue, TiledSchedule)
 
 NAME = "cpu"
 _FIX = "Rebuild with: pip install --no-build-isolation -e . (or pip install .)"
 # Storage dtype -> code understood by _C.attention_fwd / attention_bwd (csrc/cpu/simd.h, enum DType).
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 # Element-mask kinds the C++ mask function implements (csrc/cpu/attention.cpp, ElementMask<KIND>).
-_MASK_KINDS = (MASK_NONE,)
+_MASK_KINDS = (MASK_NONE, MASK_LOCAL)
 
 _ext: ModuleType | None = None
 _ext_error: str | None = None
@@ -57,6 +58,11 @@ def _require() -> ModuleType:
 def block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     """(block_m, block_n) of the CPU kernels: 64 query rows (the vector side) x 64 keys."""
     return 64, 64
+
+
+def last_fwd_visits() -> int:
+    """Tiles visited by the last forward launch, summed over batch*head (a kernel-side counter)."""
+    return int(_require().attention_fwd_visits())
 
 
 # ---- validation -------------------------------------------------------------------------------
@@ -125,6 +131,34 @@ def _csr(schedule: BlockSchedule | None, bh: int) -> tuple[int, int, int, int, i
     shared = hs == 1
     return (schedule.kv_ptr.data_ptr(), schedule.kv_idx.data_ptr(), schedule.partial.data_ptr(),
             0 if shared else schedule.kv_ptr.stride(0), 0 if shared else schedule.kv_idx.stride(0))
+
+
+def _tokens(schedule: BlockSchedule | None) -> dict:
+    """Token-map arguments of the kernels: q_tokens / kv_tokens pointers and tile counts (0: none).
+
+    The kernels write each output row from the one tile that holds it, so a TiledSchedule's valid
+    tokens must be a permutation of the queries (resp. keys); checked once per schedule object."""
+    if not isinstance(schedule, TiledSchedule):
+        return {}
+    if schedule.num_heads_sched != 1:
+        raise ValueError(f"schedule: a TiledSchedule must be shared by every batch*head, got "
+                         f"{schedule.num_heads_sched} head slices")
+    if not getattr(schedule, "_cpu_tokens_ok", False):
+        for name, tok, block, seq in (("q_tokens", schedule.q_tokens, schedule.block_m, schedule.seq_q),
+                                      ("kv_tokens", schedule.kv_tokens, schedule.block_n, schedule.seq_k)):
+            if tok.dtype != torch.int32 or tok.device.type != "cpu" or not tok.is_contiguous() or tok.dim() != 2 \
+                    or tok.shape[1] != block:
+                raise ValueError(f"schedule.{name}: expected a contiguous int32 CPU tensor (tiles, {block}), got "
+                                 f"{tok.dtype} {tuple(tok.shape)} on {tok.device}")
+            valid = tok < seq
+            # valid tokens first in each row, and together a permutation of [0, seq)
+            if bool((valid[:, 1:] & ~valid[:, :-1]).any()) or int(tok.min()) < 0 or int(tok.max()) > seq or \
+                    not torch.equal(torch.sort(tok[valid]).values, torch.arange(seq, dtype=torch.int32)):
+                raise ValueError(f"schedule.{name}: expected each row to list its tokens first, padded with {seq}, "
+                                 f"and the tiles to hold every token of [0, {seq}) exactly once")
+        schedule._cpu_tokens_ok = True
+    return {"q_tokens": schedule.q_tokens.data_ptr(), "kv_tokens": schedule.kv_tokens.data_ptr(),
+            "n_q_tiles": schedule.num_q_tiles, "n_kv_tiles": schedule.num_kv_tiles}
 
 
 def _check_schedule(schedule: BlockSchedule | None, sq: int, sk: int) -> None:
@@ -198,7 +232,7 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         row_scale.stride() if row_scale is not None else (0, 0, 0),
         residual.data_ptr() if residual is not None else 0,
         residual.stride() if residual is not None else (0, 0, 0, 1),
-        torch.get_num_threads())
+        torch.get_num_threads(), **_tokens(schedule))
     return out, lse
 
 
@@ -215,7 +249,7 @@ def _lse64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sche
         q.data_ptr(), q.stride(), k.data_ptr(), k.stride(), v.data_ptr(), v.stride(),
         0, (0, 0, 0, 1), lse.data_ptr(), True, bm, bn,
         kv_ptr, kv_idx, partial, ps, is_, mask_kind, mask_ptr, EPILOGUE_NONE, 0, (0, 0, 0), 0, (0, 0, 0, 1),
-        torch.get_num_threads())
+        torch.get_num_threads(), **_tokens(schedule))
     return lse
 
 
@@ -257,5 +291,5 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         out.data_ptr(), out.stride(), lse.data_ptr(), lse.dtype == torch.float64,
         dq.data_ptr(), dq.stride(), dk.data_ptr(), dk.stride(), dv.data_ptr(), dv.stride(), bm, bn,
         kv_ptr, kv_idx, partial, ps, is_, t_ptr, t_idx, t_partial, tps, tis, mask_kind, mask_ptr,
-        torch.get_num_threads())
+        torch.get_num_threads(), **_tokens(schedule))
     return dq, dk, dv

@@ -1,0 +1,361 @@
+"""Local-window attention (SPEC §1: CLEAR circles, NATTEN squares, sliding tiles) on the flash core.
+
+Layers: the plan (:func:`local_attention_plan`, a :class:`LocalPlan` = the block schedule the kernels
+execute) -> backend kernels (``flash_fwd/flash_bwd`` with that schedule and the ``MASK_LOCAL``
+element mask) -> registered ops ``ditkernels::local_attention_fwd`` / ``_bwd`` (fake impls +
+autograd) -> :func:`local_attention`.
+
+Tiling. Query tiles are 1-D/2-D/3-D boxes of the grid in row-major tile order (e.g. 8x8 = 64
+tokens), KV tiles likewise boxes of grid keys; a query tile visits exactly the KV tiles that hold at
+least one visible pair, and a visit is *partial* (element mask applied) unless every pair of the two
+boxes is visible. Global tokens (prefix + suffix) form a dense tail: global query tiles visit every
+non-extra KV tile, and every grid query tile visits every global KV tile and every extra KV tile,
+none of them partial. The token sets of the tiles are ``plan.q_tokens`` / ``plan.kv_tokens``
+(:class:`ditkernels.schedule.TiledSchedule`); the tile shapes are chosen per problem among a few
+candidates to minimise the computed pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import _validate
+from ..backends import resolve
+from ..reference.local import LocalSpec, shift_start
+from ..schedule import MASK_LOCAL, ElementMask, TiledSchedule
+
+SUPPORTED = ("reference", "cpu")
+DEFAULT_BLOCK = (64, 64)
+
+
+# ================================================================================================
+# The plan
+# ================================================================================================
+@dataclass
+class LocalPlan(TiledSchedule):
+    """The block schedule of one local-attention problem, as the kernels execute it.
+
+    Besides the :class:`~ditkernels.schedule.TiledSchedule` fields: ``spec`` (the problem),
+    ``q_tile`` / ``kv_tile`` (the grid box shapes of the tiles, 3-D padded in front with 1),
+    ``num_grid_q_tiles`` / ``num_grid_kv_tiles`` (grid tiles come first, in row-major tile order;
+    then the global tiles; then, for keys, the extra-key tiles), ``useful_pairs`` (visible
+    query-key pairs, counted exactly) and ``mask`` (the element mask of the partial visits).
+    """
+
+    spec: LocalSpec | None = None
+    q_tile: tuple[int, int, int] = (1, 1, 1)
+    kv_tile: tuple[int, int, int] = (1, 1, 1)
+    num_grid_q_tiles: int = 0
+    num_grid_kv_tiles: int = 0
+    useful_pairs: int = 0
+    mask: ElementMask = field(default_factory=ElementMask)
+
+    @property
+    def efficiency(self) -> float:
+        """useful / computed pairs (1.0: no wasted work)."""
+        return self.useful_pairs / max(self.computed_pairs, 1)
+
+    def summary(self) -> dict:
+        return {"grid": self.spec.grid, "window": self.spec.window, "shape": self.spec.shape,
+                "q_tile": self.q_tile[3 - self.spec.ndim:], "kv_tile": self.kv_tile[3 - self.spec.ndim:],
+                "useful_pairs": self.useful_pairs, "computed_pairs": self.computed_pairs,
+                "slot_pairs": self.slot_pairs, "visited_tiles": self.visited_tiles,
+                "partial_tiles": self.partial_tiles,
+                "computed_over_useful": self.computed_pairs / max(self.useful_pairs, 1)}
+
+
+def _intervals(n: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lo = torch.arange(0, n, t, dtype=torch.int64)
+    return lo, torch.clamp(lo + t, max=n) - 1
+
+
+def _dim_relation(spec3, a: int, tq: int, tk: int):
+    """Per-dimension relation between the query intervals (tiles of tq) and key intervals (tiles of
+    tk) of dimension ``a`` of the padded grid. Returns (exists, full, dmin2, dmax2): (na, nb) tensors;
+    for separable shapes ``exists``/``full`` are final along this dimension; for the circle, the
+    squared min / max offsets feed the joint test."""
+    (grid, window, tile, shape, border) = spec3
+    n, r = grid[a], window[a]
+    alo, ahi = (x[:, None] for x in _intervals(n, tq))
+    blo, bhi = (x[None, :] for x in _intervals(n, tk))
+    if shape == "tile":
+        t = tile[a]
+        alo, ahi, blo, bhi = alo // t, ahi // t, blo // t, bhi // t
+    zero = torch.zeros((), dtype=torch.int64)
+    dmin = torch.maximum(torch.maximum(blo - ahi, alo - bhi), zero)
+    dmax = torch.maximum(bhi - alo, ahi - blo)
+    if shape == "square" and border == "shift" and n >= 2 * r + 1:
+        k = 2 * r + 1
+        s_lo, s_hi = shift_start(alo, n, r), shift_start(ahi, n, r)  # window starts are monotone in p
+        exists = (blo <= s_hi + k - 1) & (bhi >= s_lo)
+        full = (blo >= s_hi) & (bhi <= s_lo + k - 1)
+    elif shape == "square" and border == "shift":
+        exists = full = torch.ones(dmin.shape, dtype=torch.bool)
+    else:
+        exists, full = dmin <= r, dmax <= r
+    return exists, full, dmin * dmin, dmax * dmax
+
+
+def _grid_visits(spec: LocalSpec, q_tile, kv_tile):
+    """Visits between grid tiles: (q_id, kv_id, partial), ids in row-major tile order."""
+    grid, window, tile = spec.padded()
+    spec3 = (grid, window, tile, spec.shape, spec.border)
+    rels = [_dim_relation(spec3, a, q_tile[a], kv_tile[a]) for a in range(3)]
+    if spec.shape == "circle":
+        r2 = [r * r for r in window]
+        big = math.prod(r2)
+        coef = [math.prod(r2[b] for b in range(3) if b != a) for a in range(3)]
+        # per-dimension necessary condition: dmin_a^2 * coef_a < big
+        pairs = [torch.nonzero((rel[2] * coef[a] < big) & rel[0]) for a, rel in enumerate(rels)]
+    else:
+        pairs = [torch.nonzero(rel[0]) for rel in rels]
+    if any(p.shape[0] == 0 for p in pairs):
+        e = torch.zeros(0, dtype=torch.int64)
+        return e, e, torch.zeros(0, dtype=torch.bool)
+    idx = torch.cartesian_prod(*(torch.arange(p.shape[0]) for p in pairs))  # (C, 3)
+    qa = [pairs[a][idx[:, a], 0] for a in range(3)]
+    kb = [pairs[a][idx[:, a], 1] for a in range(3)]
+    if spec.shape == "circle":
+        smin = sum(rels[a][2][qa[a], kb[a]] * coef[a] for a in range(3))
+        smax = sum(rels[a][3][qa[a], kb[a]] * coef[a] for a in range(3))
+        keep = smin < big
+        full = smax < big
+    else:
+        keep = torch.ones(idx.shape[0], dtype=torch.bool)
+        full = rels[0][1][qa[0], kb[0]] & rels[1][1][qa[1], kb[1]] & rels[2][1][qa[2], kb[2]]
+    na = [-(-grid[a] // q_tile[a]) for a in range(3)]
+    nb = [-(-grid[a] // kv_tile[a]) for a in range(3)]
+    q_id = (qa[0] * na[1] + qa[1]) * na[2] + qa[2]
+    kv_id = (kb[0] * nb[1] + kb[1]) * nb[2] + kb[2]
+    return q_id[keep], kv_id[keep], ~full[keep]
+
+
+def _grid_tile_tokens(spec: LocalSpec, shape3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens ``(num_tiles, prod(shape3))`` of the grid tiles (valid first, sentinel -1) and counts."""
+    grid, _, _ = spec.padded()
+    nt = [-(-grid[a] // shape3[a]) for a in range(3)]
+    tiles = torch.cartesian_prod(*(torch.arange(n) for n in nt)).reshape(-1, 3)  # row-major tile order
+    offs = torch.cartesian_prod(*(torch.arange(s) for s in shape3)).reshape(-1, 3)
+    c = tiles[:, None, :] * torch.tensor(shape3) + offs[None, :, :]  # (T, B, 3)
+    valid = (c < torch.tensor(grid)).all(-1)
+    tok = spec.num_prefix + (c[..., 0] * grid[1] + c[..., 1]) * grid[2] + c[..., 2]
+    tok = torch.where(valid, tok, torch.full_like(tok, -1))
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # valid tokens first
+    return torch.gather(tok, 1, order), valid.sum(1)
+
+
+def _chunks(tokens: torch.Tensor, block: int, sentinel: int) -> torch.Tensor:
+    n = tokens.numel()
+    nt = -(-n // block)
+    out = torch.full((nt * block,), sentinel, dtype=torch.int64)
+    out[:n] = tokens
+    return out.reshape(nt, block)
+
+
+def _useful_pairs(spec: LocalSpec) -> int:
+    """Exact number of visible (query, key) pairs, without enumerating them."""
+    grid, window, tile = spec.padded()
+    g, n, seq = spec.num_global, spec.num_grid, spec.seq
+    pairs = g * seq + n * (g + spec.num_extra)
+    if spec.shape == "circle":
+        r2 = [r * r for r in window]
+        big = math.prod(r2)
+        if big == 0:
+            return pairs
+        cx = r2[0] * r2[1]
+        nx = grid[2]
+        px = torch.arange(nx)
+        for dt in range(-min(window[0] - 1, grid[0] - 1), min(window[0] - 1, grid[0] - 1) + 1):
+            for dy in range(-min(window[1] - 1, grid[1] - 1), min(window[1] - 1, grid[1] - 1) + 1):
+                rem = big - dt * dt * r2[1] * r2[2] - dy * dy * r2[0] * r2[2]
+                if rem <= 0:
+                    continue
+                hw = math.isqrt((rem - 1) // cx)  # largest |dx| with dx^2 * cx < rem
+                rows = (grid[0] - abs(dt)) * (grid[1] - abs(dy))
+                cnt = (torch.clamp(px + hw, max=nx - 1) - torch.clamp(px - hw, min=0) + 1).sum()
+                pairs += rows * int(cnt)
+        return pairs
+    per_dim = []
+    for a in range(3):  # separable: a product of per-dimension counts
+        nn, r = grid[a], window[a]
+        p = torch.arange(nn)
+        if spec.shape == "tile":
+            t = tile[a]
+            tp, ntile = p // t, -(-nn // t)
+            lo = torch.clamp(tp - r, min=0) * t
+            hi = torch.clamp((torch.clamp(tp + r, max=ntile - 1) + 1) * t, max=nn) - 1
+        elif spec.border == "shift" and nn >= 2 * r + 1:
+            lo = shift_start(p, nn, r)
+            hi = lo + 2 * r
+        elif spec.border == "shift":
+            lo, hi = torch.zeros_like(p), torch.full_like(p, nn - 1)
+        else:
+            lo, hi = torch.clamp(p - r, min=0), torch.clamp(p + r, max=nn - 1)
+        per_dim.append(int((hi - lo + 1).sum()))
+    return pairs + math.prod(per_dim)
+
+
+def _count_grid_visits(spec: LocalSpec, q_tile, kv_tile) -> tuple[int, int]:
+    """(visits, partial visits) between grid tiles, as :func:`_grid_visits` would list them, counted
+    from per-dimension histograms (fast enough to score many candidate tile shapes)."""
+    grid, window, tile = spec.padded()
+    spec3 = (grid, window, tile, spec.shape, spec.border)
+    rels = [_dim_relation(spec3, a, q_tile[a], kv_tile[a]) for a in range(3)]
+    if spec.shape != "circle":
+        visits = math.prod(int(rel[0].sum()) for rel in rels)
+        full = math.prod(int((rel[0] & rel[1]).sum()) for rel in rels)
+        return visits, visits - full
+    r2 = [r * r for r in window]
+    big = math.prod(r2)
+    coef = [math.prod(r2[b] for b in range(3) if b != a) for a in range(3)]
+    hists = []
+    for a, rel in enumerate(rels):
+        ok = (rel[2] * coef[a] < big) & rel[0]
+        vals = torch.stack([rel[2][ok] * coef[a], rel[3][ok] * coef[a]], 1)
+        if vals.shape[0] == 0:
+            return 0, 0
+        uniq, cnt = torch.unique(vals, dim=0, return_counts=True)
+        hists.append((uniq, cnt))
+    idx = torch.cartesian_prod(*(torch.arange(h[0].shape[0]) for h in hists)).reshape(-1, 3)
+    smin = sum(hists[a][0][idx[:, a], 0] for a in range(3))
+    smax = sum(hists[a][0][idx[:, a], 1] for a in range(3))
+    mult = hists[0][1][idx[:, 0]] * hists[1][1][idx[:, 1]] * hists[2][1][idx[:, 2]]
+    keep = smin < big
+    return int(mult[keep].sum()), int(mult[keep & (smax >= big)].sum())
+
+
+def _candidate_shapes(grid3: tuple[int, int, int], ndim: int, block: int) -> list[tuple[int, int, int]]:
+    """Box shapes of ``block`` tokens (powers of two) that fit the grid's dimensions reasonably."""
+    if block & (block - 1):
+        # not a power of two: 1-D boxes along the last dimension only
+        return [(1, 1, block)]
+    pows = [1 << i for i in range(block.bit_length())]
+    out = []
+    for s in itertools.product(pows, repeat=ndim):
+        if math.prod(s) != block:
+            continue
+        s3 = (1,) * (3 - ndim) + tuple(s)
+        # a box much taller than the grid only pads
+        if any(s3[a] > 1 and s3[a] >= 2 * grid3[a] for a in range(3)):
+            continue
+        out.append(s3)
+    if not out:  # tiny grid: everything along the last dimension
+        out = [(1,) * (3 - ndim) + (1,) * (ndim - 1) + (block,)]
+    return out
+
+
+def _choose_tiles(spec: LocalSpec, block_m: int, block_n: int):
+    """The (q_tile, kv_tile) box shapes minimising the padded pairs a kernel computes on grid tiles."""
+    grid3 = spec.padded()[0]
+    best = None
+    qs = _candidate_shapes(grid3, spec.ndim, block_m)
+    ks = _candidate_shapes(grid3, spec.ndim, block_n)
+    for qt in qs:
+        for kt in ks:
+            cost = _count_grid_visits(spec, qt, kt)
+            if best is None or cost < best[0]:
+                best = (cost, qt, kt)
+    return best[1], best[2]
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(spec: LocalSpec, block_m: int, block_n: int, q_tile: tuple[int, int, int] | None,
+          kv_tile: tuple[int, int, int] | None) -> LocalPlan:
+    if q_tile is None or kv_tile is None:
+        cq, ck = _choose_tiles(spec, block_m, block_n)
+        q_tile = q_tile or cq
+        kv_tile = kv_tile or ck
+    p, n, seq = spec.num_prefix, spec.num_grid, spec.seq
+    glob = torch.cat([torch.arange(p), torch.arange(p + n, seq)])
+    # query tiles: grid boxes, then the global tail
+    q_grid, _ = _grid_tile_tokens(spec, q_tile)
+    q_glob = _chunks(glob, block_m, -1)
+    q_tok = torch.cat([q_grid, q_glob])
+    # KV tiles: grid boxes, then the global tail, then the extra keys
+    k_grid, _ = _grid_tile_tokens(spec, kv_tile)
+    k_glob = _chunks(glob, block_n, -1)
+    k_extra = _chunks(torch.arange(seq, spec.seq_k), block_n, -1)
+    kv_tok = torch.cat([k_grid, k_glob, k_extra])
+    nqg, nkg, nkgl, nke = q_grid.shape[0], k_grid.shape[0], k_glob.shape[0], k_extra.shape[0]
+    nqgl = q_glob.shape[0]
+
+    q_id, kv_id, partial = _grid_visits(spec, q_tile, kv_tile)
+    parts_q, parts_k, parts_p = [q_id], [kv_id], [partial]
+    # grid queries x (global + extra keys): dense, never partial
+    tail = torch.arange(nkg, nkg + nkgl + nke)
+    if tail.numel():
+        gq = torch.arange(nqg).repeat_interleave(tail.numel())
+        parts_q.append(gq)
+        parts_k.append(tail.repeat(nqg))
+        parts_p.append(torch.zeros(gq.numel(), dtype=torch.bool))
+    # global queries x (grid + global keys): dense, never partial
+    if nqgl:
+        keys = torch.arange(nkg + nkgl)
+        gq = torch.arange(nqg, nqg + nqgl).repeat_interleave(keys.numel())
+        parts_q.append(gq)
+        parts_k.append(keys.repeat(nqgl))
+        parts_p.append(torch.zeros(gq.numel(), dtype=torch.bool))
+    q_tok = torch.where(q_tok < 0, torch.full_like(q_tok, seq), q_tok)
+    kv_tok = torch.where(kv_tok < 0, torch.full_like(kv_tok, spec.seq_k), kv_tok)
+    return LocalPlan.from_visits(
+        q_tok, kv_tok, seq, spec.seq_k, torch.cat(parts_q), torch.cat(parts_k), torch.cat(parts_p),
+        spec=spec, q_tile=tuple(q_tile), kv_tile=tuple(kv_tile), num_grid_q_tiles=nqg, num_grid_kv_tiles=nkg,
+        useful_pairs=_useful_pairs(spec), mask=ElementMask(MASK_LOCAL, spec.mask_params()))
+
+
+def _tile3(name: str, t: object, spec: LocalSpec) -> tuple[int, int, int] | None:
+    if t is None:
+        return None
+    if not isinstance(t, (tuple, list)) or len(t) != spec.ndim or any(
+            isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in t):
+        raise ValueError(f"{name}: expected {spec.ndim} positive ints (a box of the grid), got {t!r}")
+    return (1,) * (3 - spec.ndim) + tuple(t)
+
+
+def local_attention_plan(grid: tuple[int, ...], window: int | tuple[int, ...], *, shape: str = "circle",
+                         border: str = "clip", tile: int | tuple[int, ...] | None = None, num_prefix: int = 0,
+                         num_suffix: int = 0, extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         num_extra: int = 0, block: tuple[int, int] = DEFAULT_BLOCK,
+                         q_tile: tuple[int, ...] | None = None, kv_tile: tuple[int, ...] | None = None) -> LocalPlan:
+    """The block schedule that the kernels execute for this local-attention problem.
+
+    grid, window, shape, border, tile, num_prefix, num_suffix: as :func:`local_attention`.
+    extra_kv (or num_extra): the extra keys, as a tensor pair or their count.
+    block: (block_m, block_n), tokens per query / KV tile. q_tile / kv_tile: force the box shapes
+    (``prod`` must equal the block); by default they are chosen to minimise the computed pairs.
+
+    Returns a :class:`LocalPlan` with ``useful_pairs``, ``computed_pairs`` (token pairs in visited
+    tiles), ``slot_pairs`` (block_m * block_n per visit), ``visited_tiles`` and ``partial_tiles``.
+    """
+    if extra_kv is not None:
+        num_extra = _check_extra_pair(extra_kv)[0].shape[2]
+    spec = LocalSpec.make(grid, window, shape=shape, border=border, tile=tile, num_prefix=num_prefix,
+                          num_suffix=num_suffix, num_extra=num_extra)
+    if not (isinstance(block, (tuple, list)) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block)):
+        raise ValueError(f"block: expected (block_m, block_n) positive ints, got {block!r}")
+    qt, kt = _tile3("q_tile", q_tile, spec), _tile3("kv_tile", kv_tile, spec)
+    if qt is not None and math.prod(qt) != block[0]:
+        raise ValueError(f"q_tile: expected {block[0]} tokens (block_m), got {q_tile} = {math.prod(qt)}")
+    if kt is not None and math.prod(kt) != block[1]:
+        raise ValueError(f"kv_tile: expected {block[1]} tokens (block_n), got {kv_tile} = {math.prod(kt)}")
+    return _plan(spec, int(block[0]), int(block[1]), qt, kt)
+
+
+def _check_extra_pair(extra_kv: object) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(extra_kv, (tuple, list)) or len(extra_kv) != 2:
+        raise TypeError(f"extra_kv: expected a pair (k_extra, v_extra) of tensors, got {type(extra_kv).__name__}")
+    ke, ve = extra_kv
+    for name, t in (("extra_kv[0]", ke), ("extra_kv[1]", ve)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dims (batch, heads, M, head_dim), got shape {tuple(t.shape)}")
+    if ve.shape != ke.shape:
+        raise ValueError(f"extra_kv[1]: expected shape {tuple(ke.shape)} (that of extra_kv[0]), got {tuple(ve.shape)}")
+    return ke, ve
