@@ -60,6 +60,11 @@ def block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     return 64, 64
 
 
+def local_block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(block_m, block_n) of the local-attention plans the CPU kernels run (2-D/3-D token tiles)."""
+    return 64, 64
+
+
 def last_fwd_visits() -> int:
     """Tiles visited by the last forward launch, summed over batch*head (a kernel-side counter)."""
     return int(_require().attention_fwd_visits())

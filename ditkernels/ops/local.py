@@ -359,3 +359,172 @@ def _check_extra_pair(extra_kv: object) -> tuple[torch.Tensor, torch.Tensor]:
     if ve.shape != ke.shape:
         raise ValueError(f"extra_kv[1]: expected shape {tuple(ke.shape)} (that of extra_kv[0]), got {tuple(ve.shape)}")
     return ke, ve
+
+
+# ================================================================================================
+# The registered ops
+# ================================================================================================
+def _backend(q: torch.Tensor, backend: str):
+    return resolve("local_attention", SUPPORTED, q.device, q.dtype, backend or None)
+
+
+def _spec(grid: list[int], window: list[int], shape: str, border: str, tile: list[int], num_prefix: int,
+          num_suffix: int, num_extra: int) -> LocalSpec:
+    return LocalSpec(tuple(grid), tuple(window), shape, border, tuple(tile) if tile else None, num_prefix,
+                     num_suffix, num_extra)
+
+
+def kernel_plan(spec: LocalSpec, mod, head_dim: int, dtype: torch.dtype) -> LocalPlan:
+    """The plan a backend module executes: its ``local_block_sizes`` (or :data:`DEFAULT_BLOCK`)."""
+    bs = getattr(mod, "local_block_sizes", None)
+    bm, bn = bs(head_dim, dtype) if bs is not None else DEFAULT_BLOCK
+    return _plan(spec, bm, bn, None, None)
+
+
+def _keys(k, v, k_extra, v_extra):
+    if k_extra is None:
+        return k, v
+    return torch.cat([k, k_extra], 2), torch.cat([v, v_extra], 2)
+
+
+@torch.library.custom_op("ditkernels::local_attention_fwd", mutates_args=())
+def local_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_extra: torch.Tensor | None,
+                        v_extra: torch.Tensor | None, grid: list[int], window: list[int], shape: str, border: str,
+                        tile: list[int], num_prefix: int, num_suffix: int, scale: float,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, H, S, D) in q.dtype and lse (B, H, S) float32 of local-window attention."""
+    m = 0 if k_extra is None else k_extra.shape[2]
+    spec = _spec(grid, window, shape, border, tile, num_prefix, num_suffix, m)
+    mod = _backend(q, backend)
+    kk, vv = _keys(k, v, k_extra, v_extra)
+    if mod.NAME == "reference":
+        from ..reference.attention import attention_ref
+        from ..reference.local import local_visible
+
+        out, lse = attention_ref(q, kk, vv, scale, local_visible(spec, q.device))
+        return out.contiguous(), lse.to(torch.float32)
+    plan = kernel_plan(spec, mod, q.shape[-1], q.dtype)
+    return mod.flash_fwd(q, kk, vv, scale=scale, schedule=plan, mask=plan.mask)
+
+
+@local_attention_fwd.register_fake
+def _(q, k, v, k_extra, v_extra, grid, window, shape, border, tile, num_prefix, num_suffix, scale, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("ditkernels::local_attention_bwd", mutates_args=())
+def local_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        k_extra: torch.Tensor | None, v_extra: torch.Tensor | None, out: torch.Tensor,
+                        lse: torch.Tensor, grid: list[int], window: list[int], shape: str, border: str,
+                        tile: list[int], num_prefix: int, num_suffix: int, scale: float,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dk_extra, dv_extra) given ``do``; the extra gradients are (B, H, 0, D) without extra_kv."""
+    m = 0 if k_extra is None else k_extra.shape[2]
+    spec = _spec(grid, window, shape, border, tile, num_prefix, num_suffix, m)
+    mod = _backend(q, backend)
+    kk, vv = _keys(k, v, k_extra, v_extra)
+    do = do.contiguous()
+    if mod.NAME == "reference":
+        from ..reference.attention import attention_ref_backward
+        from ..reference.local import local_visible
+
+        dq, dk, dv = attention_ref_backward(do, q, kk, vv, scale, local_visible(spec, q.device))
+    else:
+        plan = kernel_plan(spec, mod, q.shape[-1], q.dtype)
+        dq, dk, dv = mod.flash_bwd(do, q, kk, vv, out, lse, scale=scale, schedule=plan, mask=plan.mask)
+    if k_extra is None:
+        b, h, _, d = k.shape
+        return dq, dk, dv, k.new_zeros(b, h, 0, d), v.new_zeros(b, h, 0, d)
+    s = spec.seq
+    return dq, dk[:, :, :s].clone(), dv[:, :, :s].clone(), dk[:, :, s:].clone(), dv[:, :, s:].clone()
+
+
+@local_attention_bwd.register_fake
+def _(do, q, k, v, k_extra, v_extra, out, lse, grid, window, shape, border, tile, num_prefix, num_suffix, scale,
+      backend):
+    b, h, _, d = k.shape
+    m = 0 if k_extra is None else k_extra.shape[2]
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), k.new_empty(b, h, m, d),
+            v.new_empty(b, h, m, d))
+
+
+_OPTIONS = ("grid", "window", "shape", "border", "tile", "num_prefix", "num_suffix", "scale", "backend")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, k_extra, v_extra, *opts = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, k_extra, v_extra, out, lse)
+    ctx.opts = dict(zip(_OPTIONS, opts))
+    ctx.has_extra = k_extra is not None
+
+
+def _backward(ctx, d_out, d_lse):
+    q, k, v, k_extra, v_extra, out, lse = ctx.saved_tensors
+    o = ctx.opts
+    dq, dk, dv, dke, dve = local_attention_bwd(d_out, q, k, v, k_extra, v_extra, out, lse, o["grid"], o["window"],
+                                               o["shape"], o["border"], o["tile"], o["num_prefix"],
+                                               o["num_suffix"], o["scale"], o["backend"])
+    if not ctx.has_extra:
+        dke = dve = None
+    return (dq, dk, dv, dke, dve) + (None,) * len(_OPTIONS)
+
+
+local_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ================================================================================================
+# The functional API
+# ================================================================================================
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, ...],
+                    window: int | tuple[int, ...], *, shape: str = "circle", border: str = "clip",
+                    tile: int | tuple[int, ...] | None = None, num_prefix: int = 0, num_suffix: int = 0,
+                    extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None, scale: float | None = None,
+                    return_lse: bool = False, backend: str | None = None):
+    """Local-window attention over image / video tokens (SPEC §1): CLEAR circles, NATTEN squares,
+    sliding tiles, with global (text) tokens and extra keys.
+
+    q, k, v: (batch, heads, seq, head_dim) with seq = num_prefix + prod(grid) + num_suffix, tokens laid
+    out ``[prefix][grid, row-major][suffix]``; any strides; float16 / bfloat16 / float32 (float64 on
+    the reference and cpu backends); head_dim 1..256.
+    grid: (L,), (H, W) or (T, H, W). window: radius, an int or one per dimension.
+    shape: ``"circle"`` (``sum (d/r)^2 < 1``, exact in integers), ``"square"`` (``|d| <= r``) or
+    ``"tile"`` (tiles of ``tile`` tokens, radius in tiles). border: ``"clip"`` or ``"shift"``
+    (NATTEN's shifted window, square only).
+    num_prefix / num_suffix: global tokens (they see every key; every grid query sees them).
+    extra_kv: (k_extra, v_extra), each (batch, heads, M, head_dim): keys seen by grid queries only.
+    scale: defaults to ``head_dim ** -0.5``. return_lse: also return the natural-log log-sum-exp over
+    the visible keys, float32 (batch, heads, seq), detached. backend: ``"reference"`` or ``"cpu"``;
+    default by device, or ``DITKERNELS_BACKEND``.
+
+    Returns out (batch, heads, seq, head_dim) in q.dtype, or (out, lse). Differentiable with respect
+    to q, k, v and extra_kv. A query that sees no key gets zeros (lse = -inf).
+    """
+    _validate.check_qkv(q, k, v)
+    m = 0
+    k_extra = v_extra = None
+    if extra_kv is not None:
+        k_extra, v_extra = _check_extra_pair(extra_kv)
+        b, h, _, d = q.shape
+        for name, t in (("extra_kv[0]", k_extra), ("extra_kv[1]", v_extra)):
+            if t.dtype != q.dtype:
+                raise TypeError(f"{name}: expected dtype {q.dtype} (that of q), got {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{name}: expected device {q.device} (that of q), got {t.device}")
+            if t.shape[:2] != (b, h) or t.shape[3] != d:
+                raise ValueError(f"{name}: expected shape ({b}, {h}, M, {d}), got {tuple(t.shape)}")
+        m = k_extra.shape[2]
+    spec = LocalSpec.make(grid, window, shape=shape, border=border, tile=tile, num_prefix=num_prefix,
+                          num_suffix=num_suffix, num_extra=m)
+    for name, t in (("q", q), ("k", k)):
+        if t.shape[2] != spec.seq:
+            raise ValueError(f"{name}: expected seq = num_prefix + prod(grid) + num_suffix = {spec.num_prefix} + "
+                             f"{spec.num_grid} + {spec.num_suffix} = {spec.seq}, got shape {tuple(t.shape)}")
+    scale = _validate.check_scale(scale, q.shape[-1])
+    backend = _validate.check_backend(backend)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+    out, lse = local_attention_fwd(q, k, v, k_extra, v_extra, list(spec.grid), list(spec.window), spec.shape,
+                                   spec.border, list(spec.tile or ()), spec.num_prefix, spec.num_suffix, scale,
+                                   backend)
+    return (out, lse.detach()) if return_lse else out

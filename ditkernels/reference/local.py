@@ -12,6 +12,7 @@ and keys, then (keys only) ``num_extra`` extra keys from ``extra_kv``.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -27,16 +28,9 @@ MAX_RADII_PRODUCT = 1 << 60
 
 
 def _int(name: str, x: object, lo: int) -> int:
-    if isinstance(x, bool) or not isinstance(x, int):
-        try:
-            import numpy as np  # numpy integers are fine
-
-            if isinstance(x, np.integer):
-                x = int(x)
-            else:
-                raise TypeError
-        except (ImportError, TypeError):
-            raise TypeError(f"{name}: expected an int, got {type(x).__name__} ({x!r})") from None
+    if isinstance(x, bool) or not (isinstance(x, int) or hasattr(type(x), "__index__")):
+        raise TypeError(f"{name}: expected an int, got {type(x).__name__} ({x!r})")
+    x = operator.index(x)
     if x < lo:
         raise ValueError(f"{name}: expected an int >= {lo}, got {x}")
     return int(x)
@@ -47,7 +41,7 @@ def _per_dim(name: str, x: object, ndim: int, lo: int) -> tuple[int, ...]:
     if isinstance(x, (tuple, list, torch.Size)):
         if len(x) != ndim:
             raise ValueError(f"{name}: expected an int or {ndim} values (one per grid dimension), got {tuple(x)}")
-        return tuple(_int(f"{name}[{i}]", v, lo) for i, v in enumerate(x))
+        return tuple([_int(f"{name}[{i}]", v, lo) for i, v in enumerate(x)])
     return (_int(name, x, lo),) * ndim
 
 
@@ -77,7 +71,7 @@ class LocalSpec:
         if isinstance(grid, (tuple, list, torch.Size)):
             if not 1 <= len(grid) <= 3:
                 raise ValueError(f"grid: expected 1, 2 or 3 sizes, got {tuple(grid)}")
-            g = tuple(_int(f"grid[{i}]", v, 1) for i, v in enumerate(grid))
+            g = tuple([_int(f"grid[{i}]", v, 1) for i, v in enumerate(grid)])
         else:
             raise TypeError(f"grid: expected a tuple of 1, 2 or 3 positive ints, got {type(grid).__name__} ({grid!r})")
         nd = len(g)
@@ -96,7 +90,7 @@ class LocalSpec:
             if tile is not None:
                 raise ValueError(f"tile: only used with shape='tile', got tile={tile!r} with shape={shape!r}")
             t = None
-        if shape == "circle" and math.prod(r * r for r in w) >= MAX_RADII_PRODUCT:
+        if shape == "circle" and math.prod([r * r for r in w]) >= MAX_RADII_PRODUCT:
             raise ValueError(f"window: the exact integer circle test needs prod(r^2) < 2^60, got radii {w}; "
                              "use shape='square' for windows that cover the whole grid")
         return cls(g, w, shape, border, t, _int("num_prefix", num_prefix, 0), _int("num_suffix", num_suffix, 0),
