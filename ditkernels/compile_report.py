@@ -6,6 +6,8 @@ specialisation a contiguous launch gets), and its cubin is read with the ``cuobj
 the triton wheel: registers, spills (local memory), stack, shared memory and the MMA instruction
 (HGMMA: sm_90 warpgroup MMA; HMMA: mma.sync; none: CUDA-core FMA). The embedded cubins of the
 ``ditkernels._cuda`` extension, when built, are reported the same way.
+The selective-scan kernels (``ditkernels.triton_kernels.selective_scan``, rows ``scan_fwd`` /
+``scan_bwd``, see :class:`ScanJob`) are compiled and checked like the attention kernels.
 
 Exit status 1 when any kernel fails to compile, spills, uses more shared memory than the chip has
 per block, or (sm_90, fp16/bf16 attention) lacks HGMMA.
@@ -187,6 +189,8 @@ def _worker_init() -> None:
 
 def compile_job(job: Job) -> Row:
     """Compile one job and read its cubin (runs in a worker process)."""
+    if isinstance(job, ScanJob):
+        return compile_scan_job(job)
     _worker_init()
     import triton
     from triton.backends.compiler import GPUTarget
@@ -223,6 +227,141 @@ def compile_job(job: Job) -> Row:
         if (job.arch == 90 and job.kernel in ATTN_KERNELS and job.dtype in ("fp16", "bf16")
                 and row.mma != "HGMMA"):
             problems.append(f"no HGMMA ({row.mma})")
+        row.status = "ok" if not problems else "FAIL: " + "; ".join(problems)
+    except Exception as exc:  # a compile failure is a report row, not a crash of the report
+        msg = str(exc).strip().splitlines()
+        row.status = f"FAIL: compile error: {type(exc).__name__}: {msg[-1] if msg else ''}"[:300]
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# Selective-scan kernels (ditkernels.triton_kernels.selective_scan)
+# --------------------------------------------------------------------------------------------
+
+SCAN_KERNELS = ("scan_fwd", "scan_bwd")
+
+
+@dataclass(frozen=True)
+class ScanJob:
+    """One compilation of a selective-scan kernel for a state-size bucket ``block_n`` (BLOCK_N).
+
+    Rows report block_d = BLOCK_N (state bucket), block_m = BLOCK_D (channels per program) and
+    block_n = BLOCK_L (steps per chunk). variant "varBC": variable B / C with every option on (D, z,
+    delta_bias + softplus, initial state, d last_state); "constBC": constant B / C, same options.
+    """
+
+    arch: int
+    kernel: str  # scan_fwd | scan_bwd
+    dtype: str  # fp16 | bf16 | fp32
+    block_n: int
+    variant: str = "varBC"
+
+
+def scan_jobs_for(archs: list[int], quick: bool) -> list[ScanJob]:
+    """Every shipped selective-scan config (varBC in each dtype, constBC in fp16), or a subset."""
+    from ditkernels.triton_kernels.selective_scan import BLOCK_N_BUCKETS, DTYPES
+
+    jobs: list[ScanJob] = []
+    for arch in archs:
+        if quick:
+            jobs += [ScanJob(arch, "scan_fwd", "bf16", 16), ScanJob(arch, "scan_bwd", "fp16", 16),
+                     ScanJob(arch, "scan_bwd", "fp32", 256, "constBC")]
+            continue
+        for kernel in SCAN_KERNELS:
+            for bn in BLOCK_N_BUCKETS:
+                jobs += [ScanJob(arch, kernel, dtype, bn) for dtype in DTYPES]
+                jobs.append(ScanJob(arch, kernel, "fp16", bn, "constBC"))
+    return jobs
+
+
+def _scan_source(job: ScanJob):
+    """(ASTSource, BLOCK_D, BLOCK_L, num_warps, maxnreg) of a typical contiguous launch: batch 2,
+    dim 1536, L 4096, N = BLOCK_N, one B / C group, the launcher's channel blocks per backward
+    program on an H100 (132 SMs)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import native_specialize_impl
+
+    from ditkernels.triton_kernels import selective_scan as ss
+
+    fwd = job.kernel == "scan_fwd"
+    fn = ss._selective_scan_fwd_kernel if fwd else ss._selective_scan_bwd_kernel
+    cfg = ss.CONFIGS[job.block_n]
+    var = job.variant == "varBC"
+    batch, dim, L, N = 2, 1536, 4096, job.block_n
+    bd, warps = (cfg.fwd_block_d, cfg.fwd_warps) if fwd else (cfg.bwd_block_d, cfg.bwd_warps)
+    per_unit = triton.cdiv(dim, bd)
+    n_sub = 1 if fwd else ss.bwd_blocks(batch, per_unit, 2 * N * L * 4 if var else 0, 2 * batch * N * L * 4,
+                                        4 * 132)
+    nblk = triton.cdiv(per_unit, n_sub)
+    vals: dict[str, object] = dict(dim=dim, seqlen=L, dstate=N, nchunks=triton.cdiv(L, cfg.block_l), span=dim,
+                                   cpg_b=dim, cpg_c=dim, nblk=nblk, n_sub=n_sub, stride_ad=N, stride_an=1,
+                                   stride_hb=dim * N, stride_hd=N, stride_hn=1)
+    for pre in ("u", "d", "z", "o", "g", "du", "dd", "dz"):
+        vals.update({f"stride_{pre}b": dim * L, f"stride_{pre}d": L, f"stride_{pre}l": 1})
+    for x in "bc":
+        if var:  # (batch, N, L) operands; (batch, programs, N, L) partials
+            vals.update({f"stride_{x}b": N * L, f"stride_{x}g": 0, f"stride_{x}n": L, f"stride_{x}l": 1,
+                         f"stride_d{x}b": nblk * N * L, f"stride_d{x}k": N * L, f"stride_d{x}n": L,
+                         f"stride_d{x}l": 1})
+        else:  # (dim, N) operands; (batch, dim, N) rows
+            vals.update({f"stride_{x}b": 0, f"stride_{x}g": N, f"stride_{x}n": 1, f"stride_{x}l": 0,
+                         f"stride_d{x}b": dim * N, f"stride_d{x}k": N, f"stride_d{x}n": 1, f"stride_d{x}l": 0})
+    vals.update(BLOCK_D=bd, BLOCK_N=N, BLOCK_L=cfg.block_l, B_VAR=var, C_VAR=var, HAS_D=True, HAS_Z=True,
+                HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True, HAS_DLAST=True)
+    in_dtype = {"U", "Delta", "Z", "Out", "DOut", "DU", "DDelta", "DZ"} | ({"Bm", "Cm"} if var else set())
+    backend = make_backend(GPUTarget("cuda", job.arch, 32))
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = vals[name]
+        elif name[0].isupper():  # pointers
+            signature[name] = "*" + (job.dtype if name in in_dtype else "fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            ty, spec = native_specialize_impl(backend, vals[name], False, True, True)
+            signature[name] = ty
+            if ty == "constexpr":
+                constexprs[(i,)] = vals[name]
+            elif spec == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), bd, cfg.block_l, warps, \
+        cfg.maxnreg
+
+
+def compile_scan_job(job: ScanJob) -> Row:
+    """Compile one selective-scan job and read its cubin (runs in a worker process)."""
+    _worker_init()
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    row = Row(job.arch, job.kernel, job.variant, job.dtype, job.block_n, 0, 0, 0, 1)
+    try:
+        src, row.block_m, row.block_n, row.num_warps, maxnreg = _scan_source(job)
+        t0 = time.perf_counter()
+        k = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
+                           options={"num_warps": row.num_warps, "num_stages": 1, "maxnreg": maxnreg})
+        row.compile_s = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.cubin")
+            with open(path, "wb") as f:
+                f.write(k.asm["cubin"])
+            usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True,
+                                   check=True).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+        if m is None:
+            raise RuntimeError(f"cannot parse cuobjdump output: {usage[-300:]}")
+        reg, stack, static_shared, local = map(int, m.groups())
+        row.registers, row.stack, row.spill_bytes = reg, stack, local
+        row.shared = static_shared + int(k.metadata.shared)
+        row.mma = "none"
+        problems = []
+        if local or stack:
+            problems.append(f"spills (LOCAL:{local} STACK:{stack})")
+        if row.shared > SHARED_LIMIT[job.arch]:
+            problems.append(f"shared {row.shared} > {SHARED_LIMIT[job.arch]}")
         row.status = "ok" if not problems else "FAIL: " + "; ".join(problems)
     except Exception as exc:  # a compile failure is a report row, not a crash of the report
         msg = str(exc).strip().splitlines()
@@ -285,7 +424,7 @@ def _table(rows: list[dict], cols, head) -> str:
 
 
 def run(archs: list[int], quick: bool, workers: int) -> tuple[list[Row], float]:
-    jobs = jobs_for(archs, quick)
+    jobs = jobs_for(archs, quick) + scan_jobs_for(archs, quick)
     t0 = time.perf_counter()
     # Fresh interpreters with TRITON_INTERPRET=0: a parent running under the interpreter (tests)
     # must not hand its interpreted kernels to the compiler.

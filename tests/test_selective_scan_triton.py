@@ -4,8 +4,9 @@ Forward and backward through the triton launcher (and through the registered op 
 against the float64 reference on the same (rounded) inputs, with the rule of VERIFY.md §4: fp32
 err <= 1e-5; fp16/bf16 err <= 2 * err(reference in that dtype) + 1e-6 for the output, last_state
 and every gradient. Outputs start as NaN (conftest sets DITKERNELS_POISON=1). The kernels run with
-the shipped configs: N = 16 chunks L by 64 steps (fwd 4 / bwd 2 channels per program), N = 4 by 64,
-N = 40 (BLOCK_N 64) by 32, N = 256 by 16, so L = 97 and 200 run several chunks and a tail.
+the shipped configs (chunks of BLOCK_L steps, BLOCK_D channels per forward / backward program):
+N = 16: 64 steps, 2 / 1 channels; N = 4: 64 steps, 8 / 4; N = 40 (BLOCK_N 64): 32 steps; N = 256: 8
+steps. So L = 97 and 200 run several chunks and a tail.
 """
 
 from __future__ import annotations
@@ -206,7 +207,7 @@ def test_saved_shape_and_bad_saved():
     assert tuple(saved.shape) == triton_scan.saved_shape(2, 4, 150, 16) == (2, 4, 4, 16)  # chunks of 64
     assert torch.equal(saved[:, :, -1], last)
     assert torch.equal(saved[:, :, 0], x["initial_state"])
-    assert triton_scan.saved_shape(1, 1, 100, 256) == (1, 1, 8, 256)  # chunks of 16
+    assert triton_scan.saved_shape(1, 1, 100, 256) == (1, 1, 14, 256)  # chunks of 8
     with pytest.raises(ValueError, match="saved"):
         triton_scan.scan_bwd(gr["dout"], None, *args_of(x), saved[:, :, :1].contiguous(), True, False)
 

@@ -24,10 +24,12 @@ one unit, so a variable B_t / C_t is one ``(BLOCK_N, BLOCK_L)`` tile per program
 
 Determinism: no atomics. Every output element is written by exactly one program. Reductions over
 channels and batch (dA, constant dB / dC, dD, d delta_bias) are written as per-(batch, channel) rows;
-variable dB / dC as per-(batch, channel block) partials ``(batch, blocks, N, L)``; the launcher sums
-them with torch in a fixed order. A backward program may walk ``n_sub`` consecutive channel blocks
-of its unit and accumulate its dB / dC partial in place (read-add-write by the same program), which
-caps the workspace for long sequences.
+variable dB / dC as per-(batch, program) partials ``(batch, programs, N, L)``; the launcher sums them
+with torch in a fixed order. A backward program walks ``n_sub`` consecutive channel blocks of its
+unit inside each chunk, so its variable dB_t / dC_t partial is summed over all of them in registers
+and written once (:func:`bwd_blocks` picks ``n_sub``: enough programs for the GPU, a capped
+workspace). The per-channel rows (and the carry dL/dh, kept in the dinitial_state buffer) are
+read and rewritten once per chunk by their program, with a barrier between chunks.
 
 Reverse scans (``reverse=True``) are expressed through the operands: the launcher passes views that
 start at the last time step with negated L strides, so the kernels never see the direction.
@@ -46,7 +48,7 @@ import triton.language as tl
 
 from ditkernels import _alloc
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 MAX_DSTATE = 256
 
 
@@ -201,12 +203,13 @@ def _selective_scan_bwd_kernel(
     offs_l = tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, BLOCK_D)
     d_first = unit * span + (pid % nblk) * n_sub * BLOCK_D
+    # Scalar bases; the tile offsets are recomputed per chunk (hoisted pointer tiles cost registers).
     if B_VAR:
-        b_base = Bm + bat * stride_bb + ((unit * span) // cpg_b) * stride_bg + offs_n[:, None] * stride_bn
-        db_base = DBm + bat * stride_dbb + pid.to(tl.int64) * stride_dbk + offs_n[:, None] * stride_dbn
+        b_base = Bm + bat * stride_bb + ((unit * span) // cpg_b) * stride_bg
+        db_base = DBm + bat * stride_dbb + pid.to(tl.int64) * stride_dbk
     if C_VAR:
-        c_base = Cm + bat * stride_cb + ((unit * span) // cpg_c) * stride_cg + offs_n[:, None] * stride_cn
-        dc_base = DCm + bat * stride_dcb + pid.to(tl.int64) * stride_dck + offs_n[:, None] * stride_dcn
+        c_base = Cm + bat * stride_cb + ((unit * span) // cpg_c) * stride_cg
+        dc_base = DCm + bat * stride_dcb + pid.to(tl.int64) * stride_dck
 
     for ci in range(0, nchunks):
         c = nchunks - 1 - ci
@@ -216,10 +219,12 @@ def _selective_scan_bwd_kernel(
         t_next = t + 1
         mask_l_next = (t_next < seqlen) & (offs_l < BLOCK_L - 1)
         if B_VAR:
-            Bt = tl.load(b_base + t[None, :] * stride_bl, mask=mask_nl, other=0.0).to(tl.float32)
+            Bt = tl.load(b_base + offs_n[:, None] * stride_bn + t[None, :] * stride_bl, mask=mask_nl,
+                         other=0.0).to(tl.float32)
             dB_chunk = tl.zeros((BLOCK_N, BLOCK_L), dtype=tl.float32)
         if C_VAR:
-            Ct = tl.load(c_base + t[None, :] * stride_cl, mask=mask_nl, other=0.0).to(tl.float32)
+            Ct = tl.load(c_base + offs_n[:, None] * stride_cn + t[None, :] * stride_cl, mask=mask_nl,
+                         other=0.0).to(tl.float32)
             dC_chunk = tl.zeros((BLOCK_N, BLOCK_L), dtype=tl.float32)
 
         for s in range(0, n_sub):
@@ -336,9 +341,9 @@ def _selective_scan_bwd_kernel(
             tl.store(DH0 + rows, tl.exp2(dt0[:, None] * A2) * g0, mask=mask_dn)
 
         if B_VAR:
-            tl.store(db_base + t[None, :] * stride_dbl, dB_chunk, mask=mask_nl)
+            tl.store(db_base + offs_n[:, None] * stride_dbn + t[None, :] * stride_dbl, dB_chunk, mask=mask_nl)
         if C_VAR:
-            tl.store(dc_base + t[None, :] * stride_dcl, dC_chunk, mask=mask_nl)
+            tl.store(dc_base + offs_n[:, None] * stride_dcn + t[None, :] * stride_dcl, dC_chunk, mask=mask_nl)
         # The rows written in this chunk are read back (maybe by other threads) in the next one.
         tl.debug_barrier()
 
@@ -357,22 +362,27 @@ class ScanConfig:
     fwd_warps: int
     bwd_block_d: int
     bwd_warps: int
+    # Register cap given to ptxas (.maxnreg). Without one, ptxas caps these loop-heavy kernels for
+    # occupancy on its own (e.g. 96 or 168 registers) and spills a few loop-invariant values.
+    maxnreg: int = 255
 
 
-# BLOCK_N (state size rounded up to a power of two) -> config; the same on sm_80 and sm_90. The
-# forward keeps ~4096 (a, b) pairs per chunk in flight, the backward half as many per warp (it holds
-# the states, the adjoints and their scan at once). Every entry compiles without spills
-# (python -m ditkernels compile-report).
+# BLOCK_N (the state size rounded up to a power of two) -> config, the same on sm_80 and sm_90.
+# Sized by registers (python -m ditkernels compile-report): the forward holds ~16 (a, b) pairs of
+# the (BLOCK_D, BLOCK_N, BLOCK_L) chunk per thread, the backward ~8 (it keeps the states, the adjoints
+# and both scans live at once, and for small N its many (BLOCK_D, BLOCK_L) rows dominate); 16 warps
+# would cap registers at 128 and spill. BLOCK_L is also the spacing of the saved states, so saved
+# holds N / BLOCK_L floats per (channel, step): 0.25 for N = 16, 32 for N = 256.
 CONFIGS: dict[int, ScanConfig] = {
-    1: ScanConfig(64, 32, 4, 16, 4),
-    2: ScanConfig(64, 32, 4, 16, 4),
-    4: ScanConfig(64, 16, 4, 8, 4),
-    8: ScanConfig(64, 8, 4, 4, 4),
-    16: ScanConfig(64, 4, 4, 2, 4),
-    32: ScanConfig(32, 4, 4, 2, 4),
-    64: ScanConfig(32, 2, 4, 1, 4),
-    128: ScanConfig(16, 2, 4, 1, 4),
-    256: ScanConfig(16, 1, 4, 1, 8),
+    1: ScanConfig(64, 16, 4, 4, 4),
+    2: ScanConfig(64, 8, 4, 4, 4),
+    4: ScanConfig(64, 8, 4, 4, 4),
+    8: ScanConfig(64, 4, 4, 2, 4),
+    16: ScanConfig(64, 2, 4, 1, 4),
+    32: ScanConfig(64, 1, 4, 1, 8),
+    64: ScanConfig(32, 1, 4, 1, 8),
+    128: ScanConfig(16, 1, 4, 1, 8),
+    256: ScanConfig(8, 1, 4, 1, 8),
 }
 BLOCK_N_BUCKETS = tuple(CONFIGS)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -555,7 +565,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus:
         p.dim, p.seqlen, p.dstate, p.nchunks, p.span, p.cpg_b, p.cpg_c, nblk,
         *p.u_s, *p.delta_s, *p.z_s, *out_s, *p.A.stride(), *p.B_s, *p.C_s, *h0.stride(),
         BLOCK_D=cfg.fwd_block_d, BLOCK_N=p.block_n, BLOCK_L=cfg.block_l, SOFTPLUS=bool(delta_softplus),
-        HAS_H0=p.h0 is not None, num_warps=cfg.fwd_warps, **p.flags(),
+        HAS_H0=p.h0 is not None, num_warps=cfg.fwd_warps, maxnreg=cfg.maxnreg, **p.flags(),
     )
     return out_full, last, saved
 
@@ -649,7 +659,7 @@ def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, sa
         *p.u_s, *p.delta_s, *p.z_s, *dout_s, *du_s, *ddelta_s, *dz_s, *p.A.stride(), *p.B_s, *p.C_s,
         *dB_s, *dC_s,
         BLOCK_D=cfg.bwd_block_d, BLOCK_N=p.block_n, BLOCK_L=cfg.block_l, SOFTPLUS=bool(delta_softplus),
-        HAS_DLAST=dlast_ is not None, num_warps=cfg.bwd_warps, **p.flags(),
+        HAS_DLAST=dlast_ is not None, num_warps=cfg.bwd_warps, maxnreg=cfg.maxnreg, **p.flags(),
     )
 
     def fold(buf: torch.Tensor, X: torch.Tensor, var: bool) -> torch.Tensor:
