@@ -263,6 +263,8 @@ def test_parity_with_flex_attention_clear_mask(backend):
     assert rel_err(got, want) <= 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.filterwarnings("ignore:return_lse is deprecated")
 def test_parity_with_natten_na2d(backend):
     natten = pytest.importorskip("natten")
     height, width, r = 11, 14, 2

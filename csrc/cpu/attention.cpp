@@ -182,6 +182,8 @@ inline void pack_transposed(const S* src, int64_t rs, int64_t n, int64_t D, T mu
   }
 }
 
+int resolve_threads(int requested, int64_t items);
+
 // ---- token-mapped tiles (ditkernels.schedule.TiledSchedule) -----------------------------------
 // A tile is a list of token indices (valid first, then the sentinel `seq`). Rows of such a tile are
 // gathered into packed compute-type buffers (the conversion fp16/bf16 -> fp32 does the same work).
@@ -231,72 +233,193 @@ struct ChunkBufs {
   Buf<uint8_t> par;
 };
 
-// Calls fn(X, xrs, Y, yrs, n, RowInfo) for chunks of <= kChunk rows of the tiles that lane tile
-// `tile` visits, X and Y being the same rows of two (.., D) tensors as compute-type A operands.
-// !MAP: contiguous tiles of `block` rows (in place when possible: for_each_chunk). MAP: tile u is
-// the token list tokmap[u * block, (u + 1) * block); rows of consecutive visits are gathered into
-// one chunk until it holds kChunk rows. Returns the number of tiles visited.
-template <bool MAP, typename S, typename T, typename F>
-inline int64_t for_each_rows(const Sched& s, const int32_t* tokmap, int64_t bh, int64_t tile, int64_t block,
-                             int64_t seq, const S* xbase, int64_t xst, const S* ybase, int64_t yst, int64_t D,
-                             ChunkBufs<T>& cb, F&& fn) {
-  if constexpr (!MAP) {
-    for_each_chunk(s, bh, tile, block, seq, kChunk, [&](int64_t a, int64_t n, bool partial) {
-      ptrdiff_t xrs, yrs;
-      const T* X = rows_operand<S, T>(xbase + a * xst, xst, n, D, cb.x, xrs);
-      const T* Y = rows_operand<S, T>(ybase + a * yst, yst, n, D, cb.y, yrs);
-      RowInfo ri;
-      ri.row0 = a, ri.partial = ri.any_partial = partial;
-      fn(X, xrs, Y, yrs, n, ri);
-    });
-    if (s.ptr == nullptr) return (seq + block - 1) / block;
-    const int32_t* ptr = s.ptr + bh * s.ptr_stride;
-    return ptr[tile + 1] - ptr[tile];
-  } else {
-    T* X = cb.x.get(kChunk * D);
-    T* Y = cb.y.get(kChunk * D);
-    int32_t* tk = cb.tok.get(kChunk);
-    uint8_t* pr = cb.par.get(kChunk);
-    int64_t fill = 0;
-    bool anyp = false;
-    auto flush = [&] {
-      if (fill == 0) return;
-      RowInfo ri;
-      ri.tok = tk, ri.par = pr, ri.any_partial = anyp;
-      fn(static_cast<const T*>(X), static_cast<ptrdiff_t>(D), static_cast<const T*>(Y), static_cast<ptrdiff_t>(D),
-         fill, ri);
-      fill = 0, anyp = false;
-    };
-    const int32_t* ptr = s.ptr + bh * s.ptr_stride;
-    const int32_t* idx = s.idx + bh * s.idx_stride;
-    const int32_t* par = s.partial + bh * s.idx_stride;
-    for (int32_t e = ptr[tile]; e < ptr[tile + 1]; ++e) {
-      const int32_t* tl = tokmap + static_cast<int64_t>(idx[e]) * block;
-      const bool p = par[e] != 0;
-      for (int64_t i = 0; i < block; ++i) {
-        const int64_t j = tl[i];
-        if (j >= seq) break;
-        load_row(xbase + j * xst, X + fill * D, D);
-        load_row(ybase + j * yst, Y + fill * D, D);
-        tk[fill] = static_cast<int32_t>(j);
-        pr[fill] = p;
-        anyp |= p;
-        if (++fill == kChunk) flush();
-      }
-    }
-    flush();
-    return ptr[tile + 1] - ptr[tile];
-  }
+// Calls fn(X, xrs, Y, yrs, n, RowInfo) for chunks of <= kChunk rows of the contiguous tiles (of
+// `block` rows) that lane tile `tile` visits, X and Y being the same rows of two (.., D) tensors as
+// compute-type A operands (in place when the storage is the compute type). Returns the tiles visited.
+template <typename S, typename T, typename F>
+inline int64_t for_each_rows(const Sched& s, int64_t bh, int64_t tile, int64_t block, int64_t seq, const S* xbase,
+                             int64_t xst, const S* ybase, int64_t yst, int64_t D, ChunkBufs<T>& cb, F&& fn) {
+  for_each_chunk(s, bh, tile, block, seq, kChunk, [&](int64_t a, int64_t n, bool partial) {
+    ptrdiff_t xrs, yrs;
+    const T* X = rows_operand<S, T>(xbase + a * xst, xst, n, D, cb.x, xrs);
+    const T* Y = rows_operand<S, T>(ybase + a * yst, yst, n, D, cb.y, yrs);
+    RowInfo ri;
+    ri.row0 = a, ri.partial = ri.any_partial = partial;
+    fn(X, xrs, Y, yrs, n, ri);
+  });
+  if (s.ptr == nullptr) return (seq + block - 1) / block;
+  const int32_t* ptr = s.ptr + bh * s.ptr_stride;
+  return ptr[tile + 1] - ptr[tile];
 }
 
-// Masks the partial rows of a (n x ld) score tile S (rows: RowInfo tokens; lanes: the table's).
+// Two (B, H, seq, D) tensors copied once per call into tile order, in the compute type: the rows of
+// token-mapped tile u of head bh are rows [u * block, u * block + cnt[u]) of that head's panel.
+// Visiting a tile then reads contiguous rows, as for contiguous tiles (and fp16/bf16 rows are
+// converted once, not once per visit).
+// The panels' memory stays with the calling thread between calls (fresh pages cost more than the
+// copy), up to kPanelKeepBytes per buffer.
+constexpr size_t kPanelKeepBytes = size_t(256) << 20;
+
 template <typename T>
-inline void apply_local(const LocalTable<T>& tab, const LocalGeom& g, T* Sc, int64_t ld, int nv, int64_t n,
+Buf<T>& panel_buffer(int slot) {
+  static thread_local Buf<T> bufs[2];
+  return bufs[slot];
+}
+
+template <typename T>
+struct TilePanels {
+  Buf<T>& x = panel_buffer<T>(0);
+  Buf<T>& y = panel_buffer<T>(1);
+  std::vector<int32_t> cnt;
+  int64_t ntiles = 0, block = 0, D = 0;
+  const T* xh(int64_t bh) const { return x.p + bh * ntiles * block * D; }
+  const T* yh(int64_t bh) const { return y.p + bh * ntiles * block * D; }
+  TilePanels() = default;
+  TilePanels(const TilePanels&) = delete;
+  ~TilePanels() {
+    for (Buf<T>* b : {&x, &y})
+      if (b->n * sizeof(T) > kPanelKeepBytes) {
+        std::free(b->p);
+        b->p = nullptr, b->n = 0;
+      }
+  }
+
+  template <typename S>
+  void pack(const Tensor4& tx, const Tensor4& ty, int64_t B, int64_t H, const int32_t* tokmap, int64_t ntiles_,
+            int64_t block_, int64_t seq, int64_t D_, int num_threads) {
+    ntiles = ntiles_, block = block_, D = D_;
+    cnt.resize(static_cast<size_t>(ntiles));
+    for (int64_t u = 0; u < ntiles; ++u) cnt[u] = static_cast<int32_t>(count_tokens(tokmap + u * block, block, seq));
+    const int64_t BH = B * H, n = std::max<int64_t>(BH * ntiles * block * D, 1);
+    T* px = x.get(static_cast<size_t>(n));
+    T* py = y.get(static_cast<size_t>(n));
+    const int64_t total = BH * ntiles;
+    std::atomic<int64_t> next{0};
+    auto body = [&](int) {
+      for (;;) {
+        const int64_t it = next.fetch_add(1, std::memory_order_relaxed);
+        if (it >= total) break;
+        const int64_t bh = it / ntiles, u = it % ntiles, b = bh / H, h = bh % H;
+        const int32_t* tok = tokmap + u * block;
+        T* dx = px + it * block * D;
+        T* dy = py + it * block * D;
+        for (int64_t i = 0; i < cnt[u]; ++i) {
+          load_row(tx.row<S>(b, h, tok[i]), dx + i * D, D);
+          load_row(ty.row<S>(b, h, tok[i]), dy + i * D, D);
+        }
+      }
+    };
+    ThreadPool::instance().run(resolve_threads(num_threads, total), body);
+  }
+};
+
+// for_each_rows over token-mapped tiles packed in TilePanels: rows of consecutive visited tiles that
+// are consecutive in the panel (full tiles u, u + 1, ...) are merged into chunks of <= kChunk rows.
+// merge_partial == false: a partial tile is a chunk of its own (its work is trimmed to its extent).
+template <bool merge_partial, typename T, typename F>
+inline int64_t for_each_rows_packed(const Sched& s, const int32_t* tokmap, const TilePanels<T>& tp, int64_t bh,
+                                    int64_t tile, ChunkBufs<T>& cb, F&& fn) {
+  const int64_t block = tp.block, D = tp.D;
+  const T* xb = tp.xh(bh);
+  const T* yb = tp.yh(bh);
+  uint8_t* pr = cb.par.get(kChunk);
+  const int32_t* ptr = s.ptr + bh * s.ptr_stride;
+  const int32_t* idx = s.idx + bh * s.idx_stride;
+  const int32_t* par = s.partial + bh * s.idx_stride;
+  int64_t a = 0, n = 0;  // current chunk: panel rows [a, a + n)
+  bool anyp = false, mixed = false, first_p = false;
+  auto flush = [&] {
+    if (n == 0) return;
+    RowInfo ri;
+    ri.tok = tokmap + a;
+    ri.any_partial = anyp;
+    if (mixed)
+      ri.par = pr;
+    else
+      ri.partial = first_p;
+    fn(xb + a * D, static_cast<ptrdiff_t>(D), yb + a * D, static_cast<ptrdiff_t>(D), n, ri);
+    n = 0, anyp = mixed = false;
+  };
+  for (int32_t e = ptr[tile]; e < ptr[tile + 1]; ++e) {
+    const int64_t u = idx[e], c = tp.cnt[u];
+    const bool p = par[e] != 0;
+    int64_t r0 = u * block;
+    if (!merge_partial && n > 0 && (p || anyp)) flush();
+    for (int64_t done = 0; done < c;) {
+      if (n > 0 && (a + n != r0 + done || n == kChunk)) flush();
+      const int64_t take = std::min(c - done, kChunk - n);
+      if (n == 0) a = r0 + done, first_p = p;
+      if (p != first_p && !mixed) {
+        std::fill(pr, pr + n, static_cast<uint8_t>(first_p));
+        mixed = true;
+      }
+      if (mixed) std::fill(pr + n, pr + n + take, static_cast<uint8_t>(p));
+      anyp |= p;
+      n += take, done += take;
+    }
+  }
+  flush();
+  return ptr[tile + 1] - ptr[tile];
+}
+
+// Rows [r0, r1) x lane vectors [j0, j1) of a chunk that can hold a visible pair: the work of a
+// partial visit is trimmed to it (a query tile's corner lanes see little of a diagonal KV tile).
+struct Extent {
+  int64_t r0 = 0, r1 = 0;
+  int j0 = 0, j1 = 0;
+  bool empty() const { return r1 <= r0 || j1 <= j0; }
+};
+
+template <typename VI>
+inline bool any_lane(VI m) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(VI) == 64) return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0;
+#elif defined(__AVX__)
+  if constexpr (sizeof(VI) == 32) return !_mm256_testz_si256((__m256i)m, (__m256i)m);
+#endif
+  bool any = false;
+  for (size_t i = 0; i < sizeof(VI) / sizeof(m[0]); ++i) any |= m[i] != 0;
+  return any;
+}
+
+// The extent of the visible pairs of a chunk of n rows against the table's nv lane vectors.
+template <typename T>
+inline Extent local_extent(const LocalTable<T>& tab, const LocalGeom& g, int nv, int64_t n, const RowInfo& ri) {
+  using V = vec_t<T>;
+  constexpr int W = kLanes<T>;
+  Extent e;
+  e.r0 = n;
+  uint64_t vecs = 0;
+  const uint64_t all = nv >= 64 ? ~uint64_t(0) : (uint64_t(1) << nv) - 1;
+  for (int64_t i = 0; i < n; ++i) {
+    bool act = false;
+    if (!ri.is_partial(i)) {
+      vecs = all, act = true;
+    } else {
+      int64_t row;
+      T x;
+      tab.row_of(g, ri.token(i), row, x);
+      const V xv = splat(x);
+      const T* lo = tab.lo + row * tab.ld;
+      const T* hi = tab.hi + row * tab.ld;
+      for (int j = 0; j < nv; ++j)
+        if (any_lane((xv >= loadu(lo + j * W)) & (xv <= loadu(hi + j * W)))) vecs |= uint64_t(1) << j, act = true;
+    }
+    if (act) e.r0 = std::min(e.r0, i), e.r1 = i + 1;
+  }
+  if (vecs != 0) e.j0 = __builtin_ctzll(vecs), e.j1 = 64 - __builtin_clzll(vecs);
+  return e;
+}
+
+// Masks the partial rows of the score tile S (rows: RowInfo tokens, row stride ld; lanes: the
+// table's) inside extent e.
+template <typename T>
+inline void apply_local(const LocalTable<T>& tab, const LocalGeom& g, T* Sc, int64_t ld, const Extent& e,
                         const RowInfo& ri) {
   using V = vec_t<T>;
   constexpr int W = kLanes<T>;
   const V ninf = splat(-std::numeric_limits<T>::infinity());
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = e.r0; i < e.r1; ++i) {
     if (!ri.is_partial(i)) continue;
     int64_t row;
     T x;
@@ -305,7 +428,7 @@ inline void apply_local(const LocalTable<T>& tab, const LocalGeom& g, T* Sc, int
     const T* lo = tab.lo + row * tab.ld;
     const T* hi = tab.hi + row * tab.ld;
     T* sr = Sc + i * ld;
-    for (int j = 0; j < nv; ++j) {
+    for (int j = e.j0; j < e.j1; ++j) {
       const V sv = loadu(sr + j * W);
       storeu(sr + j * W, (xv >= loadu(lo + j * W)) & (xv <= loadu(hi + j * W)) ? sv : ninf);
     }
@@ -341,7 +464,7 @@ struct FwdParams {
   const LocalGeom* geom;  // MASK_LOCAL only
   const int32_t* q_tokens;   // token-mapped tiles (TiledSchedule), else nullptr
   const int32_t* kv_tokens;
-  int64_t n_q_tiles;
+  int64_t n_q_tiles, n_kv_tiles;
   int epilogue;
   const float* row_scale;  // (B, H, Sq) with strides rs_st
   std::array<int64_t, 3> rs_st;
@@ -371,6 +494,8 @@ void fwd_kernel(const FwdParams& p) {
   const T log2e = static_cast<T>(kLog2e);
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const bool stats_only = p.out.ptr == 0;
+  TilePanels<T> kv;  // token-mapped tiles: K and V in KV-tile order
+  if constexpr (MAP) kv.template pack<S>(p.k, p.v, p.B, p.H, p.kv_tokens, p.n_kv_tiles, p.block_n, Sk, D, p.num_threads);
   std::atomic<int64_t> next{0};
 
   auto body = [&](int) {
@@ -420,43 +545,57 @@ void fwd_kernel(const FwdParams& p) {
       const S* kbase = p.k.row<S>(b, h, 0);
       const S* vbase = p.v.row<S>(b, h, 0);
 
-      visits += for_each_rows<MAP, S, T>(
-          p.sched, p.kv_tokens, bh, m, p.block_n, Sk, kbase, p.k.st[2], vbase, p.v.st[2], D, cb,
-          [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs, int64_t nk, const RowInfo& ri) {
-            gemm<T, false>(static_cast<int>(nk), nv, static_cast<int>(D), Kr, krs, 1, Qt, ld, St, ld);
-            if constexpr (kLocal) {
-              if (ri.any_partial) apply_local(table, *p.geom, St, ld, nv, nk, ri);
-            } else if constexpr (!Mask::kTrivial) {
-              if (ri.any_partial)
-                for (int64_t kk = 0; kk < nk; ++kk)
-                  if (ri.is_partial(kk))
-                    for (int64_t r = 0; r < nr; ++r)
-                      if (!Mask::visible(p.mask_params, MAP ? ltok[r] : q0 + r, ri.token(kk)))
-                        St[kk * ld + r] = neg_inf;
-            }
-            // Online softmax down the key axis, one vector of query rows at a time.
-            for (int j = 0; j < nv; ++j) {
-              T* sj = St + j * W;
-              V mx = loadu(sj);
-              for (int64_t kk = 1; kk < nk; ++kk) mx = vmax(mx, loadu(sj + kk * ld));
-              const V mold = loadu(mrow + j * W);
-              const V mnew = vmax(mold, mx);
-              const V base = mnew == splat(neg_inf) ? V{} : mnew;  // -inf-safe: all-masked rows stay 0
-              const V alpha = exp2v((mold - base) * log2e);
-              V sum{};
-              for (int64_t kk = 0; kk < nk; ++kk) {
-                V e = exp2v((loadu(sj + kk * ld) - base) * log2e);
-                storeu(sj + kk * ld, e);
-                sum += e;
-              }
-              storeu(lrow + j * W, fmadd(loadu(lrow + j * W), alpha, sum));
-              storeu(mrow + j * W, mnew);
-              if (!stats_only && !all_equal(alpha, T(1))) {
-                for (int64_t d = 0; d < D; ++d) storeu(Ot + d * ld + j * W, loadu(Ot + d * ld + j * W) * alpha);
-              }
-            }
-            if (!stats_only) gemm<T, true>(static_cast<int>(D), nv, static_cast<int>(nk), Vr, 1, vrs, St, ld, Ot, ld);
-          });
+      auto chunk = [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs, int64_t nk, const RowInfo& ri) {
+        Extent e{0, nk, 0, nv};
+        if constexpr (kLocal) {
+          if (ri.any_partial) {
+            e = local_extent(table, *p.geom, nv, nk, ri);
+            if (e.empty()) return;
+          }
+        }
+        const int64_t ne = e.r1 - e.r0;
+        const int nve = e.j1 - e.j0;
+        T* Se = St + e.r0 * ld;  // rows of the extent; lanes are indexed j * W with j in [j0, j1)
+        gemm<T, false>(static_cast<int>(ne), nve, static_cast<int>(D), Kr + e.r0 * krs, krs, 1, Qt + e.j0 * W, ld,
+                       Se + e.j0 * W, ld);
+        if constexpr (kLocal) {
+          if (ri.any_partial) apply_local(table, *p.geom, St, ld, e, ri);
+        } else if constexpr (!Mask::kTrivial) {
+          if (ri.any_partial)
+            for (int64_t kk = 0; kk < nk; ++kk)
+              if (ri.is_partial(kk))
+                for (int64_t r = 0; r < nr; ++r)
+                  if (!Mask::visible(p.mask_params, MAP ? ltok[r] : q0 + r, ri.token(kk))) St[kk * ld + r] = neg_inf;
+        }
+        // Online softmax down the key axis, one vector of query rows at a time.
+        for (int j = e.j0; j < e.j1; ++j) {
+          T* sj = Se + j * W;
+          V mx = loadu(sj);
+          for (int64_t kk = 1; kk < ne; ++kk) mx = vmax(mx, loadu(sj + kk * ld));
+          const V mold = loadu(mrow + j * W);
+          const V mnew = vmax(mold, mx);
+          const V base = mnew == splat(neg_inf) ? V{} : mnew;  // -inf-safe: all-masked rows stay 0
+          const V alpha = exp2v((mold - base) * log2e);
+          V sum{};
+          for (int64_t kk = 0; kk < ne; ++kk) {
+            V ex = exp2v((loadu(sj + kk * ld) - base) * log2e);
+            storeu(sj + kk * ld, ex);
+            sum += ex;
+          }
+          storeu(lrow + j * W, fmadd(loadu(lrow + j * W), alpha, sum));
+          storeu(mrow + j * W, mnew);
+          if (!stats_only && !all_equal(alpha, T(1))) {
+            for (int64_t d = 0; d < D; ++d) storeu(Ot + d * ld + j * W, loadu(Ot + d * ld + j * W) * alpha);
+          }
+        }
+        if (!stats_only)
+          gemm<T, true>(static_cast<int>(D), nve, static_cast<int>(ne), Vr + e.r0 * vrs, 1, vrs, Se + e.j0 * W, ld,
+                        Ot + e.j0 * W, ld);
+      };
+      if constexpr (MAP)
+        visits += for_each_rows_packed<!kLocal>(p.sched, p.kv_tokens, kv, bh, m, cb, chunk);
+      else
+        visits += for_each_rows<S, T>(p.sched, bh, m, p.block_n, Sk, kbase, p.k.st[2], vbase, p.v.st[2], D, cb, chunk);
 
       // Normalise, apply the epilogue, store (transposing Ot back), write lse.
       for (int64_t r = 0; r < nr; ++r) {
@@ -556,6 +695,9 @@ void bwd_kernel(const BwdParams& p) {
     const int64_t ngroups = (p.block_m + kRowGroup - 1) / kRowGroup;
     const int64_t total = BH * nqt * ngroups;
     const int64_t ldmax = (std::min<int64_t>(kRowGroup, p.block_m) + W - 1) / W * W;
+    TilePanels<T> kv;  // token-mapped tiles: K and V in KV-tile order
+    if constexpr (MAP)
+      kv.template pack<S>(p.k, p.v, p.B, p.H, p.kv_tokens, p.n_kv_tiles, p.block_n, Sk, D, p.num_threads);
     std::atomic<int64_t> next{0};
     auto body = [&](int) {
       Buf<T> qt_b, dot_b, dqt_b, st_b, dpt_b, l_b, dl_b;
@@ -609,10 +751,20 @@ void bwd_kernel(const BwdParams& p) {
         const S* kbase = p.k.row<S>(b, h, 0);
         const S* vbase = p.v.row<S>(b, h, 0);
         // St = scores (keys x rows), dPt = dP (keys x rows), for one chunk of keys.
+        // St = scores, dPt = dP (keys x rows) of one chunk of keys, inside its extent e (returned).
         auto scores = [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs, int64_t nk, const RowInfo& ri) {
-          gemm<T, false>(static_cast<int>(nk), nv, static_cast<int>(D), Kr, krs, 1, Qt, ld, St, ld);
+          Extent e{0, nk, 0, nv};
           if constexpr (kLocal) {
-            if (ri.any_partial) apply_local(table, *p.geom, St, ld, nv, nk, ri);
+            if (ri.any_partial) {
+              e = local_extent(table, *p.geom, nv, nk, ri);
+              if (e.empty()) return e;
+            }
+          }
+          const int ne = static_cast<int>(e.r1 - e.r0), nve = e.j1 - e.j0, iD = static_cast<int>(D);
+          const int64_t off = e.r0 * ld + e.j0 * W;
+          gemm<T, false>(ne, nve, iD, Kr + e.r0 * krs, krs, 1, Qt + e.j0 * W, ld, St + off, ld);
+          if constexpr (kLocal) {
+            if (ri.any_partial) apply_local(table, *p.geom, St, ld, e, ri);
           } else if constexpr (!Mask::kTrivial) {
             if (ri.any_partial)
               for (int64_t kk = 0; kk < nk; ++kk)
@@ -620,40 +772,49 @@ void bwd_kernel(const BwdParams& p) {
                   for (int64_t r = 0; r < nr; ++r)
                     if (!Mask::visible(p.mask_params, MAP ? ltok[r] : q0 + r, ri.token(kk))) St[kk * ld + r] = -inf;
           }
-          gemm<T, false>(static_cast<int>(nk), nv, static_cast<int>(D), Vr, vrs, 1, dOt, ld, dPt, ld);
+          gemm<T, false>(ne, nve, iD, Vr + e.r0 * vrs, vrs, 1, dOt + e.j0 * W, ld, dPt + off, ld);
+          return e;
         };
         if constexpr (kExactDelta) {
           // delta = sum_j P_ij dP_ij from the scores: rowsum(dO * O) would use the rounded O.
           std::fill(drow, drow + ld, T(0));
-          for_each_rows<MAP, S, T>(
-              p.sched, p.kv_tokens, bh, m, p.block_n, Sk, kbase, p.k.st[2], vbase, p.v.st[2], D, cb,
-              [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs, int64_t nk, const RowInfo& ri) {
-                scores(Kr, krs, Vr, vrs, nk, ri);
-                for (int j = 0; j < nv; ++j) {
-                  const V lj = loadu(lrow + j * W);
-                  V acc{};
-                  for (int64_t kk = 0; kk < nk; ++kk)
-                    acc = fmadd(exp2v((loadu(St + kk * ld + j * W) - lj) * log2e), loadu(dPt + kk * ld + j * W), acc);
-                  storeu(drow + j * W, loadu(drow + j * W) + acc);
-                }
-              });
+          auto delta_chunk = [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs, int64_t nk,
+                                 const RowInfo& ri) {
+            const Extent e = scores(Kr, krs, Vr, vrs, nk, ri);
+            for (int j = e.j0; j < e.j1; ++j) {
+              const V lj = loadu(lrow + j * W);
+              V acc{};
+              for (int64_t kk = e.r0; kk < e.r1; ++kk)
+                acc = fmadd(exp2v((loadu(St + kk * ld + j * W) - lj) * log2e), loadu(dPt + kk * ld + j * W), acc);
+              storeu(drow + j * W, loadu(drow + j * W) + acc);
+            }
+          };
+          if constexpr (MAP)
+            for_each_rows_packed<!kLocal>(p.sched, p.kv_tokens, kv, bh, m, cb, delta_chunk);
+          else
+            for_each_rows<S, T>(p.sched, bh, m, p.block_n, Sk, kbase, p.k.st[2], vbase, p.v.st[2], D, cb, delta_chunk);
           for (int64_t r = 0; r < nr; ++r) delta[bh * Sq + (MAP ? ltok[r] : q0 + r)] = drow[r];  // for dK/dV
         }
-        for_each_rows<MAP, S, T>(
-            p.sched, p.kv_tokens, bh, m, p.block_n, Sk, kbase, p.k.st[2], vbase, p.v.st[2], D, cb,
-            [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs, int64_t nk, const RowInfo& ri) {
-              scores(Kr, krs, Vr, vrs, nk, ri);
-              for (int j = 0; j < nv; ++j) {
-                const V lj = loadu(lrow + j * W), dj = loadu(drow + j * W);
-                for (int64_t kk = 0; kk < nk; ++kk) {
-                  T* s = St + kk * ld + j * W;
-                  T* dp = dPt + kk * ld + j * W;
-                  const V pr = exp2v((loadu(s) - lj) * log2e);
-                  storeu(dp, pr * (loadu(dp) - dj));
-                }
-              }
-              gemm<T, true>(static_cast<int>(D), nv, static_cast<int>(nk), Kr, 1, krs, dPt, ld, dQt, ld);
-            });
+        auto dq_chunk = [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs, int64_t nk, const RowInfo& ri) {
+          const Extent e = scores(Kr, krs, Vr, vrs, nk, ri);
+          if (e.empty()) return;
+          for (int j = e.j0; j < e.j1; ++j) {
+            const V lj = loadu(lrow + j * W), dj = loadu(drow + j * W);
+            for (int64_t kk = e.r0; kk < e.r1; ++kk) {
+              T* s = St + kk * ld + j * W;
+              T* dp = dPt + kk * ld + j * W;
+              const V pr = exp2v((loadu(s) - lj) * log2e);
+              storeu(dp, pr * (loadu(dp) - dj));
+            }
+          }
+          const int64_t off = e.r0 * ld + e.j0 * W;
+          gemm<T, true>(static_cast<int>(D), e.j1 - e.j0, static_cast<int>(e.r1 - e.r0), Kr + e.r0 * krs, 1, krs,
+                        dPt + off, ld, dQt + e.j0 * W, ld);
+        };
+        if constexpr (MAP)
+          for_each_rows_packed<!kLocal>(p.sched, p.kv_tokens, kv, bh, m, cb, dq_chunk);
+        else
+          for_each_rows<S, T>(p.sched, bh, m, p.block_n, Sk, kbase, p.k.st[2], vbase, p.v.st[2], D, cb, dq_chunk);
         for (int64_t r = 0; r < nr; ++r) {
           S* o = p.dq.mrow<S>(b, h, MAP ? ltok[r] : q0 + r);
           for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(dQt[d * ld + r] * sc);
@@ -669,6 +830,9 @@ void bwd_kernel(const BwdParams& p) {
     const int64_t ngroups = (p.block_n + kRowGroup - 1) / kRowGroup;
     const int64_t total = BH * nkt * ngroups;
     const int64_t ldmax = (std::min<int64_t>(kRowGroup, p.block_n) + W - 1) / W * W;
+    TilePanels<T> qg;  // token-mapped tiles: Q and dO in query-tile order
+    if constexpr (MAP)
+      qg.template pack<S>(p.q, p.dout, p.B, p.H, p.q_tokens, p.n_q_tiles, p.block_m, Sq, D, p.num_threads);
     std::atomic<int64_t> next{0};
     auto body = [&](int) {
       Buf<T> kt_b, vt_b, dkt_b, dvt_b, s_b, dp_b;
@@ -718,35 +882,47 @@ void bwd_kernel(const BwdParams& p) {
         const S* gbase = p.dout.row<S>(b, h, 0);
         const T* lse_bh = lse_row.get() + bh * Sq;
         const T* delta_bh = delta.get() + bh * Sq;
-        for_each_rows<MAP, S, T>(
-            p.tsched, p.q_tokens, bh, n, p.block_m, Sq, qbase, p.q.st[2], gbase, p.dout.st[2], D, cb,
-            [&](const T* Qr, ptrdiff_t qrs, const T* Gr, ptrdiff_t grs, int64_t nq, const RowInfo& ri) {
-              const int inq = static_cast<int>(nq), iD = static_cast<int>(D);
-              gemm<T, false>(inq, nv, iD, Qr, qrs, 1, Kt, ld, Sm, ld);
-              if constexpr (kLocal) {
-                if (ri.any_partial) apply_local(table, *p.geom, Sm, ld, nv, nq, ri);
-              } else if constexpr (!Mask::kTrivial) {
-                if (ri.any_partial)
-                  for (int64_t i = 0; i < nq; ++i)
-                    if (ri.is_partial(i))
-                      for (int64_t j = 0; j < nk; ++j)
-                        if (!Mask::visible(p.mask_params, ri.token(i), MAP ? ltok[j] : k0 + j)) Sm[i * ld + j] = -inf;
-              }
-              for (int64_t i = 0; i < nq; ++i) {
-                const V li = splat(lse_bh[ri.token(i)]);
-                T* s = Sm + i * ld;
-                for (int j = 0; j < nv; ++j) storeu(s + j * W, exp2v((loadu(s + j * W) - li) * log2e));
-              }
-              gemm<T, true>(iD, nv, inq, Gr, 1, grs, Sm, ld, dVt, ld);
-              gemm<T, false>(inq, nv, iD, Gr, grs, 1, Vt, ld, dP, ld);
-              for (int64_t i = 0; i < nq; ++i) {
-                const V di = splat(delta_bh[ri.token(i)]);
-                T* s = Sm + i * ld;
-                T* dp = dP + i * ld;
-                for (int j = 0; j < nv; ++j) storeu(dp + j * W, loadu(s + j * W) * (loadu(dp + j * W) - di));
-              }
-              gemm<T, true>(iD, nv, inq, Qr, 1, qrs, dP, ld, dKt, ld);
-            });
+        auto chunk = [&](const T* Qr, ptrdiff_t qrs, const T* Gr, ptrdiff_t grs, int64_t nq, const RowInfo& ri) {
+          Extent e{0, nq, 0, nv};
+          if constexpr (kLocal) {
+            if (ri.any_partial) {
+              e = local_extent(table, *p.geom, nv, nq, ri);
+              if (e.empty()) return;
+            }
+          }
+          const int ne = static_cast<int>(e.r1 - e.r0), nve = e.j1 - e.j0, iD = static_cast<int>(D);
+          const int64_t off = e.r0 * ld + e.j0 * W;
+          const T* Qe = Qr + e.r0 * qrs;
+          const T* Ge = Gr + e.r0 * grs;
+          gemm<T, false>(ne, nve, iD, Qe, qrs, 1, Kt + e.j0 * W, ld, Sm + off, ld);
+          if constexpr (kLocal) {
+            if (ri.any_partial) apply_local(table, *p.geom, Sm, ld, e, ri);
+          } else if constexpr (!Mask::kTrivial) {
+            if (ri.any_partial)
+              for (int64_t i = 0; i < nq; ++i)
+                if (ri.is_partial(i))
+                  for (int64_t j = 0; j < nk; ++j)
+                    if (!Mask::visible(p.mask_params, ri.token(i), MAP ? ltok[j] : k0 + j)) Sm[i * ld + j] = -inf;
+          }
+          for (int64_t i = e.r0; i < e.r1; ++i) {
+            const V li = splat(lse_bh[ri.token(i)]);
+            T* s = Sm + i * ld;
+            for (int j = e.j0; j < e.j1; ++j) storeu(s + j * W, exp2v((loadu(s + j * W) - li) * log2e));
+          }
+          gemm<T, true>(iD, nve, ne, Ge, 1, grs, Sm + off, ld, dVt + e.j0 * W, ld);
+          gemm<T, false>(ne, nve, iD, Ge, grs, 1, Vt + e.j0 * W, ld, dP + off, ld);
+          for (int64_t i = e.r0; i < e.r1; ++i) {
+            const V di = splat(delta_bh[ri.token(i)]);
+            T* s = Sm + i * ld;
+            T* dp = dP + i * ld;
+            for (int j = e.j0; j < e.j1; ++j) storeu(dp + j * W, loadu(s + j * W) * (loadu(dp + j * W) - di));
+          }
+          gemm<T, true>(iD, nve, ne, Qe, 1, qrs, dP + off, ld, dKt + e.j0 * W, ld);
+        };
+        if constexpr (MAP)
+          for_each_rows_packed<!kLocal>(p.tsched, p.q_tokens, qg, bh, n, cb, chunk);
+        else
+          for_each_rows<S, T>(p.tsched, bh, n, p.block_m, Sq, qbase, p.q.st[2], gbase, p.dout.st[2], D, cb, chunk);
         for (int64_t j = 0; j < nk; ++j) {
           const int64_t kj = MAP ? ltok[j] : k0 + j;
           S* ok = p.dk.mrow<S>(b, h, kj);
@@ -827,7 +1003,7 @@ void attention_fwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int6
   p.geom = &geom;
   p.q_tokens = reinterpret_cast<const int32_t*>(q_tokens);
   p.kv_tokens = reinterpret_cast<const int32_t*>(kv_tokens);
-  p.n_q_tiles = n_q_tiles;
+  p.n_q_tiles = n_q_tiles, p.n_kv_tiles = n_kv_tiles;
   p.epilogue = epilogue_kind;
   p.row_scale = reinterpret_cast<const float*>(row_scale);
   p.rs_st = row_scale_strides;
