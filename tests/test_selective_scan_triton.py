@@ -111,7 +111,7 @@ def check(x, gr, softplus, reverse, n_sub=None):
 @pytest.mark.parametrize("L", [1, 97, 200], ids=lambda L: f"L{L}")
 def test_all_options(L, reverse):
     """Every option at once: grouped B (G=2), variable C, D, z, bias + softplus, initial state, d last_state;
-    6 channels in 2 units of 3 (masked lanes; two backward channel blocks per unit)."""
+    6 channels in 2 units of 3: per unit two forward blocks of 2 (one lane masked), three backward blocks."""
     x, gr = make_case(dim=6, L=L, seed=L)
     check(x, gr, softplus=True, reverse=reverse)
 
@@ -144,8 +144,8 @@ def test_state_sizes(N, L):
 
 @pytest.mark.parametrize("n_sub", [1, 2, 3])
 def test_channel_blocks_per_backward_program(n_sub):
-    """dB / dC partials over 1, 2 or 3 backward channel blocks per program; 12 channels in 2 units of 6
-    (two forward channel blocks per unit)."""
+    """dB / dC partials summed over 1, 2 or 3 backward channel blocks (of 1) per program: 12 channels in 2
+    units of 6, so 6, 3 or 2 programs per unit (and three forward blocks of 2 per unit)."""
     x, gr = make_case(batch=1, L=70, b_kind="var", c_kind="group2", seed=11)
     check(x, gr, softplus=True, reverse=False, n_sub=n_sub)
 
@@ -227,9 +227,9 @@ def test_bwd_blocks_caps_the_workspace():
     assert kernels.bwd_blocks(2, 4, MiB, MiB, 4) == 2  # the most blocks per program giving 4 programs
     assert kernels.bwd_blocks(1, 4, MiB, MiB, 4) == 1
     assert kernels.bwd_blocks(1, 4, MiB, MiB, 1) == 4
-    # Mamba at batch 8, dim 1536 (768 blocks of 2), N 16, L 4096, variable B and C, 528 programs wanted:
-    # 11 blocks per program (8 * 70 programs) need 8 * 70 * 512 KiB = 280 MiB > 256 MiB; 12 blocks fit.
+    # Mamba at batch 8, dim 1536 (N 16: 1536 blocks of one channel), L 4096, variable B and C, 528 programs
+    # wanted: 23 blocks per program (8 * 67 programs) need 8 * 67 * 512 KiB > 256 MiB; 24 blocks fit.
     partial = 2 * 16 * 4096 * 4
-    assert kernels.bwd_blocks(8, 768, partial, 8 * partial, 528) == 12
-    # L = 65536: 8 MiB of partials per program, cap 8x the 64 MiB gradients: 64 programs of 96 blocks.
-    assert kernels.bwd_blocks(8, 768, 16 * partial, 8 * 16 * partial, 528) == 96
+    assert kernels.bwd_blocks(8, 1536, partial, 8 * partial, 528) == 24
+    # L = 65536: 8 MiB of partials per program, cap 8x the 64 MiB gradients: 64 programs of 192 blocks.
+    assert kernels.bwd_blocks(8, 1536, 16 * partial, 8 * 16 * partial, 528) == 192
