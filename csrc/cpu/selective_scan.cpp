@@ -5,32 +5,49 @@
 //   out_t = y_t * silu(z_t) when z is given.
 //
 // Torch-independent: tensors arrive as raw pointers (integers), dtype codes and element strides, so
-// reverse scans are just negative L strides. Work is split over rows (batch, channel) between
-// std::threads; the state dimension is processed in blocks of 16 lanes (one AVX-512 or two AVX2
-// registers) that gcc vectorises. Math is float32 for every storage dtype (float64 for float64).
+// reverse scans are just negative L strides. Math is float32 for every storage dtype (float64 for
+// float64).
 //
-// The forward runs over L in chunks and saves the state at every chunk boundary, hs (B, D, nc+1, N).
-// The backward walks the chunks in reverse: it recomputes the chunk's states from the saved boundary
-// state, then runs the reverse recurrence for dh. Nothing of size (B, D, L, N) is ever allocated.
-// Rows sharing a B/C group ("segment") share one transposed [t][n] tile of B and C per chunk, and
-// their dB/dC contributions are summed into that tile before being added to a per-thread partial
-// buffer; partial buffers are reduced in thread order at the end, so results are deterministic.
+// Layout of the work: the vector lanes are 16 *channels* of one batch ("a block"), not the state.
+// The per-(channel, time) work (softplus, delta * u, the D and z epilogue) is then one vector op for
+// 16 channels, the state recurrence needs no reduction over the state for y (each state's h * C is
+// accumulated lane-wise), and B_t / C_t, shared by every channel of a group, are scalar broadcasts.
+// Each block reads and writes 16 rows of its (B, D, L) operands chunk by chunk (T steps), transposed
+// to [t][lane] tiles on the way in and back on the way out. Blocks are spread over std::threads.
+//
+// The forward saves the state at every chunk boundary, hs (batch, blocks, nc + 1, NP, 16). The
+// backward walks the chunks in reverse: it recomputes the chunk's states and decays from the saved
+// boundary state (one exp per element, as in the forward), then runs the reverse recurrence for
+// dL/dh. Nothing of size (B, D, L, N) is allocated. dB and dC sum over the channels of a group:
+// per block, the 16 lanes of each (t, n) are folded by a transposing shuffle tree into a per-thread
+// partial buffer; partial buffers are added in thread order at the end, so results are deterministic
+// for a given thread count.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace py = pybind11;
 
 namespace {
 
 enum DType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
-constexpr int W = 16;  // lanes of one state block
+constexpr int W = 16;    // lanes: channels per block
+constexpr int NJF = 16;  // states per register block in the forward
+constexpr int NJB = 8;   // ... in the backward (its reverse loop carries two vectors per state)
 
 // ---------------------------------------------------------------------------------------------
 // 16-bit float conversions (bit manipulation, round-to-nearest-even).
@@ -80,53 +97,61 @@ inline uint16_t float_to_bf16(float f) {
 
 // dst[i * dst_stride] = src[i * stride] converted to Acc, for i < n.
 template <class Acc>
-void load(int64_t addr, int dtype, int64_t stride, int n, Acc* dst, int64_t dst_stride = 1) {
+void load(int64_t addr, int dtype, int64_t stride, int64_t n, Acc* dst, int64_t dst_stride = 1) {
   switch (dtype) {
     case kF32: {
       auto p = reinterpret_cast<const float*>(addr);
-      for (int i = 0; i < n; ++i) dst[i * dst_stride] = Acc(p[i * stride]);
+      if (stride == 1 && dst_stride == 1) {
+        for (int64_t i = 0; i < n; ++i) dst[i] = Acc(p[i]);
+      } else {
+        for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = Acc(p[i * stride]);
+      }
       break;
     }
     case kF64: {
       auto p = reinterpret_cast<const double*>(addr);
-      for (int i = 0; i < n; ++i) dst[i * dst_stride] = Acc(p[i * stride]);
+      for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = Acc(p[i * stride]);
       break;
     }
     case kF16: {
       auto p = reinterpret_cast<const uint16_t*>(addr);
-      for (int i = 0; i < n; ++i) dst[i * dst_stride] = Acc(half_to_float(p[i * stride]));
+      for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = Acc(half_to_float(p[i * stride]));
       break;
     }
     case kBF16: {
       auto p = reinterpret_cast<const uint16_t*>(addr);
-      for (int i = 0; i < n; ++i) dst[i * dst_stride] = Acc(bf16_to_float(p[i * stride]));
+      for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = Acc(bf16_to_float(p[i * stride]));
       break;
     }
   }
 }
 
-// dst[i * stride] = src[i] converted to dtype, for i < n.
+// dst[i * stride] = src[i * src_stride] converted to dtype, for i < n.
 template <class Acc>
-void store(int64_t addr, int dtype, int64_t stride, int n, const Acc* src) {
+void store(int64_t addr, int dtype, int64_t stride, int64_t n, const Acc* src, int64_t src_stride = 1) {
   switch (dtype) {
     case kF32: {
       auto p = reinterpret_cast<float*>(addr);
-      for (int i = 0; i < n; ++i) p[i * stride] = float(src[i]);
+      if (stride == 1 && src_stride == 1) {
+        for (int64_t i = 0; i < n; ++i) p[i] = float(src[i]);
+      } else {
+        for (int64_t i = 0; i < n; ++i) p[i * stride] = float(src[i * src_stride]);
+      }
       break;
     }
     case kF64: {
       auto p = reinterpret_cast<double*>(addr);
-      for (int i = 0; i < n; ++i) p[i * stride] = double(src[i]);
+      for (int64_t i = 0; i < n; ++i) p[i * stride] = double(src[i * src_stride]);
       break;
     }
     case kF16: {
       auto p = reinterpret_cast<uint16_t*>(addr);
-      for (int i = 0; i < n; ++i) p[i * stride] = float_to_half(float(src[i]));
+      for (int64_t i = 0; i < n; ++i) p[i * stride] = float_to_half(float(src[i * src_stride]));
       break;
     }
     case kBF16: {
       auto p = reinterpret_cast<uint16_t*>(addr);
-      for (int i = 0; i < n; ++i) p[i * stride] = float_to_bf16(float(src[i]));
+      for (int64_t i = 0; i < n; ++i) p[i * stride] = float_to_bf16(float(src[i * src_stride]));
       break;
     }
   }
@@ -136,8 +161,9 @@ int64_t itemsize(int dtype) { return dtype == kF64 ? 8 : dtype == kF32 ? 4 : 2; 
 
 // ---------------------------------------------------------------------------------------------
 // 16-lane vectors (GCC vector extensions: one zmm with AVX-512, two ymm with AVX2, plain SSE
-// elsewhere; no intrinsics). Float math uses Cephes-style polynomials (~1 ulp); the float64 path
-// calls libm per lane (it is there for exactness, not speed).
+// elsewhere). Float math uses Cephes-style polynomials (~1 ulp); the float64 path calls libm per
+// lane (it is there for exactness, not speed). The build is ISO C++, where GCC does not contract
+// a * b + c, so the hot loops spell their FMAs out with vfma.
 
 template <class Acc>
 struct VecOf;
@@ -166,96 +192,147 @@ inline void vstore(Acc* p, Vec<Acc> v) {
 }
 template <class Acc>
 inline Vec<Acc> splat(Acc x) {
-  return Vec<Acc>{} + x;
+  return x - Vec<Acc>{};  // x - 0 == x for every x (unlike 0 + x for x = -0)
 }
 
-// 2^x: x = n + f with n = round(x), 2^f by a degree-6 polynomial on [-0.5, 0.5] (Cephes exp2f,
-// ~1 ulp). Adding 1.5*2^23 + 127 rounds x and leaves n + 127 in the low mantissa bits, so the
-// exponent 2^n is one shift away.
-inline Vec<float> vexp2(Vec<float> x) {
-  typedef VecOf<float>::itype VI;
+// a * b + c, fused where the target has FMA.
+inline Vec<float> vfma(Vec<float> a, Vec<float> b, Vec<float> c) {
+#if defined(__AVX512F__)
+  return (Vec<float>)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__AVX2__) && defined(__FMA__)
+  typedef float H __attribute__((vector_size(32)));
+  H a0, a1, b0, b1, c0, c1;
+  std::memcpy(&a0, &a, 32), std::memcpy(&a1, reinterpret_cast<char*>(&a) + 32, 32);
+  std::memcpy(&b0, &b, 32), std::memcpy(&b1, reinterpret_cast<char*>(&b) + 32, 32);
+  std::memcpy(&c0, &c, 32), std::memcpy(&c1, reinterpret_cast<char*>(&c) + 32, 32);
+  const H r0 = (H)_mm256_fmadd_ps((__m256)a0, (__m256)b0, (__m256)c0);
+  const H r1 = (H)_mm256_fmadd_ps((__m256)a1, (__m256)b1, (__m256)c1);
+  Vec<float> r;
+  std::memcpy(&r, &r0, 32), std::memcpy(reinterpret_cast<char*>(&r) + 32, &r1, 32);
+  return r;
+#else
+  return a * b + c;
+#endif
+}
+inline Vec<double> vfma(Vec<double> a, Vec<double> b, Vec<double> c) { return a * b + c; }
+
+
+// 2^f for f in [-0.5, 0.5]. Degree 6 (Cephes exp2f, ~8e-8 relative with FMAs) for softplus and
+// sigmoid; degree 5 with p(0) = 1 (minimax for the relative error, ~1.7e-7) for the decays, where it
+// saves one FMA of the ~10 per state update.
+template <int DEG>
+inline Vec<float> exp2_poly(Vec<float> f) {
   using V = Vec<float>;
+  V p;
+  if constexpr (DEG == 5) {
+    p = vfma(splat(1.3264727e-3f), f, splat(9.671513e-3f));
+    p = vfma(p, f, splat(5.5507336e-2f));
+    p = vfma(p, f, splat(2.4022242e-1f));
+    p = vfma(p, f, splat(6.93147e-1f));
+  } else {
+    p = vfma(splat(1.535336188319500e-4f), f, splat(1.339887440266574e-3f));
+    p = vfma(p, f, splat(9.618437357674640e-3f));
+    p = vfma(p, f, splat(5.550332471162809e-2f));
+    p = vfma(p, f, splat(2.402264791363012e-1f));
+    p = vfma(p, f, splat(6.931472028550421e-1f));
+  }
+  return vfma(p, f, splat(1.0f));
+}
+
+// 2^x = 2^n 2^f with n = round(x). AVX-512: vrndscaleps, then vscalefps (exact underflow to 0 and
+// overflow to inf); -inf gives 0 and NaN stays NaN. Elsewhere x is clamped to [-126, 126] and 2^n
+// built in the exponent bits.
+template <int DEG = 6>
+inline Vec<float> vexp2(Vec<float> x) {
+  using V = Vec<float>;
+#if defined(__AVX512F__)
+  // max(c, NaN) = NaN (the masked forms: GCC 12 warns about the undefined source of the plain ones)
+  const __m512 xv = _mm512_mask_max_ps((__m512)x, (__mmask16)0xffff, _mm512_set1_ps(-160.0f), (__m512)x);
+  const __m512 n = _mm512_mask_roundscale_ps(xv, (__mmask16)0xffff, xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const V p = exp2_poly<DEG>((V)xv - (V)n);
+  return (V)_mm512_mask_scalef_ps((__m512)p, (__mmask16)0xffff, (__m512)p, n);
+#else
+  typedef VecOf<float>::itype VI;
   x = x < splat(-126.0f) ? splat(-126.0f) : x;
   x = x > splat(126.0f) ? splat(126.0f) : x;
-  const V magic = splat(12582912.0f + 127.0f);
+  const V magic = splat(12582912.0f + 127.0f);  // 1.5 * 2^23 + 127: rounds x, leaves n + 127 in the low bits
   const V v = x + magic;
-  const V f = x - (v - magic);
-  V p = splat(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  return p * (V)((VI)v << 23);
+  return exp2_poly<DEG>(x - (v - magic)) * (V)((VI)v << 23);
+#endif
 }
+template <int DEG = 6>
 inline Vec<double> vexp2(Vec<double> x) {
   for (int i = 0; i < W; ++i) x[i] = std::exp2(x[i]);
   return x;
 }
-inline Vec<float> vexp(Vec<float> x) { return vexp2(x * 1.44269504088896341f); }
-inline Vec<double> vexp(Vec<double> x) {
-  for (int i = 0; i < W; ++i) x[i] = std::exp(x[i]);
-  return x;
-}
-// exp(x) for the decays: e^x = 2^(x log2 e); callers pre-scale A by log2(e).
+// exp(x) = 2^(x log2 e); the decays' callers pre-scale A by log2(e).
 constexpr double kLog2e = 1.4426950408889634074;
 
-// log(x) for finite x >= 1 (softplus only).
-inline Vec<float> vlog_ge1(Vec<float> x) {
-  typedef VecOf<float>::itype VI;
-  using V = Vec<float>;
-  const VI b = (VI)x;
-  V e = __builtin_convertvector((b >> 23) - 126, V);
-  V m = (V)((b & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
-  const VI small = m < splat(0.707106781186547524f);
-  e = small ? e - 1.0f : e;
-  m = small ? m + m - 1.0f : m - 1.0f;
-  const V z = m * m;
-  V y = splat(7.0376836292e-2f);
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z;
-  y = y - e * 2.12194440e-4f;
-  y = y - z * 0.5f;
-  return (m + y) + e * 0.693359375f;
+// 1 / u for u in [1, 2]: vrcp14ps and one Newton step (~2^-28) with AVX-512, a division elsewhere.
+inline Vec<float> vrcp_1to2(Vec<float> u) {
+#if defined(__AVX512F__)
+  const Vec<float> r = (Vec<float>)_mm512_mask_rcp14_ps((__m512)u, (__mmask16)0xffff, (__m512)u);
+  return r * vfma(-u, r, splat(2.0f));
+#else
+  return 1.0f / u;
+#endif
 }
 
-// softplus with torch's threshold 20; log1p(e) = log(1+e) * e / ((1+e) - 1) keeps small e accurate.
-inline Vec<float> vsoftplus(Vec<float> x) {
+// log(u) for u in [1, 2]: Cephes logf's polynomial on m - 1, u = 2^e m with m in [sqrt(1/2), sqrt(2)).
+inline Vec<float> vlog_1to2(Vec<float> u) {
   using V = Vec<float>;
-  const V e = vexp(x < splat(20.0f) ? x : splat(20.0f));
-  const V u = e + 1.0f;
-  const V d = u - 1.0f;
-  const V lp = d == splat(0.0f) ? e : vlog_ge1(u) * (e / (d == splat(0.0f) ? splat(1.0f) : d));
-  return x > splat(20.0f) ? x : lp;
+  const auto big = u > splat(1.41421356237f);
+  const V e = big ? splat(1.0f) : splat(0.0f);
+  const V x = (big ? u * 0.5f : u) - 1.0f;  // exact (Sterbenz)
+  const V z = x * x;
+  V y = vfma(splat(7.0376836292e-2f), x, splat(-1.1514610310e-1f));
+  y = vfma(y, x, splat(1.1676998740e-1f));
+  y = vfma(y, x, splat(-1.2420140846e-1f));
+  y = vfma(y, x, splat(1.4249322787e-1f));
+  y = vfma(y, x, splat(-1.6668057665e-1f));
+  y = vfma(y, x, splat(2.0000714765e-1f));
+  y = vfma(y, x, splat(-2.4999993993e-1f));
+  y = vfma(y, x, splat(3.3333331174e-1f));
+  y = y * x * z;
+  y = vfma(e, splat(-2.12194440e-4f), y);
+  y = vfma(z, splat(-0.5f), y);
+  return vfma(e, splat(0.693359375f), x + y);
 }
-inline Vec<double> vsoftplus(Vec<double> x) {
-  for (int i = 0; i < W; ++i) x[i] = x[i] > 20.0 ? x[i] : std::log1p(std::exp(x[i]));
+
+// softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1], and sigmoid(x) = (x >= 0 ? 1 : e) / (1 + e).
+// log1p(e) = log(u) + c / u with u = 1 + e rounded and c = e - (u - 1) its rounding error (exact), so
+// small e keep their relative accuracy. No division; for x > ~17, softplus(x) = x as torch's threshold
+// gives. The sigmoid is written to *sig when asked for (the backward's softplus derivative).
+inline Vec<float> vsoftplus(Vec<float> x, Vec<float>* sig = nullptr) {
+  using V = Vec<float>;
+  const V ax = x < splat(0.0f) ? -x : x;
+  const V e = vexp2(ax * float(-kLog2e));
+  const V u = e + 1.0f;
+  const V r = vrcp_1to2(u);
+  if (sig) *sig = (x < splat(0.0f) ? e : splat(1.0f)) * r;
+  const V lp = vfma(e - (u - 1.0f), r, vlog_1to2(u));
+  return (x > splat(0.0f) ? x : splat(0.0f)) + lp;
+}
+inline Vec<double> vsoftplus(Vec<double> x, Vec<double>* sig = nullptr) {
+  for (int i = 0; i < W; ++i) {
+    if (sig) (*sig)[i] = 1.0 / (1.0 + std::exp(-x[i]));
+    x[i] = x[i] > 20.0 ? x[i] : std::log1p(std::exp(x[i]));
+  }
   return x;
 }
 
-template <class Acc>
-inline Vec<Acc> vsigmoid(Vec<Acc> x) {
-  return Acc(1) / (vexp(-x) + Acc(1));
+inline Vec<float> vsigmoid(Vec<float> x) {
+  using V = Vec<float>;
+  const V e = vexp2((x < splat(0.0f) ? x : -x) * float(kLog2e));  // exp(-|x|)
+  return (x < splat(0.0f) ? e : splat(1.0f)) * vrcp_1to2(e + 1.0f);
+}
+inline Vec<double> vsigmoid(Vec<double> x) {
+  for (int i = 0; i < W; ++i) x[i] = 1.0 / (1.0 + std::exp(-x[i]));
+  return x;
 }
 
-// Sum of the 16 lanes as a fixed tree.
-template <class Acc>
-inline Acc hsum(Vec<Acc> v) {
-  Acc a[8];
-  for (int j = 0; j < 8; ++j) a[j] = v[j] + v[j + 8];
-  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
-}
-
-// y[t] += sum_j Q[t * W + j] for t < tl: 16 rows at a time by a shuffle tree (a transposing
-// reduction, ~3 vector ops per row instead of a horizontal sum per row).
+// Transposing reduction: 16 vectors q_0..q_15 -> one vector whose lane i is the sum of q_i's lanes,
+// by a shuffle tree (15 two-input folds, ~3 ops per reduced vector instead of a horizontal sum each).
 template <class V>
 inline V fold8(V a, V b) {
   return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -276,20 +353,51 @@ inline V fold1(V a, V b) {
   return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
+template <class V>
+inline V fold16(const V* q) {
+  V s8[8], s4[4], s2[2];
+  for (int k = 0; k < 8; ++k) s8[k] = fold8(q[2 * k], q[2 * k + 1]);
+  for (int k = 0; k < 4; ++k) s4[k] = fold4(s8[2 * k], s8[2 * k + 1]);
+  for (int k = 0; k < 2; ++k) s2[k] = fold2(s4[2 * k], s4[2 * k + 1]);
+  return fold1(s2[0], s2[1]);
+}
 
-template <class Acc>
-void add_row_sums(const Acc* Q, int64_t tl, Acc* y) {
-  using V = Vec<Acc>;
-  int64_t t = 0;
-  for (; t + W <= tl; t += W) {
-    const Acc* q = Q + t * W;
-    V s8[8], s4[4], s2[2];
-    for (int k = 0; k < 8; ++k) s8[k] = fold8(vload(q + (2 * k) * W), vload(q + (2 * k + 1) * W));
-    for (int k = 0; k < 4; ++k) s4[k] = fold4(s8[2 * k], s8[2 * k + 1]);
-    for (int k = 0; k < 2; ++k) s2[k] = fold2(s4[2 * k], s4[2 * k + 1]);
-    vstore(y + t, vload(y + t) + fold1(s2[0], s2[1]));
+// 16 x 16 transpose: dst[j * ds + i] = src[i * ss + j]. Four rounds of block swaps (8, 4, 2, 1 wide),
+// each 16 two-input shuffles.
+template <int S, class V>
+inline void swap_blocks(V& a, V& b) {
+  V x, y;
+  if constexpr (S == 8) {
+    x = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    y = __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  } else if constexpr (S == 4) {
+    x = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+    y = __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  } else if constexpr (S == 2) {
+    x = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+    y = __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  } else {
+    x = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+    y = __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
   }
-  for (; t < tl; ++t) y[t] += hsum<Acc>(vload(Q + t * W));
+  a = x;
+  b = y;
+}
+template <int S, class V>
+inline void swap_round(V* r) {
+  for (int i = 0; i < W; ++i)
+    if (!(i & S)) swap_blocks<S>(r[i], r[i + S]);
+}
+template <class Acc>
+inline void transpose16(const Acc* src, int64_t ss, Acc* dst, int64_t ds) {
+  using V = Vec<Acc>;
+  V r[W];
+  for (int i = 0; i < W; ++i) r[i] = vload(src + i * ss);
+  swap_round<8>(r);
+  swap_round<4>(r);
+  swap_round<2>(r);
+  swap_round<1>(r);
+  for (int i = 0; i < W; ++i) vstore(dst + i * ds, r[i]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -314,7 +422,7 @@ struct Params {
   bool b_var = true, c_var = true;
   // Acc-typed contiguous buffers (0: absent).
   int64_t A = 0, Dvec = 0, delta_bias = 0, init = 0;  // (D, N), (D,), (D,), (B, D, N)
-  int64_t last = 0, hs = 0;                            // (B, D, N), (B, D, nc + 1, N)
+  int64_t last = 0, hs = 0;                            // (B, D, N), (B, ceil(D / 16), nc + 1, NP, 16)
   int64_t dlast = 0, dA_rows = 0, dD_rows = 0, dbias_rows = 0, dinit = 0;  // (B,D,N) (B,D,N) (B,D) (B,D) (B,D,N)
   // dB, dC: Acc, indexed (key, n, t) with key = b * G + g (variable) or g (constant), t-extent L or 1.
   Operand dB, dC;
@@ -333,356 +441,688 @@ void parallel_for(int nthreads, const F& fn) {
   for (auto& th : threads) th.join();
 }
 
-// Addressing of B or C for one (batch, group).
-struct GroupOperand {
-  const Operand* op;
-  int64_t groups, span;  // span: channels per group
-  bool var;
-  int64_t key(int64_t b, int64_t d) const { return (var ? b * groups : 0) + d / span; }
-  int64_t addr(int64_t b, int64_t d) const {
-    return op->ptr + (b * op->sb + (d / span) * op->sd) * itemsize(op->dtype);
-  }
-};
+// Time is cut into chunks of T steps (the states are saved at their boundaries) and spans of S steps,
+// a whole number of chunks: the per-(channel, t) work runs a span at a time, so that each of the 16
+// rows of an operand is read as one sequential stream of S elements.
+constexpr int64_t kSpanSteps = 256;
 
 struct Shape {
-  int64_t Bsz, D, L, N, NP, NB, T, nc;
+  int64_t Bsz, D, L, N, NP, nblk, T, nc, S, SP;
   explicit Shape(const Params& p)
-      : Bsz(p.batch), D(p.dim), L(p.seqlen), N(p.dstate), NP((p.dstate + W - 1) / W * W), NB(NP / W),
-        T(p.chunk), nc((p.seqlen + p.chunk - 1) / p.chunk) {}
+      : Bsz(p.batch), D(p.dim), L(p.seqlen), N(p.dstate), NP((p.dstate + NJB - 1) / NJB * NJB),
+        nblk((p.dim + W - 1) / W), T(p.chunk), nc((p.seqlen + p.chunk - 1) / p.chunk),
+        S(p.chunk * std::max<int64_t>(1, kSpanSteps / p.chunk)), SP((S + W - 1) / W * W) {}
+  int64_t blocks() const { return Bsz * nblk; }
 };
 
-// The (rows [r0, r1)) of one thread, cut into segments of rows sharing both their B and C groups.
-template <class F>
-void for_each_segment(const Shape& s, const GroupOperand& gb, const GroupOperand& gc, int64_t r0, int64_t r1,
-                      const F& fn) {
-  int64_t r = r0;
-  while (r < r1) {
-    const int64_t b = r / s.D, d = r % s.D;
-    const int64_t end_b = b * s.D + (d / gb.span + 1) * gb.span;
-    const int64_t end_c = b * s.D + (d / gc.span + 1) * gc.span;
-    const int64_t e = std::min({r1, end_b, end_c});
-    fn(b, d, e - r);
-    r = e;
-  }
-}
 
-// Transposed [t][n] tile (rows t < tl, NP columns, zero padded) of B or C at chunk offset t0.
-// A constant operand gives one row (its t-step is 0).
-template <class Acc>
-void load_tile(const Shape& s, const GroupOperand& g, int64_t b, int64_t d, int64_t t0, int64_t tl, Acc* tile) {
-  const Operand& op = *g.op;
-  const int64_t rows = g.var ? tl : 1;
-  std::fill(tile, tile + rows * s.NP, Acc(0));
-  const int64_t base = g.addr(b, d) + (g.var ? t0 * op.sl * itemsize(op.dtype) : 0);
-  for (int64_t n = 0; n < s.N; ++n)
-    load<Acc>(base + n * op.sn * itemsize(op.dtype), op.dtype, op.sl, int(rows), tile + n, s.NP);
-}
+// One block: 16 channels [d0, d0 + nl) of batch b.
+struct Block {
+  int64_t k, b, d0;
+  int nl;
+  Block(const Shape& s, int64_t k_)
+      : k(k_), b(k_ / s.nblk), d0((k_ % s.nblk) * W), nl(int(std::min<int64_t>(W, s.D - (k_ % s.nblk) * W))) {}
+};
 
 int64_t row_addr(const Operand& op, int64_t b, int64_t d, int64_t t0) {
   return op.ptr + (b * op.sb + d * op.sd + t0 * op.sl) * itemsize(op.dtype);
 }
 
-// One row, one chunk of the forward recurrence. A: (NP,) scaled by log2(e); h: (NP,) state in/out; y[t] = <h_t, C_t>; Q: (T, W) scratch.
+// A float32 row with unit stride and a whole number of vectors is used in place; anything else is
+// converted into a buffer (zero padded to whole vectors).
 template <class Acc>
-void chunk_forward(const Shape& s, int64_t tl, const Acc* A, const Acc* dt, const Acc* dtu, const Acc* Bt,
-                   int64_t bts, const Acc* Ct, int64_t cts, Acc* h, Acc* y, Acc* Q) {
-  using V = Vec<Acc>;
-  for (int64_t t = 0; t < tl; ++t) y[t] = 0;
-  for (int64_t nb = 0; nb < s.NB; ++nb) {
-    V hr = vload(h + nb * W);
-    const V Ar = vload(A + nb * W);
-    const Acc* Bb = Bt + nb * W;
-    const Acc* Cb = Ct + nb * W;
-    for (int64_t t = 0; t < tl; ++t) {
-      hr = vexp2(Ar * dt[t]) * hr + vload(Bb + t * bts) * dtu[t];
-      vstore(Q + t * W, hr * vload(Cb + t * cts));
+bool in_place(const Operand& op, int64_t tl) {
+  return std::is_same<Acc, float>::value && op.dtype == kF32 && op.sl == 1 && tl % W == 0;
+}
+
+// The steps [t0, t0 + tl) of the 16 rows (b, d0 + i) of a (B, D, L) operand, as Acc rows valid on
+// [0, roundup(tl, 16)); rows past nl are zeros. Row buffers hold SP >= roundup(tl, 16) elements.
+template <class Acc>
+struct RowsIn {
+  int64_t SP;
+  std::vector<Acc> buf, zeros;
+  const Acc* r[W];
+  explicit RowsIn(int64_t SP_) : SP(SP_), buf(W * SP_), zeros(SP_, Acc(0)) {}
+  void read(const Operand& op, const Block& blk, int64_t t0, int64_t tl) {
+    const bool direct = in_place<Acc>(op, tl);
+    for (int i = 0; i < W; ++i) {
+      if (i >= blk.nl || !op.ptr) {
+        r[i] = zeros.data();
+      } else if (direct) {
+        r[i] = reinterpret_cast<const Acc*>(row_addr(op, blk.b, blk.d0 + i, t0));
+      } else {
+        Acc* row = &buf[i * SP];
+        load<Acc>(row_addr(op, blk.b, blk.d0 + i, t0), op.dtype, op.sl, tl, row);
+        std::fill(row + tl, row + SP, Acc(0));
+        r[i] = row;
+      }
     }
-    vstore(h + nb * W, hr);
-    add_row_sums(Q, tl, y);
+  }
+};
+
+// Rows to write: in place or through a buffer that commit() converts and stores (rows < nl only).
+template <class Acc>
+struct RowsOut {
+  int64_t SP;
+  std::vector<Acc> buf;
+  Acc* r[W];
+  bool direct = false;
+  explicit RowsOut(int64_t SP_) : SP(SP_), buf(W * SP_) {}
+  void begin(const Operand& op, const Block& blk, int64_t t0, int64_t tl) {
+    direct = in_place<Acc>(op, tl);
+    for (int i = 0; i < W; ++i)
+      r[i] = direct && i < blk.nl ? reinterpret_cast<Acc*>(row_addr(op, blk.b, blk.d0 + i, t0)) : &buf[i * SP];
+  }
+  void commit(const Operand& op, const Block& blk, int64_t t0, int64_t tl) {
+    if (direct) return;
+    for (int i = 0; i < blk.nl; ++i) store<Acc>(row_addr(op, blk.b, blk.d0 + i, t0), op.dtype, op.sl, tl, r[i]);
+  }
+};
+
+// GCC drops __builtin_prefetch from code it inlines here (it counts as free of side effects), so on
+// x86 the instructions are spelled out.
+inline void prefetch(const void* a, bool write) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (write) asm volatile("prefetchw (%0)" : : "r"(a)); else asm volatile("prefetcht0 (%0)" : : "r"(a));
+#else
+  if (write) __builtin_prefetch(a, 1, 3); else __builtin_prefetch(a, 0, 3);
+#endif
+}
+
+// Prefetch the rows a block will touch in the chunk [t0, t0 + tl): they are 16 short streams per
+// operand, too many and too short for the hardware prefetchers.
+void prefetch_rows(const Operand& op, const Block& blk, int64_t t0, int64_t tl, bool write) {
+  if (!op.ptr || tl <= 0) return;
+  const int64_t isz = itemsize(op.dtype);
+  const int64_t step = std::max<int64_t>(1, 64 / std::max<int64_t>(1, std::abs(op.sl) * isz));
+  for (int i = 0; i < blk.nl; ++i) {
+    const char* row = reinterpret_cast<const char*>(row_addr(op, blk.b, blk.d0 + i, t0));
+    for (int64_t t = 0; t < tl + step - 1; t += step) {
+      prefetch(row + std::min(t, tl - 1) * op.sl * isz, write);
+    }
   }
 }
 
-// Per-row chunk inputs (padded to whole vectors): u, delta + bias, delta' (after softplus), delta' * u, z.
+// [lane][t] rows (stride SP) <-> [t][lane] tiles, te (a multiple of 16) steps.
 template <class Acc>
-struct RowChunk {
-  int64_t TP;
-  std::vector<Acc> u, x, dt, dtu, z;
-  explicit RowChunk(int64_t T)
-      : TP((T + W - 1) / W * W), u(TP, Acc(0)), x(TP, Acc(0)), dt(TP, Acc(0)), dtu(TP, Acc(0)), z(TP, Acc(0)) {}
-  void load_inputs(const Params& p, int64_t b, int64_t d, int64_t t0, int64_t tl) {
-    load<Acc>(row_addr(p.u, b, d, t0), p.u.dtype, p.u.sl, int(tl), u.data());
-    load<Acc>(row_addr(p.delta, b, d, t0), p.delta.dtype, p.delta.sl, int(tl), x.data());
-    if (p.z.ptr) load<Acc>(row_addr(p.z, b, d, t0), p.z.dtype, p.z.sl, int(tl), z.data());
-    const Acc bias = p.delta_bias ? reinterpret_cast<const Acc*>(p.delta_bias)[d] : Acc(0);
-    for (int64_t t = 0; t < tl; t += W) {
-      const Vec<Acc> xv = vload(&x[t]) + bias;
-      const Vec<Acc> dv = p.softplus ? vsoftplus(xv) : xv;
-      vstore(&x[t], xv);
-      vstore(&dt[t], dv);
-      vstore(&dtu[t], dv * vload(&u[t]));
+void rows_to_tile(const Acc* rows, int64_t SP, int64_t te, Acc* tile) {
+  for (int64_t t = 0; t < te; t += W) transpose16(rows + t, SP, tile + t * W, W);
+}
+template <class Acc>
+void tile_to_rows(const Acc* tile, int64_t te, Acc* rows, int64_t SP) {
+  for (int64_t t = 0; t < te; t += W) transpose16(tile + t * W, W, rows + t, SP);
+}
+
+// Per-lane (W) copies of the per-channel weights of a block, state-major: out[n][i] = w[(d0 + i) * N + n].
+template <class Acc>
+void lane_weights(const Shape& s, const Block& blk, const Acc* w, Acc scale, Acc* out) {
+  std::fill(out, out + s.NP * W, Acc(0));
+  for (int i = 0; i < blk.nl; ++i)
+    for (int64_t n = 0; n < s.N; ++n) out[n * W + i] = w[(blk.d0 + i) * s.N + n] * scale;
+}
+template <class Acc>
+Acc channel_weight(const Acc* w, const Block& blk, int i) {  // w[d0 + i], 0 for an absent w
+  return w ? w[blk.d0 + i] : Acc(0);
+}
+
+// B or C as the kernels read it. Three modes:
+//  kShared: variable and every lane of the block in one group: a scalar per (t, n), broadcast to the
+//           lanes. Staged once per (batch, group) as a [t][NP] table of the whole sequence.
+//  kLanes:  variable, the block's lanes in several groups: a vector per (t, n), staged per chunk.
+//  kConst:  constant (D, N): a vector per n, the same for every t.
+enum BCMode { kShared, kLanes, kConst };
+
+template <class Acc>
+struct BCSource {
+  const Shape& s;
+  const Operand& op;
+  int64_t groups, span;  // span: channels per group
+  bool var;
+  BCMode mode = kShared;
+  int64_t staged_key = -1;
+  std::vector<Acc> buf;
+  const Block* blk = nullptr;
+
+  BCSource(const Shape& s_, const Operand& op_, int64_t groups_, bool var_)
+      : s(s_), op(op_), groups(groups_), span(s_.D / groups_), var(var_) {}
+
+  int64_t key(int64_t b, int64_t d) const { return (var ? b * groups : 0) + d / span; }
+  int64_t addr(int64_t b, int64_t g, int64_t n, int64_t t) const {
+    return op.ptr + (b * op.sb + g * op.sd + n * op.sn + t * op.sl) * itemsize(op.dtype);
+  }
+  int64_t jstride() const { return mode == kShared ? 1 : W; }  // between states in buf
+
+  void begin_block(const Block& b) {
+    blk = &b;
+    if (!var) {
+      mode = kConst;
+      buf.assign(s.NP * W, Acc(0));
+      for (int i = 0; i < b.nl; ++i) load<Acc>(addr(0, b.d0 + i, 0, 0), op.dtype, op.sn, s.N, &buf[i], W);
+      staged_key = -1;
+    } else if ((b.d0 / span) == (b.d0 + b.nl - 1) / span) {
+      mode = kShared;
+      const int64_t k = key(b.b, b.d0);
+      if (k != staged_key) {
+        buf.assign(s.L * s.NP, Acc(0));
+        for (int64_t n = 0; n < s.N; ++n) load<Acc>(addr(b.b, b.d0 / span, n, 0), op.dtype, op.sl, s.L, &buf[n], s.NP);
+        staged_key = k;
+      }
+    } else {
+      mode = kLanes;
+      buf.assign(s.T * s.NP * W, Acc(0));
+      staged_key = -1;
     }
+  }
+  // Pointer and t-stride of the chunk starting at t0 (the kernels' B/C arguments).
+  const Acc* chunk(int64_t t0, int64_t tl, int64_t& ts) {
+    if (mode == kConst) {
+      ts = 0;
+      return buf.data();
+    }
+    if (mode == kShared) {
+      ts = s.NP;
+      return buf.data() + t0 * s.NP;
+    }
+    for (int i = 0; i < blk->nl; ++i)
+      for (int64_t n = 0; n < s.N; ++n)
+        load<Acc>(addr(blk->b, (blk->d0 + i) / span, n, t0), op.dtype, op.sl, tl, &buf[n * W + i], s.NP * W);
+    ts = s.NP * W;
+    return buf.data();
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+// NJ states (a register block) of one block over one chunk. A2: (NJ, W) A * log2(e); DT, DTU, Y:
+// (tl, W) delta', delta' * u and the output accumulator y += <h_t, C_t>; h: (NJ, W) state in/out;
+// Bp/Cp: B/C of the chunk at this register block's first state (t-stride bts/cts; a scalar per
+// (t, n) when BL/CL is false, a lane vector per (t, n) when true).
+template <class Acc, int NJ, bool BL, bool CL>
+void fwd_states(int64_t tl, const Acc* A2, const Acc* DT, const Acc* DTU, const Acc* Bp, int64_t bts,
+                const Acc* Cp, int64_t cts, Acc* h, Acc* Y) {
+  using V = Vec<Acc>;
+  constexpr int BJ = BL ? W : 1, CJ = CL ? W : 1;
+  V hr[NJ];
+  for (int j = 0; j < NJ; ++j) hr[j] = vload(h + j * W);
+  for (int64_t t = 0; t < tl; ++t) {
+    const V dt = vload(DT + t * W), dtu = vload(DTU + t * W);
+    const Acc* Bt = Bp + t * bts;
+    const Acc* Ct = Cp + t * cts;
+    V y0 = vload(Y + t * W), y1{};
+#pragma GCC unroll 16
+    for (int j = 0; j < NJ; ++j) {
+      const V a = vexp2<5>(vload(A2 + j * W) * dt);
+      const V bv = BL ? vload(Bt + j * BJ) : splat(Bt[j * BJ]);
+      const V cv = CL ? vload(Ct + j * CJ) : splat(Ct[j * CJ]);
+      hr[j] = vfma(a, hr[j], bv * dtu);
+      if (j & 1) y1 = vfma(hr[j], cv, y1); else y0 = vfma(hr[j], cv, y0);
+    }
+    vstore(Y + t * W, y0 + y1);
+  }
+  for (int j = 0; j < NJ; ++j) vstore(h + j * W, hr[j]);
+}
+
+template <class Acc, bool BL, bool CL>
+void fwd_chunk(const Shape& s, int64_t tl, const Acc* A2, const Acc* DT, const Acc* DTU, const Acc* Bp, int64_t bts,
+               const Acc* Cp, int64_t cts, Acc* h, Acc* Y) {
+  constexpr int BJ = BL ? W : 1, CJ = CL ? W : 1;
+  int64_t n = 0;
+  for (; n + NJF <= s.NP; n += NJF)
+    fwd_states<Acc, NJF, BL, CL>(tl, A2 + n * W, DT, DTU, Bp + n * BJ, bts, Cp + n * CJ, cts, h + n * W, Y);
+  for (; n < s.NP; n += NJB)
+    fwd_states<Acc, NJB, BL, CL>(tl, A2 + n * W, DT, DTU, Bp + n * BJ, bts, Cp + n * CJ, cts, h + n * W, Y);
+}
+
+template <class Acc>
+using FwdChunkFn = void (*)(const Shape&, int64_t, const Acc*, const Acc*, const Acc*, const Acc*, int64_t,
+                            const Acc*, int64_t, Acc*, Acc*);
+template <class Acc>
+FwdChunkFn<Acc> fwd_chunk_for(bool bl, bool cl) {
+  return bl ? (cl ? fwd_chunk<Acc, true, true> : fwd_chunk<Acc, true, false>)
+            : (cl ? fwd_chunk<Acc, false, true> : fwd_chunk<Acc, false, false>);
+}
+
+// Per-thread scratch of one block's span: the input rows and the delta' / delta' * u rows and tiles.
+template <class Acc>
+struct SpanInputs {
+  RowsIn<Acc> u, x, z;
+  std::vector<Acc> DTr, DTUr, DT, DTU;  // rows (W, SP) and tiles (SP, W)
+  explicit SpanInputs(const Shape& s)
+      : u(s.SP), x(s.SP), z(s.SP), DTr(W * s.SP), DTUr(W * s.SP), DT(s.SP * W), DTU(s.SP * W) {}
+
+  // Reads u, delta, z on [t0, t0 + sl); delta' = softplus(delta + bias) and delta' * u as rows and as
+  // tiles; sig (rows (W, SP)), when given, gets d delta' / d(delta + bias) (the sigmoid, or 1).
+  void load(const Params& p, const Shape& s, const Block& blk, int64_t t0, int64_t sl, Acc* sig = nullptr) {
+    using V = Vec<Acc>;
+    const Acc* bias_w = reinterpret_cast<const Acc*>(p.delta_bias);
+    const int64_t se = (sl + W - 1) / W * W;
+    u.read(p.u, blk, t0, sl);
+    x.read(p.delta, blk, t0, sl);
+    z.read(p.z, blk, t0, sl);
+    for (int i = 0; i < W; ++i) {
+      Acc* dtr = &DTr[i * s.SP];
+      Acc* dtur = &DTUr[i * s.SP];
+      if (i >= blk.nl) {  // absent channels: delta' = 0, so their states stay 0
+        std::fill(dtr, dtr + se, Acc(0));
+        std::fill(dtur, dtur + se, Acc(0));
+        if (sig) std::fill(sig + i * s.SP, sig + i * s.SP + se, Acc(0));
+        continue;
+      }
+      const Acc bias = channel_weight(bias_w, blk, i);
+      for (int64_t t = 0; t < se; t += W) {
+        const V xv = vload(x.r[i] + t) + bias;
+        V sg;
+        const V dt = p.softplus ? vsoftplus(xv, sig ? &sg : nullptr) : xv;
+        if (sig) vstore(sig + i * s.SP + t, p.softplus ? sg : splat(Acc(1)));
+        vstore(dtr + t, dt);
+        vstore(dtur + t, dt * vload(u.r[i] + t));
+      }
+    }
+    rows_to_tile(DTr.data(), s.SP, se, DT.data());
+    rows_to_tile(DTUr.data(), s.SP, se, DTU.data());
   }
 };
 
 template <class Acc>
 void forward(const Params& p) {
+  using V = Vec<Acc>;
   const Shape s(p);
-  const GroupOperand gb{&p.Bm, p.b_groups, s.D / p.b_groups, p.b_var};
-  const GroupOperand gc{&p.Cm, p.c_groups, s.D / p.c_groups, p.c_var};
   const Acc* A = reinterpret_cast<const Acc*>(p.A);
   const Acc* Dv = reinterpret_cast<const Acc*>(p.Dvec);
+  const Acc* init = reinterpret_cast<const Acc*>(p.init);
   Acc* hs = reinterpret_cast<Acc*>(p.hs);
   Acc* last = reinterpret_cast<Acc*>(p.last);
-  const int64_t R = s.Bsz * s.D;
-  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(p.nthreads, R)));
+  const int64_t nb_total = s.blocks(), hstride = s.NP * W, SP = s.SP;
+  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(p.nthreads, nb_total)));
+  std::atomic<int64_t> next{0};  // blocks are handed out one at a time (no reductions across blocks)
 
-  parallel_for(nt, [&](int tid) {
-    const int64_t r0 = R * tid / nt, r1 = R * (tid + 1) / nt;
-    RowChunk<Acc> rc(s.T);
-    std::vector<Acc> Bt(s.T * s.NP), Ct(s.T * s.NP), Apad(s.NP, Acc(0)), y(rc.TP), Q(s.T * W), h;
-    const int64_t bts = gb.var ? s.NP : 0, cts = gc.var ? s.NP : 0;
-    for_each_segment(s, gb, gc, r0, r1, [&](int64_t b, int64_t d0, int64_t nrows) {
-      h.assign(nrows * s.NP, Acc(0));
-      if (p.init) {
-        const Acc* init = reinterpret_cast<const Acc*>(p.init) + (b * s.D + d0) * s.N;
-        for (int64_t i = 0; i < nrows; ++i) std::copy(init + i * s.N, init + (i + 1) * s.N, &h[i * s.NP]);
-      }
-      for (int64_t c = 0; c < s.nc; ++c) {
-        const int64_t t0 = c * s.T, tl = std::min(s.T, s.L - t0);
-        load_tile(s, gb, b, d0, t0, tl, Bt.data());
-        load_tile(s, gc, b, d0, t0, tl, Ct.data());
-        for (int64_t i = 0; i < nrows; ++i) {
-          const int64_t d = d0 + i, row = b * s.D + d;
-          Acc* hr = &h[i * s.NP];
-          std::copy(hr, hr + s.N, hs + (row * (s.nc + 1) + c) * s.N);
-          for (int64_t n = 0; n < s.N; ++n) Apad[n] = A[d * s.N + n] * Acc(kLog2e);
-          rc.load_inputs(p, b, d, t0, tl);
-          chunk_forward<Acc>(s, tl, Apad.data(), rc.dt.data(), rc.dtu.data(), Bt.data(), bts, Ct.data(), cts, hr,
-                             y.data(), Q.data());
-          const Acc dv = Dv ? Dv[d] : Acc(0);
-          for (int64_t t = 0; t < tl; t += W) {
-            Vec<Acc> yv = vload(&y[t]) + vload(&rc.u[t]) * dv;
-            if (p.z.ptr) {
-              const Vec<Acc> zv = vload(&rc.z[t]);
-              yv = yv * zv * vsigmoid<Acc>(zv);
-            }
-            vstore(&y[t], yv);
-          }
-          store<Acc>(row_addr(p.out, b, d, t0), p.out.dtype, p.out.sl, int(tl), y.data());
+  parallel_for(nt, [&](int) {
+    SpanInputs<Acc> in(s);
+    RowsOut<Acc> out(SP);
+    BCSource<Acc> bsrc(s, p.Bm, p.b_groups, p.b_var), csrc(s, p.Cm, p.c_groups, p.c_var);
+    std::vector<Acc> A2(s.NP * W), h(s.NP * W), Y(SP * W), Yr(W * SP);
+    for (int64_t k; (k = next.fetch_add(1)) < nb_total;) {
+      const Block blk(s, k);
+      lane_weights(s, blk, A, Acc(kLog2e), A2.data());
+      std::fill(h.begin(), h.end(), Acc(0));
+      if (init) lane_weights(s, blk, init + blk.b * s.D * s.N, Acc(1), h.data());
+      bsrc.begin_block(blk);
+      csrc.begin_block(blk);
+      const FwdChunkFn<Acc> run = fwd_chunk_for<Acc>(bsrc.mode != kShared, csrc.mode != kShared);
+      Acc* hsk = hs + k * (s.nc + 1) * hstride;
+      for (int64_t t0 = 0; t0 < s.L; t0 += s.S) {
+        const int64_t sl = std::min(s.S, s.L - t0), se = (sl + W - 1) / W * W;
+        in.load(p, s, blk, t0, sl);
+        std::fill(Y.begin(), Y.begin() + se * W, Acc(0));
+        for (int64_t c0 = 0; c0 < sl; c0 += s.T) {
+          const int64_t tl = std::min(s.T, sl - c0);
+          std::copy(h.begin(), h.end(), hsk + (t0 + c0) / s.T * hstride);
+          int64_t bts, cts;
+          const Acc* Bp = bsrc.chunk(t0 + c0, tl, bts);
+          const Acc* Cp = csrc.chunk(t0 + c0, tl, cts);
+          run(s, tl, A2.data(), &in.DT[c0 * W], &in.DTU[c0 * W], Bp, bts, Cp, cts, h.data(), &Y[c0 * W]);
         }
+        tile_to_rows(Y.data(), se, Yr.data(), SP);
+        out.begin(p.out, blk, t0, sl);
+        for (int i = 0; i < blk.nl; ++i) {
+          const Acc dv = channel_weight(Dv, blk, i);
+          const Acc* ur = in.u.r[i];
+          const Acc* zr = in.z.r[i];
+          for (int64_t t = 0; t < se; t += W) {
+            V y = vfma(vload(ur + t), splat(dv), vload(&Yr[i * SP + t]));
+            if (p.z.ptr) {
+              const V zv = vload(zr + t);
+              y = y * zv * vsigmoid(zv);
+            }
+            vstore(out.r[i] + t, y);
+          }
+        }
+        out.commit(p.out, blk, t0, sl);
       }
-      for (int64_t i = 0; i < nrows; ++i) {
-        const int64_t row = b * s.D + d0 + i;
-        std::copy(&h[i * s.NP], &h[i * s.NP] + s.N, hs + (row * (s.nc + 1) + s.nc) * s.N);
-        std::copy(&h[i * s.NP], &h[i * s.NP] + s.N, last + row * s.N);
-      }
-    });
-  });
-}
-
-// Per-thread partial sums of dB or dC over the keys its rows touch, reduced in thread order at the end.
-template <class Acc>
-struct Partial {
-  int64_t kmin = 0, nkeys = 0, lext = 1;  // keys [kmin, kmin + nkeys), t-extent lext
-  std::vector<Acc> buf;                   // (nkeys, N, lext)
-};
-
-template <class Acc>
-void init_partial(const Shape& s, const GroupOperand& g, int64_t r0, int64_t r1, Partial<Acc>& part) {
-  part.lext = g.var ? s.L : 1;
-  if (r1 <= r0) return;
-  const int64_t b0 = r0 / s.D, b1 = (r1 - 1) / s.D;
-  int64_t k0 = g.key(b0, r0 % s.D), k1 = g.key(b1, (r1 - 1) % s.D);
-  if (!g.var && b0 != b1) k0 = 0, k1 = g.groups - 1;  // a constant operand's keys wrap with the batch
-  part.kmin = k0;
-  part.nkeys = k1 - k0 + 1;
-  part.buf.assign(part.nkeys * s.N * part.lext, Acc(0));
-}
-
-// partial[key][n][t0 + t] += tile[t][n]
-template <class Acc>
-void flush_tile(const Shape& s, const GroupOperand& g, int64_t key, int64_t t0, int64_t tl, const Acc* tile,
-                Partial<Acc>& part) {
-  const int64_t rows = g.var ? tl : 1;
-  Acc* dst = part.buf.data() + (key - part.kmin) * s.N * part.lext + (g.var ? t0 : 0);
-  for (int64_t n = 0; n < s.N; ++n)
-    for (int64_t t = 0; t < rows; ++t) dst[n * part.lext + t] += tile[t * s.NP + n];
-}
-
-template <class Acc>
-void reduce_partials(const Shape& s, const GroupOperand& g, const Operand& out, std::vector<Partial<Acc>>& parts,
-                     int nt) {
-  const int64_t nkeys = g.var ? s.Bsz * g.groups : g.groups;
-  const int64_t lext = g.var ? s.L : 1;
-  const int ntr = int(std::max<int64_t>(1, std::min<int64_t>(nt, nkeys)));
-  parallel_for(ntr, [&](int tid) {
-    std::vector<Acc> acc(s.N * lext);
-    for (int64_t k = nkeys * tid / ntr; k < nkeys * (tid + 1) / ntr; ++k) {
-      std::fill(acc.begin(), acc.end(), Acc(0));
-      for (auto& part : parts) {
-        if (k < part.kmin || k >= part.kmin + part.nkeys) continue;
-        const Acc* src = part.buf.data() + (k - part.kmin) * s.N * lext;
-        for (int64_t i = 0; i < s.N * lext; ++i) acc[i] += src[i];
-      }
-      for (int64_t n = 0; n < s.N; ++n)
-        store<Acc>(out.ptr + (k * out.sb + n * out.sn) * itemsize(out.dtype), out.dtype, out.sl, int(lext),
-                   acc.data() + n * lext);
+      std::copy(h.begin(), h.end(), hsk + s.nc * hstride);
+      for (int i = 0; i < blk.nl; ++i)
+        for (int64_t n = 0; n < s.N; ++n) last[(blk.b * s.D + blk.d0 + i) * s.N + n] = h[n * W + i];
     }
   });
 }
 
-// One state block of one row over one chunk, in reverse: g (dL/dh after the chunk) in/out, dA in/out,
-// dB/dC tiles accumulated, per-step sums <g_t, B_t> into QB rows and <A, g_t a_t h_{t-1}> into QA rows.
-// H, Ab: the chunk's recomputed states and decays. A constant B or C (VB / VC false) accumulates its
-// gradient in a register.
-template <class Acc, bool VB, bool VC>
-void reverse_block(int64_t tl, const Acc* dy, const Acc* dt, const Acc* dtu, Vec<Acc> Ar, Vec<Acc> hprev0,
-                   const Acc* H, const Acc* Ab, const Acc* Bb, const Acc* Cb, Acc* dBb, Acc* dCb, Vec<Acc>& gr,
-                   Vec<Acc>& dAr, Acc* QB, Acc* QA, int64_t NP) {
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+// Recompute NJB states of one block over one chunk from the saved state h0 (NJB, W): Hb (tl + 1, NJB, W)
+// gets h_{t-1} at row t (row 0 = h0) and h_t at row t + 1, Ab (tl, NJB, W) the decays; Y += <h_t, C_t>
+// when Y is given (dz needs y).
+template <class Acc, bool BL, bool CL>
+void bwd_recompute(int64_t tl, const Acc* A2, const Acc* DT, const Acc* DTU, const Acc* Bp, int64_t bts,
+                   const Acc* Cp, int64_t cts, const Acc* h0, Acc* Hb, Acc* Ab, Acc* Y) {
   using V = Vec<Acc>;
-  V dBc = VB ? V{} : vload(dBb), dCc = VC ? V{} : vload(dCb);
-  for (int64_t t = tl - 1; t >= 0; --t) {
-    const V Ht = vload(H + t * W), At = vload(Ab + t * W);
-    const V hp = t > 0 ? vload(H + (t - 1) * W) : hprev0;
-    const V Cv = vload(Cb + (VC ? t * NP : 0)), Bv = vload(Bb + (VB ? t * NP : 0));
-    const V gj = Cv * dy[t] + gr;  // dL/dh_t
-    if (VC) vstore(dCb + t * NP, vload(dCb + t * NP) + Ht * dy[t]); else dCc += Ht * dy[t];
-    if (VB) vstore(dBb + t * NP, vload(dBb + t * NP) + gj * dtu[t]); else dBc += gj * dtu[t];
-    const V w = gj * At * hp;
-    dAr += w * dt[t];
-    vstore(QB + t * W, gj * Bv);
-    vstore(QA + t * W, Ar * w);
-    gr = At * gj;  // dL/dh_{t-1}
+  constexpr int NJ = NJB, BJ = BL ? W : 1, CJ = CL ? W : 1;
+  V hr[NJ];
+  for (int j = 0; j < NJ; ++j) vstore(Hb + j * W, hr[j] = vload(h0 + j * W));
+  for (int64_t t = 0; t < tl; ++t) {
+    const V dt = vload(DT + t * W), dtu = vload(DTU + t * W);
+    const Acc* Bt = Bp + t * bts;
+    const Acc* Ct = Cp + t * cts;
+    V y0{}, y1{};
+#pragma GCC unroll 8
+    for (int j = 0; j < NJ; ++j) {
+      const V a = vexp2<5>(vload(A2 + j * W) * dt);
+      const V bv = BL ? vload(Bt + j * BJ) : splat(Bt[j * BJ]);
+      hr[j] = vfma(a, hr[j], bv * dtu);
+      vstore(Ab + (t * NJ + j) * W, a);
+      vstore(Hb + ((t + 1) * NJ + j) * W, hr[j]);
+      if (Y) {
+        const V cv = CL ? vload(Ct + j * CJ) : splat(Ct[j * CJ]);
+        if (j & 1) y1 = vfma(hr[j], cv, y1); else y0 = vfma(hr[j], cv, y0);
+      }
+    }
+    if (Y) vstore(Y + t * W, vload(Y + t * W) + (y0 + y1));
   }
-  if (!VB) vstore(dBb, dBc);
-  if (!VC) vstore(dCb, dCc);
+}
+
+// The reverse recurrence of NJB states over one chunk, t = tl-1 .. 0:
+//   g_t = C_t dy_t + a_{t+1} g_{t+1}   (dL/dh_t; g: (NJB, W) carried in/out)
+//   dA += g_t a_t h_{t-1} delta'_t,  RGA[t] += sum_n A g_t a_t h_{t-1},  RGB[t] += sum_n g_t B_t,
+//   dC[t] += sum_lanes h_t dy_t,  dB[t] += sum_lanes g_t delta'_t u_t.
+// A shared (scalar) B/C gets its lane sums by one fold of 16 vectors per t into dBp/dCp[t * NP + j];
+// a lane B/C accumulates lane-wise into dBp/dCp[t * dbts + j * W] (dbts 0 for a constant one).
+template <class Acc, bool BL, bool CL>
+void bwd_reverse(int64_t tl, const Acc* A1, const Acc* DT, const Acc* DTU, const Acc* DY, const Acc* Bp, int64_t bts,
+                 const Acc* Cp, int64_t cts, const Acc* Hb, const Acc* Ab, Acc* g, Acc* dA, Acc* RGA, Acc* RGB,
+                 Acc* dBp, int64_t dbts, Acc* dCp, int64_t dcts) {
+  using V = Vec<Acc>;
+  constexpr int NJ = NJB, BJ = BL ? W : 1, CJ = CL ? W : 1;
+  V gr[NJ], da[NJ];
+  for (int j = 0; j < NJ; ++j) gr[j] = vload(g + j * W), da[j] = vload(dA + j * W);
+  for (int64_t t = tl - 1; t >= 0; --t) {
+    const V dt = vload(DT + t * W), dtu = vload(DTU + t * W), dy = vload(DY + t * W);
+    const Acc* Bt = Bp + t * bts;
+    const Acc* Ct = Cp + t * cts;
+    V q[2 * NJ];  // lanes to fold: q[j] = h_t dy (dC), q[NJ + j] = g_t delta' u (dB)
+    V rga{}, rgb{};
+#pragma GCC unroll 8
+    for (int j = 0; j < NJ; ++j) {
+      const V hc = vload(Hb + ((t + 1) * NJ + j) * W), hp = vload(Hb + (t * NJ + j) * W);
+      const V a = vload(Ab + (t * NJ + j) * W);
+      const V bv = BL ? vload(Bt + j * BJ) : splat(Bt[j * BJ]);
+      const V cv = CL ? vload(Ct + j * CJ) : splat(Ct[j * CJ]);
+      const V gj = vfma(cv, dy, gr[j]);
+      if (CL) {
+        Acc* d = dCp + t * dcts + j * W;
+        vstore(d, vfma(hc, dy, vload(d)));
+        q[j] = V{};
+      } else {
+        q[j] = hc * dy;
+      }
+      if (BL) {
+        Acc* d = dBp + t * dbts + j * W;
+        vstore(d, vfma(gj, dtu, vload(d)));
+        q[NJ + j] = V{};
+      } else {
+        q[NJ + j] = gj * dtu;
+      }
+      const V w = gj * (a * hp);
+      da[j] = vfma(w, dt, da[j]);
+      rga = vfma(vload(A1 + j * W), w, rga);
+      rgb = vfma(gj, bv, rgb);
+      gr[j] = a * gj;
+    }
+    if (!BL || !CL) {
+      const V r = fold16(q);  // lanes 0..7: dC[t][j], 8..15: dB[t][j]
+      for (int j = 0; j < NJ; ++j) {
+        if (!CL) dCp[t * dcts + j] += r[j];
+        if (!BL) dBp[t * dbts + j] += r[NJ + j];
+      }
+    }
+    vstore(RGA + t * W, vload(RGA + t * W) + rga);
+    vstore(RGB + t * W, vload(RGB + t * W) + rgb);
+  }
+  for (int j = 0; j < NJ; ++j) vstore(g + j * W, gr[j]), vstore(dA + j * W, da[j]);
+}
+
+template <class Acc>
+struct BwdKernels {
+  void (*recompute)(int64_t, const Acc*, const Acc*, const Acc*, const Acc*, int64_t, const Acc*, int64_t,
+                    const Acc*, Acc*, Acc*, Acc*);
+  void (*reverse)(int64_t, const Acc*, const Acc*, const Acc*, const Acc*, const Acc*, int64_t, const Acc*, int64_t,
+                  const Acc*, const Acc*, Acc*, Acc*, Acc*, Acc*, Acc*, int64_t, Acc*, int64_t);
+};
+template <class Acc, bool BL, bool CL>
+constexpr BwdKernels<Acc> bwd_kernels_of() {
+  return {bwd_recompute<Acc, BL, CL>, bwd_reverse<Acc, BL, CL>};
+}
+template <class Acc>
+BwdKernels<Acc> bwd_kernels_for(bool bl, bool cl) {
+  return bl ? (cl ? bwd_kernels_of<Acc, true, true>() : bwd_kernels_of<Acc, true, false>())
+            : (cl ? bwd_kernels_of<Acc, false, true>() : bwd_kernels_of<Acc, false, false>());
+}
+
+// Per-thread partial sums of dB or dC over the keys its blocks touch, [key][t][NP], reduced in thread
+// order at the end.
+template <class Acc>
+struct Partial {
+  int64_t kmin = 0, nkeys = 0, lext = 1;  // keys [kmin, kmin + nkeys), t-extent lext
+  std::vector<Acc> buf;                   // (nkeys, lext, NP)
+  Acc* at(const Shape& s, int64_t key, int64_t t) { return buf.data() + ((key - kmin) * lext + t) * s.NP; }
+};
+
+// The gradient sink of one of B, C for the block being processed: a per-chunk [t][NP] table (shared),
+// a per-chunk [t][NP][W] lane table (lanes) or a [NP][W] lane table for the whole block (constant).
+template <class Acc>
+struct BCGrad {
+  const Shape& s;
+  BCSource<Acc>& src;
+  Partial<Acc> part;
+  std::vector<Acc> tile;
+  BCGrad(const Shape& s_, BCSource<Acc>& src_) : s(s_), src(src_) {}
+
+  void init_partial(int64_t k0, int64_t k1) {  // blocks [k0, k1)
+    part.lext = src.var ? s.L : 1;
+    if (k1 <= k0) return;
+    const Block first(s, k0), lastb(s, k1 - 1);
+    int64_t key0 = src.key(first.b, first.d0), key1 = src.key(lastb.b, lastb.d0 + lastb.nl - 1);
+    if (!src.var && first.b != lastb.b) key0 = 0, key1 = src.groups - 1;  // constant keys wrap with the batch
+    part.kmin = key0;
+    part.nkeys = key1 - key0 + 1;
+    part.buf.assign(part.nkeys * part.lext * s.NP, Acc(0));
+  }
+  void begin_block() {
+    if (src.mode == kConst) tile.assign(s.NP * W, Acc(0));
+  }
+  Acc* begin_chunk(int64_t& ts) {
+    if (src.mode == kConst) {
+      ts = 0;
+    } else if (src.mode == kShared) {
+      ts = s.NP;
+      tile.assign(s.T * s.NP, Acc(0));
+    } else {
+      ts = s.NP * W;
+      tile.assign(s.T * s.NP * W, Acc(0));
+    }
+    return tile.data();
+  }
+  void end_chunk(const Block& blk, int64_t t0, int64_t tl) {
+    if (src.mode == kShared) {
+      Acc* dst = part.at(s, src.key(blk.b, blk.d0), t0);
+      const int64_t n = tl * s.NP;
+      int64_t i = 0;
+      for (; i + W <= n; i += W) vstore(dst + i, vload(dst + i) + vload(&tile[i]));
+      for (; i < n; ++i) dst[i] += tile[i];
+    } else if (src.mode == kLanes) {
+      for (int i = 0; i < blk.nl; ++i) {
+        Acc* dst = part.at(s, src.key(blk.b, blk.d0 + i), t0);
+        for (int64_t t = 0; t < tl; ++t)
+          for (int64_t n = 0; n < s.N; ++n) dst[t * s.NP + n] += tile[(t * s.NP + n) * W + i];
+      }
+    }
+  }
+  void end_block(const Block& blk) {
+    if (src.mode != kConst) return;
+    for (int i = 0; i < blk.nl; ++i) {
+      Acc* dst = part.at(s, src.key(blk.b, blk.d0 + i), 0);
+      for (int64_t n = 0; n < s.N; ++n) dst[n] += tile[n * W + i];
+    }
+  }
+};
+
+template <class Acc>
+void reduce_partials(const Shape& s, const BCSource<Acc>& src, const Operand& out, std::vector<Partial<Acc>*>& parts,
+                     int nt) {
+  const int64_t nkeys = src.var ? s.Bsz * src.groups : src.groups;
+  const int64_t lext = src.var ? s.L : 1;
+  const int ntr = int(std::max<int64_t>(1, std::min<int64_t>(nt, nkeys)));
+  parallel_for(ntr, [&](int tid) {
+    std::vector<Acc> acc(lext * s.NP);
+    for (int64_t k = nkeys * tid / ntr; k < nkeys * (tid + 1) / ntr; ++k) {
+      std::fill(acc.begin(), acc.end(), Acc(0));
+      for (auto* part : parts) {
+        if (k < part->kmin || k >= part->kmin + part->nkeys) continue;
+        const Acc* src_k = part->at(s, k, 0);
+        for (int64_t i = 0; i < lext * s.NP; ++i) acc[i] += src_k[i];
+      }
+      for (int64_t n = 0; n < s.N; ++n)
+        store<Acc>(out.ptr + (k * out.sb + n * out.sn) * itemsize(out.dtype), out.dtype, out.sl, lext, &acc[n], s.NP);
+    }
+  });
 }
 
 template <class Acc>
 void backward(const Params& p) {
   using V = Vec<Acc>;
   const Shape s(p);
-  const GroupOperand gb{&p.Bm, p.b_groups, s.D / p.b_groups, p.b_var};
-  const GroupOperand gc{&p.Cm, p.c_groups, s.D / p.c_groups, p.c_var};
   const Acc* A = reinterpret_cast<const Acc*>(p.A);
   const Acc* Dv = reinterpret_cast<const Acc*>(p.Dvec);
   const Acc* hs = reinterpret_cast<const Acc*>(p.hs);
-  const int64_t R = s.Bsz * s.D;
-  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(p.nthreads, R)));
-  std::vector<Partial<Acc>> pb(nt), pc(nt);
-  auto reverse = gb.var ? (gc.var ? reverse_block<Acc, true, true> : reverse_block<Acc, true, false>)
-                        : (gc.var ? reverse_block<Acc, false, true> : reverse_block<Acc, false, false>);
+  const Acc* dlast = reinterpret_cast<const Acc*>(p.dlast);
+  const int64_t nb_total = s.blocks(), hstride = s.NP * W, SP = s.SP;
+  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(p.nthreads, nb_total)));
+  const bool has_z = p.z.ptr != 0;
+  std::vector<Partial<Acc>*> pb(nt), pc(nt);
+  std::vector<BCSource<Acc>> bsrcs, csrcs;  // one per thread (their stages), kept for the reduction
+  bsrcs.reserve(nt), csrcs.reserve(nt);
+  for (int i = 0; i < nt; ++i) bsrcs.emplace_back(s, p.Bm, p.b_groups, p.b_var), csrcs.emplace_back(s, p.Cm, p.c_groups, p.c_var);
+  std::vector<std::unique_ptr<BCGrad<Acc>>> dbs(nt), dcs(nt);
 
+  // Blocks are split into contiguous ranges, one per thread, so the partial sums are deterministic.
   parallel_for(nt, [&](int tid) {
-    const int64_t r0 = R * tid / nt, r1 = R * (tid + 1) / nt;
-    init_partial(s, gb, r0, r1, pb[tid]);
-    init_partial(s, gc, r0, r1, pc[tid]);
-    const int64_t T = s.T, NP = s.NP;
-    RowChunk<Acc> rc(T);
-    const int64_t TP = rc.TP;
-    std::vector<Acc> Bt(T * NP), Ct(T * NP), dBt(T * NP), dCt(T * NP), Apad(NP, Acc(0)), h0(NP, Acc(0));
-    std::vector<Acc> H(T * W), Ab(T * W), QB(T * W), QA(T * W), dout(TP, Acc(0)), dy(TP, Acc(0)),
-        rgb(TP, Acc(0)), rga(TP, Acc(0)), y(TP, Acc(0)), tmp(TP, Acc(0));
-    std::vector<Acc> g, dAacc, dDacc, dbacc;
-    const int64_t bts = gb.var ? NP : 0, cts = gc.var ? NP : 0;
-    const bool has_z = p.z.ptr != 0;
-
-    for_each_segment(s, gb, gc, r0, r1, [&](int64_t b, int64_t d0, int64_t nrows) {
-      g.assign(nrows * NP, Acc(0));
-      dAacc.assign(nrows * NP, Acc(0));
-      dDacc.assign(nrows, Acc(0));
-      dbacc.assign(nrows, Acc(0));
-      if (p.dlast) {
-        const Acc* dl = reinterpret_cast<const Acc*>(p.dlast) + (b * s.D + d0) * s.N;
-        for (int64_t i = 0; i < nrows; ++i) std::copy(dl + i * s.N, dl + (i + 1) * s.N, &g[i * NP]);
-      }
-      for (int64_t c = s.nc - 1; c >= 0; --c) {
-        const int64_t t0 = c * T, tl = std::min(T, s.L - t0);
-        load_tile(s, gb, b, d0, t0, tl, Bt.data());
-        load_tile(s, gc, b, d0, t0, tl, Ct.data());
-        std::fill(dBt.begin(), dBt.end(), Acc(0));
-        std::fill(dCt.begin(), dCt.end(), Acc(0));
-        for (int64_t i = 0; i < nrows; ++i) {
-          const int64_t d = d0 + i, row = b * s.D + d;
-          std::copy(A + d * s.N, A + (d + 1) * s.N, Apad.data());
-          std::copy(hs + (row * (s.nc + 1) + c) * s.N, hs + (row * (s.nc + 1) + c + 1) * s.N, h0.data());
-          rc.load_inputs(p, b, d, t0, tl);
-          load<Acc>(row_addr(p.dout, b, d, t0), p.dout.dtype, p.dout.sl, int(tl), dout.data());
-          for (int64_t t = 0; t < tl; t += W) {
-            V dyv = vload(&dout[t]);
+    const int64_t k0 = nb_total * tid / nt, k1 = nb_total * (tid + 1) / nt;
+    BCSource<Acc>& bsrc = bsrcs[tid];
+    BCSource<Acc>& csrc = csrcs[tid];
+    dbs[tid].reset(new BCGrad<Acc>(s, bsrc));
+    dcs[tid].reset(new BCGrad<Acc>(s, csrc));
+    BCGrad<Acc>& dbg = *dbs[tid];
+    BCGrad<Acc>& dcg = *dcs[tid];
+    dbg.init_partial(k0, k1);
+    dcg.init_partial(k0, k1);
+    pb[tid] = &dbg.part;
+    pc[tid] = &dcg.part;
+    SpanInputs<Acc> in(s);
+    RowsIn<Acc> dout(SP);
+    RowsOut<Acc> du(SP), ddelta(SP), dz(SP);
+    std::vector<Acc> A1(s.NP * W), A2(s.NP * W), G(s.NP * W), dA(s.NP * W);
+    // rows (W, SP): d delta' / d(delta + bias), sigmoid(z), dy, y, sum_n A g a h, sum_n g B; tiles (SP, W)
+    std::vector<Acc> SPr(W * SP), SZr(W * SP), DYr(W * SP), Yr(W * SP), RGAr(W * SP), RGBr(W * SP);
+    std::vector<Acc> DY(SP * W), Y(SP * W), RGA(SP * W), RGB(SP * W);
+    std::vector<Acc> Hb((s.T + 1) * NJB * W), Ab(s.T * NJB * W);
+    V dDacc[W], dbacc[W];
+    for (int64_t k = k0; k < k1; ++k) {
+      const Block blk(s, k);
+      lane_weights(s, blk, A, Acc(1), A1.data());
+      lane_weights(s, blk, A, Acc(kLog2e), A2.data());
+      std::fill(G.begin(), G.end(), Acc(0));
+      std::fill(dA.begin(), dA.end(), Acc(0));
+      if (dlast) lane_weights(s, blk, dlast + blk.b * s.D * s.N, Acc(1), G.data());
+      for (int i = 0; i < W; ++i) dDacc[i] = dbacc[i] = V{};
+      bsrc.begin_block(blk);
+      csrc.begin_block(blk);
+      dbg.begin_block();
+      dcg.begin_block();
+      const BwdKernels<Acc> kern = bwd_kernels_for<Acc>(bsrc.mode != kShared, csrc.mode != kShared);
+      const Acc* hsk = hs + k * (s.nc + 1) * hstride;
+      for (int64_t t0 = (s.L - 1) / s.S * s.S; t0 >= 0; t0 -= s.S) {
+        const int64_t sl = std::min(s.S, s.L - t0), se = (sl + W - 1) / W * W;
+        in.load(p, s, blk, t0, sl, SPr.data());
+        dout.read(p.dout, blk, t0, sl);
+        for (int i = 0; i < W; ++i)
+          for (int64_t t = 0; t < se; t += W) {
+            V dy = vload(dout.r[i] + t);
             if (has_z) {
-              const V zv = vload(&rc.z[t]);
-              dyv = dyv * zv * vsigmoid<Acc>(zv);
+              const V zv = vload(in.z.r[i] + t), sz = vsigmoid(zv);
+              vstore(&SZr[i * SP + t], sz);
+              dy = dy * zv * sz;
             }
-            vstore(&dy[t], dyv);
-            vstore(&rgb[t], V{});
-            vstore(&rga[t], V{});
-            vstore(&y[t], V{});
+            vstore(&DYr[i * SP + t], dy);
           }
-          for (int64_t nb = 0; nb < s.NB; ++nb) {
-            const V Ar = vload(&Apad[nb * W]), Ar2 = Ar * Acc(kLog2e), hprev0 = vload(&h0[nb * W]);
-            const Acc* Bb = Bt.data() + nb * W;
-            const Acc* Cb = Ct.data() + nb * W;
-            // Recompute the chunk's states h_t and decays exp(delta'_t A).
-            V hr = hprev0;
-            for (int64_t t = 0; t < tl; ++t) {
-              const V a = vexp2(Ar2 * rc.dt[t]);
-              hr = a * hr + vload(Bb + t * bts) * rc.dtu[t];
-              vstore(&Ab[t * W], a);
-              vstore(&H[t * W], hr);
-              if (has_z) vstore(&QB[t * W], hr * vload(Cb + t * cts));
-            }
-            if (has_z) add_row_sums(QB.data(), tl, y.data());
-            V gr = vload(&g[i * NP + nb * W]), dAr = vload(&dAacc[i * NP + nb * W]);
-            reverse(tl, dy.data(), rc.dt.data(), rc.dtu.data(), Ar, hprev0, H.data(), Ab.data(), Bb, Cb,
-                    dBt.data() + nb * W, dCt.data() + nb * W, gr, dAr, QB.data(), QA.data(), NP);
-            add_row_sums(QB.data(), tl, rgb.data());
-            add_row_sums(QA.data(), tl, rga.data());
-            vstore(&g[i * NP + nb * W], gr);
-            vstore(&dAacc[i * NP + nb * W], dAr);
+        rows_to_tile(DYr.data(), SP, se, DY.data());
+        std::fill(RGA.begin(), RGA.begin() + se * W, Acc(0));
+        std::fill(RGB.begin(), RGB.begin() + se * W, Acc(0));
+        std::fill(Y.begin(), Y.begin() + se * W, Acc(0));
+        for (int64_t c0 = (sl - 1) / s.T * s.T; c0 >= 0; c0 -= s.T) {
+          const int64_t tl = std::min(s.T, sl - c0), c = (t0 + c0) / s.T;
+          int64_t bts, cts, dbts, dcts;
+          const Acc* Bp = bsrc.chunk(t0 + c0, tl, bts);
+          const Acc* Cp = csrc.chunk(t0 + c0, tl, cts);
+          Acc* dBp = dbg.begin_chunk(dbts);
+          Acc* dCp = dcg.begin_chunk(dcts);
+          const int64_t bj = bsrc.jstride(), cj = csrc.jstride();
+          const Acc *DT = &in.DT[c0 * W], *DTU = &in.DTU[c0 * W];
+          for (int64_t n = 0; n < s.NP; n += NJB) {
+            kern.recompute(tl, &A2[n * W], DT, DTU, Bp + n * bj, bts, Cp + n * cj, cts, hsk + c * hstride + n * W,
+                           Hb.data(), Ab.data(), has_z ? &Y[c0 * W] : nullptr);
+            kern.reverse(tl, &A1[n * W], DT, DTU, &DY[c0 * W], Bp + n * bj, bts, Cp + n * cj, cts, Hb.data(),
+                         Ab.data(), &G[n * W], &dA[n * W], &RGA[c0 * W], &RGB[c0 * W], dBp + n * bj, dbts,
+                         dCp + n * cj, dcts);
           }
-          // Per-time-step gradients of this row.
-          const Acc dv = Dv ? Dv[d] : Acc(0);
-          Acc sD = 0, sb = 0;
-          for (int64_t t = 0; t < tl; ++t) sD += dy[t] * rc.u[t];
-          if (has_z) {
-            for (int64_t t = 0; t < tl; t += W) {
-              const V zv = vload(&rc.z[t]), sg = vsigmoid<Acc>(zv);
-              const V yv = vload(&y[t]) + vload(&rc.u[t]) * dv;
-              vstore(&tmp[t], vload(&dout[t]) * yv * sg * (zv * (Acc(1) - sg) + Acc(1)));
-            }
-            store<Acc>(row_addr(p.dz, b, d, t0), p.dz.dtype, p.dz.sl, int(tl), tmp.data());
-          }
-          for (int64_t t = 0; t < tl; t += W)
-            vstore(&tmp[t], vload(&dy[t]) * dv + vload(&rc.dt[t]) * vload(&rgb[t]));
-          store<Acc>(row_addr(p.du, b, d, t0), p.du.dtype, p.du.sl, int(tl), tmp.data());
-          for (int64_t t = 0; t < tl; t += W) {
-            V dd = vload(&rc.u[t]) * vload(&rgb[t]) + vload(&rga[t]);  // dL/d delta'
-            if (p.softplus) {
-              const V xv = vload(&rc.x[t]);
-              dd = xv > Acc(20) ? dd : dd * vsigmoid<Acc>(xv);
-            }
-            vstore(&tmp[t], dd);
-          }
-          for (int64_t t = 0; t < tl; ++t) sb += tmp[t];
-          store<Acc>(row_addr(p.ddelta, b, d, t0), p.ddelta.dtype, p.ddelta.sl, int(tl), tmp.data());
-          dDacc[i] += sD;
-          dbacc[i] += sb;
+          dbg.end_chunk(blk, t0 + c0, tl);
+          dcg.end_chunk(blk, t0 + c0, tl);
         }
-        flush_tile(s, gb, gb.key(b, d0), t0, tl, dBt.data(), pb[tid]);
-        flush_tile(s, gc, gc.key(b, d0), t0, tl, dCt.data(), pc[tid]);
+        // Per-(channel, t) gradients, in rows. Steps past sl hold zeros (dout, RGA, RGB) or are not stored.
+        tile_to_rows(RGA.data(), se, RGAr.data(), SP);
+        tile_to_rows(RGB.data(), se, RGBr.data(), SP);
+        if (has_z) tile_to_rows(Y.data(), se, Yr.data(), SP);
+        du.begin(p.du, blk, t0, sl);
+        ddelta.begin(p.ddelta, blk, t0, sl);
+        if (has_z) dz.begin(p.dz, blk, t0, sl);
+        for (int i = 0; i < blk.nl; ++i) {
+          const Acc dv = channel_weight(Dv, blk, i);
+          const Acc* ur = in.u.r[i];
+          for (int64_t t = 0; t < se; t += W) {
+            const int64_t it = i * SP + t;
+            const V uv = vload(ur + t), dy = vload(&DYr[it]), rgb = vload(&RGBr[it]);
+            vstore(du.r[i] + t, vfma(dy, splat(dv), vload(&in.DTr[it]) * rgb));
+            const V dd = vfma(uv, rgb, vload(&RGAr[it])) * vload(&SPr[it]);  // dL/d(delta + bias)
+            vstore(ddelta.r[i] + t, dd);
+            dDacc[i] = vfma(dy, uv, dDacc[i]);
+            dbacc[i] += dd;
+            if (has_z) {
+              const V zv = vload(in.z.r[i] + t), sz = vload(&SZr[it]);
+              const V y = vfma(uv, splat(dv), vload(&Yr[it]));
+              vstore(dz.r[i] + t, vload(dout.r[i] + t) * y * sz * vfma(zv, Acc(1) - sz, splat(Acc(1))));
+            }
+          }
+        }
+        du.commit(p.du, blk, t0, sl);
+        ddelta.commit(p.ddelta, blk, t0, sl);
+        if (has_z) dz.commit(p.dz, blk, t0, sl);
       }
-      for (int64_t i = 0; i < nrows; ++i) {
-        const int64_t row = b * s.D + d0 + i;
-        if (p.dinit) std::copy(&g[i * NP], &g[i * NP] + s.N, reinterpret_cast<Acc*>(p.dinit) + row * s.N);
-        std::copy(&dAacc[i * NP], &dAacc[i * NP] + s.N, reinterpret_cast<Acc*>(p.dA_rows) + row * s.N);
-        if (p.dD_rows) reinterpret_cast<Acc*>(p.dD_rows)[row] = dDacc[i];
-        if (p.dbias_rows) reinterpret_cast<Acc*>(p.dbias_rows)[row] = dbacc[i];
+      dbg.end_block(blk);
+      dcg.end_block(blk);
+      for (int i = 0; i < blk.nl; ++i) {
+        const int64_t row = blk.b * s.D + blk.d0 + i;
+        for (int64_t n = 0; n < s.N; ++n) {
+          if (p.dinit) reinterpret_cast<Acc*>(p.dinit)[row * s.N + n] = G[n * W + i];
+          reinterpret_cast<Acc*>(p.dA_rows)[row * s.N + n] = dA[n * W + i];
+        }
+        Acc sD = 0, sb = 0;
+        for (int j = 0; j < W; ++j) sD += dDacc[i][j], sb += dbacc[i][j];
+        if (p.dD_rows) reinterpret_cast<Acc*>(p.dD_rows)[row] = sD;
+        if (p.dbias_rows) reinterpret_cast<Acc*>(p.dbias_rows)[row] = sb;
       }
-    });
+    }
   });
-  reduce_partials(s, gb, p.dB, pb, nt);
-  reduce_partials(s, gc, p.dC, pc, nt);
+  reduce_partials(s, bsrcs[0], p.dB, pb, nt);
+  reduce_partials(s, csrcs[0], p.dC, pc, nt);
 }
 
 void check(const Params& p) {

@@ -26,7 +26,9 @@ from .. import _alloc
 from ..reference.selective_scan import compute_dtype
 
 NAME = "cpu"
-CHUNK = 64  # time steps between saved states: hs is (batch, dim, ceil(L / CHUNK) + 1, N)
+CHUNK = 64  # time steps between saved states
+LANES = 16  # channels per block of the kernel (its vector lanes)
+STATE_BLOCK = 8  # the state dimension is padded to a multiple of this
 _FIX = "Rebuild with: pip install --no-build-isolation -e . (or pip install .)"
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
@@ -61,7 +63,9 @@ def _require() -> ModuleType:
 
 
 def saved_shape(batch: int, dim: int, seqlen: int, dstate: int) -> tuple[int, ...]:
-    return (batch, dim, (seqlen + CHUNK - 1) // CHUNK + 1, dstate)
+    """The states at the chunk boundaries, blocked as the kernel holds them:
+    (batch, ceil(dim / LANES), ceil(seqlen / CHUNK) + 1, dstate padded to STATE_BLOCK, LANES)."""
+    return (batch, -(-dim // LANES), -(-seqlen // CHUNK) + 1, -(-dstate // STATE_BLOCK) * STATE_BLOCK, LANES)
 
 
 def _operand(ext, t: torch.Tensor, strides: tuple[int, int, int, int], seqlen: int, reverse: bool):
