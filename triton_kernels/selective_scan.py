@@ -38,15 +38,15 @@ start at the last time step with negated L strides, so the kernels never see the
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from ditkernels import _alloc
+
+from . import _interpreter
 
 LOG2E = tl.constexpr(1.4426950408889634)
 MAX_DSTATE = 256
@@ -408,80 +408,11 @@ def saved_shape(batch: int, dim: int, seqlen: int, dstate: int) -> tuple[int, ..
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _patch_interpreter() -> None:
-    """Two fixes to Triton's CPU interpreter (tests); compiled kernels are untouched.
-
-    - ``tl.associative_scan`` with a custom combine runs one element at a time there (a Python call
-      per element, ~0.1 s per 4096-element chunk). Run the same sequential left-to-right fold along
-      the scan axis with each step vectorised over the other axes (combine functions are
-      elementwise, so the results are the same). A combine made of arithmetic operators only, like
-      :func:`_pair_combine`, is called on the numpy arrays themselves (float32 stays float32);
-      others get interpreter tensors.
-    - fp32 -> bf16 casts truncate there; a GPU rounds to nearest even (``cvt.rn.bf16.f32``). Round.
-    """
-    from triton.runtime import interpreter as _interp
-
-    ops = _interp.ScanOps
-    if not getattr(ops.generic_scan, "_ditkernels", False):
-        def generic_scan(self, input):
-            datas = [np.moveaxis(arg.handle.data, self.axis, 0) for arg in input]
-            outs = [np.empty_like(x) for x in datas]
-            fn = self.combine_fn.fn
-
-            def combine_numpy(acc, cur):
-                ret = fn(*acc, *cur)
-                return tuple(np.asarray(r, dtype=x.dtype) for r, x in zip(ret if isinstance(ret, tuple) else (ret,),
-                                                                         datas))
-
-            def combine_tl(acc, cur):
-                wrap = lambda vals: tuple(self.to_tensor(v, arg.dtype) for v, arg in zip(vals, input))
-                ret = fn(*wrap(acc), *wrap(cur))
-                ret = ret if isinstance(ret, tuple) else (ret,)
-                return tuple(np.broadcast_to(r.handle.data if isinstance(r, tl.core.tensor) else r,
-                                             x.shape[1:]) for r, x in zip(ret, datas))
-
-            combine = combine_numpy
-            acc = tuple(x[0] for x in datas)
-            for o, v in zip(outs, acc):
-                o[0] = v
-            for i in range(1, datas[0].shape[0]):
-                cur = tuple(x[i] for x in datas)
-                try:
-                    acc = combine(acc, cur)
-                except Exception:  # the combine calls tl.* functions: interpreter tensors
-                    if combine is combine_tl:
-                        raise
-                    combine = combine_tl
-                    acc = combine(acc, cur)
-                for o, v in zip(outs, acc):
-                    o[i] = v
-            return [self.to_tensor(np.ascontiguousarray(np.moveaxis(o, 0, self.axis)), arg.dtype)
-                    for o, arg in zip(outs, input)]
-
-        generic_scan._ditkernels = True
-        ops.generic_scan = generic_scan
-
-    builder = _interp.InterpreterBuilder
-    if not getattr(builder.create_fp_trunc, "_ditkernels", False):
-        orig = builder.create_fp_trunc
-
-        def create_fp_trunc(self, src, dst_type):
-            if dst_type.scalar == tl.bfloat16 and src.dtype.scalar == tl.float32:
-                bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
-                rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-                rounded = np.where(np.isnan(src.data), np.uint16(0x7FC0), rounded)
-                return _interp.TensorHandle(rounded, tl.bfloat16)
-            return orig(self, src, dst_type)
-
-        create_fp_trunc._ditkernels = True
-        builder.create_fp_trunc = create_fp_trunc
+    return _interpreter.interpreting()
 
 
 if interpreting():
-    _patch_interpreter()
+    _interpreter.patch()
 
 
 # --------------------------------------------------------------------------------------------
