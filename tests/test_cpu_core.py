@@ -12,7 +12,7 @@ import torch
 from ditkernels.backends import cpu
 from ditkernels.backends import reference as ref_backend
 from ditkernels.reference.attention import attention_ref
-from ditkernels.schedule import BlockSchedule, Epilogue
+from ditkernels.schedule import BlockSchedule, Epilogue, TiledSchedule
 
 pytestmark = pytest.mark.skipif(not cpu.available()[0], reason=cpu.available()[1])
 
@@ -232,6 +232,57 @@ def test_deterministic_across_thread_counts():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def _random_tiled(sq, sk, bm, bn, seed):
+    """A TiledSchedule over random token sets: tiles of a random permutation (last tile short),
+    random visits (the first query tile visits nothing), random partial flags."""
+    g = torch.Generator().manual_seed(seed)
+
+    def tiles(n, block):
+        perm = torch.randperm(n, generator=g)
+        nt = -(-n // block)
+        out = torch.full((nt * block,), n, dtype=torch.int64)
+        out[:n] = perm
+        return out.reshape(nt, block)
+
+    qt, kt = tiles(sq, bm), tiles(sk, bn)
+    vis = torch.rand(qt.shape[0], kt.shape[0], generator=g) < 0.6
+    vis[0] = False
+    qi, ki = vis.nonzero(as_tuple=True)
+    partial = torch.rand(qi.shape[0], generator=g) < 0.5
+    return TiledSchedule.from_visits(qt, kt, sq, sk, qi, ki, partial)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("blocks", [(16, 8), (64, 64), (80, 24)], ids=lambda b: f"bm{b[0]}-bn{b[1]}")
+def test_token_mapped_tiles(dtype, blocks):
+    """Tiles as arbitrary token sets (TiledSchedule): the kernels gather them and match the reference."""
+    shape = (2, 2, 97, 130, 24)
+    b, h, sq, sk, d = shape
+    q, k, v = make_qkv(shape, dtype, True, seed=blocks[0])
+    schedule = _random_tiled(sq, sk, *blocks, seed=blocks[1])
+    vis = schedule.element_mask()[None]
+    scale = d ** -0.5
+    do = torch.randn(b, h, sq, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
+    out, lse = cpu.flash_fwd(q, k, v, scale=scale, schedule=schedule)
+    assert cpu.last_fwd_visits() == schedule.visited_tiles * b * h
+    dq, dk, dv = cpu.flash_bwd(do, q, k, v, out, lse, scale=scale, schedule=schedule)
+    r64 = ref_forward_backward(q.double(), k.double(), v.double(), do.double(), scale, vis)
+    low = r64 if dtype in (torch.float32, torch.float64) else ref_forward_backward(q, k, v, do, scale, vis)
+    assert_close_to_ref("out", out, r64[0], low[0], dtype)
+    assert_lse(lse, r64[1], dtype, low[1])
+    for name, got, ref64, reflow in zip(("dq", "dk", "dv"), (dq, dk, dv), r64[2:], low[2:]):
+        assert_close_to_ref(name, got, ref64, reflow, dtype)
+
+
+def test_token_mapped_tiles_must_cover_every_token():
+    q, k, v = make_qkv((1, 1, 20, 20, 8), torch.float32, False, seed=0)
+    qt = torch.arange(16).reshape(2, 8)  # tokens 16..19 in no query tile
+    kt = torch.arange(20).reshape(2, 10)
+    s = TiledSchedule.from_visits(qt, kt, 20, 20, torch.tensor([0]), torch.tensor([0]), torch.tensor([False]))
+    with pytest.raises(ValueError, match="q_tokens"):
+        cpu.flash_fwd(q, k, v, scale=1.0, schedule=s)
 
 
 def test_schedule_block_sizes_are_honoured():

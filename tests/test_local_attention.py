@@ -233,7 +233,11 @@ def test_cpu_kernel_visits_exactly_the_plan(opts, m):
     ditkernels.local_attention(q, k, v, **opts, extra_kv=extra, backend="cpu")
     plan = kernel_plan(spec, cpu, 16, torch.float32)
     assert cpu.last_fwd_visits() == plan.visited_tiles * 2 * 3
-    assert plan is _plan(opts, m, cpu.local_block_sizes(16, torch.float32))  # the same cached object
+    o = dict(opts)
+    public = ditkernels.local_attention_plan(o.pop("grid"), o.pop("window"), num_extra=m, backend="cpu",
+                                             head_dim=16, **o)
+    assert public is plan  # the public plan is the cached object the kernel ran
+    assert (plan.block_m, plan.block_n) == cpu.local_block_sizes(16, torch.float32)
 
 
 # ---- parity with the implementations users come from -------------------------------------------

@@ -222,6 +222,8 @@ struct RowInfo {
   const uint8_t* par = nullptr;
   bool partial = false;
   bool any_partial = false;
+  int64_t visit = -1;   // a chunk of one partial visit (token-mapped local kernels): its CSR entry,
+  int64_t row_off = 0;  // and the chunk's first row within the visited tile
   int64_t token(int64_t i) const { return tok ? tok[i] : row0 + i; }
   bool is_partial(int64_t i) const { return par ? par[i] != 0 : partial; }
 };
@@ -327,12 +329,14 @@ inline int64_t for_each_rows_packed(const Sched& s, const int32_t* tokmap, const
   const int32_t* idx = s.idx + bh * s.idx_stride;
   const int32_t* par = s.partial + bh * s.idx_stride;
   int64_t a = 0, n = 0;  // current chunk: panel rows [a, a + n)
+  int64_t visit = -1, off = 0;
   bool anyp = false, mixed = false, first_p = false;
   auto flush = [&] {
     if (n == 0) return;
     RowInfo ri;
     ri.tok = tokmap + a;
     ri.any_partial = anyp;
+    if (!merge_partial && anyp) ri.visit = visit, ri.row_off = off;
     if (mixed)
       ri.par = pr;
     else
@@ -348,7 +352,7 @@ inline int64_t for_each_rows_packed(const Sched& s, const int32_t* tokmap, const
     for (int64_t done = 0; done < c;) {
       if (n > 0 && (a + n != r0 + done || n == kChunk)) flush();
       const int64_t take = std::min(c - done, kChunk - n);
-      if (n == 0) a = r0 + done, first_p = p;
+      if (n == 0) a = r0 + done, first_p = p, visit = e, off = done;
       if (p != first_p && !mixed) {
         std::fill(pr, pr + n, static_cast<uint8_t>(first_p));
         mixed = true;
@@ -435,6 +439,128 @@ inline void apply_local(const LocalTable<T>& tab, const LocalGeom& g, T* Sc, int
   }
 }
 
+// s where bit l of `bits` is set, else -inf (lane l of the vector).
+template <typename T>
+inline vec_t<T> select_bits(vec_t<T> s, uint32_t bits, vec_t<T> ninf) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value)
+    return (vec_t<T>)_mm512_mask_mov_ps((__m512)ninf, static_cast<__mmask16>(bits), (__m512)s);
+  if constexpr (std::is_same<T, double>::value)
+    return (vec_t<T>)_mm512_mask_mov_pd((__m512d)ninf, static_cast<__mmask8>(bits), (__m512d)s);
+#endif
+  using VI = typename VecOf<T>::itype;
+  constexpr int W = kLanes<T>;
+  VI lane{};
+  for (int l = 0; l < W; ++l) lane[l] = static_cast<typename std::remove_reference<decltype(lane[0])>::type>(1) << l;
+  VI b = static_cast<typename std::remove_reference<decltype(lane[0])>::type>(bits) - VI{};
+  return (b & lane) != 0 ? s : ninf;
+}
+
+template <typename VI>
+inline uint32_t lane_bits(VI m) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(m[0]) == 4 && sizeof(VI) == 64) return _mm512_test_epi32_mask((__m512i)m, (__m512i)m);
+  if constexpr (sizeof(m[0]) == 8 && sizeof(VI) == 64) return _mm512_test_epi64_mask((__m512i)m, (__m512i)m);
+#endif
+  uint32_t b = 0;
+  for (size_t l = 0; l < sizeof(VI) / sizeof(m[0]); ++l) b |= (m[l] != 0 ? 1u : 0u) << l;
+  return b;
+}
+
+// The local mask of every partial visit of a token-mapped schedule, evaluated once per call and
+// shared by every batch*head: per CSR entry its Extent, per (entry, tile row, lane vector) the
+// visibility bits of the lanes. Lane tiles must fit one row group (block <= kRowGroup).
+template <typename T>
+struct VisitMasks {
+  std::vector<Extent> ext;
+  std::vector<uint32_t> bits;
+  int64_t rblock = 0, nvmax = 0;
+
+  void build(const LocalGeom& g, bool fwd, const Sched& s, int64_t n_lane_tiles, const int32_t* lane_map,
+             int64_t lane_block, int64_t lane_seq, const int32_t* row_map, int64_t row_block, int64_t row_seq,
+             int num_threads) {
+    constexpr int W = kLanes<T>;
+    using V = vec_t<T>;
+    rblock = row_block, nvmax = (lane_block + W - 1) / W;
+    const int64_t nnz = s.ptr[n_lane_tiles];
+    ext.assign(static_cast<size_t>(std::max<int64_t>(nnz, 1)), Extent{});
+    bits.assign(static_cast<size_t>(std::max<int64_t>(nnz * rblock * nvmax, 1)), 0u);
+    std::atomic<int64_t> next{0};
+    auto body = [&](int) {
+      LocalTable<T> tab;
+      for (;;) {
+        const int64_t m = next.fetch_add(1, std::memory_order_relaxed);
+        if (m >= n_lane_tiles) break;
+        if (s.ptr[m] == s.ptr[m + 1]) continue;
+        const int32_t* lt = lane_map + m * lane_block;
+        const int64_t nl = count_tokens(lt, lane_block, lane_seq);
+        if (nl == 0) continue;
+        const int nv = static_cast<int>((nl + W - 1) / W);
+        tab.build(g, fwd, lt, 0, nl, static_cast<int64_t>(nv) * W);
+        for (int32_t e = s.ptr[m]; e < s.ptr[m + 1]; ++e) {
+          const int64_t u = s.idx[e];
+          const int32_t* rt = row_map + u * row_block;
+          const int64_t nr = count_tokens(rt, row_block, row_seq);
+          Extent x{0, nr, 0, nv};
+          if (s.partial[e] != 0) {
+            x = Extent{nr, 0, 0, 0};
+            uint32_t vecs = 0;
+            uint32_t* b = bits.data() + e * rblock * nvmax;
+            for (int64_t i = 0; i < nr; ++i) {
+              int64_t row;
+              T xv;
+              tab.row_of(g, rt[i], row, xv);
+              const V xs = splat(xv);
+              const T* lo = tab.lo + row * tab.ld;
+              const T* hi = tab.hi + row * tab.ld;
+              bool act = false;
+              for (int j = 0; j < nv; ++j) {
+                const uint32_t m_ = lane_bits((xs >= loadu(lo + j * W)) & (xs <= loadu(hi + j * W)));
+                b[i * nvmax + j] = m_;
+                if (m_) vecs |= 1u << j, act = true;
+              }
+              if (act) x.r0 = std::min(x.r0, i), x.r1 = i + 1;
+            }
+            if (vecs) x.j0 = __builtin_ctz(vecs), x.j1 = 32 - __builtin_clz(vecs);
+          }
+          ext[e] = x;
+        }
+      }
+    };
+    ThreadPool::instance().run(resolve_threads(num_threads, n_lane_tiles), body);
+  }
+
+  // Extent of the chunk of rows [row_off, row_off + n) of visit e.
+  Extent extent(int64_t e, int64_t row_off, int64_t n) const {
+    Extent x = ext[e];
+    x.r0 = std::max<int64_t>(x.r0 - row_off, 0), x.r1 = std::min<int64_t>(x.r1 - row_off, n);
+    return x;
+  }
+
+  // -inf on the invisible pairs of the chunk's extent (rows of S with stride ld).
+  void apply(T* Sc, int64_t ld, const Extent& x, const RowInfo& ri) const {
+    using V = vec_t<T>;
+    constexpr int W = kLanes<T>;
+    const V ninf = splat(-std::numeric_limits<T>::infinity());
+    const uint32_t* b = bits.data() + (ri.visit * rblock + ri.row_off) * nvmax;
+    for (int64_t i = x.r0; i < x.r1; ++i) {
+      T* sr = Sc + i * ld;
+      for (int j = x.j0; j < x.j1; ++j) storeu(sr + j * W, select_bits<T>(loadu(sr + j * W), b[i * nvmax + j], ninf));
+    }
+  }
+};
+
+constexpr double kLazyMax = 8.0;
+
+// Every lane's running max grew by at most s (or not at all, which covers lanes still at -inf).
+template <typename V>
+inline bool grew_at_most(V mnew, V mold, typename std::remove_reference<decltype(mnew[0])>::type s) {
+  constexpr int W = sizeof(V) / sizeof(mnew[0]);
+  bool ok = true;
+  for (int i = 0; i < W; ++i) ok &= (mnew[i] == mold[i]) | (mnew[i] - mold[i] <= s);
+  return ok;
+}
+
 template <typename V>
 inline bool all_equal(V a, typename std::remove_reference<decltype(a[0])>::type s) {
   constexpr int W = sizeof(V) / sizeof(a[0]);
@@ -496,6 +622,14 @@ void fwd_kernel(const FwdParams& p) {
   const bool stats_only = p.out.ptr == 0;
   TilePanels<T> kv;  // token-mapped tiles: K and V in KV-tile order
   if constexpr (MAP) kv.template pack<S>(p.k, p.v, p.B, p.H, p.kv_tokens, p.n_kv_tiles, p.block_n, Sk, D, p.num_threads);
+  VisitMasks<T> vm;  // token-mapped local masks: evaluated once for every batch*head
+  const VisitMasks<T>* vmp = nullptr;
+  if constexpr (MAP && kLocal) {
+    if (p.block_m <= kRowGroup) {
+      vm.build(*p.geom, true, p.sched, nqt, p.q_tokens, p.block_m, Sq, p.kv_tokens, p.block_n, Sk, p.num_threads);
+      vmp = &vm;
+    }
+  }
   std::atomic<int64_t> next{0};
 
   auto body = [&](int) {
@@ -534,7 +668,7 @@ void fwd_kernel(const FwdParams& p) {
       else
         pack_transposed(p.q.row<S>(b, h, q0), p.q.st[2], nr, D, c, Qt, ld);
       if constexpr (kLocal) {
-        if (table.cached != lt) {
+        if (!vmp && table.cached != lt) {
           table.build(*p.geom, true, ltok, q0, nr, ld);
           table.cached = lt;
         }
@@ -549,7 +683,7 @@ void fwd_kernel(const FwdParams& p) {
         Extent e{0, nk, 0, nv};
         if constexpr (kLocal) {
           if (ri.any_partial) {
-            e = local_extent(table, *p.geom, nv, nk, ri);
+            e = vmp && ri.visit >= 0 ? vmp->extent(ri.visit, ri.row_off, nk) : local_extent(table, *p.geom, nv, nk, ri);
             if (e.empty()) return;
           }
         }
@@ -559,7 +693,12 @@ void fwd_kernel(const FwdParams& p) {
         gemm<T, false>(static_cast<int>(ne), nve, static_cast<int>(D), Kr + e.r0 * krs, krs, 1, Qt + e.j0 * W, ld,
                        Se + e.j0 * W, ld);
         if constexpr (kLocal) {
-          if (ri.any_partial) apply_local(table, *p.geom, St, ld, e, ri);
+          if (ri.any_partial) {
+            if (vmp && ri.visit >= 0)
+              vmp->apply(St, ld, e, ri);
+            else
+              apply_local(table, *p.geom, St, ld, e, ri);
+          }
         } else if constexpr (!Mask::kTrivial) {
           if (ri.any_partial)
             for (int64_t kk = 0; kk < nk; ++kk)
@@ -573,7 +712,12 @@ void fwd_kernel(const FwdParams& p) {
           V mx = loadu(sj);
           for (int64_t kk = 1; kk < ne; ++kk) mx = vmax(mx, loadu(sj + kk * ld));
           const V mold = loadu(mrow + j * W);
-          const V mnew = vmax(mold, mx);
+          V mnew = vmax(mold, mx);
+          if constexpr (kLocal) {
+            // Keep the running max unless some lane's grows by more than kLazyMax: exp(s - m) <= e^8
+            // stays exact in fp32 and most chunks then skip rescaling Ot (short chunks are many here).
+            if (grew_at_most(mnew, mold, T(kLazyMax))) mnew = mold;
+          }
           const V base = mnew == splat(neg_inf) ? V{} : mnew;  // -inf-safe: all-masked rows stay 0
           const V alpha = exp2v((mold - base) * log2e);
           V sum{};
@@ -698,6 +842,14 @@ void bwd_kernel(const BwdParams& p) {
     TilePanels<T> kv;  // token-mapped tiles: K and V in KV-tile order
     if constexpr (MAP)
       kv.template pack<S>(p.k, p.v, p.B, p.H, p.kv_tokens, p.n_kv_tiles, p.block_n, Sk, D, p.num_threads);
+    VisitMasks<T> vm;
+    const VisitMasks<T>* vmp = nullptr;
+    if constexpr (MAP && kLocal) {
+      if (p.block_m <= kRowGroup) {
+        vm.build(*p.geom, true, p.sched, nqt, p.q_tokens, p.block_m, Sq, p.kv_tokens, p.block_n, Sk, p.num_threads);
+        vmp = &vm;
+      }
+    }
     std::atomic<int64_t> next{0};
     auto body = [&](int) {
       Buf<T> qt_b, dot_b, dqt_b, st_b, dpt_b, l_b, dl_b;
@@ -737,7 +889,7 @@ void bwd_kernel(const BwdParams& p) {
           pack_transposed(p.dout.row<S>(b, h, q0), p.dout.st[2], nr, D, T(1), dOt, ld);
         }
         if constexpr (kLocal) {
-          if (table.cached != lt) {
+          if (!vmp && table.cached != lt) {
             table.build(*p.geom, true, ltok, q0, nr, ld);
             table.cached = lt;
           }
@@ -756,7 +908,7 @@ void bwd_kernel(const BwdParams& p) {
           Extent e{0, nk, 0, nv};
           if constexpr (kLocal) {
             if (ri.any_partial) {
-              e = local_extent(table, *p.geom, nv, nk, ri);
+              e = vmp && ri.visit >= 0 ? vmp->extent(ri.visit, ri.row_off, nk) : local_extent(table, *p.geom, nv, nk, ri);
               if (e.empty()) return e;
             }
           }
@@ -764,7 +916,12 @@ void bwd_kernel(const BwdParams& p) {
           const int64_t off = e.r0 * ld + e.j0 * W;
           gemm<T, false>(ne, nve, iD, Kr + e.r0 * krs, krs, 1, Qt + e.j0 * W, ld, St + off, ld);
           if constexpr (kLocal) {
-            if (ri.any_partial) apply_local(table, *p.geom, St, ld, e, ri);
+            if (ri.any_partial) {
+            if (vmp && ri.visit >= 0)
+              vmp->apply(St, ld, e, ri);
+            else
+              apply_local(table, *p.geom, St, ld, e, ri);
+          }
           } else if constexpr (!Mask::kTrivial) {
             if (ri.any_partial)
               for (int64_t kk = 0; kk < nk; ++kk)
@@ -833,6 +990,14 @@ void bwd_kernel(const BwdParams& p) {
     TilePanels<T> qg;  // token-mapped tiles: Q and dO in query-tile order
     if constexpr (MAP)
       qg.template pack<S>(p.q, p.dout, p.B, p.H, p.q_tokens, p.n_q_tiles, p.block_m, Sq, D, p.num_threads);
+    VisitMasks<T> vm;  // lanes are keys here: the transposed schedule, the inverse window
+    const VisitMasks<T>* vmp = nullptr;
+    if constexpr (MAP && kLocal) {
+      if (p.block_n <= kRowGroup) {
+        vm.build(*p.geom, false, p.tsched, nkt, p.kv_tokens, p.block_n, Sk, p.q_tokens, p.block_m, Sq, p.num_threads);
+        vmp = &vm;
+      }
+    }
     std::atomic<int64_t> next{0};
     auto body = [&](int) {
       Buf<T> kt_b, vt_b, dkt_b, dvt_b, s_b, dp_b;
@@ -871,7 +1036,7 @@ void bwd_kernel(const BwdParams& p) {
           pack_transposed(p.v.row<S>(b, h, k0), p.v.st[2], nk, D, T(1), Vt, ld);
         }
         if constexpr (kLocal) {
-          if (table.cached != lt) {
+          if (!vmp && table.cached != lt) {
             table.build(*p.geom, false, ltok, k0, nk, ld);
             table.cached = lt;
           }
@@ -886,7 +1051,8 @@ void bwd_kernel(const BwdParams& p) {
           Extent e{0, nq, 0, nv};
           if constexpr (kLocal) {
             if (ri.any_partial) {
-              e = local_extent(table, *p.geom, nv, nq, ri);
+              e = vmp && ri.visit >= 0 ? vmp->extent(ri.visit, ri.row_off, nq)
+                                        : local_extent(table, *p.geom, nv, nq, ri);
               if (e.empty()) return;
             }
           }
@@ -896,7 +1062,12 @@ void bwd_kernel(const BwdParams& p) {
           const T* Ge = Gr + e.r0 * grs;
           gemm<T, false>(ne, nve, iD, Qe, qrs, 1, Kt + e.j0 * W, ld, Sm + off, ld);
           if constexpr (kLocal) {
-            if (ri.any_partial) apply_local(table, *p.geom, Sm, ld, e, ri);
+            if (ri.any_partial) {
+            if (vmp && ri.visit >= 0)
+              vmp->apply(Sm, ld, e, ri);
+            else
+              apply_local(table, *p.geom, Sm, ld, e, ri);
+          }
           } else if constexpr (!Mask::kTrivial) {
             if (ri.any_partial)
               for (int64_t i = 0; i < nq; ++i)

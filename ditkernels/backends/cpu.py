@@ -63,9 +63,17 @@ def block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
 def local_block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     """(block_m, block_n) of the local-attention plans the CPU kernels run (2-D/3-D token tiles).
 
-    64 queries fill the kernels' vector side; KV tiles of 32 keys fit a window's edge more closely
-    (the kernels also trim each partial visit to the rows and lane vectors that see a visible pair)."""
-    return 64, 32
+    64 queries fill the kernels' vector side. The kernels trim each partial visit to the key rows and
+    the lane vectors that hold a visible pair, so short KV tiles (16 keys) fit a window's outline."""
+    return 64, 16
+
+
+def local_tiles(grid: tuple[int, ...]) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """(query tile, KV tile) box shapes for the CPU plans (None: the plan chooses): KV tiles are row
+    segments of 16 keys, whose trimmed visits follow a circle's outline row by row."""
+    if grid[-1] >= 16:
+        return None, (1,) * (len(grid) - 1) + (16,)
+    return None, None
 
 
 def last_fwd_visits() -> int:

@@ -45,6 +45,22 @@ class LocalPlan(TiledSchedule):
     ``num_grid_q_tiles`` / ``num_grid_kv_tiles`` (grid tiles come first, in row-major tile order;
     then the global tiles; then, for keys, the extra-key tiles), ``useful_pairs`` (visible
     query-key pairs, counted exactly) and ``mask`` (the element mask of the partial visits).
+
+    How a kernel runs it (the CPU kernels do exactly this; a Triton kernel follows the same steps):
+
+    - program ``m`` (a query tile) takes its tokens ``q_tokens[m]`` (block_m int32: valid tokens
+      first, padded with ``seq_q``) -- ``_q_tokens(m)`` becomes a load of that row, and every
+      load/store of Q, O and lse is masked by ``token < seq_q`` (tiles at the grid edge and the last
+      global tile are not full);
+    - it visits ``kv_idx[0, kv_ptr[0, m]:kv_ptr[0, m+1]]``; KV tile ``u`` holds ``kv_tokens[u]``
+      (padded with ``seq_k``), so K/V loads are masked by ``token < seq_k`` on every visit;
+    - on a visit with ``partial == 1`` it applies ``mask`` (``MASK_LOCAL``, 15 int32 parameters:
+      ``LocalSpec.mask_params``) to the (query token, key token) pairs: decode each token into
+      (class, t, y, x) once per tile (global / grid / extra from the prefix, grid and suffix counts),
+      then the rule of SPEC §1 in int64 (circle: ``sum_a d_a^2 prod_{b!=a} r_b^2 < prod r^2``);
+      non-partial visits need no mask at all;
+    - the dK/dV pass runs ``plan.transposed()`` (CSR over KV tiles, ``q_tokens``/``kv_tokens``
+      swapped) the same way. K and V may be gathered per visit or permuted once into tile order.
     """
 
     spec: LocalSpec | None = None
@@ -321,13 +337,18 @@ def local_attention_plan(grid: tuple[int, ...], window: int | tuple[int, ...], *
                          border: str = "clip", tile: int | tuple[int, ...] | None = None, num_prefix: int = 0,
                          num_suffix: int = 0, extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                          num_extra: int = 0, block: tuple[int, int] = DEFAULT_BLOCK,
-                         q_tile: tuple[int, ...] | None = None, kv_tile: tuple[int, ...] | None = None) -> LocalPlan:
+                         q_tile: tuple[int, ...] | None = None, kv_tile: tuple[int, ...] | None = None,
+                         backend: str | None = None, head_dim: int = 64,
+                         dtype: torch.dtype = torch.float32) -> LocalPlan:
     """The block schedule that the kernels execute for this local-attention problem.
 
     grid, window, shape, border, tile, num_prefix, num_suffix: as :func:`local_attention`.
     extra_kv (or num_extra): the extra keys, as a tensor pair or their count.
     block: (block_m, block_n), tokens per query / KV tile. q_tile / kv_tile: force the box shapes
     (``prod`` must equal the block); by default they are chosen to minimise the computed pairs.
+    The default is the GPU schedule (tiles of 64 x 64 tokens). backend: instead return the plan that
+    this backend's kernels execute for inputs of ``head_dim`` / ``dtype`` (e.g. ``"cpu"``: its own
+    block sizes and tile shapes); block, q_tile and kv_tile must then be left at their defaults.
 
     Returns a :class:`LocalPlan` with ``useful_pairs``, ``computed_pairs`` (token pairs in visited
     tiles), ``slot_pairs`` (block_m * block_n per visit), ``visited_tiles`` and ``partial_tiles``.
@@ -339,6 +360,12 @@ def local_attention_plan(grid: tuple[int, ...], window: int | tuple[int, ...], *
     if not (isinstance(block, (tuple, list)) and len(block) == 2
             and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block)):
         raise ValueError(f"block: expected (block_m, block_n) positive ints, got {block!r}")
+    if backend is not None:
+        from ..backends import get
+
+        if q_tile is not None or kv_tile is not None or tuple(block) != DEFAULT_BLOCK:
+            raise ValueError("backend: give either backend= or block/q_tile/kv_tile, not both")
+        return kernel_plan(spec, get(_validate.check_backend(backend)), head_dim, dtype)
     qt, kt = _tile3("q_tile", q_tile, spec), _tile3("kv_tile", kv_tile, spec)
     if qt is not None and math.prod(qt) != block[0]:
         raise ValueError(f"q_tile: expected {block[0]} tokens (block_m), got {q_tile} = {math.prod(qt)}")
@@ -375,10 +402,14 @@ def _spec(grid: list[int], window: list[int], shape: str, border: str, tile: lis
 
 
 def kernel_plan(spec: LocalSpec, mod, head_dim: int, dtype: torch.dtype) -> LocalPlan:
-    """The plan a backend module executes: its ``local_block_sizes`` (or :data:`DEFAULT_BLOCK`)."""
+    """The plan a backend module executes: its ``local_block_sizes`` (else :data:`DEFAULT_BLOCK`) and
+    its ``local_tiles`` preference (else the tile shapes that minimise the computed pairs)."""
     bs = getattr(mod, "local_block_sizes", None)
     bm, bn = bs(head_dim, dtype) if bs is not None else DEFAULT_BLOCK
-    return _plan(spec, bm, bn, None, None)
+    tiles = getattr(mod, "local_tiles", None)
+    qt, kt = tiles(spec.grid) if tiles is not None else (None, None)
+    pad = (1,) * (3 - spec.ndim)
+    return _plan(spec, bm, bn, pad + tuple(qt) if qt else None, pad + tuple(kt) if kt else None)
 
 
 def _keys(k, v, k_extra, v_extra):
