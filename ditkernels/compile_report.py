@@ -137,7 +137,7 @@ def _example_args(job: Job, cfg, head_dim: int) -> dict[str, object]:
     fwd = flash.config_for("fwd", job.arch, flash.DTYPES[job.dtype], job.block_d)
     sbm, sbn = (fwd.block_m, fwd.block_n) if sched else (cfg.block_m, cfg.block_n)
     vals.update(BLOCK_M=min(cfg.block_m, sbm), BLOCK_N=min(cfg.block_n, sbn) if cfg.block_n else 0,
-                BLOCK_D=job.block_d, SCHED_BM=sbm, SCHED_BN=sbn,
+                BLOCK_D=job.block_d, BLOCK_DK=flash.chunk_d(cfg, job.block_d), SCHED_BM=sbm, SCHED_BN=sbn,
                 SCHEDULE=flash.SCHEDULE_CSR if sched else flash.SCHEDULE_DENSE, MASK=flash.MASK_NONE,
                 EPILOGUE=flash.EPILOGUE_SCALE_RESIDUAL if job.variant == "epilogue" else flash.EPILOGUE_NONE,
                 EVEN_D=head_dim == job.block_d, OUT_DK=job.part in ("", "dk"), OUT_DV=job.part in ("", "dv"),

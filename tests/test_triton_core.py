@@ -208,6 +208,25 @@ def test_epilogue_with_schedule():
     _run_case(b, h, sq, sk, d, torch.float32, schedule=sched, epilogue_on=True, backward=False)
 
 
+@pytest.mark.parametrize("d", [256, 72], ids=lambda d: f"D{d}")
+def test_fp32_head_dim_chunks(d):
+    # fp32 contracts Q K^T and dO V^T (and the transposes in dK/dV) over the head dim in chunks:
+    # under the interpreter 16 chunks at D256; at D72 (BLOCK_D 128) 5, the last one partly masked.
+    from ditkernels.triton_kernels import flash
+
+    for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
+        cfg = flash.config_for(kernel, None, torch.float32, flash.block_d_for(d))
+        assert flash.chunk_d(cfg, flash.block_d_for(d)) < flash.block_d_for(d), kernel
+    _run_case(1, 2, 45, 70, d, torch.float32)
+
+
+def test_fp32_head_dim_chunks_schedule_subtiles():
+    # Chunked head dim inside the sub-tile walk of schedule tiles larger than the kernel tiles.
+    b, h, sq, sk, d = 1, 2, 150, 140, 80
+    sched = _random_schedule(b * h, sq, sk, 64, 64, seed=9)
+    _run_case(b, h, sq, sk, d, torch.float32, schedule=sched)
+
+
 def test_block_sizes_and_schedule_checks():
     bm, bn = tb.block_sizes(64, torch.float16)
     assert bm >= 16 and bn >= 16

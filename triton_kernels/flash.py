@@ -23,13 +23,19 @@ backward kernels within their register budget for any forward tile size.
 
 Token indices of a tile come from :func:`_q_tokens` / :func:`_kv_tokens` (1-D contiguous tiles now);
 a 2-D/3-D tiling of images or videos replaces these two helpers.
+
+``BLOCK_DK`` (``Config.block_dk``; fp32 configs only) is the head-dim chunk of the products that
+contract over the head dim (S = Q K^T, dP = dO V^T, and K Q^T, V dO^T in the dK/dV kernel): with
+BLOCK_DK < BLOCK_D they are accumulated chunk by chunk from operands re-read from memory
+(:func:`_dot_head_dim`), so no CUDA-core FMA dot holds a whole head dim in registers. fp16/bf16 run
+BLOCK_DK == BLOCK_D (one tensor-core dot per product).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -111,20 +117,51 @@ def _store_rows(base, x, offs_r, offs_d, stride_r, stride_d, n_rows, head_dim, E
         tl.store(ptrs, x, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < head_dim))
 
 
+@triton.jit
+def _dot_head_dim(a_base, offs_a, stride_ar, stride_ad, n_a, b_base, offs_b, stride_br, stride_bd, n_b, head_dim,
+                  ROWS_A: tl.constexpr, ROWS_B: tl.constexpr, CHECK_A: tl.constexpr, CHECK_B: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``A[offs_a, :] @ B[offs_b, :]^T`` -> (ROWS_A, ROWS_B) fp32, contracted over the head dim in chunks
+    of BLOCK_DK columns that are loaded from memory per chunk (the fp32 path, see ``_fill``).
+
+    A FMA (CUDA-core) ``tl.dot`` holds a thread's rows of both operands over the whole contraction
+    in registers; chunking bounds that to BLOCK_DK columns whatever the head dim. The re-reads hit
+    L1/L2. Chunks past ``head_dim`` are skipped; the accumulation stays IEEE fp32.
+    """
+    acc = tl.zeros([ROWS_A, ROWS_B], tl.float32)
+    if EVEN_D:
+        n_chunks = BLOCK_D // BLOCK_DK
+    else:
+        n_chunks = tl.cdiv(head_dim, BLOCK_DK)
+    for c in range(0, n_chunks):
+        offs_d = c * BLOCK_DK + tl.arange(0, BLOCK_DK)
+        a = _load_rows(a_base, offs_a, offs_d, stride_ar, stride_ad, n_a, head_dim, CHECK_A, EVEN_D)
+        b = _load_rows(b_base, offs_b, offs_d, stride_br, stride_bd, n_b, head_dim, CHECK_B, EVEN_D)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PREC)
+    return acc
+
+
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, j, part, seq_k, head_dim,
-              stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, mask_params,
-              BLOCK_N: tl.constexpr, MASK: tl.constexpr, CHECK_N: tl.constexpr,
-              EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One KV tile ``j`` (of BLOCK_N keys) of the online softmax; returns (acc, m_i, l_i)."""
+def _fwd_tile(acc, m_i, l_i, q, q_base, k_base, v_base, offs_m, offs_d, j, part, seq_q, seq_k, head_dim,
+              stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, mask_params,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
+              MASK: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One KV tile ``j`` (of BLOCK_N keys) of the online softmax; returns (acc, m_i, l_i).
+    With BLOCK_DK < BLOCK_D, ``q`` is unused: S is contracted in head-dim chunks read from q_base."""
     offs_n = _kv_tokens(j, BLOCK_N)
-    k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, CHECK_N, EVEN_D)
-    v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, CHECK_N, EVEN_D)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # log2 domain
+    if BLOCK_DK < BLOCK_D:
+        s = _dot_head_dim(q_base, offs_m, stride_qm, stride_qd, seq_q, k_base, offs_n, stride_kn, stride_kd, seq_k,
+                          head_dim, BLOCK_M, BLOCK_N, True, CHECK_N, BLOCK_D, BLOCK_DK, EVEN_D, DOT_PREC)
+        v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, CHECK_N, EVEN_D)
+    else:
+        k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, CHECK_N, EVEN_D)
+        v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, CHECK_N, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    s = s * qk_scale  # log2 domain
     if CHECK_N:
         if (j + 1) * BLOCK_N > seq_k:
             s = tl.where(offs_n[None, :] < seq_k, s, float("-inf"))
@@ -155,7 +192,7 @@ def _flash_fwd_kernel(
     RowScale, Residual,
     stride_sb, stride_sh, stride_sm,
     stride_rb, stride_rh, stride_rm, stride_rd,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
     SCHED_BM: tl.constexpr, SCHED_BN: tl.constexpr,
     SCHEDULE: tl.constexpr, MASK: tl.constexpr, EPILOGUE: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -170,7 +207,10 @@ def _flash_fwd_kernel(
 
     offs_m = _q_tokens(pid_m, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, True, EVEN_D)
+    if BLOCK_DK < BLOCK_D:
+        q = 0.0  # chunked head dim: each KV tile re-reads Q chunks (L1/L2) instead of keeping Q in registers
+    else:
+        q = _load_rows(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, True, EVEN_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -179,13 +219,15 @@ def _flash_fwd_kernel(
     if SCHEDULE == 0:
         n_full = seq_k // BLOCK_N
         for j in range(0, n_full):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, j, 0, seq_k, head_dim,
-                                      stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
-                                      BLOCK_N, MASK, False, EVEN_D, DOT_PREC)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, q_base, k_base, v_base, offs_m, offs_d, j, 0, seq_q, seq_k,
+                                      head_dim, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                                      qk_scale, MaskParams, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, False,
+                                      EVEN_D, DOT_PREC)
         if n_full * BLOCK_N < seq_k:
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, n_full, 0, seq_k, head_dim,
-                                      stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
-                                      BLOCK_N, MASK, True, EVEN_D, DOT_PREC)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, q_base, k_base, v_base, offs_m, offs_d, n_full, 0, seq_q, seq_k,
+                                      head_dim, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                                      qk_scale, MaskParams, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, True,
+                                      EVEN_D, DOT_PREC)
     else:
         srow = pid_bh * sched_head_stride
         ptr_base = KvPtr + srow * stride_sched_ptr
@@ -198,15 +240,17 @@ def _flash_fwd_kernel(
             tile = tl.load(idx_base + e)
             part = tl.load(part_base + e)
             if SCHED_BN == BLOCK_N:
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d, tile, part, seq_k,
-                                          head_dim, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
-                                          BLOCK_N, MASK, True, EVEN_D, DOT_PREC)
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, q_base, k_base, v_base, offs_m, offs_d, tile, part, seq_q,
+                                          seq_k, head_dim, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn,
+                                          stride_vd, qk_scale, MaskParams, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK,
+                                          MASK, True, EVEN_D, DOT_PREC)
             else:
                 for c in range(0, SCHED_BN // BLOCK_N):
-                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_d,
-                                              tile * (SCHED_BN // BLOCK_N) + c, part, seq_k, head_dim,
-                                              stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
-                                              BLOCK_N, MASK, True, EVEN_D, DOT_PREC)
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, q_base, k_base, v_base, offs_m, offs_d,
+                                              tile * (SCHED_BN // BLOCK_N) + c, part, seq_q, seq_k, head_dim,
+                                              stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                                              qk_scale, MaskParams, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK,
+                                              True, EVEN_D, DOT_PREC)
 
     # Rows with no visible key have l_i == 0: out = 0, lse = -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -256,29 +300,46 @@ def _flash_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, offs_n, offs_d, i, part, seq_q, head_dim,
+def _dkdv_tile(dk, dv, k, v, k_base, v_base, q_base, do_base, lse2_base, delta_base, offs_n, offs_d, i, part,
+               seq_q, seq_k, head_dim, stride_kn, stride_kd, stride_vn, stride_vd,
                stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, mask_params,
-               BLOCK_M: tl.constexpr, MASK: tl.constexpr, CHECK_M: tl.constexpr,
-               EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, OUT_DK: tl.constexpr, OUT_DV: tl.constexpr):
-    """Contribution of query tile ``i`` (BLOCK_M rows) to this program's dK, dV (transposed math)."""
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
+               MASK: tl.constexpr, CHECK_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+               OUT_DK: tl.constexpr, OUT_DV: tl.constexpr):
+    """Contribution of query tile ``i`` (BLOCK_M rows) to this program's dK, dV (transposed math).
+    With BLOCK_DK < BLOCK_D, ``k``/``v`` are unused: s_t and dp_t are contracted in head-dim chunks
+    read from k_base/q_base and v_base/do_base, and only the full tiles a product needs are loaded."""
     offs_m = _q_tokens(i, BLOCK_M)
-    q = _load_rows(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, CHECK_M, EVEN_D)
-    do = _load_rows(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, CHECK_M, EVEN_D)
+    if BLOCK_DK == BLOCK_D:
+        q = _load_rows(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, CHECK_M, EVEN_D)
+        do = _load_rows(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, CHECK_M, EVEN_D)
     if CHECK_M:
         lse2 = tl.load(lse2_base + offs_m, mask=offs_m < seq_q, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=offs_m < seq_q, other=0.0)
     else:
         lse2 = tl.load(lse2_base + offs_m)
         delta = tl.load(delta_base + offs_m)
-    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+    if BLOCK_DK < BLOCK_D:
+        s_t = _dot_head_dim(k_base, offs_n, stride_kn, stride_kd, seq_k, q_base, offs_m, stride_qm, stride_qd, seq_q,
+                            head_dim, BLOCK_N, BLOCK_M, True, CHECK_M, BLOCK_D, BLOCK_DK, EVEN_D, DOT_PREC)
+    else:
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+    s_t = s_t * qk_scale  # (BLOCK_N, BLOCK_M)
     p_t = tl.math.exp2(s_t - lse2[None, :])
     if MASK != 0:
         if part != 0:
             p_t = tl.where(_element_mask(offs_m[None, :], offs_n[:, None], mask_params, MASK), p_t, 0.0)
     if OUT_DV:
+        if BLOCK_DK < BLOCK_D:
+            do = _load_rows(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, CHECK_M, EVEN_D)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
     if OUT_DK:
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        if BLOCK_DK < BLOCK_D:
+            dp_t = _dot_head_dim(v_base, offs_n, stride_vn, stride_vd, seq_k, do_base, offs_m, stride_dom, stride_dod,
+                                 seq_q, head_dim, BLOCK_N, BLOCK_M, True, CHECK_M, BLOCK_D, BLOCK_DK, EVEN_D, DOT_PREC)
+            q = _load_rows(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, CHECK_M, EVEN_D)
+        else:
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv
@@ -296,7 +357,7 @@ def _flash_bwd_dkdv_kernel(
     H, seq_q, seq_k, head_dim, qk_scale, sm_scale,
     KvPtr, KvIdx, Partial, stride_sched_ptr, stride_sched_idx, sched_head_stride,
     MaskParams,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
     SCHED_BM: tl.constexpr, SCHED_BN: tl.constexpr,
     SCHEDULE: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
     OUT_DK: tl.constexpr, OUT_DV: tl.constexpr,
@@ -316,23 +377,32 @@ def _flash_bwd_dkdv_kernel(
 
     offs_n = _kv_tokens(pid_n, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim,
-                   True, EVEN_D)
-    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim,
-                   True, EVEN_D)
+    # Chunked head dim (BLOCK_DK < BLOCK_D): K / V chunks are re-read per query tile (L1/L2) instead.
+    k_base = K + b * stride_kb + h * stride_kh
+    if BLOCK_DK < BLOCK_D:
+        k = 0.0
+    else:
+        k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, True, EVEN_D)
+    v_base = V + b * stride_vb + h * stride_vh
+    if BLOCK_DK < BLOCK_D:
+        v = 0.0
+    else:
+        v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, True, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
     if SCHEDULE == 0:
         m_full = seq_q // BLOCK_M
         for i in range(0, m_full):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, offs_n, offs_d, i, 0, seq_q,
-                                head_dim, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, MaskParams,
-                                BLOCK_M, MASK, False, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
+            dk, dv = _dkdv_tile(dk, dv, k, v, k_base, v_base, q_base, do_base, lse2_base, delta_base, offs_n, offs_d,
+                                i, 0, seq_q, seq_k, head_dim, stride_kn, stride_kd, stride_vn, stride_vd,
+                                stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, MaskParams,
+                                BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, False, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
         if m_full * BLOCK_M < seq_q:
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, offs_n, offs_d, m_full, 0,
-                                seq_q, head_dim, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, MaskParams,
-                                BLOCK_M, MASK, True, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
+            dk, dv = _dkdv_tile(dk, dv, k, v, k_base, v_base, q_base, do_base, lse2_base, delta_base, offs_n, offs_d,
+                                m_full, 0, seq_q, seq_k, head_dim, stride_kn, stride_kd, stride_vn, stride_vd,
+                                stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, MaskParams,
+                                BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, True, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
     else:
         srow = pid_bh * sched_head_stride
         ptr_base = KvPtr + srow * stride_sched_ptr
@@ -345,15 +415,18 @@ def _flash_bwd_dkdv_kernel(
             tile = tl.load(idx_base + e)
             part = tl.load(part_base + e)
             if SCHED_BM == BLOCK_M:
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, offs_n, offs_d, tile,
-                                    part, seq_q, head_dim, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
-                                    MaskParams, BLOCK_M, MASK, True, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
+                dk, dv = _dkdv_tile(dk, dv, k, v, k_base, v_base, q_base, do_base, lse2_base, delta_base, offs_n,
+                                    offs_d, tile, part, seq_q, seq_k, head_dim, stride_kn, stride_kd, stride_vn,
+                                    stride_vd, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, MaskParams,
+                                    BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, True, EVEN_D, DOT_PREC,
+                                    OUT_DK, OUT_DV)
             else:
                 for c in range(0, SCHED_BM // BLOCK_M):
-                    dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, offs_n, offs_d,
-                                        tile * (SCHED_BM // BLOCK_M) + c, part, seq_q, head_dim, stride_qm,
-                                        stride_qd, stride_dom, stride_dod, qk_scale, MaskParams,
-                                        BLOCK_M, MASK, True, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
+                    dk, dv = _dkdv_tile(dk, dv, k, v, k_base, v_base, q_base, do_base, lse2_base, delta_base, offs_n,
+                                        offs_d, tile * (SCHED_BM // BLOCK_M) + c, part, seq_q, seq_k, head_dim,
+                                        stride_kn, stride_kd, stride_vn, stride_vd, stride_qm, stride_qd,
+                                        stride_dom, stride_dod, qk_scale, MaskParams, BLOCK_M, BLOCK_N, BLOCK_D,
+                                        BLOCK_DK, MASK, True, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
 
     if OUT_DK:
         dk = dk * sm_scale
@@ -365,15 +438,25 @@ def _flash_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, j, part, seq_k, head_dim,
-             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, mask_params,
-             BLOCK_N: tl.constexpr, MASK: tl.constexpr, CHECK_N: tl.constexpr,
+def _dq_tile(dq, q, do, lse2, delta, q_base, do_base, k_base, v_base, offs_m, offs_d, j, part, seq_q, seq_k, head_dim,
+             stride_qm, stride_qd, stride_dom, stride_dod, stride_kn, stride_kd, stride_vn, stride_vd,
+             qk_scale, mask_params, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_DK: tl.constexpr, MASK: tl.constexpr, CHECK_N: tl.constexpr,
              EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Contribution of KV tile ``j`` (BLOCK_N keys) to this program's dQ."""
+    """Contribution of KV tile ``j`` (BLOCK_N keys) to this program's dQ.
+    With BLOCK_DK < BLOCK_D, ``q``/``do`` are unused: S and dP are contracted in head-dim chunks."""
     offs_n = _kv_tokens(j, BLOCK_N)
-    k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, CHECK_N, EVEN_D)
-    v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, CHECK_N, EVEN_D)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if BLOCK_DK < BLOCK_D:
+        s = _dot_head_dim(q_base, offs_m, stride_qm, stride_qd, seq_q, k_base, offs_n, stride_kn, stride_kd, seq_k,
+                          head_dim, BLOCK_M, BLOCK_N, True, CHECK_N, BLOCK_D, BLOCK_DK, EVEN_D, DOT_PREC)
+        dp = _dot_head_dim(do_base, offs_m, stride_dom, stride_dod, seq_q, v_base, offs_n, stride_vn, stride_vd,
+                           seq_k, head_dim, BLOCK_M, BLOCK_N, True, CHECK_N, BLOCK_D, BLOCK_DK, EVEN_D, DOT_PREC)
+        k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, CHECK_N, EVEN_D)
+    else:
+        k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, CHECK_N, EVEN_D)
+        v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, CHECK_N, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    s = s * qk_scale
     p = tl.math.exp2(s - lse2[:, None])
     if CHECK_N:
         # Keys past seq_k load as 0 but exp2(0 - lse2) need not be small: drop them explicitly.
@@ -382,7 +465,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, j, part, se
     if MASK != 0:
         if part != 0:
             p = tl.where(_element_mask(offs_m[:, None], offs_n[None, :], mask_params, MASK), p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    if BLOCK_DK == BLOCK_D:
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     return dq
@@ -399,7 +483,7 @@ def _flash_bwd_dq_kernel(
     H, seq_q, seq_k, head_dim, qk_scale, sm_scale,
     KvPtr, KvIdx, Partial, stride_sched_ptr, stride_sched_idx, sched_head_stride,
     MaskParams,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
     SCHED_BM: tl.constexpr, SCHED_BN: tl.constexpr,
     SCHEDULE: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -413,10 +497,17 @@ def _flash_bwd_dq_kernel(
 
     offs_m = _q_tokens(pid_m, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim,
-                   True, EVEN_D)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, seq_q,
-                    head_dim, True, EVEN_D)
+    # Chunked head dim (BLOCK_DK < BLOCK_D): Q / dO chunks are re-read per KV tile (L1/L2) instead.
+    q_base = Q + b * stride_qb + h * stride_qh
+    if BLOCK_DK < BLOCK_D:
+        q = 0.0
+    else:
+        q = _load_rows(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, True, EVEN_D)
+    do_base = DO + b * stride_dob + h * stride_doh
+    if BLOCK_DK < BLOCK_D:
+        do = 0.0
+    else:
+        do = _load_rows(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, True, EVEN_D)
     row = pid_bh.to(tl.int64) * seq_q + offs_m
     lse2 = tl.load(Lse2 + row, mask=offs_m < seq_q, other=float("inf"))
     delta = tl.load(Delta + row, mask=offs_m < seq_q, other=0.0)
@@ -425,13 +516,15 @@ def _flash_bwd_dq_kernel(
     if SCHEDULE == 0:
         n_full = seq_k // BLOCK_N
         for j in range(0, n_full):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, j, 0, seq_k, head_dim,
+            dq = _dq_tile(dq, q, do, lse2, delta, q_base, do_base, k_base, v_base, offs_m, offs_d,
+                          j, 0, seq_q, seq_k, head_dim, stride_qm, stride_qd, stride_dom, stride_dod,
                           stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
-                          BLOCK_N, MASK, False, EVEN_D, DOT_PREC)
+                          BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, False, EVEN_D, DOT_PREC)
         if n_full * BLOCK_N < seq_k:
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, n_full, 0, seq_k, head_dim,
+            dq = _dq_tile(dq, q, do, lse2, delta, q_base, do_base, k_base, v_base, offs_m, offs_d,
+                          n_full, 0, seq_q, seq_k, head_dim, stride_qm, stride_qd, stride_dom, stride_dod,
                           stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
-                          BLOCK_N, MASK, True, EVEN_D, DOT_PREC)
+                          BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, True, EVEN_D, DOT_PREC)
     else:
         srow = pid_bh * sched_head_stride
         ptr_base = KvPtr + srow * stride_sched_ptr
@@ -444,15 +537,17 @@ def _flash_bwd_dq_kernel(
             tile = tl.load(idx_base + e)
             part = tl.load(part_base + e)
             if SCHED_BN == BLOCK_N:
-                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, tile, part, seq_k, head_dim,
+                dq = _dq_tile(dq, q, do, lse2, delta, q_base, do_base, k_base, v_base, offs_m, offs_d,
+                              tile, part, seq_q, seq_k, head_dim, stride_qm, stride_qd, stride_dom, stride_dod,
                               stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
-                              BLOCK_N, MASK, True, EVEN_D, DOT_PREC)
+                              BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, True, EVEN_D, DOT_PREC)
             else:
                 for c in range(0, SCHED_BN // BLOCK_N):
-                    dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d,
-                                  tile * (SCHED_BN // BLOCK_N) + c, part, seq_k, head_dim,
+                    dq = _dq_tile(dq, q, do, lse2, delta, q_base, do_base, k_base, v_base, offs_m, offs_d,
+                                  tile * (SCHED_BN // BLOCK_N) + c, part, seq_q, seq_k, head_dim,
+                                  stride_qm, stride_qd, stride_dom, stride_dod,
                                   stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
-                                  BLOCK_N, MASK, True, EVEN_D, DOT_PREC)
+                                  BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, True, EVEN_D, DOT_PREC)
 
     dq = dq * sm_scale
     _store_rows(DQ + b * stride_dqb + h * stride_dqh, dq.to(DQ.dtype.element_ty), offs_m, offs_d,
@@ -474,6 +569,9 @@ class Config:
     num_warps: int
     num_stages: int
     split: bool = False  # bwd_dkdv only: one launch for dK and one for dV
+    # fwd / bwd_dkdv / bwd_dq: head-dim chunk of the products that contract over the head dim
+    # (S = Q K^T, dP = dO V^T and their transposes); 0 = the whole BLOCK_D in one tl.dot.
+    block_dk: int = 0
 
 
 ARCHS = (80, 90)
@@ -500,11 +598,26 @@ def _fill() -> None:
                 t["bwd_dkdv", "f16", d] = {256: Config(16, 16, 8, 2, split=True), 128: Config(32, 32, 8, 2)}.get(
                     d, Config(32, 64, 4, 2))
                 t["bwd_dq", "f16", d] = {256: Config(32, 16, 8, 2), 128: Config(32, 32, 4, 2)}.get(d, Config(64, 32, 4, 3))
-            # fp32: IEEE fp32 products on CUDA cores (TF32 loses ~1e-3). Triton's FMA dot keeps whole
-            # K-slices of both operands in registers, so head dims >= 64 spill (see compile-report).
-            t["fwd", "f32", d] = Config(32, 32, 8, 2) if d <= 32 else Config(32, 16, 4, 2)
-            t["bwd_dkdv", "f32", d] = Config(16, 32, 8, 2, split=d >= 64)
-            t["bwd_dq", "f32", d] = Config(16, 16, 4, 2)
+            # fp32: IEEE fp32 products on CUDA cores (TF32 loses ~1e-3). Triton lowers them to an FMA
+            # dot that holds a thread's rows of both operands over the whole contraction in registers,
+            # so S = Q K^T and dP = dO V^T (and K Q^T, V dO^T in bwd_dkdv) over a head dim >= 64 in one
+            # tl.dot spill. From 64 on they run in chunks of block_dk = 16 head-dim columns re-read from
+            # memory (_dot_head_dim: L1/L2 hits; fp32 is the precision path, not the speed path), the
+            # same kernel and tile loop otherwise. The products over the tile (P V, dS K, dS^T Q, P^T dO)
+            # contract over BLOCK_N (fwd, bwd_dq) or BLOCK_M (bwd_dkdv): that tile dim is the K of an FMA
+            # dot too, so it stays at 16-32 while the other one is as large as compiles with zero spills
+            # on sm_80 and sm_90, with head_dim == BLOCK_D and with a masked head dim alike.
+            if d <= 32:
+                t["fwd", "f32", d] = Config(32, 32, 8, 2)
+                t["bwd_dkdv", "f32", d] = Config(16, 32, 8, 2)
+                t["bwd_dq", "f32", d] = Config(16, 16, 4, 2)
+            else:
+                t["fwd", "f32", d] = {64: Config(128, 16, 8, 2, block_dk=16), 128: Config(128, 32, 8, 2, block_dk=16),
+                                      256: Config(64, 32, 8, 2, block_dk=16)}[d]
+                # One launch for dK and one for dV: two (block_n, d) fp32 accumulators do not fit beside the chunks.
+                t["bwd_dkdv", "f32", d] = Config(16, 128 if d == 128 else 64, 8, 2, split=True, block_dk=16)
+                t["bwd_dq", "f32", d] = {64: Config(64, 32, 8, 2, block_dk=16), 128: Config(128, 16, 8, 2, block_dk=16),
+                                         256: Config(64, 32, 8, 2, block_dk=16)}[d]
             for cls in ("f16", "f32"):
                 t["bwd_preprocess", cls, d] = Config(64 if d <= 128 else 32, 0, 4, 1)
 
@@ -513,11 +626,17 @@ _fill()
 
 # Under TRITON_INTERPRET=1 (CPU tests): small tiles so seq 97 / 200 spans several tiles and a tail,
 # and backward tiles smaller than the forward's so the sub-tile walk of schedule tiles runs.
+# fp32 contracts the head dim in chunks of 16 like the GPU's fp32 configs (smaller chunks, so every
+# head_dim > 16 runs the chunk loop, and head_dim 40 its masked partial chunk); fp16/bf16 do not chunk.
 _INTERPRET_CONFIGS = {
-    "fwd": Config(32, 32, 4, 1),
-    "bwd_preprocess": Config(32, 0, 4, 1),
-    "bwd_dkdv": Config(16, 32, 4, 1),
-    "bwd_dq": Config(16, 32, 4, 1),
+    ("fwd", "f16"): Config(32, 32, 4, 1),
+    ("bwd_preprocess", "f16"): Config(32, 0, 4, 1),
+    ("bwd_dkdv", "f16"): Config(16, 32, 4, 1),
+    ("bwd_dq", "f16"): Config(16, 32, 4, 1),
+    ("fwd", "f32"): Config(32, 32, 4, 1, block_dk=16),
+    ("bwd_preprocess", "f32"): Config(32, 0, 4, 1),
+    ("bwd_dkdv", "f32"): Config(16, 32, 4, 1, block_dk=16),
+    ("bwd_dq", "f32"): Config(16, 32, 4, 1, block_dk=16),
 }
 
 
@@ -538,10 +657,14 @@ def _dtype_class(dtype: torch.dtype) -> str:
 
 def config_for(kernel: str, arch: int | None, dtype: torch.dtype, block_d: int) -> Config:
     """The shipped config of ``kernel`` for ``arch`` (None: the interpreter's)."""
-    _dtype_class(dtype)
     if arch is None:
-        return _INTERPRET_CONFIGS[kernel]
+        return _INTERPRET_CONFIGS[kernel, _dtype_class(dtype)]
     return _TABLE[arch][kernel, _dtype_class(dtype), block_d]
+
+
+def chunk_d(cfg: Config, block_d: int) -> int:
+    """BLOCK_DK of a launch: the head-dim chunk of ``cfg`` (its whole BLOCK_D when it does not chunk)."""
+    return min(cfg.block_dk, block_d) if cfg.block_dk else block_d
 
 
 def shipped_configs(arch: int) -> list[tuple[str, str, int, Config]]:
@@ -674,7 +797,7 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         _check_schedule(schedule, batch, heads, seq_q, seq_k, device)
         # The forward runs the schedule's own tiles (its tile sizes are the forward config's when the
         # op asked block_sizes()); larger schedule tiles are walked in sub-tiles.
-        cfg = Config(min(schedule.block_m, 128), min(schedule.block_n, 128), cfg.num_warps, cfg.num_stages)
+        cfg = replace(cfg, block_m=min(schedule.block_m, 128), block_n=min(schedule.block_n, 128))
     bm, bn, sbm, sbn = _launch_blocks(cfg, schedule)
     out = _alloc.empty(batch, heads, seq_q, head_dim, dtype=q.dtype, device=device)
     lse = _alloc.empty(batch, heads, seq_q, dtype=torch.float32, device=device)
@@ -699,7 +822,7 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         *_sched_args(schedule, dummy),
         mask_params,
         epi[1], epi[2], *epi[3:],
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, SCHED_BM=sbm, SCHED_BN=sbn,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DK=chunk_d(cfg, block_d), SCHED_BM=sbm, SCHED_BN=sbn,
         SCHEDULE=SCHEDULE_DENSE if schedule is None else SCHEDULE_CSR, MASK=mask_kind, EPILOGUE=epi[0],
         EVEN_D=head_dim == block_d, DOT_PREC=_dot_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -753,7 +876,7 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             heads, seq_q, seq_k, head_dim, scale * LOG2E, scale,
             *_sched_args(tsched, dummy), mask_params,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, SCHED_BM=sbm, SCHED_BN=sbn,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DK=chunk_d(cfg, block_d), SCHED_BM=sbm, SCHED_BN=sbn,
             SCHEDULE=sched_kind, MASK=mask_kind, EVEN_D=even_d, DOT_PREC=prec, OUT_DK=out_dk, OUT_DV=out_dv,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -765,7 +888,7 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         heads, seq_q, seq_k, head_dim, scale * LOG2E, scale,
         *_sched_args(schedule, dummy), mask_params,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, SCHED_BM=sbm, SCHED_BN=sbn,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DK=chunk_d(cfg, block_d), SCHED_BM=sbm, SCHED_BN=sbn,
         SCHEDULE=sched_kind, MASK=mask_kind, EVEN_D=even_d, DOT_PREC=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
