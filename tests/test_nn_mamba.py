@@ -15,6 +15,7 @@ from ditkernels.nn import SS2D, Mamba
 from ditkernels.reference.selective_scan import selective_scan_ref
 
 from numerics import assert_matches, rel_err
+from scan_helpers import explicit_order
 
 BACKENDS = ("reference", "cpu")
 
@@ -228,15 +229,7 @@ def test_ss2d_parameter_table_and_init():
     assert shapes["dt_projs_weight"] == (8, 30, 3) and shapes["conv2d.weight"] == (30, 1, 5, 5)
 
 
-def explicit_order(H: int, W: int, name: str) -> torch.Tensor:
-    rows = [[y * W + x for x in range(W)] for y in range(H)]
-    cols = [[y * W + x for y in range(H)] for x in range(W)]
-    base = name.removesuffix("_rev")
-    lines = {"raster": rows, "transpose": cols, "snake": rows, "snake_transpose": cols}[base]
-    if base.startswith("snake"):
-        lines = [line if i % 2 == 0 else line[::-1] for i, line in enumerate(lines)]
-    order = [t for line in lines for t in line]
-    return torch.tensor(order[::-1] if name.endswith("_rev") else order)
+
 
 
 def ss2d_loop(p: dict, x: torch.Tensor, directions, d_state: int, d_conv: int) -> torch.Tensor:
@@ -249,7 +242,7 @@ def ss2d_loop(p: dict, x: torch.Tensor, directions, d_state: int, d_conv: int) -
     rank = p["dt_projs_weight"].shape[2]
     y = 0
     for k, name in enumerate(directions):
-        order = explicit_order(H, W, name)
+        order = torch.tensor(explicit_order(H, W, name))
         xk = xi[:, :, order]
         dt, Bk, Ck = torch.split(torch.einsum("bdl,cd->bcl", xk, p["x_proj_weight"][k]), [rank, d_state, d_state], 1)
         dt = torch.einsum("brl,dr->bdl", dt, p["dt_projs_weight"][k])

@@ -11,18 +11,10 @@ from ditkernels.ops.scan2d import DIRECTIONS, VMAMBA_DIRECTIONS
 from ditkernels.reference.selective_scan import selective_scan_ref
 
 from numerics import assert_matches
+from scan_helpers import explicit_order
 
 
-def explicit_order(H: int, W: int, name: str) -> list[int]:
-    """The row-major token indices visited by direction ``name``, written out with loops."""
-    rows = [[y * W + x for x in range(W)] for y in range(H)]
-    cols = [[y * W + x for y in range(H)] for x in range(W)]
-    base = name.removesuffix("_rev")
-    lines = {"raster": rows, "transpose": cols, "snake": rows, "snake_transpose": cols}[base]
-    if base.startswith("snake"):
-        lines = [line if i % 2 == 0 else line[::-1] for i, line in enumerate(lines)]
-    order = [t for line in lines for t in line]
-    return order[::-1] if name.endswith("_rev") else order
+
 
 
 def test_orders_3x4():

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from numerics import assert_matches
+from scan_helpers import ORDER, args_of, run_ref64, run_ref_low
 
 os.environ.setdefault("DITKERNELS_EMU_TIMEOUT", "20")
 
 emu = pytest.importorskip("ditkernels._C").emu
-from ditkernels.backends import cuda_scan, reference_scan  # noqa: E402
-from ditkernels.reference.selective_scan import selective_scan_ref, selective_scan_ref_backward  # noqa: E402
+from ditkernels.backends import cuda_scan  # noqa: E402
 
 GRAD_NAMES = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dinitial_state")
 
@@ -57,33 +57,12 @@ def make_case(batch=2, dim=4, L=100, N=4, *, dtype=torch.float32, b_kind="group2
     return x, grads
 
 
-ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-
-
-def args_of(x, to=None):
-    return [None if x[k] is None else (x[k] if to is None else x[k].to(to)) for k in ORDER]
 
 
 def run_emu(x, gr, softplus, reverse, config=None, cpb=None):
     out, last, saved = cuda_scan.emu_scan_fwd(*args_of(x), softplus, reverse, config=config)
     grads = cuda_scan.emu_scan_bwd(gr["dout"], gr["dlast"], *args_of(x), saved, softplus, reverse, config=config,
                                    channels_per_block=cpb)
-    return out, last, grads
-
-
-def run_ref64(x, gr, softplus, reverse):
-    a = args_of(x, torch.float64)
-    out, last = selective_scan_ref(*a[:6], a[6], a[7], softplus, True, initial_state=a[8], reverse=reverse)
-    dlast = None if gr["dlast"] is None else gr["dlast"].double()
-    grads = selective_scan_ref_backward(gr["dout"].double(), dlast, *a[:8], delta_softplus=softplus,
-                                        initial_state=a[8], reverse=reverse)
-    return out, last, grads
-
-
-def run_ref_low(x, gr, softplus, reverse):
-    """The reference in the inputs' own dtypes (fp32 math, outputs and gradients rounded like a backend's)."""
-    out, last, saved = reference_scan.scan_fwd(*args_of(x), softplus, reverse)
-    grads = reference_scan.scan_bwd(gr["dout"], gr["dlast"], *args_of(x), saved, softplus, reverse)
     return out, last, grads
 
 

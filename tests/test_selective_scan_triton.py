@@ -16,16 +16,15 @@ import torch
 import triton
 
 from numerics import assert_matches
+from scan_helpers import ORDER, args_of, run_ref64, run_ref_low
 
 pytest.importorskip("triton")
 
 from ditkernels import backends  # noqa: E402
-from ditkernels.backends import reference_scan, triton_scan  # noqa: E402
+from ditkernels.backends import triton_scan  # noqa: E402
 from ditkernels.ops.selective_scan import selective_scan  # noqa: E402
-from ditkernels.reference.selective_scan import selective_scan_ref, selective_scan_ref_backward  # noqa: E402
 from ditkernels.triton_kernels import selective_scan as kernels  # noqa: E402
 
-ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 GRAD_NAMES = tuple(f"d{k}" for k in ORDER)
 LOW = (torch.float16, torch.bfloat16)
 
@@ -62,29 +61,9 @@ def make_case(batch=2, dim=12, L=97, N=16, *, dtype=torch.float32, b_kind="group
     return x, grads
 
 
-def args_of(x, to=None):
-    return [None if x[k] is None else (x[k] if to is None else x[k].to(to)) for k in ORDER]
-
-
 def run_triton(x, gr, softplus, reverse, n_sub=None):
     out, last, saved = triton_scan.scan_fwd(*args_of(x), softplus, reverse)
     grads = kernels.scan_bwd(gr["dout"], gr["dlast"], *args_of(x), saved, softplus, reverse, n_sub=n_sub)
-    return out, last, grads
-
-
-def run_ref64(x, gr, softplus, reverse):
-    a = args_of(x, torch.float64)
-    out, last = selective_scan_ref(*a[:6], a[6], a[7], softplus, True, initial_state=a[8], reverse=reverse)
-    dlast = None if gr["dlast"] is None else gr["dlast"].double()
-    grads = selective_scan_ref_backward(gr["dout"].double(), dlast, *a[:8], delta_softplus=softplus,
-                                        initial_state=a[8], reverse=reverse)
-    return out, last, grads
-
-
-def run_ref_low(x, gr, softplus, reverse):
-    """The reference in the inputs' own dtypes (fp32 math, outputs and gradients rounded like a backend's)."""
-    out, last, saved = reference_scan.scan_fwd(*args_of(x), softplus, reverse)
-    grads = reference_scan.scan_bwd(gr["dout"], gr["dlast"], *args_of(x), saved, softplus, reverse)
     return out, last, grads
 
 

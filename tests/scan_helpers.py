@@ -1,0 +1,45 @@
+"""Helpers shared by the selective-scan test files: argument order, float64 and low-dtype references,
+and the explicit scan orders of the multi-direction scans."""
+
+from __future__ import annotations
+
+import torch
+
+from ditkernels.backends import reference_scan
+from ditkernels.reference.selective_scan import selective_scan_ref, selective_scan_ref_backward
+
+# The launchers' positional order of the scan inputs.
+ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def args_of(x: dict, to: torch.dtype | None = None) -> list:
+    return [None if x[k] is None else (x[k] if to is None else x[k].to(to)) for k in ORDER]
+
+
+def run_ref64(x: dict, gr: dict, softplus: bool, reverse: bool):
+    """(out, last_state, grads) of the float64 reference: the ground truth."""
+    a = args_of(x, torch.float64)
+    out, last = selective_scan_ref(*a[:6], a[6], a[7], softplus, True, initial_state=a[8], reverse=reverse)
+    dlast = None if gr["dlast"] is None else gr["dlast"].double()
+    grads = selective_scan_ref_backward(gr["dout"].double(), dlast, *a[:8], delta_softplus=softplus,
+                                        initial_state=a[8], reverse=reverse)
+    return out, last, grads
+
+
+def run_ref_low(x: dict, gr: dict, softplus: bool, reverse: bool):
+    """The reference in the inputs' own dtypes (fp32 math, outputs and gradients rounded like a backend's)."""
+    out, last, saved = reference_scan.scan_fwd(*args_of(x), softplus, reverse)
+    grads = reference_scan.scan_bwd(gr["dout"], gr["dlast"], *args_of(x), saved, softplus, reverse)
+    return out, last, grads
+
+
+def explicit_order(H: int, W: int, name: str) -> list[int]:
+    """The row-major token indices visited by scan direction ``name``, written out with loops."""
+    rows = [[y * W + x for x in range(W)] for y in range(H)]
+    cols = [[y * W + x for y in range(H)] for x in range(W)]
+    base = name.removesuffix("_rev")
+    lines = {"raster": rows, "transpose": cols, "snake": rows, "snake_transpose": cols}[base]
+    if base.startswith("snake"):
+        lines = [line if i % 2 == 0 else line[::-1] for i, line in enumerate(lines)]
+    order = [t for line in lines for t in line]
+    return order[::-1] if name.endswith("_rev") else order
