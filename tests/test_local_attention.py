@@ -312,7 +312,8 @@ def test_return_lse_and_default_backend():
     q, k, v = (torch.randn(1, 1, 20, 8) for _ in range(3))
     out, lse = ditkernels.local_attention(q, k, v, (4, 5), 2, return_lse=True)
     assert out.shape == q.shape and lse.shape == (1, 1, 20) and lse.dtype == torch.float32
-    ref, ref_lse = attention_ref(q.double(), k.double(), v.double(), 8 ** -0.5, local_visible(LocalSpec.make((4, 5), 2)))
+    vis = local_visible(LocalSpec.make((4, 5), 2))
+    ref, ref_lse = attention_ref(q.double(), k.double(), v.double(), 8 ** -0.5, vis)
     assert rel_err(out, ref) <= 1e-5 and rel_err(lse, ref_lse) <= 1e-6
 
 

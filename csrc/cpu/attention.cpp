@@ -621,7 +621,8 @@ void fwd_kernel(const FwdParams& p) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const bool stats_only = p.out.ptr == 0;
   TilePanels<T> kv;  // token-mapped tiles: K and V in KV-tile order
-  if constexpr (MAP) kv.template pack<S>(p.k, p.v, p.B, p.H, p.kv_tokens, p.n_kv_tiles, p.block_n, Sk, D, p.num_threads);
+  if constexpr (MAP)
+    kv.template pack<S>(p.k, p.v, p.B, p.H, p.kv_tokens, p.n_kv_tiles, p.block_n, Sk, D, p.num_threads);
   VisitMasks<T> vm;  // token-mapped local masks: evaluated once for every batch*head
   const VisitMasks<T>* vmp = nullptr;
   if constexpr (MAP && kLocal) {
@@ -683,7 +684,8 @@ void fwd_kernel(const FwdParams& p) {
         Extent e{0, nk, 0, nv};
         if constexpr (kLocal) {
           if (ri.any_partial) {
-            e = vmp && ri.visit >= 0 ? vmp->extent(ri.visit, ri.row_off, nk) : local_extent(table, *p.geom, nv, nk, ri);
+            e = vmp && ri.visit >= 0 ? vmp->extent(ri.visit, ri.row_off, nk)
+                                      : local_extent(table, *p.geom, nv, nk, ri);
             if (e.empty()) return;
           }
         }
@@ -902,13 +904,13 @@ void bwd_kernel(const BwdParams& p) {
         }
         const S* kbase = p.k.row<S>(b, h, 0);
         const S* vbase = p.v.row<S>(b, h, 0);
-        // St = scores (keys x rows), dPt = dP (keys x rows), for one chunk of keys.
         // St = scores, dPt = dP (keys x rows) of one chunk of keys, inside its extent e (returned).
         auto scores = [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs, int64_t nk, const RowInfo& ri) {
           Extent e{0, nk, 0, nv};
           if constexpr (kLocal) {
             if (ri.any_partial) {
-              e = vmp && ri.visit >= 0 ? vmp->extent(ri.visit, ri.row_off, nk) : local_extent(table, *p.geom, nv, nk, ri);
+              e = vmp && ri.visit >= 0 ? vmp->extent(ri.visit, ri.row_off, nk)
+                                      : local_extent(table, *p.geom, nv, nk, ri);
               if (e.empty()) return e;
             }
           }
@@ -917,11 +919,11 @@ void bwd_kernel(const BwdParams& p) {
           gemm<T, false>(ne, nve, iD, Kr + e.r0 * krs, krs, 1, Qt + e.j0 * W, ld, St + off, ld);
           if constexpr (kLocal) {
             if (ri.any_partial) {
-            if (vmp && ri.visit >= 0)
-              vmp->apply(St, ld, e, ri);
-            else
-              apply_local(table, *p.geom, St, ld, e, ri);
-          }
+              if (vmp && ri.visit >= 0)
+                vmp->apply(St, ld, e, ri);
+              else
+                apply_local(table, *p.geom, St, ld, e, ri);
+            }
           } else if constexpr (!Mask::kTrivial) {
             if (ri.any_partial)
               for (int64_t kk = 0; kk < nk; ++kk)
@@ -1063,11 +1065,11 @@ void bwd_kernel(const BwdParams& p) {
           gemm<T, false>(ne, nve, iD, Qe, qrs, 1, Kt + e.j0 * W, ld, Sm + off, ld);
           if constexpr (kLocal) {
             if (ri.any_partial) {
-            if (vmp && ri.visit >= 0)
-              vmp->apply(Sm, ld, e, ri);
-            else
-              apply_local(table, *p.geom, Sm, ld, e, ri);
-          }
+              if (vmp && ri.visit >= 0)
+                vmp->apply(Sm, ld, e, ri);
+              else
+                apply_local(table, *p.geom, Sm, ld, e, ri);
+            }
           } else if constexpr (!Mask::kTrivial) {
             if (ri.any_partial)
               for (int64_t i = 0; i < nq; ++i)

@@ -188,7 +188,8 @@ struct LocalTable {
         const TokCoord& c = lane(i);
         int64_t a, b;
         if (c.cls != kGridTok) {
-          set(row, i, true);  // fwd: a global query sees every grid key; dK/dV: every grid query sees a global/extra key
+          // fwd: a global query sees every grid key; dK/dV: every grid query sees a global / extra key
+          set(row, i, true);
         } else if (g.x_interval(c, t, y, fwd, a, b)) {
           lo[row * ld + i] = static_cast<T>(a), hi[row * ld + i] = static_cast<T>(b);
         } else {

@@ -81,7 +81,8 @@ class LocalSpec:
         if not isinstance(border, str) or border not in BORDERS:
             raise ValueError(f"border: expected one of {BORDERS}, got {border!r}")
         if border == "shift" and shape != "square":
-            raise ValueError(f"border: 'shift' (NATTEN's window) is defined for shape='square' only, got shape={shape!r}")
+            raise ValueError(f"border: 'shift' (NATTEN's window) is defined for shape='square' only, "
+                             f"got shape={shape!r}")
         if shape == "tile":
             if tile is None:
                 raise ValueError("tile: shape='tile' needs the tile size (an int or one size per grid dimension)")
