@@ -33,8 +33,6 @@ BLOCK_DK == BLOCK_D (one tensor-core dot per product).
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,6 +40,8 @@ import triton
 import triton.language as tl
 
 from ditkernels import _alloc
+
+from . import _interpreter
 
 # Element-mask and epilogue ids: the same values as ditkernels.schedule.
 MASK_NONE = 0
@@ -678,7 +678,7 @@ def shipped_configs(arch: int) -> list[tuple[str, str, int, Config]]:
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _interpreter.interpreting()
 
 
 def device_arch(device: torch.device) -> int | None:
@@ -689,31 +689,8 @@ def device_arch(device: torch.device) -> int | None:
     return 90 if major >= 9 else 80
 
 
-def _patch_interpreter_bf16_dot() -> None:
-    """Triton 3.x's CPU interpreter multiplies the raw uint16 bit patterns of bfloat16 operands in
-    ``tl.dot``. Widen them to float32 first (exact: bf16 products are exact in fp32, as on a GPU's
-    bf16 MMA with fp32 accumulation). Touches only the interpreter, never compiled kernels."""
-    from triton.runtime import interpreter as _interp
-
-    builder = _interp.InterpreterBuilder
-    if getattr(builder.create_dot, "_ditkernels_bf16", False):
-        return
-    orig = builder.create_dot
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        def widen(x):
-            if x.dtype.scalar == tl.bfloat16 or x.dtype == tl.bfloat16:
-                data = (x.data.astype("uint32") << 16).view("float32")
-                return _interp.TensorHandle(data, tl.float32)
-            return x
-        return orig(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    create_dot._ditkernels_bf16 = True
-    builder.create_dot = create_dot
-
-
 if interpreting():
-    _patch_interpreter_bf16_dot()
+    _interpreter.patch()
 
 
 def block_sizes(head_dim: int, dtype: torch.dtype, device: torch.device | None = None) -> tuple[int, int]:
