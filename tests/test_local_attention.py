@@ -237,6 +237,8 @@ def test_cpu_kernel_visits_exactly_the_plan(opts, m):
     public = ditkernels.local_attention_plan(o.pop("grid"), o.pop("window"), num_extra=m, backend="cpu",
                                              head_dim=16, **o)
     assert public is plan  # the public plan is the cached object the kernel ran
+    # the kernel trims partial visits: it computes every visible pair once, within the plan's tiles
+    assert plan.useful_pairs * 6 <= cpu.last_fwd_pairs() <= plan.slot_pairs * 6
     assert (plan.block_m, plan.block_n) == cpu.local_block_sizes(16, torch.float32)
 
 

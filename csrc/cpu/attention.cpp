@@ -598,8 +598,10 @@ struct FwdParams {
   int num_threads;
 };
 
-// Tiles visited by the last forward call (for tests: the kernel runs exactly the plan's tiles).
+// Tiles visited by the last forward call (for tests: the kernel runs exactly the plan's tiles), and
+// the query-key score slots it computed (rows x lane vectors of every chunk, after trimming).
 std::atomic<int64_t> g_fwd_visits{0};
+std::atomic<int64_t> g_fwd_pairs{0};
 
 template <typename S, int MASK, bool MAP>
 void fwd_kernel(const FwdParams& p) {
@@ -613,6 +615,7 @@ void fwd_kernel(const FwdParams& p) {
   const int64_t ngroups = (p.block_m + kRowGroup - 1) / kRowGroup;
   const int64_t total = BH * nqt * ngroups;
   g_fwd_visits.store(0);
+  g_fwd_pairs.store(0);
   if (total == 0) return;
   const int64_t gmax = std::min<int64_t>(kRowGroup, p.block_m);
   const int64_t ldmax = (gmax + W - 1) / W * W;
@@ -637,7 +640,7 @@ void fwd_kernel(const FwdParams& p) {
     Buf<T> qt_b, ot_b, st_b, m_b, l_b;
     ChunkBufs<T> cb;
     LocalTable<T> table;
-    int64_t visits = 0;
+    int64_t visits = 0, pairs = 0;
     T* Qt = qt_b.get(D * ldmax);
     T* Ot = ot_b.get(D * ldmax);
     T* St = st_b.get(kChunk * ldmax);
@@ -691,6 +694,7 @@ void fwd_kernel(const FwdParams& p) {
         }
         const int64_t ne = e.r1 - e.r0;
         const int nve = e.j1 - e.j0;
+        pairs += ne * nve * W;
         T* Se = St + e.r0 * ld;  // rows of the extent; lanes are indexed j * W with j in [j0, j1)
         gemm<T, false>(static_cast<int>(ne), nve, static_cast<int>(D), Kr + e.r0 * krs, krs, 1, Qt + e.j0 * W, ld,
                        Se + e.j0 * W, ld);
@@ -768,6 +772,7 @@ void fwd_kernel(const FwdParams& p) {
       }
     }
     g_fwd_visits.fetch_add(visits, std::memory_order_relaxed);
+    g_fwd_pairs.fetch_add(pairs, std::memory_order_relaxed);
   };
   ThreadPool::instance().run(resolve_threads(p.num_threads, total), body);
 }
@@ -1275,4 +1280,6 @@ void register_attention_cpu(py::module_& m) {
         "n_kv_tiles"_a = 0);
   m.def("attention_fwd_visits", [] { return ditk::g_fwd_visits.load(); },
         "Tiles (CSR entries) visited by the last attention_fwd call, summed over batch*head and row groups.");
+  m.def("attention_fwd_pairs", [] { return ditk::g_fwd_pairs.load(); },
+        "Score slots (key rows x query lanes, vector padding included) computed by the last attention_fwd call.");
 }

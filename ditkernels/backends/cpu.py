@@ -81,6 +81,12 @@ def last_fwd_visits() -> int:
     return int(_require().attention_fwd_visits())
 
 
+def last_fwd_pairs() -> int:
+    """Query-key score slots the last forward launch computed, summed over batch*head: the work after
+    the kernels trimmed partial visits (query lanes counted in whole vectors; a kernel-side counter)."""
+    return int(_require().attention_fwd_pairs())
+
+
 # ---- validation -------------------------------------------------------------------------------
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
