@@ -366,6 +366,8 @@ inline int64_t for_each_rows_packed(const Sched& s, const int32_t* tokmap, const
   return ptr[tile + 1] - ptr[tile];
 }
 
+constexpr size_t kVisitMaskBytes = size_t(256) << 20;  // VisitMasks beyond this: masks per chunk instead
+
 // Rows [r0, r1) x lane vectors [j0, j1) of a chunk that can hold a visible pair: the work of a
 // partial visit is trimmed to it (a query tile's corner lanes see little of a diagonal KV tile).
 struct Extent {
@@ -475,6 +477,13 @@ struct VisitMasks {
   std::vector<Extent> ext;
   std::vector<uint32_t> bits;
   int64_t rblock = 0, nvmax = 0;
+
+  // Whether the masks of a schedule fit kVisitMaskBytes (else the kernels evaluate them per chunk).
+  static bool affordable(const Sched& s, int64_t n_lane_tiles, int64_t lane_block, int64_t row_block) {
+    const int64_t nv = (lane_block + kLanes<T> - 1) / kLanes<T>;
+    return lane_block <= kRowGroup &&
+           static_cast<size_t>(s.ptr[n_lane_tiles]) * (row_block * nv * 4 + sizeof(Extent)) <= kVisitMaskBytes;
+  }
 
   void build(const LocalGeom& g, bool fwd, const Sched& s, int64_t n_lane_tiles, const int32_t* lane_map,
              int64_t lane_block, int64_t lane_seq, const int32_t* row_map, int64_t row_block, int64_t row_seq,
@@ -629,7 +638,7 @@ void fwd_kernel(const FwdParams& p) {
   VisitMasks<T> vm;  // token-mapped local masks: evaluated once for every batch*head
   const VisitMasks<T>* vmp = nullptr;
   if constexpr (MAP && kLocal) {
-    if (p.block_m <= kRowGroup) {
+    if (VisitMasks<T>::affordable(p.sched, nqt, p.block_m, p.block_n)) {
       vm.build(*p.geom, true, p.sched, nqt, p.q_tokens, p.block_m, Sq, p.kv_tokens, p.block_n, Sk, p.num_threads);
       vmp = &vm;
     }
@@ -852,7 +861,7 @@ void bwd_kernel(const BwdParams& p) {
     VisitMasks<T> vm;
     const VisitMasks<T>* vmp = nullptr;
     if constexpr (MAP && kLocal) {
-      if (p.block_m <= kRowGroup) {
+      if (VisitMasks<T>::affordable(p.sched, nqt, p.block_m, p.block_n)) {
         vm.build(*p.geom, true, p.sched, nqt, p.q_tokens, p.block_m, Sq, p.kv_tokens, p.block_n, Sk, p.num_threads);
         vmp = &vm;
       }
@@ -1000,7 +1009,7 @@ void bwd_kernel(const BwdParams& p) {
     VisitMasks<T> vm;  // lanes are keys here: the transposed schedule, the inverse window
     const VisitMasks<T>* vmp = nullptr;
     if constexpr (MAP && kLocal) {
-      if (p.block_n <= kRowGroup) {
+      if (VisitMasks<T>::affordable(p.tsched, nkt, p.block_n, p.block_m)) {
         vm.build(*p.geom, false, p.tsched, nkt, p.kv_tokens, p.block_n, Sk, p.q_tokens, p.block_m, Sq, p.num_threads);
         vmp = &vm;
       }
