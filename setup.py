@@ -85,7 +85,8 @@ class NinjaBuildExt(build_ext):
     """Compile every source of an extension to objects with one ninja file, then link."""
 
     def build_extension(self, ext: Extension) -> None:
-        build_dir = Path(self.build_temp) / ext.name.replace(".", "_")
+        # Absolute: ninja runs in build_dir (-C), and the link below runs in the current directory.
+        build_dir = Path(self.build_temp).resolve() / ext.name.replace(".", "_")
         build_dir.mkdir(parents=True, exist_ok=True)
         cxx = os.environ.get("CXX", "c++")
         inc = [f"-I{ROOT / 'csrc'}", f"-I{_pybind11_include()}", f"-I{sysconfig.get_paths()['include']}"]
