@@ -268,8 +268,43 @@ inline Vec<double> vexp2(Vec<double> x) {
 // exp(x) = 2^(x log2 e); the decays' callers pre-scale A by log2(e).
 constexpr double kLog2e = 1.4426950408889634074;
 
-// 1 / u for u in [1, 2]: vrcp14ps and one Newton step (~2^-28) with AVX-512, a division elsewhere.
-inline Vec<float> vrcp_1to2(Vec<float> u) {
+// exp(x) for x <= 0 to ~1 ulp (softplus and sigmoid): n = round(x log2 e), r = x - n ln2 in two
+// parts (Cody-Waite), e^r by Cephes expf's polynomial, then 2^n. (2^(x log2 e) would lose
+// |x| * 6e-8 to the rounding of x log2 e.) x is clamped at -104 (AVX-512: e^-104 is a subnormal that
+// vscalefps gets right) or at -87 (elsewhere, where 2^n is built in the exponent bits).
+inline Vec<float> vexp_neg(Vec<float> x) {
+  using V = Vec<float>;
+#if defined(__AVX512F__)
+  x = x < splat(-104.0f) ? splat(-104.0f) : x;
+#else
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+#endif
+  V n;
+#if defined(__AVX512F__)
+  n = (V)_mm512_mask_roundscale_ps((__m512)x, (__mmask16)0xffff, (__m512)(x * float(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  const V magic = splat(12582912.0f);
+  n = (x * float(kLog2e) + magic) - magic;
+#endif
+  V r = vfma(n, splat(-0.693359375f), x);
+  r = vfma(n, splat(2.12194440e-4f), r);
+  V p = vfma(splat(1.9875691500e-4f), r, splat(1.3981999507e-3f));
+  p = vfma(p, r, splat(8.3334519073e-3f));
+  p = vfma(p, r, splat(4.1665795894e-2f));
+  p = vfma(p, r, splat(1.6666665459e-1f));
+  p = vfma(p, r, splat(5.0000001201e-1f));
+  p = vfma(p, r * r, r) + 1.0f;
+#if defined(__AVX512F__)
+  return (V)_mm512_mask_scalef_ps((__m512)p, (__mmask16)0xffff, (__m512)p, (__m512)n);
+#else
+  typedef VecOf<float>::itype VI;
+  return p * (V)((__builtin_convertvector(n, VI) + 127) << 23);
+#endif
+}
+
+// 1 / u for u in [1, 3]: vrcp14ps and one Newton step (~2^-28) with AVX-512, a division elsewhere.
+inline Vec<float> vrcp_1to3(Vec<float> u) {
 #if defined(__AVX512F__)
   const Vec<float> r = (Vec<float>)_mm512_mask_rcp14_ps((__m512)u, (__mmask16)0xffff, (__m512)u);
   return r * vfma(-u, r, splat(2.0f));
@@ -278,40 +313,21 @@ inline Vec<float> vrcp_1to2(Vec<float> u) {
 #endif
 }
 
-// log(u) for u in [1, 2]: Cephes logf's polynomial on m - 1, u = 2^e m with m in [sqrt(1/2), sqrt(2)).
-inline Vec<float> vlog_1to2(Vec<float> u) {
-  using V = Vec<float>;
-  const auto big = u > splat(1.41421356237f);
-  const V e = big ? splat(1.0f) : splat(0.0f);
-  const V x = (big ? u * 0.5f : u) - 1.0f;  // exact (Sterbenz)
-  const V z = x * x;
-  V y = vfma(splat(7.0376836292e-2f), x, splat(-1.1514610310e-1f));
-  y = vfma(y, x, splat(1.1676998740e-1f));
-  y = vfma(y, x, splat(-1.2420140846e-1f));
-  y = vfma(y, x, splat(1.4249322787e-1f));
-  y = vfma(y, x, splat(-1.6668057665e-1f));
-  y = vfma(y, x, splat(2.0000714765e-1f));
-  y = vfma(y, x, splat(-2.4999993993e-1f));
-  y = vfma(y, x, splat(3.3333331174e-1f));
-  y = y * x * z;
-  y = vfma(e, splat(-2.12194440e-4f), y);
-  y = vfma(z, splat(-0.5f), y);
-  return vfma(e, splat(0.693359375f), x + y);
-}
-
-// softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1], and sigmoid(x) = (x >= 0 ? 1 : e) / (1 + e).
-// log1p(e) = log(u) + c / u with u = 1 + e rounded and c = e - (u - 1) its rounding error (exact), so
-// small e keep their relative accuracy. No division; for x > ~17, softplus(x) = x as torch's threshold
-// gives. The sigmoid is written to *sig when asked for (the backward's softplus derivative).
+// softplus(x) = max(x, 0) + log1p(e) with e = exp(-|x|) in (0, 1], and log1p(e) = 2 atanh(s) =
+// 2s + s^3 Q(s^2), s = e / (2 + e) in (0, 1/3] (Q: degree-4 minimax, 1e-10; ~1.5e-7 relative in all).
+// No division, no cancellation for small e; for x > ~17, softplus(x) = x as torch's threshold gives.
+// sigmoid(x) = (x >= 0 ? 1 : e) / (1 + e), the derivative, goes to *sig when asked for.
 inline Vec<float> vsoftplus(Vec<float> x, Vec<float>* sig = nullptr) {
   using V = Vec<float>;
-  const V ax = x < splat(0.0f) ? -x : x;
-  const V e = vexp2(ax * float(-kLog2e));
-  const V u = e + 1.0f;
-  const V r = vrcp_1to2(u);
-  if (sig) *sig = (x < splat(0.0f) ? e : splat(1.0f)) * r;
-  const V lp = vfma(e - (u - 1.0f), r, vlog_1to2(u));
-  return (x > splat(0.0f) ? x : splat(0.0f)) + lp;
+  typedef VecOf<float>::itype VI;
+  const V e = vexp_neg((V)((VI)x | (VI)splat(-0.0f)));  // exp(-|x|)
+  const V sv = e * vrcp_1to3(e + 2.0f), w = sv * sv;
+  V q = vfma(splat(0.2430096f), w, splat(0.21427652f));
+  q = vfma(q, w, splat(0.28616884f));
+  q = vfma(q, w, splat(0.39998877f));
+  q = vfma(q, w, splat(0.66666675f));
+  if (sig) *sig = (x < splat(0.0f) ? e : splat(1.0f)) * vrcp_1to3(e + 1.0f);
+  return (x > splat(0.0f) ? x : splat(0.0f)) + vfma(sv * w, q, sv + sv);
 }
 inline Vec<double> vsoftplus(Vec<double> x, Vec<double>* sig = nullptr) {
   for (int i = 0; i < W; ++i) {
@@ -323,8 +339,9 @@ inline Vec<double> vsoftplus(Vec<double> x, Vec<double>* sig = nullptr) {
 
 inline Vec<float> vsigmoid(Vec<float> x) {
   using V = Vec<float>;
-  const V e = vexp2((x < splat(0.0f) ? x : -x) * float(kLog2e));  // exp(-|x|)
-  return (x < splat(0.0f) ? e : splat(1.0f)) * vrcp_1to2(e + 1.0f);
+  typedef VecOf<float>::itype VI;
+  const V e = vexp_neg((V)((VI)x | (VI)splat(-0.0f)));  // exp(-|x|)
+  return (x < splat(0.0f) ? e : splat(1.0f)) * vrcp_1to3(e + 1.0f);
 }
 inline Vec<double> vsigmoid(Vec<double> x) {
   for (int i = 0; i < W; ++i) x[i] = 1.0 / (1.0 + std::exp(-x[i]));
@@ -444,7 +461,7 @@ void parallel_for(int nthreads, const F& fn) {
 // Time is cut into chunks of T steps (the states are saved at their boundaries) and spans of S steps,
 // a whole number of chunks: the per-(channel, t) work runs a span at a time, so that each of the 16
 // rows of an operand is read as one sequential stream of S elements.
-constexpr int64_t kSpanSteps = 256;
+constexpr int64_t kSpanSteps = 512;
 
 struct Shape {
   int64_t Bsz, D, L, N, NP, nblk, T, nc, S, SP;
@@ -518,30 +535,6 @@ struct RowsOut {
     for (int i = 0; i < blk.nl; ++i) store<Acc>(row_addr(op, blk.b, blk.d0 + i, t0), op.dtype, op.sl, tl, r[i]);
   }
 };
-
-// GCC drops __builtin_prefetch from code it inlines here (it counts as free of side effects), so on
-// x86 the instructions are spelled out.
-inline void prefetch(const void* a, bool write) {
-#if defined(__x86_64__) || defined(__i386__)
-  if (write) asm volatile("prefetchw (%0)" : : "r"(a)); else asm volatile("prefetcht0 (%0)" : : "r"(a));
-#else
-  if (write) __builtin_prefetch(a, 1, 3); else __builtin_prefetch(a, 0, 3);
-#endif
-}
-
-// Prefetch the rows a block will touch in the chunk [t0, t0 + tl): they are 16 short streams per
-// operand, too many and too short for the hardware prefetchers.
-void prefetch_rows(const Operand& op, const Block& blk, int64_t t0, int64_t tl, bool write) {
-  if (!op.ptr || tl <= 0) return;
-  const int64_t isz = itemsize(op.dtype);
-  const int64_t step = std::max<int64_t>(1, 64 / std::max<int64_t>(1, std::abs(op.sl) * isz));
-  for (int i = 0; i < blk.nl; ++i) {
-    const char* row = reinterpret_cast<const char*>(row_addr(op, blk.b, blk.d0 + i, t0));
-    for (int64_t t = 0; t < tl + step - 1; t += step) {
-      prefetch(row + std::min(t, tl - 1) * op.sl * isz, write);
-    }
-  }
-}
 
 // [lane][t] rows (stride SP) <-> [t][lane] tiles, te (a multiple of 16) steps.
 template <class Acc>
@@ -825,7 +818,7 @@ void bwd_recompute(int64_t tl, const Acc* A2, const Acc* DT, const Acc* DTU, con
 //   g_t = C_t dy_t + a_{t+1} g_{t+1}   (dL/dh_t; g: (NJB, W) carried in/out)
 //   dA += g_t a_t h_{t-1} delta'_t,  RGA[t] += sum_n A g_t a_t h_{t-1},  RGB[t] += sum_n g_t B_t,
 //   dC[t] += sum_lanes h_t dy_t,  dB[t] += sum_lanes g_t delta'_t u_t.
-// A shared (scalar) B/C gets its lane sums by one fold of 16 vectors per t into dBp/dCp[t * NP + j];
+// A shared (scalar) B/C gets its lane sums by one fold of 16 vectors per t, added to dBp/dCp[t * dbts + j];
 // a lane B/C accumulates lane-wise into dBp/dCp[t * dbts + j * W] (dbts 0 for a constant one).
 template <class Acc, bool BL, bool CL>
 void bwd_reverse(int64_t tl, const Acc* A1, const Acc* DT, const Acc* DTU, const Acc* DY, const Acc* Bp, int64_t bts,
@@ -869,11 +862,13 @@ void bwd_reverse(int64_t tl, const Acc* A1, const Acc* DT, const Acc* DTU, const
       gr[j] = a * gj;
     }
     if (!BL || !CL) {
+      typedef Acc H __attribute__((vector_size(NJ * sizeof(Acc))));
       const V r = fold16(q);  // lanes 0..7: dC[t][j], 8..15: dB[t][j]
-      for (int j = 0; j < NJ; ++j) {
-        if (!CL) dCp[t * dcts + j] += r[j];
-        if (!BL) dBp[t * dbts + j] += r[NJ + j];
-      }
+      H lo, hi, d;
+      std::memcpy(&lo, &r, sizeof lo);
+      std::memcpy(&hi, reinterpret_cast<const char*>(&r) + sizeof lo, sizeof hi);
+      if (!CL) std::memcpy(&d, dCp + t * dcts, sizeof d), d += lo, std::memcpy(dCp + t * dcts, &d, sizeof d);
+      if (!BL) std::memcpy(&d, dBp + t * dbts, sizeof d), d += hi, std::memcpy(dBp + t * dbts, &d, sizeof d);
     }
     vstore(RGA + t * W, vload(RGA + t * W) + rga);
     vstore(RGB + t * W, vload(RGB + t * W) + rgb);
@@ -898,8 +893,9 @@ BwdKernels<Acc> bwd_kernels_for(bool bl, bool cl) {
             : (cl ? bwd_kernels_of<Acc, false, true>() : bwd_kernels_of<Acc, false, false>());
 }
 
-// Per-thread partial sums of dB or dC over the keys its blocks touch, [key][t][NP], reduced in thread
-// order at the end.
+// Partial sums of dB or dC over the keys (batch, group) that a unit of blocks touches, [key][t][NP].
+// Units are contiguous block ranges, handed to threads dynamically; their partial sums are added in
+// unit order at the end, so results do not depend on which thread ran which unit.
 template <class Acc>
 struct Partial {
   int64_t kmin = 0, nkeys = 0, lext = 1;  // keys [kmin, kmin + nkeys), t-extent lext
@@ -907,35 +903,37 @@ struct Partial {
   Acc* at(const Shape& s, int64_t key, int64_t t) { return buf.data() + ((key - kmin) * lext + t) * s.NP; }
 };
 
-// The gradient sink of one of B, C for the block being processed: a per-chunk [t][NP] table (shared),
-// a per-chunk [t][NP][W] lane table (lanes) or a [NP][W] lane table for the whole block (constant).
+// The gradient sink of one of B, C for the block being processed: the unit's partial sums directly
+// (shared), a per-chunk [t][NP][W] lane table (lanes) or a [NP][W] lane table for the whole block
+// (constant), added to the partial sums lane by lane.
 template <class Acc>
 struct BCGrad {
   const Shape& s;
   BCSource<Acc>& src;
-  Partial<Acc> part;
+  Partial<Acc>* part = nullptr;
   std::vector<Acc> tile;
   BCGrad(const Shape& s_, BCSource<Acc>& src_) : s(s_), src(src_) {}
 
-  void init_partial(int64_t k0, int64_t k1) {  // blocks [k0, k1)
-    part.lext = src.var ? s.L : 1;
-    if (k1 <= k0) return;
+  void begin_unit(Partial<Acc>& pt, int64_t k0, int64_t k1) {  // blocks [k0, k1)
+    part = &pt;
+    pt.lext = src.var ? s.L : 1;
     const Block first(s, k0), lastb(s, k1 - 1);
     int64_t key0 = src.key(first.b, first.d0), key1 = src.key(lastb.b, lastb.d0 + lastb.nl - 1);
     if (!src.var && first.b != lastb.b) key0 = 0, key1 = src.groups - 1;  // constant keys wrap with the batch
-    part.kmin = key0;
-    part.nkeys = key1 - key0 + 1;
-    part.buf.assign(part.nkeys * part.lext * s.NP, Acc(0));
+    pt.kmin = key0;
+    pt.nkeys = key1 - key0 + 1;
+    pt.buf.assign(pt.nkeys * pt.lext * s.NP, Acc(0));
   }
   void begin_block() {
     if (src.mode == kConst) tile.assign(s.NP * W, Acc(0));
   }
-  Acc* begin_chunk(int64_t& ts) {
+  Acc* begin_chunk(const Block& blk, int64_t t0, int64_t& ts) {
+    if (src.mode == kShared) {
+      ts = s.NP;
+      return part->at(s, src.key(blk.b, blk.d0), t0);
+    }
     if (src.mode == kConst) {
       ts = 0;
-    } else if (src.mode == kShared) {
-      ts = s.NP;
-      tile.assign(s.T * s.NP, Acc(0));
     } else {
       ts = s.NP * W;
       tile.assign(s.T * s.NP * W, Acc(0));
@@ -943,42 +941,36 @@ struct BCGrad {
     return tile.data();
   }
   void end_chunk(const Block& blk, int64_t t0, int64_t tl) {
-    if (src.mode == kShared) {
-      Acc* dst = part.at(s, src.key(blk.b, blk.d0), t0);
-      const int64_t n = tl * s.NP;
-      int64_t i = 0;
-      for (; i + W <= n; i += W) vstore(dst + i, vload(dst + i) + vload(&tile[i]));
-      for (; i < n; ++i) dst[i] += tile[i];
-    } else if (src.mode == kLanes) {
-      for (int i = 0; i < blk.nl; ++i) {
-        Acc* dst = part.at(s, src.key(blk.b, blk.d0 + i), t0);
-        for (int64_t t = 0; t < tl; ++t)
-          for (int64_t n = 0; n < s.N; ++n) dst[t * s.NP + n] += tile[(t * s.NP + n) * W + i];
-      }
+    if (src.mode != kLanes) return;
+    for (int i = 0; i < blk.nl; ++i) {
+      Acc* dst = part->at(s, src.key(blk.b, blk.d0 + i), t0);
+      for (int64_t t = 0; t < tl; ++t)
+        for (int64_t n = 0; n < s.N; ++n) dst[t * s.NP + n] += tile[(t * s.NP + n) * W + i];
     }
   }
   void end_block(const Block& blk) {
     if (src.mode != kConst) return;
     for (int i = 0; i < blk.nl; ++i) {
-      Acc* dst = part.at(s, src.key(blk.b, blk.d0 + i), 0);
+      Acc* dst = part->at(s, src.key(blk.b, blk.d0 + i), 0);
       for (int64_t n = 0; n < s.N; ++n) dst[n] += tile[n * W + i];
     }
   }
 };
 
+// out[key, n, t] = the sum over units, in unit order, of their partial sums.
 template <class Acc>
-void reduce_partials(const Shape& s, const BCSource<Acc>& src, const Operand& out, std::vector<Partial<Acc>*>& parts,
+void reduce_partials(const Shape& s, bool var, int64_t groups, const Operand& out, std::vector<Partial<Acc>>& parts,
                      int nt) {
-  const int64_t nkeys = src.var ? s.Bsz * src.groups : src.groups;
-  const int64_t lext = src.var ? s.L : 1;
+  const int64_t nkeys = var ? s.Bsz * groups : groups;
+  const int64_t lext = var ? s.L : 1;
   const int ntr = int(std::max<int64_t>(1, std::min<int64_t>(nt, nkeys)));
   parallel_for(ntr, [&](int tid) {
     std::vector<Acc> acc(lext * s.NP);
     for (int64_t k = nkeys * tid / ntr; k < nkeys * (tid + 1) / ntr; ++k) {
       std::fill(acc.begin(), acc.end(), Acc(0));
-      for (auto* part : parts) {
-        if (k < part->kmin || k >= part->kmin + part->nkeys) continue;
-        const Acc* src_k = part->at(s, k, 0);
+      for (auto& part : parts) {
+        if (k < part.kmin || k >= part.kmin + part.nkeys) continue;
+        const Acc* src_k = part.at(s, k, 0);
         for (int64_t i = 0; i < lext * s.NP; ++i) acc[i] += src_k[i];
       }
       for (int64_t n = 0; n < s.N; ++n)
@@ -998,25 +990,14 @@ void backward(const Params& p) {
   const int64_t nb_total = s.blocks(), hstride = s.NP * W, SP = s.SP;
   const int nt = int(std::max<int64_t>(1, std::min<int64_t>(p.nthreads, nb_total)));
   const bool has_z = p.z.ptr != 0;
-  std::vector<Partial<Acc>*> pb(nt), pc(nt);
-  std::vector<BCSource<Acc>> bsrcs, csrcs;  // one per thread (their stages), kept for the reduction
-  bsrcs.reserve(nt), csrcs.reserve(nt);
-  for (int i = 0; i < nt; ++i) bsrcs.emplace_back(s, p.Bm, p.b_groups, p.b_var), csrcs.emplace_back(s, p.Cm, p.c_groups, p.c_var);
-  std::vector<std::unique_ptr<BCGrad<Acc>>> dbs(nt), dcs(nt);
+  // Units of contiguous blocks, a few per thread, taken dynamically (see Partial).
+  const int64_t nunits = std::min<int64_t>(nb_total, 8 * nt);
+  std::vector<Partial<Acc>> pb(nunits), pc(nunits);
+  std::atomic<int64_t> next{0};
 
-  // Blocks are split into contiguous ranges, one per thread, so the partial sums are deterministic.
-  parallel_for(nt, [&](int tid) {
-    const int64_t k0 = nb_total * tid / nt, k1 = nb_total * (tid + 1) / nt;
-    BCSource<Acc>& bsrc = bsrcs[tid];
-    BCSource<Acc>& csrc = csrcs[tid];
-    dbs[tid].reset(new BCGrad<Acc>(s, bsrc));
-    dcs[tid].reset(new BCGrad<Acc>(s, csrc));
-    BCGrad<Acc>& dbg = *dbs[tid];
-    BCGrad<Acc>& dcg = *dcs[tid];
-    dbg.init_partial(k0, k1);
-    dcg.init_partial(k0, k1);
-    pb[tid] = &dbg.part;
-    pc[tid] = &dcg.part;
+  parallel_for(nt, [&](int) {
+    BCSource<Acc> bsrc(s, p.Bm, p.b_groups, p.b_var), csrc(s, p.Cm, p.c_groups, p.c_var);
+    BCGrad<Acc> dbg(s, bsrc), dcg(s, csrc);
     SpanInputs<Acc> in(s);
     RowsIn<Acc> dout(SP);
     RowsOut<Acc> du(SP), ddelta(SP), dz(SP);
@@ -1026,103 +1007,108 @@ void backward(const Params& p) {
     std::vector<Acc> DY(SP * W), Y(SP * W), RGA(SP * W), RGB(SP * W);
     std::vector<Acc> Hb((s.T + 1) * NJB * W), Ab(s.T * NJB * W);
     V dDacc[W], dbacc[W];
-    for (int64_t k = k0; k < k1; ++k) {
-      const Block blk(s, k);
-      lane_weights(s, blk, A, Acc(1), A1.data());
-      lane_weights(s, blk, A, Acc(kLog2e), A2.data());
-      std::fill(G.begin(), G.end(), Acc(0));
-      std::fill(dA.begin(), dA.end(), Acc(0));
-      if (dlast) lane_weights(s, blk, dlast + blk.b * s.D * s.N, Acc(1), G.data());
-      for (int i = 0; i < W; ++i) dDacc[i] = dbacc[i] = V{};
-      bsrc.begin_block(blk);
-      csrc.begin_block(blk);
-      dbg.begin_block();
-      dcg.begin_block();
-      const BwdKernels<Acc> kern = bwd_kernels_for<Acc>(bsrc.mode != kShared, csrc.mode != kShared);
-      const Acc* hsk = hs + k * (s.nc + 1) * hstride;
-      for (int64_t t0 = (s.L - 1) / s.S * s.S; t0 >= 0; t0 -= s.S) {
-        const int64_t sl = std::min(s.S, s.L - t0), se = (sl + W - 1) / W * W;
-        in.load(p, s, blk, t0, sl, SPr.data());
-        dout.read(p.dout, blk, t0, sl);
-        for (int i = 0; i < W; ++i)
-          for (int64_t t = 0; t < se; t += W) {
-            V dy = vload(dout.r[i] + t);
-            if (has_z) {
-              const V zv = vload(in.z.r[i] + t), sz = vsigmoid(zv);
-              vstore(&SZr[i * SP + t], sz);
-              dy = dy * zv * sz;
+    for (int64_t u; (u = next.fetch_add(1)) < nunits;) {
+      const int64_t k0 = nb_total * u / nunits, k1 = nb_total * (u + 1) / nunits;
+      dbg.begin_unit(pb[u], k0, k1);
+      dcg.begin_unit(pc[u], k0, k1);
+      for (int64_t k = k0; k < k1; ++k) {
+        const Block blk(s, k);
+        lane_weights(s, blk, A, Acc(1), A1.data());
+        lane_weights(s, blk, A, Acc(kLog2e), A2.data());
+        std::fill(G.begin(), G.end(), Acc(0));
+        std::fill(dA.begin(), dA.end(), Acc(0));
+        if (dlast) lane_weights(s, blk, dlast + blk.b * s.D * s.N, Acc(1), G.data());
+        for (int i = 0; i < W; ++i) dDacc[i] = dbacc[i] = V{};
+        bsrc.begin_block(blk);
+        csrc.begin_block(blk);
+        dbg.begin_block();
+        dcg.begin_block();
+        const BwdKernels<Acc> kern = bwd_kernels_for<Acc>(bsrc.mode != kShared, csrc.mode != kShared);
+        const Acc* hsk = hs + k * (s.nc + 1) * hstride;
+        for (int64_t t0 = (s.L - 1) / s.S * s.S; t0 >= 0; t0 -= s.S) {
+          const int64_t sl = std::min(s.S, s.L - t0), se = (sl + W - 1) / W * W;
+          in.load(p, s, blk, t0, sl, SPr.data());
+          dout.read(p.dout, blk, t0, sl);
+          for (int i = 0; i < W; ++i)
+            for (int64_t t = 0; t < se; t += W) {
+              V dy = vload(dout.r[i] + t);
+              if (has_z) {
+                const V zv = vload(in.z.r[i] + t), sz = vsigmoid(zv);
+                vstore(&SZr[i * SP + t], sz);
+                dy = dy * zv * sz;
+              }
+              vstore(&DYr[i * SP + t], dy);
             }
-            vstore(&DYr[i * SP + t], dy);
+          rows_to_tile(DYr.data(), SP, se, DY.data());
+          std::fill(RGA.begin(), RGA.begin() + se * W, Acc(0));
+          std::fill(RGB.begin(), RGB.begin() + se * W, Acc(0));
+          std::fill(Y.begin(), Y.begin() + se * W, Acc(0));
+          for (int64_t c0 = (sl - 1) / s.T * s.T; c0 >= 0; c0 -= s.T) {
+            const int64_t tl = std::min(s.T, sl - c0), c = (t0 + c0) / s.T;
+            int64_t bts, cts, dbts, dcts;
+            const Acc* Bp = bsrc.chunk(t0 + c0, tl, bts);
+            const Acc* Cp = csrc.chunk(t0 + c0, tl, cts);
+            Acc* dBp = dbg.begin_chunk(blk, t0 + c0, dbts);
+            Acc* dCp = dcg.begin_chunk(blk, t0 + c0, dcts);
+            const int64_t bj = bsrc.jstride(), cj = csrc.jstride();
+            const Acc *DT = &in.DT[c0 * W], *DTU = &in.DTU[c0 * W];
+            for (int64_t n = 0; n < s.NP; n += NJB) {
+              kern.recompute(tl, &A2[n * W], DT, DTU, Bp + n * bj, bts, Cp + n * cj, cts, hsk + c * hstride + n * W,
+                             Hb.data(), Ab.data(), has_z ? &Y[c0 * W] : nullptr);
+              kern.reverse(tl, &A1[n * W], DT, DTU, &DY[c0 * W], Bp + n * bj, bts, Cp + n * cj, cts, Hb.data(),
+                           Ab.data(), &G[n * W], &dA[n * W], &RGA[c0 * W], &RGB[c0 * W], dBp + n * bj, dbts,
+                           dCp + n * cj, dcts);
+            }
+            dbg.end_chunk(blk, t0 + c0, tl);
+            dcg.end_chunk(blk, t0 + c0, tl);
           }
-        rows_to_tile(DYr.data(), SP, se, DY.data());
-        std::fill(RGA.begin(), RGA.begin() + se * W, Acc(0));
-        std::fill(RGB.begin(), RGB.begin() + se * W, Acc(0));
-        std::fill(Y.begin(), Y.begin() + se * W, Acc(0));
-        for (int64_t c0 = (sl - 1) / s.T * s.T; c0 >= 0; c0 -= s.T) {
-          const int64_t tl = std::min(s.T, sl - c0), c = (t0 + c0) / s.T;
-          int64_t bts, cts, dbts, dcts;
-          const Acc* Bp = bsrc.chunk(t0 + c0, tl, bts);
-          const Acc* Cp = csrc.chunk(t0 + c0, tl, cts);
-          Acc* dBp = dbg.begin_chunk(dbts);
-          Acc* dCp = dcg.begin_chunk(dcts);
-          const int64_t bj = bsrc.jstride(), cj = csrc.jstride();
-          const Acc *DT = &in.DT[c0 * W], *DTU = &in.DTU[c0 * W];
-          for (int64_t n = 0; n < s.NP; n += NJB) {
-            kern.recompute(tl, &A2[n * W], DT, DTU, Bp + n * bj, bts, Cp + n * cj, cts, hsk + c * hstride + n * W,
-                           Hb.data(), Ab.data(), has_z ? &Y[c0 * W] : nullptr);
-            kern.reverse(tl, &A1[n * W], DT, DTU, &DY[c0 * W], Bp + n * bj, bts, Cp + n * cj, cts, Hb.data(),
-                         Ab.data(), &G[n * W], &dA[n * W], &RGA[c0 * W], &RGB[c0 * W], dBp + n * bj, dbts,
-                         dCp + n * cj, dcts);
+          // Per-(channel, t) gradients, in rows. Steps past sl hold zeros (dout, RGA, RGB) or are not stored.
+          tile_to_rows(RGA.data(), se, RGAr.data(), SP);
+          tile_to_rows(RGB.data(), se, RGBr.data(), SP);
+          if (has_z) tile_to_rows(Y.data(), se, Yr.data(), SP);
+          du.begin(p.du, blk, t0, sl);
+          ddelta.begin(p.ddelta, blk, t0, sl);
+          if (has_z) dz.begin(p.dz, blk, t0, sl);
+          for (int i = 0; i < blk.nl; ++i) {
+            const Acc dv = channel_weight(Dv, blk, i);
+            const Acc* ur = in.u.r[i];
+            for (int64_t t = 0; t < se; t += W) {
+              const int64_t it = i * SP + t;
+              const V uv = vload(ur + t), dy = vload(&DYr[it]), rgb = vload(&RGBr[it]);
+              vstore(du.r[i] + t, vfma(dy, splat(dv), vload(&in.DTr[it]) * rgb));
+              const V dd = vfma(uv, rgb, vload(&RGAr[it])) * vload(&SPr[it]);  // dL/d(delta + bias)
+              vstore(ddelta.r[i] + t, dd);
+              dDacc[i] = vfma(dy, uv, dDacc[i]);
+              dbacc[i] += dd;
+              if (has_z) {
+                const V zv = vload(in.z.r[i] + t), sz = vload(&SZr[it]);
+                const V y = vfma(uv, splat(dv), vload(&Yr[it]));
+                vstore(dz.r[i] + t, vload(dout.r[i] + t) * y * sz * vfma(zv, Acc(1) - sz, splat(Acc(1))));
+              }
+            }
           }
-          dbg.end_chunk(blk, t0 + c0, tl);
-          dcg.end_chunk(blk, t0 + c0, tl);
+          du.commit(p.du, blk, t0, sl);
+          ddelta.commit(p.ddelta, blk, t0, sl);
+          if (has_z) dz.commit(p.dz, blk, t0, sl);
         }
-        // Per-(channel, t) gradients, in rows. Steps past sl hold zeros (dout, RGA, RGB) or are not stored.
-        tile_to_rows(RGA.data(), se, RGAr.data(), SP);
-        tile_to_rows(RGB.data(), se, RGBr.data(), SP);
-        if (has_z) tile_to_rows(Y.data(), se, Yr.data(), SP);
-        du.begin(p.du, blk, t0, sl);
-        ddelta.begin(p.ddelta, blk, t0, sl);
-        if (has_z) dz.begin(p.dz, blk, t0, sl);
+        dbg.end_block(blk);
+        dcg.end_block(blk);
         for (int i = 0; i < blk.nl; ++i) {
-          const Acc dv = channel_weight(Dv, blk, i);
-          const Acc* ur = in.u.r[i];
-          for (int64_t t = 0; t < se; t += W) {
-            const int64_t it = i * SP + t;
-            const V uv = vload(ur + t), dy = vload(&DYr[it]), rgb = vload(&RGBr[it]);
-            vstore(du.r[i] + t, vfma(dy, splat(dv), vload(&in.DTr[it]) * rgb));
-            const V dd = vfma(uv, rgb, vload(&RGAr[it])) * vload(&SPr[it]);  // dL/d(delta + bias)
-            vstore(ddelta.r[i] + t, dd);
-            dDacc[i] = vfma(dy, uv, dDacc[i]);
-            dbacc[i] += dd;
-            if (has_z) {
-              const V zv = vload(in.z.r[i] + t), sz = vload(&SZr[it]);
-              const V y = vfma(uv, splat(dv), vload(&Yr[it]));
-              vstore(dz.r[i] + t, vload(dout.r[i] + t) * y * sz * vfma(zv, Acc(1) - sz, splat(Acc(1))));
-            }
+          const int64_t row = blk.b * s.D + blk.d0 + i;
+          for (int64_t n = 0; n < s.N; ++n) {
+            if (p.dinit) reinterpret_cast<Acc*>(p.dinit)[row * s.N + n] = G[n * W + i];
+            reinterpret_cast<Acc*>(p.dA_rows)[row * s.N + n] = dA[n * W + i];
           }
+          Acc sD = 0, sb = 0;
+          for (int j = 0; j < W; ++j) sD += dDacc[i][j], sb += dbacc[i][j];
+          if (p.dD_rows) reinterpret_cast<Acc*>(p.dD_rows)[row] = sD;
+          if (p.dbias_rows) reinterpret_cast<Acc*>(p.dbias_rows)[row] = sb;
         }
-        du.commit(p.du, blk, t0, sl);
-        ddelta.commit(p.ddelta, blk, t0, sl);
-        if (has_z) dz.commit(p.dz, blk, t0, sl);
-      }
-      dbg.end_block(blk);
-      dcg.end_block(blk);
-      for (int i = 0; i < blk.nl; ++i) {
-        const int64_t row = blk.b * s.D + blk.d0 + i;
-        for (int64_t n = 0; n < s.N; ++n) {
-          if (p.dinit) reinterpret_cast<Acc*>(p.dinit)[row * s.N + n] = G[n * W + i];
-          reinterpret_cast<Acc*>(p.dA_rows)[row * s.N + n] = dA[n * W + i];
-        }
-        Acc sD = 0, sb = 0;
-        for (int j = 0; j < W; ++j) sD += dDacc[i][j], sb += dbacc[i][j];
-        if (p.dD_rows) reinterpret_cast<Acc*>(p.dD_rows)[row] = sD;
-        if (p.dbias_rows) reinterpret_cast<Acc*>(p.dbias_rows)[row] = sb;
       }
     }
   });
-  reduce_partials(s, bsrcs[0], p.dB, pb, nt);
-  reduce_partials(s, csrcs[0], p.dC, pc, nt);
+  reduce_partials(s, p.b_var, p.b_groups, p.dB, pb, nt);
+  reduce_partials(s, p.c_var, p.c_groups, p.dC, pc, nt);
 }
 
 void check(const Params& p) {
