@@ -75,6 +75,31 @@ def test_dense_attention_record_table_and_plot(tmp_path, capsys):
     assert f"wrote {tmp_path / 't.json'}" in out
 
 
+def test_scan_family_rows(tmp_path, capsys):
+    """The scan family at a tiny L: ditkernels against mamba-ssm's reference loop (and mambapy)."""
+    rc, record, out = _run(tmp_path, capsys, "--sizes", "32", "--filter", "scan/", "--no-plot", "--mode", "both")
+    assert rc == 0
+    rows = {(r["mode"], r["impl"]): r for r in record["rows"]}
+    assert set(rows) == {(m, i) for m in ("fwd", "fwdbwd") for i in ("ditkernels", "mamba-ref", "mambapy")}
+    fwd_flops = 7.0 * 2 * 1536 * 32 * 16
+    for (mode, impl), r in rows.items():
+        assert r["case"] == "scan/B2-D1536-L32-N16-fp32"
+        assert r["reference"] == "mamba-ref"
+        assert r["useful_flops"] == (fwd_flops if mode == "fwd" else 3.0 * fwd_flops)
+        assert r["status"] == "ok" or (impl == "mambapy" and r["status"] == "skipped"), (mode, impl, r["reason"])
+    assert rows[("fwd", "mamba-ref")]["speedup_vs_ref"] == 1.0
+    for mode in ("fwd", "fwdbwd"):
+        r = rows[(mode, "ditkernels")]
+        assert r["detail"] == "backend=cpu"
+        assert r["rel_err_vs_ref"] < 1e-5
+        assert r["speedup_vs_ref"] > 0
+    grads = rows[("fwdbwd", "ditkernels")]["rel_err_grads_vs_ref"]
+    assert set(grads) == {"u", "delta", "A", "B", "C", "D", "z", "delta_bias"}
+    assert max(grads.values()) < 1e-4
+    assert main(["--device", "cpu", "--list", "--quick", "--filter", "scan/"]) == 0
+    assert capsys.readouterr().out.split()[0] == "scan/B2-D1536-L1024-N16-fp32"  # --quick: the issue's case
+
+
 @pytest.fixture
 def tiny_family():
     """A throw-away family with an ok, a skipped and a failing impl, and a forward-only case."""
