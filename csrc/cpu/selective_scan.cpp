@@ -30,7 +30,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <thread>
 #include <type_traits>
@@ -38,6 +40,9 @@
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
 #endif
 
 namespace py = pybind11;
@@ -445,10 +450,57 @@ struct Params {
   Operand dB, dC;
 };
 
+// The OpenMP runtime torch brought into the process, found by symbol (nothing is linked or loaded
+// here). torch's CPU ops leave its worker threads spinning for a few milliseconds after each
+// parallel op; threads of our own would share the cores with them (measured: the backward 25%
+// slower right after autograd's zero-fills). Running our parallel regions on the same workers
+// avoids that. Without such a runtime in the process, plain std::threads.
+struct OpenMPRuntime {
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;  // GOMP_parallel (libgomp ABI)
+  int (*thread_num)() = nullptr;
+  int (*num_threads)() = nullptr;
+  OpenMPRuntime() {
+#if defined(__unix__) || defined(__APPLE__)
+    parallel = reinterpret_cast<decltype(parallel)>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
+    thread_num = reinterpret_cast<decltype(thread_num)>(dlsym(RTLD_DEFAULT, "omp_get_thread_num"));
+    num_threads = reinterpret_cast<decltype(num_threads)>(dlsym(RTLD_DEFAULT, "omp_get_num_threads"));
+    if (!thread_num || !num_threads) parallel = nullptr;
+#endif
+  }
+};
+
+// fn(tid) for tid in [0, nthreads), concurrently; returns when all are done (rethrowing the first
+// exception). An OpenMP team smaller than asked for runs the missing tids in turn.
 template <class F>
 void parallel_for(int nthreads, const F& fn) {
   if (nthreads <= 1) {
     fn(0);
+    return;
+  }
+  static const OpenMPRuntime omp;
+  if (omp.parallel) {
+    struct Region {
+      const F* fn;
+      const OpenMPRuntime* omp;
+      int n;
+      std::mutex mu;
+      std::exception_ptr err;
+    } region{&fn, &omp, nthreads, {}, nullptr};
+    omp.parallel(
+        [](void* data) {
+          Region& r = *static_cast<Region*>(data);
+          const int team = r.omp->num_threads();
+          for (int tid = r.omp->thread_num(); tid < r.n; tid += team) {
+            try {
+              (*r.fn)(tid);
+            } catch (...) {
+              std::lock_guard<std::mutex> lk(r.mu);
+              if (!r.err) r.err = std::current_exception();
+            }
+          }
+        },
+        &region, unsigned(nthreads), 0);
+    if (region.err) std::rethrow_exception(region.err);
     return;
   }
   std::vector<std::thread> threads;
