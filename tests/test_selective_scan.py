@@ -271,3 +271,90 @@ def test_bad_flags_and_backend():
         selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], delta_softplus="yes")
     with pytest.raises(ValueError, match="backend"):
         selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="gpu")
+
+
+# The cpu kernel runs its threads on torch's OpenMP workers when the process has that runtime and on
+# std::threads otherwise. This script drives ditkernels._C in a process without torch (so without an
+# OpenMP runtime) through raw buffers: forward and backward of one problem with 2 threads.
+_NO_OPENMP_SCRIPT = r"""
+import array, importlib.util, json, math, sys
+spec = importlib.util.spec_from_file_location("ditkernels._C", sys.argv[1])
+ext = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ext)
+b, d, L, n, chunk, hs_numel = (int(v) for v in sys.argv[2:8])
+
+def buf(values):
+    a = array.array("f", values)
+    return a, a.buffer_info()[0]
+
+def wave(k, m, scale=1.0, shift=0.0):
+    return [scale * math.sin(0.37 * i + k) + shift for i in range(m)]
+
+def seq(ptr):
+    op = ext.SelectiveScanOperand()
+    op.ptr, op.dtype, op.sb, op.sd, op.sn, op.sl = ptr, 0, d * L, L, 0, 1
+    return op
+
+keep = {}
+def new(name, values):
+    keep[name] = buf(values)
+    return keep[name][1]
+
+p = ext.SelectiveScanParams()
+p.batch, p.dim, p.seqlen, p.dstate, p.chunk, p.nthreads, p.softplus, p.acc = b, d, L, n, chunk, 2, True, 0
+p.u, p.delta, p.z = (seq(new(k, wave(i, b * d * L, 0.5 if k == "delta" else 1.0))) for i, k in enumerate(("u", "delta", "z")))
+for name, k in (("Bm", 3), ("Cm", 4)):
+    op = ext.SelectiveScanOperand()
+    op.ptr, op.dtype, op.sb, op.sd, op.sn, op.sl = new(name, wave(k, b * n * L)), 0, n * L, 0, L, 1
+    setattr(p, name, op)
+p.b_groups = p.c_groups = 1
+p.A = new("A", wave(5, d * n, 0.5, -1.0))
+p.Dvec, p.delta_bias = new("D", wave(6, d)), new("bias", wave(7, d, 0.2))
+p.out, p.last, p.hs = seq(new("out", [0.0] * (b * d * L))), new("last", [0.0] * (b * d * n)), new("hs", [0.0] * hs_numel)
+ext.selective_scan_fwd(p)
+p.dout = seq(new("dout", wave(8, b * d * L)))
+p.du, p.ddelta, p.dz = (seq(new(k, [0.0] * (b * d * L))) for k in ("du", "ddelta", "dz"))
+p.dA_rows, p.dD_rows, p.dbias_rows = new("dA", [0.0] * (b * d * n)), new("dD", [0.0] * (b * d)), new("db", [0.0] * (b * d))
+for name in ("dB", "dC"):
+    op = ext.SelectiveScanOperand()
+    op.ptr, op.dtype, op.sb, op.sd, op.sn, op.sl = new(name, [0.0] * (b * n * L)), 0, n * L, 0, L, 1
+    setattr(p, name, op)
+ext.selective_scan_bwd(p)
+assert "torch" not in sys.modules and "libgomp" not in open("/proc/self/maps").read()
+print(json.dumps({k: list(keep[k][0]) for k in ("out", "last", "du", "ddelta", "dz", "dA", "dB", "dC")}))
+"""
+
+
+def test_cpu_threads_without_openmp_runtime(monkeypatch):
+    """The std::thread path (no OpenMP runtime in the process) computes what the OpenMP path does."""
+    import json
+    import math
+    import subprocess
+    import sys
+
+    from ditkernels.backends import cpu_scan
+
+    ext = cpu_scan._extension()
+    if ext is None:
+        pytest.skip("ditkernels._C is not built")
+    b, d, L, n = 1, 40, 70, 5  # 3 channel blocks (the last one partial), chunks of 64 and 6 steps
+    hs_numel = math.prod(cpu_scan.saved_shape(b, d, L, n))
+    run = subprocess.run([sys.executable, "-c", _NO_OPENMP_SCRIPT, ext.__file__, *map(str, (b, d, L, n, cpu_scan.CHUNK,
+                                                                                          hs_numel))],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    got = {k: torch.tensor(v) for k, v in json.loads(run.stdout).items()}
+
+    def wave(k, m, scale=1.0, shift=0.0):
+        return torch.tensor([scale * math.sin(0.37 * i + k) + shift for i in range(m)], dtype=torch.float32)
+
+    u, delta, z = (wave(i, b * d * L, 0.5 if i == 1 else 1.0).view(b, d, L) for i in range(3))
+    Bm, Cm = wave(3, b * n * L).view(b, n, L), wave(4, b * n * L).view(b, n, L)
+    A, Dv, bias = wave(5, d * n, 0.5, -1.0).view(d, n), wave(6, d), wave(7, d, 0.2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    out, last, hs = cpu_scan.scan_fwd(u, delta, A, Bm, Cm, Dv, z, bias, None, True, False)
+    du, ddelta, dA, dB, dC, _, dz, _, _ = cpu_scan.scan_bwd(wave(8, b * d * L).view(b, d, L), None, u, delta, A, Bm,
+                                                            Cm, Dv, z, bias, None, hs, True, False)
+    for name, want in (("out", out), ("last", last), ("du", du), ("ddelta", ddelta), ("dz", dz), ("dA", dA),
+                       ("dB", dB), ("dC", dC)):
+        assert torch.equal(got[name].view(-1), want.reshape(-1)), name
