@@ -12,16 +12,20 @@
 // The per-(channel, time) work (softplus, delta * u, the D and z epilogue) is then one vector op for
 // 16 channels, the state recurrence needs no reduction over the state for y (each state's h * C is
 // accumulated lane-wise), and B_t / C_t, shared by every channel of a group, are scalar broadcasts.
-// Each block reads and writes 16 rows of its (B, D, L) operands chunk by chunk (T steps), transposed
-// to [t][lane] tiles on the way in and back on the way out. Blocks are spread over std::threads.
+// The hot loop is ~9 FMA-unit ops per state update of 16 channels (exp2 by a degree-5 polynomial).
+// A block's (channel, time) work runs a span of S steps at a time: its 16 rows of each (B, D, L)
+// operand are read as sequential streams, computed on as rows and transposed to [t][lane] tiles for
+// the state loop (and back for the outputs). Blocks are handed to threads dynamically.
 //
-// The forward saves the state at every chunk boundary, hs (batch, blocks, nc + 1, NP, 16). The
-// backward walks the chunks in reverse: it recomputes the chunk's states and decays from the saved
-// boundary state (one exp per element, as in the forward), then runs the reverse recurrence for
-// dL/dh. Nothing of size (B, D, L, N) is allocated. dB and dC sum over the channels of a group:
-// per block, the 16 lanes of each (t, n) are folded by a transposing shuffle tree into a per-thread
-// partial buffer; partial buffers are added in thread order at the end, so results are deterministic
-// for a given thread count.
+// The forward saves the state at every chunk boundary (T steps), hs (batch, blocks, nc + 1, NP, 16).
+// The backward walks the chunks in reverse: it recomputes the chunk's states and decays from the
+// saved boundary state (one exp per element, as in the forward), then runs the reverse recurrence
+// for dL/dh. Nothing of size (B, D, L, N) is allocated. dB and dC sum over the channels of a group:
+// per block, the 16 lanes of each (t, n) are folded by a transposing shuffle tree into the partial
+// sums of its unit (a range of blocks); units are added in unit order at the end, so results do not
+// depend on the thread that ran a unit.
+//
+// Threads: torch's OpenMP workers when the process has that runtime, std::threads otherwise.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -226,39 +230,25 @@ inline Vec<float> vfma(Vec<float> a, Vec<float> b, Vec<float> c) {
 inline Vec<double> vfma(Vec<double> a, Vec<double> b, Vec<double> c) { return a * b + c; }
 
 
-// 2^f for f in [-0.5, 0.5]. Degree 6 (Cephes exp2f, ~8e-8 relative with FMAs) for softplus and
-// sigmoid; degree 5 with p(0) = 1 (minimax for the relative error, ~1.7e-7) for the decays, where it
-// saves one FMA of the ~10 per state update.
-template <int DEG>
+// The decays exp(delta' A) = 2^x, x = delta' A log2(e) (A pre-scaled): x = n + f with n = round(x);
+// 2^f on [-0.5, 0.5] by a degree-5 polynomial with p(0) = 1, minimax for the relative error (~1.7e-7
+// with FMAs; Cephes' degree 6 would cost one more FMA of the ~9 per state update). AVX-512:
+// vrndscaleps, then vscalefps (exact underflow to 0, overflow to inf); -inf gives 0 and NaN stays
+// NaN. Elsewhere x is clamped to [-126, 126] and 2^n built in the exponent bits.
 inline Vec<float> exp2_poly(Vec<float> f) {
-  using V = Vec<float>;
-  V p;
-  if constexpr (DEG == 5) {
-    p = vfma(splat(1.3264727e-3f), f, splat(9.671513e-3f));
-    p = vfma(p, f, splat(5.5507336e-2f));
-    p = vfma(p, f, splat(2.4022242e-1f));
-    p = vfma(p, f, splat(6.93147e-1f));
-  } else {
-    p = vfma(splat(1.535336188319500e-4f), f, splat(1.339887440266574e-3f));
-    p = vfma(p, f, splat(9.618437357674640e-3f));
-    p = vfma(p, f, splat(5.550332471162809e-2f));
-    p = vfma(p, f, splat(2.402264791363012e-1f));
-    p = vfma(p, f, splat(6.931472028550421e-1f));
-  }
+  Vec<float> p = vfma(splat(1.3264727e-3f), f, splat(9.671513e-3f));
+  p = vfma(p, f, splat(5.5507336e-2f));
+  p = vfma(p, f, splat(2.4022242e-1f));
+  p = vfma(p, f, splat(6.93147e-1f));
   return vfma(p, f, splat(1.0f));
 }
-
-// 2^x = 2^n 2^f with n = round(x). AVX-512: vrndscaleps, then vscalefps (exact underflow to 0 and
-// overflow to inf); -inf gives 0 and NaN stays NaN. Elsewhere x is clamped to [-126, 126] and 2^n
-// built in the exponent bits.
-template <int DEG = 6>
 inline Vec<float> vexp2(Vec<float> x) {
   using V = Vec<float>;
 #if defined(__AVX512F__)
   // max(c, NaN) = NaN (the masked forms: GCC 12 warns about the undefined source of the plain ones)
   const __m512 xv = _mm512_mask_max_ps((__m512)x, (__mmask16)0xffff, _mm512_set1_ps(-160.0f), (__m512)x);
   const __m512 n = _mm512_mask_roundscale_ps(xv, (__mmask16)0xffff, xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const V p = exp2_poly<DEG>((V)xv - (V)n);
+  const V p = exp2_poly((V)xv - (V)n);
   return (V)_mm512_mask_scalef_ps((__m512)p, (__mmask16)0xffff, (__m512)p, n);
 #else
   typedef VecOf<float>::itype VI;
@@ -266,10 +256,9 @@ inline Vec<float> vexp2(Vec<float> x) {
   x = x > splat(126.0f) ? splat(126.0f) : x;
   const V magic = splat(12582912.0f + 127.0f);  // 1.5 * 2^23 + 127: rounds x, leaves n + 127 in the low bits
   const V v = x + magic;
-  return exp2_poly<DEG>(x - (v - magic)) * (V)((VI)v << 23);
+  return exp2_poly(x - (v - magic)) * (V)((VI)v << 23);
 #endif
 }
-template <int DEG = 6>
 inline Vec<double> vexp2(Vec<double> x) {
   for (int i = 0; i < W; ++i) x[i] = std::exp2(x[i]);
   return x;
@@ -528,7 +517,6 @@ struct Shape {
   int64_t blocks() const { return Bsz * nblk; }
 };
 
-
 // One block: 16 channels [d0, d0 + nl) of batch b.
 struct Block {
   int64_t k, b, d0;
@@ -701,7 +689,7 @@ void fwd_states(int64_t tl, const Acc* A2, const Acc* DT, const Acc* DTU, const 
     V y0 = vload(Y + t * W), y1{};
 #pragma GCC unroll 16
     for (int j = 0; j < NJ; ++j) {
-      const V a = vexp2<5>(vload(A2 + j * W) * dt);
+      const V a = vexp2(vload(A2 + j * W) * dt);
       const V bv = BL ? vload(Bt + j * BJ) : splat(Bt[j * BJ]);
       const V cv = CL ? vload(Ct + j * CJ) : splat(Ct[j * CJ]);
       hr[j] = vfma(a, hr[j], bv * dtu);
@@ -856,7 +844,7 @@ void bwd_recompute(int64_t tl, const Acc* A2, const Acc* DT, const Acc* DTU, con
     V y0{}, y1{};
 #pragma GCC unroll 8
     for (int j = 0; j < NJ; ++j) {
-      const V a = vexp2<5>(vload(A2 + j * W) * dt);
+      const V a = vexp2(vload(A2 + j * W) * dt);
       const V bv = BL ? vload(Bt + j * BJ) : splat(Bt[j * BJ]);
       hr[j] = vfma(a, hr[j], bv * dtu);
       vstore(Ab + (t * NJ + j) * W, a);
