@@ -11,6 +11,42 @@ from ditkernels.reference.selective_scan import selective_scan_ref, selective_sc
 # The launchers' positional order of the scan inputs.
 ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
+GRAD_NAMES = tuple(f"d{k}" for k in ORDER)
+
+
+def make_case(batch=2, dim=12, L=97, N=16, *, dtype=torch.float32, b_kind="group2", c_kind="var", D=True, z=True,
+              bias=True, init=True, dlast=True, seed=0):
+    """Random scan inputs and output gradients (float64 master copies rounded to ``dtype``).
+
+    B / C kinds: const (D, N), var (batch, N, L), var32 (variable float32 B / C with 16-bit u), group<G>."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift
+
+    def bc(kind):
+        if kind == "const":
+            return rnd(dim, N).float()
+        if kind == "var":
+            return rnd(batch, N, L).to(dtype)
+        if kind == "var32":  # variable float32 B / C with 16-bit u
+            return rnd(batch, N, L).float()
+        return rnd(batch, int(kind[5:]), N, L).to(dtype)
+
+    x = dict(
+        u=rnd(batch, dim, L).to(dtype),
+        # delta' > 0 with or without softplus (a negative step makes exp(delta' A) > 1 and blows up)
+        delta=(0.5 * torch.rand(batch, dim, L, generator=g, dtype=torch.float64) + 0.02).to(dtype),
+        A=-(0.5 + torch.rand(dim, N, generator=g, dtype=torch.float64)).float(),
+        B=bc(b_kind), C=bc(c_kind),
+        D=rnd(dim).float() if D else None,
+        z=rnd(batch, dim, L).to(dtype) if z else None,
+        delta_bias=(0.2 * torch.rand(dim, generator=g, dtype=torch.float64) - 0.01).float() if bias else None,
+        initial_state=rnd(batch, dim, N).float() if init else None,
+    )
+    grads = dict(dout=rnd(batch, dim, L).to(dtype), dlast=rnd(batch, dim, N).float() if dlast else None)
+    return x, grads
+
 
 def args_of(x: dict, to: torch.dtype | None = None) -> list:
     return [None if x[k] is None else (x[k] if to is None else x[k].to(to)) for k in ORDER]
