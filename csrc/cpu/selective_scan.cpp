@@ -1189,6 +1189,9 @@ void register_selective_scan_cpu(py::module_& m) {
   DITK_FIELD(dlast); DITK_FIELD(dA_rows); DITK_FIELD(dD_rows); DITK_FIELD(dbias_rows); DITK_FIELD(dinit);
   DITK_FIELD(dB); DITK_FIELD(dC);
 #undef DITK_FIELD
+  // The layout of the saved states, hs (batch, ceil(dim / lanes), nc + 1, dstate padded to a multiple
+  // of state_block, lanes): the launcher allocates it and checks these against its own.
+  m.attr("selective_scan_saved_layout") = py::make_tuple(W, NJB);
   m.def(
       "selective_scan_fwd",
       [](const Params& p) {

@@ -43,6 +43,10 @@ def _extension() -> ModuleType | None:
             mod = importlib.import_module("ditkernels._C")
             if not hasattr(mod, "selective_scan_fwd"):
                 raise ImportError("it has no selective_scan_fwd (stale build)")
+            layout = tuple(getattr(mod, "selective_scan_saved_layout", ()))
+            if layout != (LANES, STATE_BLOCK):
+                raise ImportError(f"its saved-state layout {layout} is not (LANES, STATE_BLOCK) = "
+                                  f"{(LANES, STATE_BLOCK)} (stale build)")
             _ext = mod
         except Exception as exc:  # ImportError, or OSError from the dynamic loader
             _ext_error = f"{type(exc).__name__}: {exc}"
