@@ -11,6 +11,7 @@ from .ops.local import LocalPlan, local_attention, local_attention_plan
 from .ops.selective_scan import selective_scan, selective_scan_fn
 from .ops.scan2d import merge_directions, multi_direction_scan, scan_orders, split_directions
 from . import nn
+from .nn.attention import swap_attention
 from .schedule import BlockSchedule, ElementMask, Epilogue
 
 __version__ = "0.1.0"
@@ -18,3 +19,4 @@ __version__ = "0.1.0"
 __all__ = ["attention", "selective_scan", "selective_scan_fn", "BlockSchedule", "ElementMask", "Epilogue", "__version__"]
 __all__ += ["local_attention", "local_attention_plan", "LocalPlan"]
 __all__ += ["multi_direction_scan", "split_directions", "merge_directions", "scan_orders", "nn"]
+__all__ += ["swap_attention"]
