@@ -17,7 +17,7 @@ from ditkernels.nn import DenseAttnFn, GridAttention, KVPool, LocalAttention, Lo
 from ditkernels.reference.attention import attention_ref
 from ditkernels.reference.local import LocalSpec, local_visible
 
-from numerics import rel_err
+from numerics import assert_matches, attention_lowp, rel_err
 
 BACKENDS = ("reference", "cpu")
 
@@ -85,8 +85,9 @@ def _manual_pool(x: torch.Tensor, grid: tuple[int, ...], p: int, weight: torch.T
     return out.reshape(b, h, -1, d)
 
 
-def reference_forward(m: GridAttention, x: torch.Tensor, spec: LocalSpec) -> torch.Tensor:
-    """The module's math in plain PyTorch: timm's projections + attention with SPEC §1's visibility mask."""
+def reference_forward(m: GridAttention, x: torch.Tensor, spec: LocalSpec, lowp: bool = False) -> torch.Tensor:
+    """The module's math in plain PyTorch: timm's projections + attention with SPEC §1's visibility mask
+    (``lowp``: the attention evaluated in the inputs' low dtype, VERIFY.md §4's "reference in the same dtype")."""
     b, n, _ = x.shape
     fn = m.attn_fn
     qkv = F.linear(x, m.qkv.weight, m.qkv.bias).reshape(b, n, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
@@ -95,7 +96,10 @@ def reference_forward(m: GridAttention, x: torch.Tensor, spec: LocalSpec) -> tor
     if isinstance(fn, LocalAttnFn) and fn.pool is not None:
         k = torch.cat([k, _manual_pool(k, spec.grid, spec.num_prefix, fn.pool.weight)], 2)
         v = torch.cat([v, _manual_pool(v, spec.grid, spec.num_prefix, fn.pool.weight)], 2)
-    out, _ = attention_ref(q, k, v, m.scale, local_visible(spec))
+    if lowp:
+        out = attention_lowp(q, k, v, m.scale, local_visible(spec))
+    else:
+        out, _ = attention_ref(q, k, v, m.scale, local_visible(spec))
     out = m.norm(out.transpose(1, 2).reshape(b, n, m.attn_dim))
     if m.gate is not None:
         out = out * m.gate(x).sigmoid()
@@ -153,6 +157,28 @@ def test_forward_and_gradients_match_float64_reference(backend, opts):
     # fp32 module within the fp32 bar of the same float64 reference
     m32 = m.float()
     assert rel_err(m32(x.detach().float()), want) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("pool", [None, 2], ids=["plain", "pool2"])
+def test_low_precision_within_twice_plain_pytorch(dtype, pool):
+    m64 = _randomize(LocalAttention(80, 2, grid=(8, 12), window=3, num_prefix=2, pool=pool, qkv_bias=True,
+                                    qk_norm=True, backend="cpu", dtype=torch.float64), seed=12)
+    spec = LocalSpec.make((8, 12), 3, num_prefix=2, num_extra=0 if pool is None else 24)
+    x64 = _x(2, spec.seq, 80).requires_grad_(True)
+    dy = _x(2, spec.seq, 80, seed=13)
+    ref64 = reference_forward(m64, x64, spec)
+    (gref64,) = torch.autograd.grad(ref64, [x64], dy)
+    m = LocalAttention(80, 2, grid=(8, 12), window=3, num_prefix=2, pool=pool, qkv_bias=True, qk_norm=True,
+                       backend="cpu", dtype=dtype)
+    m.load_state_dict(m64.state_dict())
+    x = x64.detach().to(dtype).requires_grad_(True)
+    out = m(x)
+    (gx,) = torch.autograd.grad(out, [x], dy.to(dtype))
+    ref_low = reference_forward(m, x, spec, lowp=True)
+    (gref_low,) = torch.autograd.grad(ref_low, [x], dy.to(dtype))
+    assert_matches("out", out, ref64, ref_low)
+    assert_matches("dx", gx, gref64, gref_low)
 
 
 def test_real_window_differs_from_dense():
