@@ -1085,8 +1085,11 @@ void backward(const Params& p) {
   const int64_t nb_total = s.blocks(), hstride = s.NP * W, SP = s.SP;
   const int nt = int(std::max<int64_t>(1, std::min<int64_t>(p.nthreads, nb_total)));
   const bool has_z = p.z.ptr != 0;
-  // Units of contiguous blocks, a few per thread, taken dynamically (see Partial).
-  const int64_t nunits = std::min<int64_t>(nb_total, 8 * nt);
+  // Units of contiguous blocks, taken dynamically (see Partial): a few per thread, then (with several
+  // threads) a tail of single blocks, so that a thread that fell behind (another process had its core
+  // for a while) is caught up at a one-block grain.
+  const int64_t ntail = nt > 1 ? std::min<int64_t>(nb_total / 2, 4 * nt) : 0, nhead = nb_total - ntail;
+  const int64_t nbig = std::min<int64_t>(nhead, 8 * nt), nunits = nbig + ntail;
   std::vector<Partial<Acc>> pb(nunits), pc(nunits);
   std::atomic<int64_t> next{0};
 
@@ -1103,7 +1106,8 @@ void backward(const Params& p) {
     std::vector<Acc> Hb((s.T + 1) * NJB * W), Ab(s.T * NJB * W);
     V dDacc[W], dbacc[W];
     for (int64_t u; (u = next.fetch_add(1)) < nunits;) {
-      const int64_t k0 = nb_total * u / nunits, k1 = nb_total * (u + 1) / nunits;
+      const int64_t k0 = u < nbig ? nhead * u / nbig : nhead + (u - nbig);
+      const int64_t k1 = u < nbig ? nhead * (u + 1) / nbig : k0 + 1;
       dbg.begin_unit(pb[u], k0, k1);
       dcg.begin_unit(pc[u], k0, k1);
       for (int64_t k = k0; k < k1; ++k) {
