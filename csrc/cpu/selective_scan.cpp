@@ -1052,24 +1052,36 @@ struct BCGrad {
   }
 };
 
-// out[key, n, t] = the sum over units, in unit order, of their partial sums.
+// One of dB, dC: out[key, n, t] = the sum over units, in unit order, of their partial sums.
 template <class Acc>
-void reduce_partials(const Shape& s, bool var, int64_t groups, const Operand& out, std::vector<Partial<Acc>>& parts,
-                     int nt) {
-  const int64_t nkeys = var ? s.Bsz * groups : groups;
-  const int64_t lext = var ? s.L : 1;
+struct PartialSums {
+  bool var;
+  int64_t groups;
+  const Operand& out;
+  std::vector<Partial<Acc>>& parts;
+  int64_t nkeys(const Shape& s) const { return var ? s.Bsz * groups : groups; }
+  void reduce_key(const Shape& s, int64_t k, std::vector<Acc>& acc) const {
+    const int64_t lext = var ? s.L : 1;
+    acc.assign(lext * s.NP, Acc(0));
+    for (auto& part : parts) {
+      if (k < part.kmin || k >= part.kmin + part.nkeys) continue;
+      const Acc* src_k = part.at(s, k, 0);
+      for (int64_t i = 0; i < lext * s.NP; ++i) acc[i] += src_k[i];
+    }
+    for (int64_t n = 0; n < s.N; ++n)
+      store<Acc>(out.ptr + (k * out.sb + n * out.sn) * itemsize(out.dtype), out.dtype, out.sl, lext, &acc[n], s.NP);
+  }
+};
+
+// dB's keys, then dC's, split over the threads in one parallel region.
+template <class Acc>
+void reduce_partials(const Shape& s, const PartialSums<Acc>& b, const PartialSums<Acc>& c, int nt) {
+  const int64_t nb = b.nkeys(s), nkeys = nb + c.nkeys(s);
   const int ntr = int(std::max<int64_t>(1, std::min<int64_t>(nt, nkeys)));
   parallel_for(ntr, [&](int tid) {
-    std::vector<Acc> acc(lext * s.NP);
+    std::vector<Acc> acc;
     for (int64_t k = nkeys * tid / ntr; k < nkeys * (tid + 1) / ntr; ++k) {
-      std::fill(acc.begin(), acc.end(), Acc(0));
-      for (auto& part : parts) {
-        if (k < part.kmin || k >= part.kmin + part.nkeys) continue;
-        const Acc* src_k = part.at(s, k, 0);
-        for (int64_t i = 0; i < lext * s.NP; ++i) acc[i] += src_k[i];
-      }
-      for (int64_t n = 0; n < s.N; ++n)
-        store<Acc>(out.ptr + (k * out.sb + n * out.sn) * itemsize(out.dtype), out.dtype, out.sl, lext, &acc[n], s.NP);
+      if (k < nb) b.reduce_key(s, k, acc); else c.reduce_key(s, k - nb, acc);
     }
   });
 }
@@ -1230,8 +1242,8 @@ void backward(const Params& p) {
     }
     stream_fence();
   });
-  reduce_partials(s, p.b_var, p.b_groups, p.dB, pb, nt);
-  reduce_partials(s, p.c_var, p.c_groups, p.dC, pc, nt);
+  reduce_partials(s, PartialSums<Acc>{p.b_var, p.b_groups, p.dB, pb}, PartialSums<Acc>{p.c_var, p.c_groups, p.dC, pc},
+                  nt);
 }
 
 void check(const Params& p) {
