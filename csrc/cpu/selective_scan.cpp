@@ -375,7 +375,8 @@ inline Vec<double> vsigmoid(Vec<double> x) {
 }
 
 // Transposing reduction: 16 vectors q_0..q_15 -> one vector whose lane i is the sum of q_i's lanes,
-// by a shuffle tree (15 two-input folds, ~3 ops per reduced vector instead of a horizontal sum each).
+// by a shuffle tree (15 two-input folds, ~3 ops per reduced vector instead of a horizontal sum each):
+// fold8 on the pairs (q_2k, q_2k+1), fold4 on pairs of those results, then fold2, then fold1.
 template <class V>
 inline V fold8(V a, V b) {
   return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -396,15 +397,6 @@ inline V fold1(V a, V b) {
   return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
-template <class V>
-inline V fold16(const V* q) {
-  V s8[8], s4[4], s2[2];
-  for (int k = 0; k < 8; ++k) s8[k] = fold8(q[2 * k], q[2 * k + 1]);
-  for (int k = 0; k < 4; ++k) s4[k] = fold4(s8[2 * k], s8[2 * k + 1]);
-  for (int k = 0; k < 2; ++k) s2[k] = fold2(s4[2 * k], s4[2 * k + 1]);
-  return fold1(s2[0], s2[1]);
-}
-
 // 16 x 16 transpose: dst[j * ds + i] = src[i * ss + j]. Four rounds of block swaps (8, 4, 2, 1 wide),
 // each 16 two-input shuffles.
 template <int S, class V>
@@ -920,7 +912,7 @@ void bwd_reverse(int64_t tl, const Acc* A1, const Acc* DT, const Acc* DTU, const
     const Acc* Bt = Bp + t * bts;
     const Acc* Ct = Cp + t * cts;
     // Lanes to fold, in the order qC_0, qB_0, qC_1, ... (qC_j = h_t dy for dC, qB_j = g_t delta' u for
-    // dB), folded as the states are done (fold16's tree, level by level) to keep few vectors live.
+    // dB), folded as the states are done (the fold tree, level by level) to keep few vectors live.
     V s8[NJ], s4[NJ / 2], s2[NJ / 4], r{};
     V rga{}, rgb{};
 #pragma GCC unroll 8
