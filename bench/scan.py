@@ -173,8 +173,7 @@ def build_mamba_ref(inputs: dict[str, torch.Tensor]) -> Callable[[], torch.Tenso
 
 def build_mambapy(inputs: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
     try:
-        import mambapy
-        from mambapy.pscan import pscan  # noqa: F401
+        import mambapy.pscan  # binds mambapy; mambapy_selective_scan needs its pscan
     except ImportError as e:
         raise SkipImpl(f"mambapy is not installed ({e}); pip install mambapy") from None
     u, delta, A, B, C, D, z, bias = _args(inputs)

@@ -39,6 +39,8 @@ CASES = [
     Case(2, 6, 1, 3, "group2", D=False, z=False, bias=False, softplus=False, init=False),
     Case(1, 2, 257, 40, "var", z=False, softplus=False),
     Case(1, 2, 64, 16, "const", D=False, bias=False, init=False, reverse=True),
+    # whole vectors of steps and a partial channel block: the cpu kernel's in-place (streamed) output rows
+    Case(2, 20, 96, 16),
 ]
 
 
@@ -325,7 +327,9 @@ print(json.dumps({k: list(keep[k][0]) for k in ("out", "last", "du", "ddelta", "
 """
 
 
-def test_cpu_threads_without_openmp_runtime(monkeypatch):
+# L 70: chunks of 64 and 6 steps, outputs through row buffers; L 80: whole vectors, outputs in place.
+@pytest.mark.parametrize("L", [70, 80], ids=lambda L: f"L{L}")
+def test_cpu_threads_without_openmp_runtime(monkeypatch, L):
     """The std::thread path (no OpenMP runtime in the process) computes what the OpenMP path does."""
     import json
     import math
@@ -337,7 +341,7 @@ def test_cpu_threads_without_openmp_runtime(monkeypatch):
     ext = cpu_scan._extension()
     if ext is None:
         pytest.skip("ditkernels._C is not built")
-    b, d, L, n = 1, 40, 70, 5  # 3 channel blocks (the last one partial), chunks of 64 and 6 steps
+    b, d, n = 1, 40, 5  # 3 channel blocks (the last one partial)
     hs_numel = math.prod(cpu_scan.saved_shape(b, d, L, n))
     run = subprocess.run([sys.executable, "-c", _NO_OPENMP_SCRIPT, ext.__file__, *map(str, (b, d, L, n, cpu_scan.CHUNK,
                                                                                           hs_numel))],

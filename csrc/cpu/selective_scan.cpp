@@ -23,7 +23,9 @@
 // for dL/dh. Nothing of size (B, D, L, N) is allocated. dB and dC sum over the channels of a group:
 // per block, the 16 lanes of each (t, n) are folded by a transposing shuffle tree into the partial
 // sums of its unit (a range of blocks); units are added in unit order at the end, so results do not
-// depend on the thread that ran a unit.
+// depend on the thread that ran a unit. The backward's span work is mostly memory traffic (4 rows read,
+// 3 written per channel): its row loops prefetch the next row, and whole aligned output rows are
+// written with streaming stores.
 //
 // Threads: torch's OpenMP workers when the process has that runtime, std::threads otherwise.
 #include <pybind11/pybind11.h>
@@ -229,6 +231,32 @@ inline Vec<float> vfma(Vec<float> a, Vec<float> b, Vec<float> c) {
 }
 inline Vec<double> vfma(Vec<double> a, Vec<double> b, Vec<double> c) { return a * b + c; }
 
+// Store that bypasses the caches (no read of the line before it is written), for output rows written
+// once and whole; p must be 64-byte aligned (see stream_ok). A plain store where that is not built.
+inline void vstream(float* p, Vec<float> v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(p, (__m512)v);
+#else
+  vstore(p, v);
+#endif
+}
+inline void vstream(double* p, Vec<double> v) { vstore(p, v); }
+template <class Acc>
+bool stream_ok(const Acc* p) {
+#if defined(__AVX512F__)
+  return std::is_same<Acc, float>::value && reinterpret_cast<uintptr_t>(p) % 64 == 0;
+#else
+  (void)p;
+  return false;
+#endif
+}
+// Streaming stores are weakly ordered: each thread fences them before it leaves the parallel region.
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
 
 // The decays exp(delta' A) = 2^x, x = delta' A log2(e) (A pre-scaled): x = n + f with n = round(x);
 // 2^f on [-0.5, 0.5] by a degree-5 polynomial with p(0) = 1, minimax for the relative error (~1.7e-7
@@ -347,7 +375,8 @@ inline Vec<double> vsigmoid(Vec<double> x) {
 }
 
 // Transposing reduction: 16 vectors q_0..q_15 -> one vector whose lane i is the sum of q_i's lanes,
-// by a shuffle tree (15 two-input folds, ~3 ops per reduced vector instead of a horizontal sum each).
+// by a shuffle tree (15 two-input folds, ~3 ops per reduced vector instead of a horizontal sum each):
+// fold8 on the pairs (q_2k, q_2k+1), fold4 on pairs of those results, then fold2, then fold1.
 template <class V>
 inline V fold8(V a, V b) {
   return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -368,15 +397,6 @@ inline V fold1(V a, V b) {
   return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
-template <class V>
-inline V fold16(const V* q) {
-  V s8[8], s4[4], s2[2];
-  for (int k = 0; k < 8; ++k) s8[k] = fold8(q[2 * k], q[2 * k + 1]);
-  for (int k = 0; k < 4; ++k) s4[k] = fold4(s8[2 * k], s8[2 * k + 1]);
-  for (int k = 0; k < 2; ++k) s2[k] = fold2(s4[2 * k], s4[2 * k + 1]);
-  return fold1(s2[0], s2[1]);
-}
-
 // 16 x 16 transpose: dst[j * ds + i] = src[i * ss + j]. Four rounds of block swaps (8, 4, 2, 1 wide),
 // each 16 two-input shuffles.
 template <int S, class V>
@@ -720,6 +740,16 @@ FwdChunkFn<Acc> fwd_chunk_for(bool bl, bool cl) {
             : (cl ? fwd_chunk<Acc, false, true> : fwd_chunk<Acc, false, false>);
 }
 
+// The rows of a span are 16 streams of a few KB, 4 KB or more apart, each read (or written) once: the
+// hardware prefetchers ramp up on each row only after its first misses. A loop on row i asks for the
+// same cache line of row i + 1 of each of its operands (rw: for writing), one row ahead.
+template <bool RW>
+inline void prefetch_line(const void* p) {
+  if (RW) __builtin_prefetch(p, 1, 3); else __builtin_prefetch(p, 0, 3);
+}
+// Row i + 1; row i itself for the last row (GCC 12 drops read prefetches under an `if (i + 1 < W)`).
+inline int next_row(int i) { return i + 1 < W ? i + 1 : i; }
+
 // Per-thread scratch of one block's span: the input rows and the delta' / delta' * u rows and tiles.
 template <class Acc>
 struct SpanInputs {
@@ -730,7 +760,9 @@ struct SpanInputs {
 
   // Reads u, delta, z on [t0, t0 + sl); delta' = softplus(delta + bias) and delta' * u as rows and as
   // tiles; sig (rows (W, SP)), when given, gets d delta' / d(delta + bias) (the sigmoid, or 1).
-  void load(const Params& p, const Shape& s, const Block& blk, int64_t t0, int64_t sl, Acc* sig = nullptr) {
+  // prefetch: while on row i, ask for the same steps of row i + 1 of u and delta (see prefetch_line).
+  void load(const Params& p, const Shape& s, const Block& blk, int64_t t0, int64_t sl, Acc* sig = nullptr,
+            bool prefetch = false) {
     using V = Vec<Acc>;
     const Acc* bias_w = reinterpret_cast<const Acc*>(p.delta_bias);
     const int64_t se = (sl + W - 1) / W * W;
@@ -747,7 +779,9 @@ struct SpanInputs {
         continue;
       }
       const Acc bias = channel_weight(bias_w, blk, i);
+      const Acc *xn = x.r[next_row(i)], *un = u.r[next_row(i)];
       for (int64_t t = 0; t < se; t += W) {
+        if (prefetch) prefetch_line<false>(xn + t), prefetch_line<false>(un + t);
         const V xv = vload(x.r[i] + t) + bias;
         V sg;
         const V dt = p.softplus ? vsoftplus(xv, sig ? &sg : nullptr) : xv;
@@ -829,8 +863,8 @@ void forward(const Params& p) {
 
 // Recompute NJB states of one block over one chunk from the saved state h0 (NJB, W): Hb (tl + 1, NJB, W)
 // gets h_{t-1} at row t (row 0 = h0) and h_t at row t + 1, Ab (tl, NJB, W) the decays; Y += <h_t, C_t>
-// when Y is given (dz needs y).
-template <class Acc, bool BL, bool CL>
+// when HY (dz needs y).
+template <class Acc, bool BL, bool CL, bool HY>
 void bwd_recompute(int64_t tl, const Acc* A2, const Acc* DT, const Acc* DTU, const Acc* Bp, int64_t bts,
                    const Acc* Cp, int64_t cts, const Acc* h0, Acc* Hb, Acc* Ab, Acc* Y) {
   using V = Vec<Acc>;
@@ -849,12 +883,12 @@ void bwd_recompute(int64_t tl, const Acc* A2, const Acc* DT, const Acc* DTU, con
       hr[j] = vfma(a, hr[j], bv * dtu);
       vstore(Ab + (t * NJ + j) * W, a);
       vstore(Hb + ((t + 1) * NJ + j) * W, hr[j]);
-      if (Y) {
+      if (HY) {
         const V cv = CL ? vload(Ct + j * CJ) : splat(Ct[j * CJ]);
         if (j & 1) y1 = vfma(hr[j], cv, y1); else y0 = vfma(hr[j], cv, y0);
       }
     }
-    if (Y) vstore(Y + t * W, vload(Y + t * W) + (y0 + y1));
+    if (HY) vstore(Y + t * W, vload(Y + t * W) + (y0 + y1));
   }
 }
 
@@ -870,13 +904,16 @@ void bwd_reverse(int64_t tl, const Acc* A1, const Acc* DT, const Acc* DTU, const
                  Acc* dBp, int64_t dbts, Acc* dCp, int64_t dcts) {
   using V = Vec<Acc>;
   constexpr int NJ = NJB, BJ = BL ? W : 1, CJ = CL ? W : 1;
+  static_assert(NJ == 8, "the fold tree below reduces 2 * 8 vectors");
   V gr[NJ], da[NJ];
   for (int j = 0; j < NJ; ++j) gr[j] = vload(g + j * W), da[j] = vload(dA + j * W);
   for (int64_t t = tl - 1; t >= 0; --t) {
     const V dt = vload(DT + t * W), dtu = vload(DTU + t * W), dy = vload(DY + t * W);
     const Acc* Bt = Bp + t * bts;
     const Acc* Ct = Cp + t * cts;
-    V q[2 * NJ];  // lanes to fold: q[j] = h_t dy (dC), q[NJ + j] = g_t delta' u (dB)
+    // Lanes to fold, in the order qC_0, qB_0, qC_1, ... (qC_j = h_t dy for dC, qB_j = g_t delta' u for
+    // dB), folded as the states are done (the fold tree, level by level) to keep few vectors live.
+    V s8[NJ], s4[NJ / 2], s2[NJ / 4], r{};
     V rga{}, rgb{};
 #pragma GCC unroll 8
     for (int j = 0; j < NJ; ++j) {
@@ -885,34 +922,42 @@ void bwd_reverse(int64_t tl, const Acc* A1, const Acc* DT, const Acc* DTU, const
       const V bv = BL ? vload(Bt + j * BJ) : splat(Bt[j * BJ]);
       const V cv = CL ? vload(Ct + j * CJ) : splat(Ct[j * CJ]);
       const V gj = vfma(cv, dy, gr[j]);
+      V qc{}, qb{};
       if (CL) {
         Acc* d = dCp + t * dcts + j * W;
         vstore(d, vfma(hc, dy, vload(d)));
-        q[j] = V{};
       } else {
-        q[j] = hc * dy;
+        qc = hc * dy;
       }
       if (BL) {
         Acc* d = dBp + t * dbts + j * W;
         vstore(d, vfma(gj, dtu, vload(d)));
-        q[NJ + j] = V{};
       } else {
-        q[NJ + j] = gj * dtu;
+        qb = gj * dtu;
       }
-      const V w = gj * (a * hp);
+      if (!BL || !CL) {
+        s8[j] = fold8(qc, qb);
+        if (j & 1) s4[j / 2] = fold4(s8[j - 1], s8[j]);
+        if ((j & 3) == 3) s2[j / 4] = fold2(s4[j / 2 - 1], s4[j / 2]);
+        if (j == NJ - 1) r = fold1(s2[0], s2[1]);  // lane 2j: dC[t][j], lane 2j + 1: dB[t][j]
+      }
+      gr[j] = a * gj;
+      const V w = gr[j] * hp;  // g_t a_t h_{t-1}
       da[j] = vfma(w, dt, da[j]);
       rga = vfma(vload(A1 + j * W), w, rga);
       rgb = vfma(gj, bv, rgb);
-      gr[j] = a * gj;
     }
     if (!BL || !CL) {
       typedef Acc H __attribute__((vector_size(NJ * sizeof(Acc))));
-      const V r = fold16(q);  // lanes 0..7: dC[t][j], 8..15: dB[t][j]
-      H lo, hi, d;
-      std::memcpy(&lo, &r, sizeof lo);
-      std::memcpy(&hi, reinterpret_cast<const char*>(&r) + sizeof lo, sizeof hi);
-      if (!CL) std::memcpy(&d, dCp + t * dcts, sizeof d), d += lo, std::memcpy(dCp + t * dcts, &d, sizeof d);
-      if (!BL) std::memcpy(&d, dBp + t * dbts, sizeof d), d += hi, std::memcpy(dBp + t * dbts, &d, sizeof d);
+      H d;
+      if (!CL) {
+        const H c = __builtin_shufflevector(r, r, 0, 2, 4, 6, 8, 10, 12, 14);
+        std::memcpy(&d, dCp + t * dcts, sizeof d), d += c, std::memcpy(dCp + t * dcts, &d, sizeof d);
+      }
+      if (!BL) {
+        const H b = __builtin_shufflevector(r, r, 1, 3, 5, 7, 9, 11, 13, 15);
+        std::memcpy(&d, dBp + t * dbts, sizeof d), d += b, std::memcpy(dBp + t * dbts, &d, sizeof d);
+      }
     }
     vstore(RGA + t * W, vload(RGA + t * W) + rga);
     vstore(RGB + t * W, vload(RGB + t * W) + rgb);
@@ -922,14 +967,14 @@ void bwd_reverse(int64_t tl, const Acc* A1, const Acc* DT, const Acc* DTU, const
 
 template <class Acc>
 struct BwdKernels {
-  void (*recompute)(int64_t, const Acc*, const Acc*, const Acc*, const Acc*, int64_t, const Acc*, int64_t,
-                    const Acc*, Acc*, Acc*, Acc*);
+  void (*recompute[2])(int64_t, const Acc*, const Acc*, const Acc*, const Acc*, int64_t, const Acc*, int64_t,
+                       const Acc*, Acc*, Acc*, Acc*);  // [has y]
   void (*reverse)(int64_t, const Acc*, const Acc*, const Acc*, const Acc*, const Acc*, int64_t, const Acc*, int64_t,
                   const Acc*, const Acc*, Acc*, Acc*, Acc*, Acc*, Acc*, int64_t, Acc*, int64_t);
 };
 template <class Acc, bool BL, bool CL>
 constexpr BwdKernels<Acc> bwd_kernels_of() {
-  return {bwd_recompute<Acc, BL, CL>, bwd_reverse<Acc, BL, CL>};
+  return {{bwd_recompute<Acc, BL, CL, false>, bwd_recompute<Acc, BL, CL, true>}, bwd_reverse<Acc, BL, CL>};
 }
 template <class Acc>
 BwdKernels<Acc> bwd_kernels_for(bool bl, bool cl) {
@@ -1001,24 +1046,36 @@ struct BCGrad {
   }
 };
 
-// out[key, n, t] = the sum over units, in unit order, of their partial sums.
+// One of dB, dC: out[key, n, t] = the sum over units, in unit order, of their partial sums.
 template <class Acc>
-void reduce_partials(const Shape& s, bool var, int64_t groups, const Operand& out, std::vector<Partial<Acc>>& parts,
-                     int nt) {
-  const int64_t nkeys = var ? s.Bsz * groups : groups;
-  const int64_t lext = var ? s.L : 1;
+struct PartialSums {
+  bool var;
+  int64_t groups;
+  const Operand& out;
+  std::vector<Partial<Acc>>& parts;
+  int64_t nkeys(const Shape& s) const { return var ? s.Bsz * groups : groups; }
+  void reduce_key(const Shape& s, int64_t k, std::vector<Acc>& acc) const {
+    const int64_t lext = var ? s.L : 1;
+    acc.assign(lext * s.NP, Acc(0));
+    for (auto& part : parts) {
+      if (k < part.kmin || k >= part.kmin + part.nkeys) continue;
+      const Acc* src_k = part.at(s, k, 0);
+      for (int64_t i = 0; i < lext * s.NP; ++i) acc[i] += src_k[i];
+    }
+    for (int64_t n = 0; n < s.N; ++n)
+      store<Acc>(out.ptr + (k * out.sb + n * out.sn) * itemsize(out.dtype), out.dtype, out.sl, lext, &acc[n], s.NP);
+  }
+};
+
+// dB's keys, then dC's, split over the threads in one parallel region.
+template <class Acc>
+void reduce_partials(const Shape& s, const PartialSums<Acc>& b, const PartialSums<Acc>& c, int nt) {
+  const int64_t nb = b.nkeys(s), nkeys = nb + c.nkeys(s);
   const int ntr = int(std::max<int64_t>(1, std::min<int64_t>(nt, nkeys)));
   parallel_for(ntr, [&](int tid) {
-    std::vector<Acc> acc(lext * s.NP);
+    std::vector<Acc> acc;
     for (int64_t k = nkeys * tid / ntr; k < nkeys * (tid + 1) / ntr; ++k) {
-      std::fill(acc.begin(), acc.end(), Acc(0));
-      for (auto& part : parts) {
-        if (k < part.kmin || k >= part.kmin + part.nkeys) continue;
-        const Acc* src_k = part.at(s, k, 0);
-        for (int64_t i = 0; i < lext * s.NP; ++i) acc[i] += src_k[i];
-      }
-      for (int64_t n = 0; n < s.N; ++n)
-        store<Acc>(out.ptr + (k * out.sb + n * out.sn) * itemsize(out.dtype), out.dtype, out.sl, lext, &acc[n], s.NP);
+      if (k < nb) b.reduce_key(s, k, acc); else c.reduce_key(s, k - nb, acc);
     }
   });
 }
@@ -1034,8 +1091,11 @@ void backward(const Params& p) {
   const int64_t nb_total = s.blocks(), hstride = s.NP * W, SP = s.SP;
   const int nt = int(std::max<int64_t>(1, std::min<int64_t>(p.nthreads, nb_total)));
   const bool has_z = p.z.ptr != 0;
-  // Units of contiguous blocks, a few per thread, taken dynamically (see Partial).
-  const int64_t nunits = std::min<int64_t>(nb_total, 8 * nt);
+  // Units of contiguous blocks, taken dynamically (see Partial): a few per thread, then (with several
+  // threads) a tail of single blocks, so that a thread that fell behind (another process had its core
+  // for a while) is caught up at a one-block grain.
+  const int64_t ntail = nt > 1 ? std::min<int64_t>(nb_total / 2, 4 * nt) : 0, nhead = nb_total - ntail;
+  const int64_t nbig = std::min<int64_t>(nhead, 8 * nt), nunits = nbig + ntail;
   std::vector<Partial<Acc>> pb(nunits), pc(nunits);
   std::atomic<int64_t> next{0};
 
@@ -1052,7 +1112,8 @@ void backward(const Params& p) {
     std::vector<Acc> Hb((s.T + 1) * NJB * W), Ab(s.T * NJB * W);
     V dDacc[W], dbacc[W];
     for (int64_t u; (u = next.fetch_add(1)) < nunits;) {
-      const int64_t k0 = nb_total * u / nunits, k1 = nb_total * (u + 1) / nunits;
+      const int64_t k0 = u < nbig ? nhead * u / nbig : nhead + (u - nbig);
+      const int64_t k1 = u < nbig ? nhead * (u + 1) / nbig : k0 + 1;
       dbg.begin_unit(pb[u], k0, k1);
       dcg.begin_unit(pc[u], k0, k1);
       for (int64_t k = k0; k < k1; ++k) {
@@ -1071,18 +1132,22 @@ void backward(const Params& p) {
         const Acc* hsk = hs + k * (s.nc + 1) * hstride;
         for (int64_t t0 = (s.L - 1) / s.S * s.S; t0 >= 0; t0 -= s.S) {
           const int64_t sl = std::min(s.S, s.L - t0), se = (sl + W - 1) / W * W;
-          in.load(p, s, blk, t0, sl, SPr.data());
+          in.load(p, s, blk, t0, sl, SPr.data(), true);
           dout.read(p.dout, blk, t0, sl);
-          for (int i = 0; i < W; ++i)
+          for (int i = 0; i < W; ++i) {
+            const Acc *dor = dout.r[i], *zr = in.z.r[i], *don = dout.r[next_row(i)], *zn = in.z.r[next_row(i)];
+            Acc *szr = &SZr[i * SP], *dyr = &DYr[i * SP];
             for (int64_t t = 0; t < se; t += W) {
-              V dy = vload(dout.r[i] + t);
+              prefetch_line<false>(don + t), prefetch_line<false>(zn + t);
+              V dy = vload(dor + t);
               if (has_z) {
-                const V zv = vload(in.z.r[i] + t), sz = vsigmoid(zv);
-                vstore(&SZr[i * SP + t], sz);
+                const V zv = vload(zr + t), sz = vsigmoid(zv);
+                vstore(szr + t, sz);
                 dy = dy * zv * sz;
               }
-              vstore(&DYr[i * SP + t], dy);
+              vstore(dyr + t, dy);
             }
+          }
           rows_to_tile(DYr.data(), SP, se, DY.data());
           std::fill(RGA.begin(), RGA.begin() + se * W, Acc(0));
           std::fill(RGB.begin(), RGB.begin() + se * W, Acc(0));
@@ -1097,7 +1162,7 @@ void backward(const Params& p) {
             const int64_t bj = bsrc.jstride(), cj = csrc.jstride();
             const Acc *DT = &in.DT[c0 * W], *DTU = &in.DTU[c0 * W];
             for (int64_t n = 0; n < s.NP; n += NJB) {
-              kern.recompute(tl, &A2[n * W], DT, DTU, Bp + n * bj, bts, Cp + n * cj, cts, hsk + c * hstride + n * W,
+              kern.recompute[has_z](tl, &A2[n * W], DT, DTU, Bp + n * bj, bts, Cp + n * cj, cts, hsk + c * hstride + n * W,
                              Hb.data(), Ab.data(), has_z ? &Y[c0 * W] : nullptr);
               kern.reverse(tl, &A1[n * W], DT, DTU, &DY[c0 * W], Bp + n * bj, bts, Cp + n * cj, cts, Hb.data(),
                            Ab.data(), &G[n * W], &dA[n * W], &RGA[c0 * W], &RGB[c0 * W], dBp + n * bj, dbts,
@@ -1114,22 +1179,41 @@ void backward(const Params& p) {
           ddelta.begin(p.ddelta, blk, t0, sl);
           if (has_z) dz.begin(p.dz, blk, t0, sl);
           for (int i = 0; i < blk.nl; ++i) {
-            const Acc dv = channel_weight(Dv, blk, i);
-            const Acc* ur = in.u.r[i];
-            for (int64_t t = 0; t < se; t += W) {
-              const int64_t it = i * SP + t;
-              const V uv = vload(ur + t), dy = vload(&DYr[it]), rgb = vload(&RGBr[it]);
-              vstore(du.r[i] + t, vfma(dy, splat(dv), vload(&in.DTr[it]) * rgb));
-              const V dd = vfma(uv, rgb, vload(&RGAr[it])) * vload(&SPr[it]);  // dL/d(delta + bias)
-              vstore(ddelta.r[i] + t, dd);
-              dDacc[i] = vfma(dy, uv, dDacc[i]);
-              dbacc[i] += dd;
-              if (has_z) {
-                const V zv = vload(in.z.r[i] + t), sz = vload(&SZr[it]);
-                const V y = vfma(uv, splat(dv), vload(&Yr[it]));
-                vstore(dz.r[i] + t, vload(dout.r[i] + t) * y * sz * vfma(zv, Acc(1) - sz, splat(Acc(1))));
+            const V dv = splat(channel_weight(Dv, blk, i));
+            const int64_t r0 = i * SP;
+            const Acc *ur = in.u.r[i], *zr = in.z.r[i], *dor = dout.r[i];
+            const Acc *dyr = &DYr[r0], *rgar = &RGAr[r0], *rgbr = &RGBr[r0], *dtr = &in.DTr[r0], *spr = &SPr[r0];
+            const Acc *szr = &SZr[r0], *yr = &Yr[r0];
+            Acc *dur = du.r[i], *ddr = ddelta.r[i], *dzr = has_z ? dz.r[i] : nullptr;
+            Acc *dun = du.r[next_row(i)], *ddn = ddelta.r[next_row(i)], *dzn = has_z ? dz.r[next_row(i)] : nullptr;
+            V dDi{}, dbi{};
+            // Rows written in place go around the caches when aligned; buffered ones are read back by commit.
+            auto emit = [&](auto nt) {
+              constexpr bool NT = decltype(nt)::value;
+              auto put = [](Acc* q, V v) { if constexpr (NT) vstream(q, v); else vstore(q, v); };
+              for (int64_t t = 0; t < se; t += W) {
+                if (!NT) prefetch_line<true>(dun + t), prefetch_line<true>(ddn + t);
+                const V uv = vload(ur + t), dy = vload(dyr + t), rgb = vload(rgbr + t);
+                put(dur + t, vfma(dy, dv, vload(dtr + t) * rgb));
+                const V dd = vfma(uv, rgb, vload(rgar + t)) * vload(spr + t);  // dL/d(delta + bias)
+                put(ddr + t, dd);
+                dDi = vfma(dy, uv, dDi);
+                dbi += dd;
+                if (has_z) {
+                  if (!NT) prefetch_line<true>(dzn + t);
+                  const V zv = vload(zr + t), sz = vload(szr + t);
+                  const V y = vfma(uv, dv, vload(yr + t));
+                  put(dzr + t, vload(dor + t) * y * sz * vfma(zv, Acc(1) - sz, splat(Acc(1))));
+                }
               }
-            }
+            };
+            if (du.direct && ddelta.direct && (!has_z || dz.direct) && stream_ok(dur) && stream_ok(ddr) &&
+                (!has_z || stream_ok(dzr)))
+              emit(std::true_type{});
+            else
+              emit(std::false_type{});
+            dDacc[i] += dDi;
+            dbacc[i] += dbi;
           }
           du.commit(p.du, blk, t0, sl);
           ddelta.commit(p.ddelta, blk, t0, sl);
@@ -1150,9 +1234,10 @@ void backward(const Params& p) {
         }
       }
     }
+    stream_fence();
   });
-  reduce_partials(s, p.b_var, p.b_groups, p.dB, pb, nt);
-  reduce_partials(s, p.c_var, p.c_groups, p.dC, pc, nt);
+  reduce_partials(s, PartialSums<Acc>{p.b_var, p.b_groups, p.dB, pb}, PartialSums<Acc>{p.c_var, p.c_groups, p.dC, pc},
+                  nt);
 }
 
 void check(const Params& p) {
