@@ -355,8 +355,8 @@ def run_case(case: Case, mode: str, impls: Sequence[str], device: torch.device, 
             del out, grads
             if mode == "fwdbwd":
 
-                def step(fn=fn, g=grad_out) -> None:
-                    torch.autograd.grad(_primary(fn()), diff, g)
+                def step(fn=fn, g=grad_out, wrt=diff) -> None:
+                    torch.autograd.grad(_primary(fn()), wrt, g)
 
                 steps[name] = step
             else:

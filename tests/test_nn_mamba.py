@@ -306,7 +306,7 @@ def test_ss2d_equals_multi_direction_scan_in_grid_order():
     torch.manual_seed(0)
     m = randomized(SS2D(8, d_state=4, directions=("raster", "snake", "transpose_rev"), dtype=torch.float64,
                         backend="cpu"))
-    H, W, K, d = 3, 5, 3, m.d_inner
+    H, W, d = 3, 5, m.d_inner
     x = torch.randn(2, H, W, 8, dtype=torch.float64)
     xi, z = m.in_proj(x).chunk(2, -1)
     xi = F.silu(m.conv2d(xi.permute(0, 3, 1, 2)))  # (b, d, H, W)

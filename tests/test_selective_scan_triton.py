@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
 
 from numerics import assert_matches
 from scan_helpers import GRAD_NAMES, ORDER, args_of, make_case, run_ref64, run_ref_low

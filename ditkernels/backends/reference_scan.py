@@ -6,7 +6,6 @@ The backward is the hand-written :func:`selective_scan_ref_backward` (autograd i
 
 from __future__ import annotations
 
-import torch
 
 from ..reference.selective_scan import compute_dtype, selective_scan_ref, selective_scan_ref_backward
 

@@ -32,7 +32,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..ops.scan2d import VMAMBA_DIRECTIONS, check_directions, check_grid, merge_directions, split_directions
 from ..ops.selective_scan import selective_scan
