@@ -248,7 +248,7 @@ def test_cpu_kernel_visits_exactly_the_plan(opts, m):
 
 # (options, extra keys, block, q_tile, kv_tile): 3-D tiles, 1-D tiles, tails, square / tile / circle
 COUNT_CASES = {
-    "2d-24x24-circle-r6-P7": (dict(grid=(24, 24), window=6, num_prefix=7), 0, (64, 64), None, None),
+    "2d-13x20-circle-r4-P7": (dict(grid=(13, 20), window=4, num_prefix=7), 0, (64, 64), None, None),
     "3d-5x6x7-circle-r(1,2,3)-S2-M3": (dict(grid=(5, 6, 7), window=(1, 2, 3), num_suffix=2), 3, (64, 32),
                                        (2, 4, 8), (1, 4, 8)),
     "1d-200-square-shift-r9-P3": (dict(grid=(200,), window=9, shape="square", border="shift", num_prefix=3), 0,
@@ -270,7 +270,7 @@ def test_triton_kernels_visit_exactly_the_plan(case):
     o = dict(opts)
     plan = ditkernels.local_attention_plan(o.pop("grid"), o.pop("window"), num_extra=m, block=block, q_tile=qt,
                                            kv_tile=kt, **o)
-    b, h, d = 2, 3, 16
+    b, h, d = 1, 2, 16
     g = torch.Generator().manual_seed(7)
     q = torch.randn(b, h, plan.seq_q, d, generator=g)
     k, v = (torch.randn(b, h, plan.seq_k, d, generator=g) for _ in range(2))
@@ -293,12 +293,12 @@ def test_triton_kernels_visit_exactly_the_plan(case):
 
 
 def test_triton_plan_and_dispatch():
-    """The triton backend runs the default GPU plan (64 x 64 tokens); CUDA tensors dispatch to it by
-    default, CPU tensors only when asked for (here under TRITON_INTERPRET=1)."""
+    """The triton backward runs the default GPU plan (64 x 64 tokens); CUDA tensors dispatch to the
+    triton backend by default, CPU tensors only when asked for (here under TRITON_INTERPRET=1)."""
     from ditkernels.backends import triton as tb
     from ditkernels.ops import local
 
-    plan = kernel_plan(LocalSpec.make((16, 16), 3), tb, 64, torch.float16)
+    plan = kernel_plan(LocalSpec.make((16, 16), 3), tb, 64, torch.float16, backward=True)
     assert (plan.block_m, plan.block_n) == (64, 64)
     assert backends.resolve("local_attention", local.SUPPORTED, torch.device("cuda"), torch.float16).NAME == "triton"
     assert backends.resolve("local_attention", local.SUPPORTED, torch.device("cpu"), torch.float32).NAME == "cpu"
@@ -307,6 +307,22 @@ def test_triton_plan_and_dispatch():
     q = torch.randn(1, 1, 20, 8, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float64"):
         ditkernels.local_attention(q, q, q, (4, 5), 2, backend="triton")
+
+
+def test_triton_forward_plan_shrinks_kv_tiles_for_small_windows():
+    """A video window of radii (1, 4, 4) is small next to 64-key tiles: the triton forward runs 16-key
+    tiles (computed/useful 9.8 -> 5.3); its backward keeps 64-key tiles (a dK/dV program owns one)."""
+    from ditkernels.backends import triton as tb
+
+    spec = LocalSpec.make((16, 64, 64), (1, 4, 4))
+    fwd = kernel_plan(spec, tb, 64, torch.float16)
+    bwd = kernel_plan(spec, tb, 64, torch.float16, backward=True)
+    assert (fwd.block_m, fwd.block_n) == (64, 16) and (bwd.block_m, bwd.block_n) == (64, 64)
+    assert fwd.computed_pairs / fwd.useful_pairs < 5.3 and bwd.computed_pairs / bwd.useful_pairs > 9.8
+    public = ditkernels.local_attention_plan((16, 64, 64), (1, 4, 4), backend="triton", dtype=torch.float16)
+    assert public is fwd
+    # a window wide next to the tiles keeps them
+    assert kernel_plan(LocalSpec.make((64, 64), 8), tb, 64, torch.float16).block_n == 64
 
 
 @pytest.mark.parametrize("block", [(128, 32), (32, 128), (64, 64)], ids=lambda b: f"bm{b[0]}-bn{b[1]}")

@@ -776,6 +776,7 @@ _VARIANT_OVERRIDES: dict[tuple[int, str, str, str, int], Config] = {
     (80, "local", "fwd", "f16", 128): Config(64, 64, 8, 3, maxnreg=255),
     (80, "local", "bwd_dkdv", "f16", 64): Config(32, 64, 8, 1, maxnreg=255),
     (90, "local", "bwd_dkdv", "f16", 128): Config(32, 64, 8, 2, maxnreg=255),
+    (90, "local", "fwd", "f32", 64): Config(128, 16, 8, 1, block_dk=16, maxnreg=255),
     (80, "csr", "bwd_dkdv", "f32", 64): Config(16, 64, 8, 1, split=True, block_dk=8),
     (90, "csr", "bwd_dkdv", "f32", 64): Config(16, 64, 4, 2, split=True, block_dk=16),
     (80, "csr", "bwd_dkdv", "f32", 128): Config(16, 128, 8, 1, split=True, block_dk=16),
