@@ -42,7 +42,10 @@ class Job:
     kernel: str  # fwd | bwd_preprocess | bwd_dkdv | bwd_dq
     dtype: str  # fp16 | bf16 | fp32
     block_d: int
-    variant: str = "dense"  # dense | csr | epilogue | odd_d (head_dim < BLOCK_D: masked head dims)
+    # dense | csr (SCHEDULE=1) | local (SCHEDULE=2 token tables + MASK=1, local attention's plan tiles;
+    # local_n32 / local_n16: the forward on plans of 32 / 16-key tiles) | epilogue | odd_d (head_dim <
+    # BLOCK_D: masked head dims)
+    variant: str = "dense"
     part: str = ""  # bwd_dkdv with a split config: "dk" or "dv" (one launch each)
 
 
@@ -79,7 +82,7 @@ def _cuobjdump() -> str:
 
 
 def jobs_for(archs: list[int], quick: bool) -> list[Job]:
-    """Every shipped config (plus CSR / epilogue / odd-head_dim variants), or a representative subset."""
+    """Every shipped config (plus CSR / local / epilogue / odd-head_dim variants), or a representative subset."""
     from ditkernels.triton_kernels.flash import BLOCK_D_BUCKETS, DTYPES, KERNELS
 
     jobs: list[Job] = []
@@ -88,7 +91,8 @@ def jobs_for(archs: list[int], quick: bool) -> list[Job]:
             jobs += [Job(arch, "fwd", "fp16", 128), Job(arch, "fwd", "bf16", 64), Job(arch, "fwd", "fp32", 32),
                      Job(arch, "bwd_preprocess", "fp16", 128), Job(arch, "bwd_dkdv", "bf16", 128),
                      Job(arch, "bwd_dq", "fp16", 128), Job(arch, "fwd", "fp16", 64, "csr"),
-                     Job(arch, "fwd", "fp16", 128, "epilogue")]
+                     Job(arch, "fwd", "fp16", 128, "epilogue"), Job(arch, "bwd_dkdv", "fp32", 64, "csr"),
+                     Job(arch, "fwd", "bf16", 128, "local"), Job(arch, "bwd_dq", "fp32", 64, "local")]
             continue
         for kernel in KERNELS:
             for dtype in DTYPES:
@@ -96,16 +100,38 @@ def jobs_for(archs: list[int], quick: bool) -> list[Job]:
                     jobs.append(Job(arch, kernel, dtype, d))
         for d in BLOCK_D_BUCKETS:
             for kernel in ATTN_KERNELS:
-                jobs.append(Job(arch, kernel, "fp16", d, "csr"))
+                for dtype in DTYPES:
+                    jobs.append(Job(arch, kernel, dtype, d, "csr"))
+                    jobs.append(Job(arch, kernel, dtype, d, "local"))
+                    if kernel == "fwd":
+                        jobs += [Job(arch, kernel, dtype, d, f"local_n{bn}") for bn in _local_fwd_block_n()]
                 jobs.append(Job(arch, kernel, "bf16", d, "odd_d"))
             jobs.append(Job(arch, "fwd", "bf16", d, "epilogue"))
     return [p for j in jobs for p in _split(j)]
 
 
+def _local_fwd_block_n() -> list[int]:
+    """The forward's smaller KV tiles of local-attention plans (ditkernels.backends.triton.local_fwd_block_n)."""
+    import torch
+
+    from ditkernels.backends import triton as triton_backend
+
+    full = triton_backend.local_block_sizes(64, torch.float16)[1]
+    return [bn for bn in triton_backend.local_fwd_block_n if bn != full]
+
+
+def _config_variant(job: Job) -> str:
+    """The launch variant whose config a job compiles (epilogue / odd_d launches are dense)."""
+    if job.variant.startswith("local"):
+        return "local"
+    return job.variant if job.variant == "csr" else "dense"
+
+
 def _split(job: Job) -> list[Job]:
     from ditkernels.triton_kernels import flash
 
-    if job.kernel == "bwd_dkdv" and flash.config_for(job.kernel, job.arch, flash.DTYPES[job.dtype], job.block_d).split:
+    cfg = flash.config_for(job.kernel, job.arch, flash.DTYPES[job.dtype], job.block_d, _config_variant(job))
+    if job.kernel == "bwd_dkdv" and cfg.split:
         return [Job(job.arch, job.kernel, job.dtype, job.block_d, job.variant, part) for part in ("dk", "dv")]
     return [job]
 
@@ -113,7 +139,8 @@ def _split(job: Job) -> list[Job]:
 _PTR_ARGS = {
     "Q": "x", "K": "x", "V": "x", "Out": "x", "DO": "x", "DK": "x", "DV": "x", "DQ": "x", "Residual": "x",
     "Lse": "fp32", "Lse2": "fp32", "Delta": "fp32", "RowScale": "fp32",
-    "KvPtr": "i32", "KvIdx": "i32", "Partial": "i32", "MaskParams": "i32",
+    "KvPtr": "i32", "KvIdx": "i32", "Partial": "i32", "MaskParams": "i32", "QTok": "i32", "KTok": "i32",
+    "Count": "i32",
 }
 
 
@@ -131,14 +158,25 @@ def _example_args(job: Job, cfg, head_dim: int) -> dict[str, object]:
     for ax, s in zip(("b", "h", "m"), (heads * seq, seq, 1)):
         vals[f"stride_s{ax}"] = s  # row_scale
         vals[f"stride_l{ax}"] = s  # lse
-    sched = job.variant == "csr"
+    local = job.variant.startswith("local")
+    sched = local or job.variant == "csr"
     vals.update(stride_sched_ptr=(seq // 64 + 1) if sched else 0, stride_sched_idx=4096 if sched else 0,
-                sched_head_stride=1 if sched else 0)
+                sched_head_stride=0 if local else (1 if sched else 0), count_stride=0, count_plane=0)
     fwd = flash.config_for("fwd", job.arch, flash.DTYPES[job.dtype], job.block_d)
-    sbm, sbn = (fwd.block_m, fwd.block_n) if sched else (cfg.block_m, cfg.block_n)
+    if local:  # the plan's tiles (ditkernels.backends.triton.local_block_sizes), walked in config sub-tiles
+        from ditkernels.backends import triton as triton_backend
+
+        sbm, sbn = triton_backend.local_block_sizes(head_dim, flash.DTYPES[job.dtype])
+        if job.variant.startswith("local_n"):
+            sbn = int(job.variant[len("local_n"):])
+    elif sched:
+        sbm, sbn = fwd.block_m, fwd.block_n
+    else:
+        sbm, sbn = cfg.block_m, cfg.block_n
     vals.update(BLOCK_M=min(cfg.block_m, sbm), BLOCK_N=min(cfg.block_n, sbn) if cfg.block_n else 0,
                 BLOCK_D=job.block_d, BLOCK_DK=flash.chunk_d(cfg, job.block_d), SCHED_BM=sbm, SCHED_BN=sbn,
-                SCHEDULE=flash.SCHEDULE_CSR if sched else flash.SCHEDULE_DENSE, MASK=flash.MASK_NONE,
+                SCHEDULE=flash.SCHEDULE_TILED if local else (flash.SCHEDULE_CSR if sched else flash.SCHEDULE_DENSE),
+                MASK=flash.MASK_LOCAL if local else flash.MASK_NONE, COUNT=False,
                 EPILOGUE=flash.EPILOGUE_SCALE_RESIDUAL if job.variant == "epilogue" else flash.EPILOGUE_NONE,
                 EVEN_D=head_dim == job.block_d, OUT_DK=job.part in ("", "dk"), OUT_DV=job.part in ("", "dv"),
                 DOT_PREC=flash._dot_prec(flash.DTYPES[job.dtype]))
@@ -155,7 +193,7 @@ def _source(job: Job):
 
     fn = {"fwd": flash._flash_fwd_kernel, "bwd_preprocess": flash._flash_bwd_preprocess_kernel,
           "bwd_dkdv": flash._flash_bwd_dkdv_kernel, "bwd_dq": flash._flash_bwd_dq_kernel}[job.kernel]
-    cfg = flash.config_for(job.kernel, job.arch, flash.DTYPES[job.dtype], job.block_d)
+    cfg = flash.config_for(job.kernel, job.arch, flash.DTYPES[job.dtype], job.block_d, _config_variant(job))
     head_dim = job.block_d if job.variant != "odd_d" else job.block_d * 5 // 8
     vals = _example_args(job, cfg, head_dim)
     backend = make_backend(GPUTarget("cuda", job.arch, 32))
@@ -195,6 +233,8 @@ def compile_job(job: Job) -> Row:
     import triton
     from triton.backends.compiler import GPUTarget
 
+    from ditkernels.triton_kernels import flash
+
     row = Row(job.arch, job.kernel + (f"[{job.part}]" if job.part else ""), job.variant, job.dtype, job.block_d, 0, 0, 0, 0)
     try:
         src, cfg, vals = _source(job)
@@ -202,7 +242,7 @@ def compile_job(job: Job) -> Row:
         row.num_warps, row.num_stages = cfg.num_warps, cfg.num_stages
         t0 = time.perf_counter()
         k = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
-                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                           options=flash.launch_options(cfg))
         row.compile_s = time.perf_counter() - t0
         tool = _cuobjdump()
         with tempfile.TemporaryDirectory() as tmp:
@@ -423,8 +463,13 @@ def _table(rows: list[dict], cols, head) -> str:
     return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(head))).rstrip() for c in cells)
 
 
-def run(archs: list[int], quick: bool, workers: int) -> tuple[list[Row], float]:
+def run(archs: list[int], quick: bool, workers: int, variants: list[str] | None = None,
+        dtypes: list[str] | None = None) -> tuple[list[Row], float]:
     jobs = jobs_for(archs, quick) + scan_jobs_for(archs, quick)
+    if variants:  # a subset while developing: attention jobs of these variants only
+        jobs = [j for j in jobs if isinstance(j, Job) and j.variant.split("_n")[0] in variants]
+    if dtypes:
+        jobs = [j for j in jobs if j.dtype in dtypes]
     t0 = time.perf_counter()
     # Fresh interpreters with TRITON_INTERPRET=0: a parent running under the interpreter (tests)
     # must not hand its interpreted kernels to the compiler.
@@ -447,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="80,90", help="comma-separated SM archs (80, 90); default 80,90")
     parser.add_argument("--quick", action="store_true", help="a representative subset of the configs")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--variant", help="comma-separated attention variants only (dense, csr, local, epilogue, "
+                        "odd_d): a subset while developing")
+    parser.add_argument("--dtype", help="comma-separated dtypes only (fp16, bf16, fp32)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
     args = parser.parse_args(argv)
     try:
@@ -460,9 +508,14 @@ def main(argv: list[str] | None = None) -> int:
         print("compile-report: triton is not installed: pip install triton", file=sys.stderr)
         return 1
 
-    rows, elapsed = run(archs, args.quick, max(1, args.jobs))
+    variants = [v.strip() for v in args.variant.split(",")] if args.variant else None
+    dtypes = [v.strip() for v in args.dtype.split(",")] if args.dtype else None
+    rows, elapsed = run(archs, args.quick, max(1, args.jobs), variants, dtypes)
     dict_rows = [asdict(r) for r in rows]
-    print(f"Triton kernels ({'quick subset' if args.quick else 'every shipped config'}), "
+    subset = "quick subset" if args.quick else "every shipped config"
+    if variants or dtypes:
+        subset += f" (only variants {variants or 'all'}, dtypes {dtypes or 'all'})"
+    print(f"Triton kernels ({subset}), "
           f"archs {', '.join(f'sm_{a}' for a in archs)}:")
     print(_table(dict_rows, _COLS, _HEAD))
     cuda_rows, note = cuda_extension_rows()

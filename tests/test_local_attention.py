@@ -1,7 +1,8 @@
 """ditkernels.local_attention (SPEC §1) and its plan: numerics against the float64 reference on the
-reference and cpu backends (VERIFY.md §4), float64 gradcheck, the block schedule (efficiency bars,
-element visibility, the tiles the kernel visits), parity with FlexAttention (CLEAR's mask_mod) and
-NATTEN, errors and torch.compile."""
+reference, cpu and triton backends (VERIFY.md §4; triton under TRITON_INTERPRET=1 on CPU tensors,
+see conftest.py), float64 gradcheck, the block schedule (efficiency bars, element visibility, the
+tiles the kernels visit), parity with FlexAttention (CLEAR's mask_mod) and NATTEN, errors and
+torch.compile."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ditkernels.reference.local import LocalSpec, local_visible
 
 from numerics import assert_matches, attention_lowp, rel_err
 
-BACKENDS = ("reference", "cpu")
+BACKENDS = ("reference", "cpu", "triton")
 
 # id -> (options of local_attention with grid/window, number of extra keys, head_dim)
 CASES = {
@@ -93,6 +94,8 @@ NAMES = ("out", "lse", "dq", "dk", "dv", "dk_extra", "dv_extra")
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_fp32_matches_float64(backend, case):
+    """float32 inputs vs the float64 reference: ~1e-6 relative (<= 1e-5) on every backend, triton
+    included (its fp32 products are IEEE fp32, not TF32)."""
     opts, m, d = CASES[case]
     spec = _spec(opts, m)
     q, k, v, ke, ve, do = _inputs(spec, d, torch.float32, seed=len(case), strided=case.startswith("2d-7x13-c"))
@@ -139,12 +142,13 @@ def test_cpu_float64_gradcheck():
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-def test_backends_agree_on_a_larger_grid():
-    """cpu vs reference on a 24x24 grid (several 2-D tiles in each direction) with text tokens."""
+@pytest.mark.parametrize("name", ["cpu", "triton"])
+def test_backends_agree_on_a_larger_grid(name):
+    """cpu / triton vs reference on a 24x24 grid (several 2-D tiles in each direction) with text tokens."""
     opts = dict(grid=(24, 24), window=6, num_prefix=7)
     spec = _spec(opts, 0)
     q, k, v, _, _, do = _inputs(spec, 32, torch.float32, seed=5, b=1, h=2)
-    a = _run(q, k, v, None, None, do, opts, "cpu")
+    a = _run(q, k, v, None, None, do, opts, name)
     ref = _truth(q.double(), k.double(), v.double(), None, None, do.double(), spec, 32 ** -0.5)
     for name, x, r in zip(NAMES, a, ref):
         if name != "lse":
@@ -240,6 +244,85 @@ def test_cpu_kernel_visits_exactly_the_plan(opts, m):
     # the kernel trims partial visits: it computes every visible pair once, within the plan's tiles
     assert plan.useful_pairs * 6 <= cpu.last_fwd_pairs() <= plan.slot_pairs * 6
     assert (plan.block_m, plan.block_n) == cpu.local_block_sizes(16, torch.float32)
+
+
+# (options, extra keys, block, q_tile, kv_tile): 3-D tiles, 1-D tiles, tails, square / tile / circle
+COUNT_CASES = {
+    "2d-13x20-circle-r4-P7": (dict(grid=(13, 20), window=4, num_prefix=7), 0, (64, 64), None, None),
+    "3d-5x6x7-circle-r(1,2,3)-S2-M3": (dict(grid=(5, 6, 7), window=(1, 2, 3), num_suffix=2), 3, (64, 32),
+                                       (2, 4, 8), (1, 4, 8)),
+    "1d-200-square-shift-r9-P3": (dict(grid=(200,), window=9, shape="square", border="shift", num_prefix=3), 0,
+                                  (32, 64), None, None),
+    "2d-16x20-tile(4,5)-r1-M5": (dict(grid=(16, 20), window=1, shape="tile", tile=(4, 5)), 5, (16, 32),
+                                 (4, 4), (4, 8)),
+}
+
+
+@pytest.mark.parametrize("case", list(COUNT_CASES))
+def test_triton_kernels_visit_exactly_the_plan(case):
+    """Counters incremented inside the kernels (COUNT=1, one atomic per visit): forward, dK/dV (over
+    the transposed CSR) and dQ each visit exactly the plan's (query tile, KV tile) pairs, once per
+    batch*head, with the plan's partial flags; and their results match the reference on that plan."""
+    from ditkernels.reference.attention import attention_ref_backward
+    from ditkernels.triton_kernels import flash
+
+    opts, m, block, qt, kt = COUNT_CASES[case]
+    o = dict(opts)
+    plan = ditkernels.local_attention_plan(o.pop("grid"), o.pop("window"), num_extra=m, block=block, q_tile=qt,
+                                           kv_tile=kt, **o)
+    b, h, d = 1, 2, 16
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(b, h, plan.seq_q, d, generator=g)
+    k, v = (torch.randn(b, h, plan.seq_k, d, generator=g) for _ in range(2))
+    do = torch.randn_like(q)
+    counts = {name: torch.zeros(2, plan.num_q_tiles, plan.num_kv_tiles, dtype=torch.int32)
+              for name in ("fwd", "bwd_dkdv", "bwd_dq")}
+    out, lse = flash.flash_fwd(q, k, v, scale=0.25, schedule=plan, mask=plan.mask, visit_counts=counts)
+    grads = flash.flash_bwd(do, q, k, v, out, lse, scale=0.25, schedule=plan, mask=plan.mask, visit_counts=counts)
+    visited, partial = plan.tile_mask()
+    for name, c in counts.items():
+        assert torch.equal(c[0], visited[0].to(torch.int32) * b * h), f"{name}: visited tiles differ from the plan"
+        assert torch.equal(c[1], partial[0].to(torch.int32) * b * h), f"{name}: partial flags differ from the plan"
+        assert int(c[0].sum()) == plan.visited_tiles * b * h and int(c[1].sum()) == plan.partial_tiles * b * h
+    vis = local_visible(plan.spec)
+    ref, _ = attention_ref(q.double(), k.double(), v.double(), 0.25, vis)
+    ref_grads = attention_ref_backward(do.double(), q.double(), k.double(), v.double(), 0.25, vis)
+    assert rel_err(out, ref) <= 1e-5
+    for name, a, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert rel_err(a, r) <= 1e-5, name
+
+
+def test_triton_plan_and_dispatch():
+    """The triton backward runs the default GPU plan (64 x 64 tokens); CUDA tensors dispatch to the
+    triton backend by default, CPU tensors only when asked for (here under TRITON_INTERPRET=1)."""
+    from ditkernels.backends import triton as tb
+    from ditkernels.ops import local
+
+    plan = kernel_plan(LocalSpec.make((16, 16), 3), tb, 64, torch.float16, backward=True)
+    assert (plan.block_m, plan.block_n) == (64, 64)
+    assert backends.resolve("local_attention", local.SUPPORTED, torch.device("cuda"), torch.float16).NAME == "triton"
+    assert backends.resolve("local_attention", local.SUPPORTED, torch.device("cpu"), torch.float32).NAME == "cpu"
+    assert backends.resolve("local_attention", local.SUPPORTED, torch.device("cpu"), torch.float32,
+                            "triton").NAME == "triton"
+    q = torch.randn(1, 1, 20, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="float64"):
+        ditkernels.local_attention(q, q, q, (4, 5), 2, backend="triton")
+
+
+def test_triton_forward_plan_shrinks_kv_tiles_for_small_windows():
+    """A video window of radii (1, 4, 4) is small next to 64-key tiles: the triton forward runs 16-key
+    tiles (computed/useful 9.8 -> 5.3); its backward keeps 64-key tiles (a dK/dV program owns one)."""
+    from ditkernels.backends import triton as tb
+
+    spec = LocalSpec.make((16, 64, 64), (1, 4, 4))
+    fwd = kernel_plan(spec, tb, 64, torch.float16)
+    bwd = kernel_plan(spec, tb, 64, torch.float16, backward=True)
+    assert (fwd.block_m, fwd.block_n) == (64, 16) and (bwd.block_m, bwd.block_n) == (64, 64)
+    assert fwd.computed_pairs / fwd.useful_pairs < 5.3 and bwd.computed_pairs / bwd.useful_pairs > 9.8
+    public = ditkernels.local_attention_plan((16, 64, 64), (1, 4, 4), backend="triton", dtype=torch.float16)
+    assert public is fwd
+    # a window wide next to the tiles keeps them
+    assert kernel_plan(LocalSpec.make((64, 64), 8), tb, 64, torch.float16).block_n == 64
 
 
 @pytest.mark.parametrize("block", [(128, 32), (32, 128), (64, 64)], ids=lambda b: f"bm{b[0]}-bn{b[1]}")

@@ -3,7 +3,8 @@
 One kernel family serves every attention op of ditkernels. Three compile-time plug-ins select
 what a launch computes, so no op copies the kernel:
 
-- ``SCHEDULE``: 0 dense (every KV tile), 1 CSR (the tiles of a :class:`ditkernels.schedule.BlockSchedule`);
+- ``SCHEDULE``: 0 dense (every KV tile), 1 CSR (the tiles of a :class:`ditkernels.schedule.BlockSchedule`),
+  2 CSR over token tables (a :class:`ditkernels.schedule.TiledSchedule`: 2-D/3-D tiles of a grid);
 - ``MASK``: the element-mask id evaluated on *partial* CSR visits only (:func:`_element_mask`);
 - ``EPILOGUE``: 0 none, 1 ``out = row_scale * out + residual`` before the store (forward only).
 
@@ -21,8 +22,15 @@ deterministic. The launchers honour a schedule's ``block_m``/``block_n``; a kern
 is smaller walks each schedule tile in sub-tiles (``SCHED_BM // BLOCK_M`` per tile), which keeps the
 backward kernels within their register budget for any forward tile size.
 
-Token indices of a tile come from :func:`_q_tokens` / :func:`_kv_tokens` (1-D contiguous tiles now);
-a 2-D/3-D tiling of images or videos replaces these two helpers.
+Token indices of a tile come from :func:`_q_tokens` / :func:`_kv_tokens`: contiguous ranges, or with
+``SCHEDULE=2`` the rows of the schedule's ``q_tokens`` / ``kv_tokens`` tables (int32, padded with the
+sequence length, so every load and store is masked by ``token < seq``). A kernel sub-tile ``c`` of
+schedule tile ``t`` is entry ``t * (SCHED_BM // BLOCK_M) + c`` of the table read as rows of BLOCK_M,
+the same index arithmetic as contiguous tiles.
+
+``COUNT`` (tests only): each visit of the CSR adds 1 to ``Count[q_tile, kv_tile]`` and its ``partial``
+flag to ``Count[plane + ...]`` (atomics, one program per schedule tile and batch*head), so a test can
+check that a kernel visits exactly the schedule's tiles.
 
 ``BLOCK_DK`` (``Config.block_dk``; fp32 configs only) is the head-dim chunk of the products that
 contract over the head dim (S = Q K^T, dP = dO V^T, and K Q^T, V dO^T in the dK/dV kernel): with
@@ -49,6 +57,8 @@ EPILOGUE_NONE = 0
 EPILOGUE_SCALE_RESIDUAL = 1
 SCHEDULE_DENSE = 0
 SCHEDULE_CSR = 1
+SCHEDULE_TILED = 2
+MASK_LOCAL = 1
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -62,15 +72,92 @@ KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _q_tokens(tile, BLOCK_M: tl.constexpr):
-    """Query token indices of query tile ``tile`` (tiles of BLOCK_M rows; 1-D contiguous)."""
-    return tile * BLOCK_M + tl.arange(0, BLOCK_M)
+def _q_tokens(tile, q_tok, BLOCK_M: tl.constexpr, SCHEDULE: tl.constexpr):
+    """Query token indices of query tile ``tile`` (tiles of BLOCK_M rows): contiguous, or with
+    SCHEDULE=2 row ``tile`` of the token table ``q_tok`` read as rows of BLOCK_M."""
+    offs = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    if SCHEDULE == 2:
+        offs = tl.load(q_tok + offs)
+    return offs
 
 
 @triton.jit
-def _kv_tokens(tile, BLOCK_N: tl.constexpr):
-    """Key token indices of KV tile ``tile`` (tiles of BLOCK_N keys; 1-D contiguous)."""
-    return tile * BLOCK_N + tl.arange(0, BLOCK_N)
+def _kv_tokens(tile, kv_tok, BLOCK_N: tl.constexpr, SCHEDULE: tl.constexpr):
+    """Key token indices of KV tile ``tile`` (tiles of BLOCK_N keys); see :func:`_q_tokens`."""
+    offs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SCHEDULE == 2:
+        offs = tl.load(kv_tok + offs)
+    return offs
+
+
+@triton.jit
+def _local_range(p, n, r, t, shape, border):
+    """[lo, hi] of the key coordinates visible from query coordinate ``p`` along one grid dimension
+    of size ``n``, radius ``r``, STA tile ``t`` (the bounding box of a circle: ``|d| < r``).
+    Radii are clamped to the dimension so nothing overflows int32."""
+    rr = tl.minimum(r, n)
+    lo = p - rr  # square, clip
+    hi = p + rr
+    lo = tl.where(shape == 0, p - rr + 1, lo)  # circle box; r = 0: empty
+    hi = tl.where(shape == 0, p + rr - 1, hi)
+    tp = p // t
+    lo = tl.where(shape == 2, (tp - rr) * t, lo)  # tile: |tile(p) - tile(q)| <= r
+    hi = tl.where(shape == 2, (tp + rr + 1) * t - 1, hi)
+    k = 2 * rr + 1  # square, shift (NATTEN): [s, s + k) with s = clamp(p - r, 0, n - k); whole dim if n < k
+    s = tl.minimum(tl.maximum(p - rr, 0), n - k)
+    shift = (shape == 1) & (border == 1)
+    lo = tl.where(shift, tl.where(n >= k, s, 0), lo)
+    hi = tl.where(shift, tl.where(n >= k, s + k - 1, n - 1), hi)
+    return lo, hi
+
+
+@triton.jit
+def _local_mask(offs_m, offs_n, params):
+    """SPEC §1 visibility of (query, key) token pairs from ``LocalSpec.mask_params()``
+    ``[ndim, P, S, M, shape, border, n0, n1, n2, r0, r1, r2, t0, t1, t2]`` (the rule of
+    ``csrc/cpu/local_mask.h`` and ``reference/local.py``): global queries see every non-extra key;
+    grid queries see global and extra keys and the grid keys of their window (circle: the box test
+    per dimension, then ``sum_a d_a^2 prod_{b!=a} r_b^2 < prod r^2`` in int64)."""
+    P = tl.load(params + 1)
+    S = tl.load(params + 2)
+    shape = tl.load(params + 4)
+    border = tl.load(params + 5)
+    n0 = tl.load(params + 6)
+    n1 = tl.load(params + 7)
+    n2 = tl.load(params + 8)
+    r0 = tl.load(params + 9)
+    r1 = tl.load(params + 10)
+    r2 = tl.load(params + 11)
+    N = n0 * n1 * n2
+    seq = P + N + S
+    # Row-major grid coordinates (garbage for non-grid tokens, which the class test discards).
+    gq = offs_m - P
+    gk = offs_n - P
+    qx = gq % n2
+    qy = (gq // n2) % n1
+    qt = gq // (n1 * n2)
+    kx = gk % n2
+    ky = (gk // n2) % n1
+    kt = gk // (n1 * n2)
+    lo, hi = _local_range(qt, n0, r0, tl.load(params + 12), shape, border)
+    win = (kt >= lo) & (kt <= hi)
+    lo, hi = _local_range(qy, n1, r1, tl.load(params + 13), shape, border)
+    win = win & (ky >= lo) & (ky <= hi)
+    lo, hi = _local_range(qx, n2, r2, tl.load(params + 14), shape, border)
+    win = win & (kx >= lo) & (kx <= hi)
+    if shape == 0:
+        # |d_a| < r_a already holds where win is set; clamping keeps every term below prod r^2 < 2^60.
+        a0 = r0.to(tl.int64) * r0
+        a1 = r1.to(tl.int64) * r1
+        a2 = r2.to(tl.int64) * r2
+        dt = tl.minimum(tl.abs(qt - kt), r0).to(tl.int64)
+        dy = tl.minimum(tl.abs(qy - ky), r1).to(tl.int64)
+        dx = tl.minimum(tl.abs(qx - kx), r2).to(tl.int64)
+        acc = dt * dt * (a1 * a2) + dy * dy * (a0 * a2) + dx * dx * (a0 * a1)
+        win = win & (acc < a0 * a1 * a2)
+    q_grid = (offs_m >= P) & (offs_m < P + N)
+    k_grid = (offs_n >= P) & (offs_n < P + N)
+    return tl.where(q_grid, tl.where(k_grid, win, True), offs_n < seq)
 
 
 @triton.jit
@@ -82,8 +169,10 @@ def _element_mask(offs_m, offs_n, mask_params_ptr, MASK: tl.constexpr):
     mask_params_ptr: int32 parameters of the rule (``ElementMask.params``).
     New mask kinds add a ``MASK == id`` branch here; kernels only call this on partial visits.
     """
-    # MASK_NONE: every pair is visible.
-    return (offs_m >= 0) & (offs_n >= 0)
+    vis = (offs_m >= 0) & (offs_n >= 0)  # MASK_NONE: every pair is visible
+    if MASK == 1:
+        vis = _local_mask(offs_m, offs_n, mask_params_ptr)
+    return vis
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,12 +236,12 @@ def _dot_head_dim(a_base, offs_a, stride_ar, stride_ad, n_a, b_base, offs_b, str
 
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, q_base, k_base, v_base, offs_m, offs_d, j, part, seq_q, seq_k, head_dim,
-              stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, mask_params,
+              stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, mask_params, k_tok,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
-              MASK: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+              MASK: tl.constexpr, SCHEDULE: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """One KV tile ``j`` (of BLOCK_N keys) of the online softmax; returns (acc, m_i, l_i).
     With BLOCK_DK < BLOCK_D, ``q`` is unused: S is contracted in head-dim chunks read from q_base."""
-    offs_n = _kv_tokens(j, BLOCK_N)
+    offs_n = _kv_tokens(j, k_tok, BLOCK_N, SCHEDULE)
     if BLOCK_DK < BLOCK_D:
         s = _dot_head_dim(q_base, offs_m, stride_qm, stride_qd, seq_q, k_base, offs_n, stride_kn, stride_kd, seq_k,
                           head_dim, BLOCK_M, BLOCK_N, True, CHECK_N, BLOCK_D, BLOCK_DK, EVEN_D, DOT_PREC)
@@ -162,7 +251,9 @@ def _fwd_tile(acc, m_i, l_i, q, q_base, k_base, v_base, offs_m, offs_d, j, part,
         v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, CHECK_N, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     s = s * qk_scale  # log2 domain
-    if CHECK_N:
+    if SCHEDULE == 2:
+        s = tl.where(offs_n[None, :] < seq_k, s, float("-inf"))  # token tables: padded slots anywhere
+    elif CHECK_N:
         if (j + 1) * BLOCK_N > seq_k:
             s = tl.where(offs_n[None, :] < seq_k, s, float("-inf"))
     if MASK != 0:
@@ -188,14 +279,14 @@ def _flash_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H, seq_q, seq_k, head_dim, qk_scale,
     KvPtr, KvIdx, Partial, stride_sched_ptr, stride_sched_idx, sched_head_stride,
-    MaskParams,
+    MaskParams, QTok, KTok, Count, count_stride, count_plane,
     RowScale, Residual,
     stride_sb, stride_sh, stride_sm,
     stride_rb, stride_rh, stride_rm, stride_rd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
     SCHED_BM: tl.constexpr, SCHED_BN: tl.constexpr,
     SCHEDULE: tl.constexpr, MASK: tl.constexpr, EPILOGUE: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, COUNT: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -205,7 +296,7 @@ def _flash_fwd_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
-    offs_m = _q_tokens(pid_m, BLOCK_M)
+    offs_m = _q_tokens(pid_m, QTok, BLOCK_M, SCHEDULE)
     offs_d = tl.arange(0, BLOCK_D)
     if BLOCK_DK < BLOCK_D:
         q = 0.0  # chunked head dim: each KV tile re-reads Q chunks (L1/L2) instead of keeping Q in registers
@@ -221,12 +312,12 @@ def _flash_fwd_kernel(
         for j in range(0, n_full):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, q_base, k_base, v_base, offs_m, offs_d, j, 0, seq_q, seq_k,
                                       head_dim, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
-                                      qk_scale, MaskParams, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, False,
+                                      qk_scale, MaskParams, KTok, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, SCHEDULE, False,
                                       EVEN_D, DOT_PREC)
         if n_full * BLOCK_N < seq_k:
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, q_base, k_base, v_base, offs_m, offs_d, n_full, 0, seq_q, seq_k,
                                       head_dim, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
-                                      qk_scale, MaskParams, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, True,
+                                      qk_scale, MaskParams, KTok, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, SCHEDULE, True,
                                       EVEN_D, DOT_PREC)
     else:
         srow = pid_bh * sched_head_stride
@@ -239,17 +330,21 @@ def _flash_fwd_kernel(
         for e in range(start, end):
             tile = tl.load(idx_base + e)
             part = tl.load(part_base + e)
+            if COUNT:
+                if pid_m % (SCHED_BM // BLOCK_M) == 0:
+                    tl.atomic_add(Count + st * count_stride + tile, 1)
+                    tl.atomic_add(Count + count_plane + st * count_stride + tile, part)
             if SCHED_BN == BLOCK_N:
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, q_base, k_base, v_base, offs_m, offs_d, tile, part, seq_q,
                                           seq_k, head_dim, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn,
-                                          stride_vd, qk_scale, MaskParams, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK,
-                                          MASK, True, EVEN_D, DOT_PREC)
+                                          stride_vd, qk_scale, MaskParams, KTok, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK,
+                                          MASK, SCHEDULE, True, EVEN_D, DOT_PREC)
             else:
                 for c in range(0, SCHED_BN // BLOCK_N):
                     acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, q_base, k_base, v_base, offs_m, offs_d,
                                               tile * (SCHED_BN // BLOCK_N) + c, part, seq_q, seq_k, head_dim,
                                               stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
-                                              qk_scale, MaskParams, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK,
+                                              qk_scale, MaskParams, KTok, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, SCHEDULE,
                                               True, EVEN_D, DOT_PREC)
 
     # Rows with no visible key have l_i == 0: out = 0, lse = -inf.
@@ -302,14 +397,14 @@ def _flash_bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, k_base, v_base, q_base, do_base, lse2_base, delta_base, offs_n, offs_d, i, part,
                seq_q, seq_k, head_dim, stride_kn, stride_kd, stride_vn, stride_vd,
-               stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, mask_params,
+               stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, mask_params, q_tok,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
-               MASK: tl.constexpr, CHECK_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+               MASK: tl.constexpr, SCHEDULE: tl.constexpr, CHECK_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
                OUT_DK: tl.constexpr, OUT_DV: tl.constexpr):
     """Contribution of query tile ``i`` (BLOCK_M rows) to this program's dK, dV (transposed math).
     With BLOCK_DK < BLOCK_D, ``k``/``v`` are unused: s_t and dp_t are contracted in head-dim chunks
     read from k_base/q_base and v_base/do_base, and only the full tiles a product needs are loaded."""
-    offs_m = _q_tokens(i, BLOCK_M)
+    offs_m = _q_tokens(i, q_tok, BLOCK_M, SCHEDULE)
     if BLOCK_DK == BLOCK_D:
         q = _load_rows(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, CHECK_M, EVEN_D)
         do = _load_rows(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, CHECK_M, EVEN_D)
@@ -356,11 +451,11 @@ def _flash_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, seq_q, seq_k, head_dim, qk_scale, sm_scale,
     KvPtr, KvIdx, Partial, stride_sched_ptr, stride_sched_idx, sched_head_stride,
-    MaskParams,
+    MaskParams, QTok, KTok, Count, count_stride, count_plane,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
     SCHED_BM: tl.constexpr, SCHED_BN: tl.constexpr,
     SCHEDULE: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    OUT_DK: tl.constexpr, OUT_DV: tl.constexpr,
+    OUT_DK: tl.constexpr, OUT_DV: tl.constexpr, COUNT: tl.constexpr = False,
 ):
     """Grid (cdiv(seq_k, BLOCK_N), batch*heads). With SCHEDULE=1 the CSR is the *transposed*
     schedule (KV tiles of SCHED_BN keys -> query tiles of SCHED_BM rows). OUT_DK / OUT_DV select
@@ -375,7 +470,7 @@ def _flash_bwd_dkdv_kernel(
     lse2_base = Lse2 + pid_bh.to(tl.int64) * seq_q
     delta_base = Delta + pid_bh.to(tl.int64) * seq_q
 
-    offs_n = _kv_tokens(pid_n, BLOCK_N)
+    offs_n = _kv_tokens(pid_n, KTok, BLOCK_N, SCHEDULE)
     offs_d = tl.arange(0, BLOCK_D)
     # Chunked head dim (BLOCK_DK < BLOCK_D): K / V chunks are re-read per query tile (L1/L2) instead.
     k_base = K + b * stride_kb + h * stride_kh
@@ -396,13 +491,13 @@ def _flash_bwd_dkdv_kernel(
         for i in range(0, m_full):
             dk, dv = _dkdv_tile(dk, dv, k, v, k_base, v_base, q_base, do_base, lse2_base, delta_base, offs_n, offs_d,
                                 i, 0, seq_q, seq_k, head_dim, stride_kn, stride_kd, stride_vn, stride_vd,
-                                stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, MaskParams,
-                                BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, False, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
+                                stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, MaskParams, QTok,
+                                BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, SCHEDULE, False, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
         if m_full * BLOCK_M < seq_q:
             dk, dv = _dkdv_tile(dk, dv, k, v, k_base, v_base, q_base, do_base, lse2_base, delta_base, offs_n, offs_d,
                                 m_full, 0, seq_q, seq_k, head_dim, stride_kn, stride_kd, stride_vn, stride_vd,
-                                stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, MaskParams,
-                                BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, True, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
+                                stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, MaskParams, QTok,
+                                BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, SCHEDULE, True, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
     else:
         srow = pid_bh * sched_head_stride
         ptr_base = KvPtr + srow * stride_sched_ptr
@@ -414,19 +509,23 @@ def _flash_bwd_dkdv_kernel(
         for e in range(start, end):
             tile = tl.load(idx_base + e)
             part = tl.load(part_base + e)
+            if COUNT and OUT_DK:  # transposed CSR: st is the KV tile; a split dV launch does not count again
+                if pid_n % (SCHED_BN // BLOCK_N) == 0:
+                    tl.atomic_add(Count + tile * count_stride + st, 1)
+                    tl.atomic_add(Count + count_plane + tile * count_stride + st, part)
             if SCHED_BM == BLOCK_M:
                 dk, dv = _dkdv_tile(dk, dv, k, v, k_base, v_base, q_base, do_base, lse2_base, delta_base, offs_n,
                                     offs_d, tile, part, seq_q, seq_k, head_dim, stride_kn, stride_kd, stride_vn,
-                                    stride_vd, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, MaskParams,
-                                    BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, True, EVEN_D, DOT_PREC,
+                                    stride_vd, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, MaskParams, QTok,
+                                    BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, SCHEDULE, True, EVEN_D, DOT_PREC,
                                     OUT_DK, OUT_DV)
             else:
                 for c in range(0, SCHED_BM // BLOCK_M):
                     dk, dv = _dkdv_tile(dk, dv, k, v, k_base, v_base, q_base, do_base, lse2_base, delta_base, offs_n,
                                         offs_d, tile * (SCHED_BM // BLOCK_M) + c, part, seq_q, seq_k, head_dim,
                                         stride_kn, stride_kd, stride_vn, stride_vd, stride_qm, stride_qd,
-                                        stride_dom, stride_dod, qk_scale, MaskParams, BLOCK_M, BLOCK_N, BLOCK_D,
-                                        BLOCK_DK, MASK, True, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
+                                        stride_dom, stride_dod, qk_scale, MaskParams, QTok, BLOCK_M, BLOCK_N, BLOCK_D,
+                                        BLOCK_DK, MASK, SCHEDULE, True, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
 
     if OUT_DK:
         dk = dk * sm_scale
@@ -440,12 +539,12 @@ def _flash_bwd_dkdv_kernel(
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, q_base, do_base, k_base, v_base, offs_m, offs_d, j, part, seq_q, seq_k, head_dim,
              stride_qm, stride_qd, stride_dom, stride_dod, stride_kn, stride_kd, stride_vn, stride_vd,
-             qk_scale, mask_params, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_DK: tl.constexpr, MASK: tl.constexpr, CHECK_N: tl.constexpr,
+             qk_scale, mask_params, k_tok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_DK: tl.constexpr, MASK: tl.constexpr, SCHEDULE: tl.constexpr, CHECK_N: tl.constexpr,
              EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """Contribution of KV tile ``j`` (BLOCK_N keys) to this program's dQ.
     With BLOCK_DK < BLOCK_D, ``q``/``do`` are unused: S and dP are contracted in head-dim chunks."""
-    offs_n = _kv_tokens(j, BLOCK_N)
+    offs_n = _kv_tokens(j, k_tok, BLOCK_N, SCHEDULE)
     if BLOCK_DK < BLOCK_D:
         s = _dot_head_dim(q_base, offs_m, stride_qm, stride_qd, seq_q, k_base, offs_n, stride_kn, stride_kd, seq_k,
                           head_dim, BLOCK_M, BLOCK_N, True, CHECK_N, BLOCK_D, BLOCK_DK, EVEN_D, DOT_PREC)
@@ -458,8 +557,10 @@ def _dq_tile(dq, q, do, lse2, delta, q_base, do_base, k_base, v_base, offs_m, of
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     s = s * qk_scale
     p = tl.math.exp2(s - lse2[:, None])
-    if CHECK_N:
-        # Keys past seq_k load as 0 but exp2(0 - lse2) need not be small: drop them explicitly.
+    # Keys past seq_k load as 0 but exp2(0 - lse2) need not be small: drop them explicitly.
+    if SCHEDULE == 2:
+        p = tl.where(offs_n[None, :] < seq_k, p, 0.0)
+    elif CHECK_N:
         if (j + 1) * BLOCK_N > seq_k:
             p = tl.where(offs_n[None, :] < seq_k, p, 0.0)
     if MASK != 0:
@@ -482,10 +583,11 @@ def _flash_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, seq_q, seq_k, head_dim, qk_scale, sm_scale,
     KvPtr, KvIdx, Partial, stride_sched_ptr, stride_sched_idx, sched_head_stride,
-    MaskParams,
+    MaskParams, QTok, KTok, Count, count_stride, count_plane,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
     SCHED_BM: tl.constexpr, SCHED_BN: tl.constexpr,
     SCHEDULE: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    COUNT: tl.constexpr = False,
 ):
     """Grid (cdiv(seq_q, BLOCK_M), batch*heads), same schedule as the forward."""
     pid_m = tl.program_id(0)
@@ -495,7 +597,7 @@ def _flash_bwd_dq_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
-    offs_m = _q_tokens(pid_m, BLOCK_M)
+    offs_m = _q_tokens(pid_m, QTok, BLOCK_M, SCHEDULE)
     offs_d = tl.arange(0, BLOCK_D)
     # Chunked head dim (BLOCK_DK < BLOCK_D): Q / dO chunks are re-read per KV tile (L1/L2) instead.
     q_base = Q + b * stride_qb + h * stride_qh
@@ -518,13 +620,13 @@ def _flash_bwd_dq_kernel(
         for j in range(0, n_full):
             dq = _dq_tile(dq, q, do, lse2, delta, q_base, do_base, k_base, v_base, offs_m, offs_d,
                           j, 0, seq_q, seq_k, head_dim, stride_qm, stride_qd, stride_dom, stride_dod,
-                          stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
-                          BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, False, EVEN_D, DOT_PREC)
+                          stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams, KTok,
+                          BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, SCHEDULE, False, EVEN_D, DOT_PREC)
         if n_full * BLOCK_N < seq_k:
             dq = _dq_tile(dq, q, do, lse2, delta, q_base, do_base, k_base, v_base, offs_m, offs_d,
                           n_full, 0, seq_q, seq_k, head_dim, stride_qm, stride_qd, stride_dom, stride_dod,
-                          stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
-                          BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, True, EVEN_D, DOT_PREC)
+                          stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams, KTok,
+                          BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, SCHEDULE, True, EVEN_D, DOT_PREC)
     else:
         srow = pid_bh * sched_head_stride
         ptr_base = KvPtr + srow * stride_sched_ptr
@@ -536,18 +638,22 @@ def _flash_bwd_dq_kernel(
         for e in range(start, end):
             tile = tl.load(idx_base + e)
             part = tl.load(part_base + e)
+            if COUNT:
+                if pid_m % (SCHED_BM // BLOCK_M) == 0:
+                    tl.atomic_add(Count + st * count_stride + tile, 1)
+                    tl.atomic_add(Count + count_plane + st * count_stride + tile, part)
             if SCHED_BN == BLOCK_N:
                 dq = _dq_tile(dq, q, do, lse2, delta, q_base, do_base, k_base, v_base, offs_m, offs_d,
                               tile, part, seq_q, seq_k, head_dim, stride_qm, stride_qd, stride_dom, stride_dod,
-                              stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
-                              BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, True, EVEN_D, DOT_PREC)
+                              stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams, KTok,
+                              BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, SCHEDULE, True, EVEN_D, DOT_PREC)
             else:
                 for c in range(0, SCHED_BN // BLOCK_N):
                     dq = _dq_tile(dq, q, do, lse2, delta, q_base, do_base, k_base, v_base, offs_m, offs_d,
                                   tile * (SCHED_BN // BLOCK_N) + c, part, seq_q, seq_k, head_dim,
                                   stride_qm, stride_qd, stride_dom, stride_dod,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams,
-                                  BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, True, EVEN_D, DOT_PREC)
+                                  stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams, KTok,
+                                  BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, SCHEDULE, True, EVEN_D, DOT_PREC)
 
     dq = dq * sm_scale
     _store_rows(DQ + b * stride_dqb + h * stride_dqh, dq.to(DQ.dtype.element_ty), offs_m, offs_d,
@@ -572,6 +678,7 @@ class Config:
     # fwd / bwd_dkdv / bwd_dq: head-dim chunk of the products that contract over the head dim
     # (S = Q K^T, dP = dO V^T and their transposes); 0 = the whole BLOCK_D in one tl.dot.
     block_dk: int = 0
+    maxnreg: int = 0  # register cap given to ptxas (.maxnreg); 0: ptxas decides
 
 
 ARCHS = (80, 90)
@@ -640,6 +747,58 @@ _INTERPRET_CONFIGS = {
 }
 
 
+# Launch variants with their own configs where the dense one does not fit: "csr" (SCHEDULE=1) and
+# "local" (SCHEDULE=2 token tables + the MASK_LOCAL element mask, on local attention's 64-token tiles).
+VARIANTS = ("dense", "csr", "local")
+# (arch, variant, kernel, dtype class, block_d) -> Config replacing the dense one (compile-report checks them).
+_VARIANT_TABLE: dict[tuple[int, str, str, str, int], Config] = {}
+
+
+def _fill_variants() -> None:
+    t = _VARIANT_TABLE
+    for arch in ARCHS:
+        for (kernel, cls, d), cfg in _TABLE[arch].items():
+            if kernel == "bwd_preprocess":
+                continue
+            # Token tables and the mask: ptxas otherwise caps these loop-heavy kernels for occupancy on
+            # its own (64-128 registers) and keeps a few loop-invariant values on the stack; a register
+            # cap (.maxnreg, as the selective-scan kernels give) lets it allocate what they need.
+            t[arch, "local", kernel, cls, d] = replace(cfg, maxnreg=255)
+    for key, cfg in _VARIANT_OVERRIDES.items():
+        t[key] = cfg
+
+
+# Found with compile-report (0 spills, 0 stack, HGMMA on sm_90 fp16/bf16). local: the mask's integer
+# work needs 8 warps where a 4-warp fp16 tile had no register headroom. csr, fp32 dK/dV: the dense
+# configs' 16-row tiles under a schedule of the forward's (128-row) tiles kept 8-32 B of stack.
+_VARIANT_OVERRIDES: dict[tuple[int, str, str, str, int], Config] = {
+    (80, "local", "fwd", "f16", 64): Config(64, 64, 8, 1, maxnreg=255),
+    (80, "local", "fwd", "f16", 128): Config(64, 64, 8, 3, maxnreg=255),
+    (80, "local", "bwd_dkdv", "f16", 64): Config(32, 64, 8, 1, maxnreg=255),
+    (90, "local", "bwd_dkdv", "f16", 128): Config(32, 64, 8, 2, maxnreg=255),
+    (90, "local", "fwd", "f32", 64): Config(128, 16, 8, 1, block_dk=16, maxnreg=255),
+    (80, "csr", "bwd_dkdv", "f32", 64): Config(16, 64, 8, 1, split=True, block_dk=8),
+    (90, "csr", "bwd_dkdv", "f32", 64): Config(16, 64, 4, 2, split=True, block_dk=16),
+    (80, "csr", "bwd_dkdv", "f32", 128): Config(16, 128, 8, 1, split=True, block_dk=16),
+    (90, "csr", "bwd_dkdv", "f32", 128): Config(16, 128, 4, 2, split=True, block_dk=16),
+    (90, "csr", "bwd_dkdv", "f32", 256): Config(16, 64, 4, 2, split=True, block_dk=16),
+}
+_fill_variants()
+
+
+def variant_of(schedule_kind: int) -> str:
+    """The config variant of a launch with this ``SCHEDULE``."""
+    return VARIANTS[schedule_kind]
+
+
+def launch_options(cfg: Config) -> dict:
+    """Compile options of a launch of ``cfg`` (the ones compile-report compiles with)."""
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.maxnreg:
+        opts["maxnreg"] = cfg.maxnreg
+    return opts
+
+
 def block_d_for(head_dim: int) -> int:
     """Padded head dim: the power of two >= max(head_dim, 16)."""
     if not 1 <= head_dim <= 256:
@@ -655,11 +814,12 @@ def _dtype_class(dtype: torch.dtype) -> str:
     raise TypeError(f"dtype: the triton backend takes float16, bfloat16 or float32, got {dtype}")
 
 
-def config_for(kernel: str, arch: int | None, dtype: torch.dtype, block_d: int) -> Config:
-    """The shipped config of ``kernel`` for ``arch`` (None: the interpreter's)."""
+def config_for(kernel: str, arch: int | None, dtype: torch.dtype, block_d: int, variant: str = "dense") -> Config:
+    """The shipped config of ``kernel`` for ``arch`` (None: the interpreter's) and launch ``variant``."""
     if arch is None:
         return _INTERPRET_CONFIGS[kernel, _dtype_class(dtype)]
-    return _TABLE[arch][kernel, _dtype_class(dtype), block_d]
+    cls = _dtype_class(dtype)
+    return _VARIANT_TABLE.get((arch, variant, kernel, cls, block_d)) or _TABLE[arch][kernel, cls, block_d]
 
 
 def chunk_d(cfg: Config, block_d: int) -> int:
@@ -732,6 +892,54 @@ def _check_schedule(schedule, batch: int, heads: int, seq_q: int, seq_k: int, de
         t = getattr(schedule, name)
         if t.dtype != torch.int32 or t.device != device or not t.is_contiguous():
             raise ValueError(f"schedule.{name}: expected contiguous int32 on {device}, got {t.dtype} on {t.device}")
+    if _tiled(schedule):
+        for name, rows, cols in (("q_tokens", schedule.num_q_tiles, schedule.block_m),
+                                 ("kv_tokens", schedule.num_kv_tiles, schedule.block_n)):
+            t = getattr(schedule, name)
+            if t.dtype != torch.int32 or t.device != device or not t.is_contiguous() or t.shape != (rows, cols):
+                raise ValueError(f"schedule.{name}: expected contiguous int32 ({rows}, {cols}) on {device}, "
+                                 f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+        if schedule.num_heads_sched != 1:
+            raise ValueError(f"schedule: a token-table schedule is shared by every head (1 head slice), "
+                             f"got {schedule.num_heads_sched}")
+
+
+def _tiled(schedule) -> bool:
+    """A :class:`~ditkernels.schedule.TiledSchedule` (token tables): SCHEDULE=2."""
+    return schedule is not None and getattr(schedule, "q_tokens", None) is not None
+
+
+def _schedule_kind(schedule) -> int:
+    if schedule is None:
+        return SCHEDULE_DENSE
+    return SCHEDULE_TILED if _tiled(schedule) else SCHEDULE_CSR
+
+
+def _token_args(schedule, dummy: torch.Tensor) -> tuple:
+    """(QTok, KTok) of the kernels: the schedule's token tables (as the forward reads them), or dummies."""
+    if not _tiled(schedule):
+        return dummy, dummy
+    return schedule.q_tokens, schedule.kv_tokens
+
+
+def _count_args(counts, kernel: str, schedule, dummy: torch.Tensor) -> tuple:
+    """(Count, count_stride, count_plane, COUNT) for the visit counter of ``kernel`` (tests only):
+    ``counts[kernel]`` is an int32 (2, num_q_tiles, num_kv_tiles) buffer of the forward schedule."""
+    buf = None if counts is None else counts.get(kernel)
+    if buf is None:
+        return dummy, 0, 0, False
+    shape = (2, schedule.num_q_tiles, schedule.num_kv_tiles)
+    if buf.dtype != torch.int32 or tuple(buf.shape) != shape or not buf.is_contiguous():
+        raise ValueError(f"visit_counts[{kernel!r}]: expected contiguous int32 {shape}, got {buf.dtype} "
+                         f"{tuple(buf.shape)}")
+    return buf, buf.stride(1), buf.stride(0), True
+
+
+def _programs(seq: int, block: int, sched_block: int, num_tiles: int | None) -> int:
+    """Programs along the tile axis: contiguous tiles of ``block``, or the sub-tiles of every token-table tile."""
+    if num_tiles is None:
+        return triton.cdiv(seq, block)
+    return num_tiles * (sched_block // block)
 
 
 def _sched_args(schedule, dummy: torch.Tensor) -> tuple:
@@ -760,20 +968,25 @@ def _launch_blocks(cfg: Config, schedule) -> tuple[int, int, int, int]:
 
 
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, schedule=None, mask=None,
-              epilogue=None) -> tuple[torch.Tensor, torch.Tensor]:
+              epilogue=None, visit_counts: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q: (batch, heads, seq_q, head_dim); k, v: (batch, heads, seq_k, head_dim), any strides.
 
     Returns out (batch, heads, seq_q, head_dim) in q.dtype and lse (batch, heads, seq_q) fp32.
+    visit_counts (tests): ``{"fwd": int32 (2, num_q_tiles, num_kv_tiles) zeros}`` to count the visits
+    of a schedule in the kernel (see ``COUNT``).
     """
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     device = q.device
     block_d = block_d_for(head_dim)
-    cfg = config_for("fwd", device_arch(device), q.dtype, block_d)
+    sched_kind = _schedule_kind(schedule)
+    cfg = config_for("fwd", device_arch(device), q.dtype, block_d, variant_of(sched_kind))
     if schedule is not None:
         _check_schedule(schedule, batch, heads, seq_q, seq_k, device)
+    if schedule is not None and not _tiled(schedule):
         # The forward runs the schedule's own tiles (its tile sizes are the forward config's when the
-        # op asked block_sizes()); larger schedule tiles are walked in sub-tiles.
+        # op asked block_sizes()); larger schedule tiles are walked in sub-tiles. Token-table schedules
+        # (local attention's 64 x 64 tiles) are walked in sub-tiles of the config's own tiles.
         cfg = replace(cfg, block_m=min(schedule.block_m, 128), block_n=min(schedule.block_n, 128))
     bm, bn, sbm, sbn = _launch_blocks(cfg, schedule)
     out = _alloc.empty(batch, heads, seq_q, head_dim, dtype=q.dtype, device=device)
@@ -791,28 +1004,30 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         epi = (int(epilogue.kind), rs, res, *rs.stride(), *res.stride())
     else:
         epi = (EPILOGUE_NONE, dummy, dummy, 0, 0, 0, 0, 0, 0, 0)
-    grid = (triton.cdiv(seq_q, bm), batch * heads)
+    count = _count_args(visit_counts, "fwd", schedule, dummy)
+    grid = (_programs(seq_q, bm, sbm, schedule.num_q_tiles if _tiled(schedule) else None), batch * heads)
     _flash_fwd_kernel[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, seq_q, seq_k, head_dim, scale * LOG2E,
         *_sched_args(schedule, dummy),
-        mask_params,
+        mask_params, *_token_args(schedule, dummy), *count[:3],
         epi[1], epi[2], *epi[3:],
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DK=chunk_d(cfg, block_d), SCHED_BM=sbm, SCHED_BN=sbn,
-        SCHEDULE=SCHEDULE_DENSE if schedule is None else SCHEDULE_CSR, MASK=mask_kind, EPILOGUE=epi[0],
-        EVEN_D=head_dim == block_d, DOT_PREC=_dot_prec(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SCHEDULE=sched_kind, MASK=mask_kind, EPILOGUE=epi[0],
+        EVEN_D=head_dim == block_d, DOT_PREC=_dot_prec(q.dtype), COUNT=count[3],
+        **launch_options(cfg),
     )
     return out, lse
 
 
 def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              lse: torch.Tensor, *, scale: float, schedule=None, mask=None
+              lse: torch.Tensor, *, scale: float, schedule=None, mask=None, visit_counts: dict | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the core attention. do, out: (batch, heads, seq_q, head_dim); lse: (batch, heads, seq_q).
 
-    Returns dq, dk, dv with the shapes and dtypes of q, k, v.
+    Returns dq, dk, dv with the shapes and dtypes of q, k, v. visit_counts (tests): buffers under the
+    keys ``"bwd_dkdv"`` / ``"bwd_dq"`` as in :func:`flash_fwd` (both indexed by (query tile, KV tile)).
     """
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
@@ -841,32 +1056,36 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
     dummy = torch.zeros(1, dtype=torch.int32, device=device)
     mask_kind, mask_params = _mask_args(mask, device)
-    sched_kind = SCHEDULE_DENSE if schedule is None else SCHEDULE_CSR
+    sched_kind = _schedule_kind(schedule)
+    tokens = _token_args(schedule, dummy)
+    tiled = _tiled(schedule)
     prec = _dot_prec(q.dtype)
 
-    cfg = config_for("bwd_dkdv", arch, q.dtype, block_d)
+    cfg = config_for("bwd_dkdv", arch, q.dtype, block_d, variant_of(sched_kind))
     bm, bn, sbm, sbn = _launch_blocks(cfg, schedule)
     tsched = schedule.transposed() if schedule is not None else None
+    count = _count_args(visit_counts, "bwd_dkdv", schedule, dummy)
     for out_dk, out_dv in ((True, False), (False, True)) if cfg.split else ((True, True),):
-        _flash_bwd_dkdv_kernel[(triton.cdiv(seq_k, bn), batch * heads)](
+        _flash_bwd_dkdv_kernel[(_programs(seq_k, bn, sbn, schedule.num_kv_tiles if tiled else None), batch * heads)](
             q, k, v, do, dk, dv, lse2, delta,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             heads, seq_q, seq_k, head_dim, scale * LOG2E, scale,
-            *_sched_args(tsched, dummy), mask_params,
+            *_sched_args(tsched, dummy), mask_params, *tokens, *count[:3],
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DK=chunk_d(cfg, block_d), SCHED_BM=sbm, SCHED_BN=sbn,
             SCHEDULE=sched_kind, MASK=mask_kind, EVEN_D=even_d, DOT_PREC=prec, OUT_DK=out_dk, OUT_DV=out_dv,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            COUNT=count[3], **launch_options(cfg),
         )
 
-    cfg = config_for("bwd_dq", arch, q.dtype, block_d)
+    cfg = config_for("bwd_dq", arch, q.dtype, block_d, variant_of(sched_kind))
     bm, bn, sbm, sbn = _launch_blocks(cfg, schedule)
-    _flash_bwd_dq_kernel[(triton.cdiv(seq_q, bm), batch * heads)](
+    count = _count_args(visit_counts, "bwd_dq", schedule, dummy)
+    _flash_bwd_dq_kernel[(_programs(seq_q, bm, sbm, schedule.num_q_tiles if tiled else None), batch * heads)](
         q, k, v, do, dq, lse2, delta,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         heads, seq_q, seq_k, head_dim, scale * LOG2E, scale,
-        *_sched_args(schedule, dummy), mask_params,
+        *_sched_args(schedule, dummy), mask_params, *tokens, *count[:3],
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DK=chunk_d(cfg, block_d), SCHED_BM=sbm, SCHED_BN=sbn,
-        SCHEDULE=sched_kind, MASK=mask_kind, EVEN_D=even_d, DOT_PREC=prec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SCHEDULE=sched_kind, MASK=mask_kind, EVEN_D=even_d, DOT_PREC=prec, COUNT=count[3],
+        **launch_options(cfg),
     )
     return dq, dk, dv

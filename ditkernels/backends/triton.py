@@ -57,6 +57,17 @@ def block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     return _flash().block_sizes(head_dim, dtype)
 
 
+def local_block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(block_m, block_n) of the local-attention plans the Triton kernels run: 64-token 2-D/3-D tiles
+    (the default GPU plan); each kernel walks them in sub-tiles of its own config. The backward keeps
+    64-key tiles (a dK/dV program owns one: 64 rows for sm_90's warpgroup MMA)."""
+    return 64, 64
+
+
+# block_n choices of the forward plan (ditkernels.ops.local.kernel_plan picks one per problem).
+local_fwd_block_n = (64, 32, 16)
+
+
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
               schedule: BlockSchedule | None = None, mask: ElementMask | None = None,
               epilogue: Epilogue | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from ..backends import resolve
 from ..reference.local import LocalSpec, shift_start
 from ..schedule import MASK_LOCAL, ElementMask, TiledSchedule
 
-SUPPORTED = ("reference", "cpu")
+SUPPORTED = ("reference", "cpu", "triton")
 DEFAULT_BLOCK = (64, 64)
 
 
@@ -348,7 +348,8 @@ def local_attention_plan(grid: tuple[int, ...], window: int | tuple[int, ...], *
     (``prod`` must equal the block); by default they are chosen to minimise the computed pairs.
     The default is the GPU schedule (tiles of 64 x 64 tokens). backend: instead return the plan that
     this backend's kernels execute for inputs of ``head_dim`` / ``dtype`` (e.g. ``"cpu"``: its own
-    block sizes and tile shapes); block, q_tile and kv_tile must then be left at their defaults.
+    block sizes and tile shapes; ``"triton"``: its forward plan, whose KV tiles shrink to 32 or 16
+    keys for small windows); block, q_tile and kv_tile must then be left at their defaults.
 
     Returns a :class:`LocalPlan` with ``useful_pairs``, ``computed_pairs`` (token pairs in visited
     tiles), ``slot_pairs`` (block_m * block_n per visit), ``visited_tiles`` and ``partial_tiles``.
@@ -401,15 +402,50 @@ def _spec(grid: list[int], window: list[int], shape: str, border: str, tile: lis
                      num_suffix, num_extra)
 
 
-def kernel_plan(spec: LocalSpec, mod, head_dim: int, dtype: torch.dtype) -> LocalPlan:
+# Per-visit overhead of a GPU kernel in key columns of a block_m x block_n visit (index and token
+# loads, the online-softmax rescale of the accumulator, the mask decode): the cost model of
+# :func:`_fwd_block_n`.
+VISIT_OVERHEAD_KEYS = 16
+
+
+@functools.lru_cache(maxsize=64)
+def _fwd_block_n(spec: LocalSpec, block_m: int, choices: tuple[int, ...]) -> int:
+    """The KV tile size among ``choices`` (largest first) minimising
+    ``grid visits * block_m * (block_n + VISIT_OVERHEAD_KEYS)``: a window small next to a 64-key tile
+    wastes most of each visit, shorter KV tiles follow its outline (ties keep the larger tile)."""
+    best = None
+    for bn in sorted(choices, reverse=True):
+        visits, _ = _count_grid_visits(spec, *_choose_tiles(spec, block_m, bn))
+        cost = visits * block_m * (bn + VISIT_OVERHEAD_KEYS)
+        if best is None or cost < best[0]:
+            best = (cost, bn)
+    return best[1]
+
+
+def kernel_plan(spec: LocalSpec, mod, head_dim: int, dtype: torch.dtype, backward: bool = False) -> LocalPlan:
     """The plan a backend module executes: its ``local_block_sizes`` (else :data:`DEFAULT_BLOCK`) and
-    its ``local_tiles`` preference (else the tile shapes that minimise the computed pairs)."""
+    its ``local_tiles`` preference (else the tile shapes that minimise the computed pairs). A backend
+    with ``local_fwd_block_n`` (choices of block_n) runs its forward on the best of them
+    (:func:`_fwd_block_n`) and its backward (``backward=True``) on ``local_block_sizes``."""
     bs = getattr(mod, "local_block_sizes", None)
     bm, bn = bs(head_dim, dtype) if bs is not None else DEFAULT_BLOCK
+    choices = getattr(mod, "local_fwd_block_n", None)
+    if choices and not backward:
+        bn = _fwd_block_n(spec, bm, tuple(choices))
     tiles = getattr(mod, "local_tiles", None)
     qt, kt = tiles(spec.grid) if tiles is not None else (None, None)
     pad = (1,) * (3 - spec.ndim)
     return _plan(spec, bm, bn, pad + tuple(qt) if qt else None, pad + tuple(kt) if kt else None)
+
+
+def _on_device(plan: LocalPlan, device: torch.device) -> LocalPlan:
+    """The plan with its index tensors on ``device`` (the CPU plan itself, else a copy cached on the plan)."""
+    if plan.kv_ptr.device == device:
+        return plan
+    copies = plan.__dict__.setdefault("_device_copies", {})
+    if device not in copies:
+        copies[device] = plan.to(device)
+    return copies[device]
 
 
 def _keys(k, v, k_extra, v_extra):
@@ -434,7 +470,7 @@ def local_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ext
 
         out, lse = attention_ref(q, kk, vv, scale, local_visible(spec, q.device))
         return out.contiguous(), lse.to(torch.float32)
-    plan = kernel_plan(spec, mod, q.shape[-1], q.dtype)
+    plan = _on_device(kernel_plan(spec, mod, q.shape[-1], q.dtype), q.device)
     return mod.flash_fwd(q, kk, vv, scale=scale, schedule=plan, mask=plan.mask)
 
 
@@ -461,7 +497,7 @@ def local_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 
         dq, dk, dv = attention_ref_backward(do, q, kk, vv, scale, local_visible(spec, q.device))
     else:
-        plan = kernel_plan(spec, mod, q.shape[-1], q.dtype)
+        plan = _on_device(kernel_plan(spec, mod, q.shape[-1], q.dtype, backward=True), q.device)
         dq, dk, dv = mod.flash_bwd(do, q, kk, vv, out, lse, scale=scale, schedule=plan, mask=plan.mask)
     if k_extra is None:
         b, h, _, d = k.shape
@@ -525,8 +561,9 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tup
     num_prefix / num_suffix: global tokens (they see every key; every grid query sees them).
     extra_kv: (k_extra, v_extra), each (batch, heads, M, head_dim): keys seen by grid queries only.
     scale: defaults to ``head_dim ** -0.5``. return_lse: also return the natural-log log-sum-exp over
-    the visible keys, float32 (batch, heads, seq), detached. backend: ``"reference"`` or ``"cpu"``;
-    default by device, or ``DITKERNELS_BACKEND``.
+    the visible keys, float32 (batch, heads, seq), detached. backend: ``"reference"``, ``"cpu"`` or ``"triton"``
+    (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``); default by device (CUDA: triton, CPU: cpu),
+    or ``DITKERNELS_BACKEND``.
 
     Returns out (batch, heads, seq, head_dim) in q.dtype, or (out, lse). Differentiable with respect
     to q, k, v and extra_kv. A query that sees no key gets zeros (lse = -inf).
