@@ -90,7 +90,9 @@ def _element_mask(offs_m, offs_n, mask_params_ptr, MASK: tl.constexpr):
 @triton.jit
 def _row_threshold(thr_ptr, offs_m, seq_q):
     """MASK_THRESHOLD: per-row thresholds (log2-scaled score units) of query rows ``offs_m`` of this
-    batch*head (``thr_ptr`` already offset); rows past seq_q get +inf (nothing visible)."""
+    batch*head (``thr_ptr`` already offset); rows past seq_q get +inf (nothing visible). The forward
+    and dQ kernels load their rows' thresholds once and pass them as ``mask_params``; the dK/dV kernel
+    loads them per query tile."""
     return tl.load(thr_ptr + offs_m, mask=offs_m < seq_q, other=float("inf"))
 
 
@@ -176,9 +178,9 @@ def _fwd_tile(acc, m_i, l_i, q, q_base, k_base, v_base, offs_m, offs_d, j, part,
     if MASK != 0:
         if part != 0:
             s = tl.where(_element_mask(offs_m[:, None], offs_n[None, :], mask_params, MASK), s, float("-inf"))
-    if MASK == 3:
+    if MASK == 3:  # mask_params: this program's row thresholds (loaded once by the kernel)
         if part != 0:
-            s = tl.where(s >= _row_threshold(mask_params, offs_m, seq_q)[:, None], s, float("-inf"))
+            s = tl.where(s >= mask_params[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no visible key keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -215,10 +217,10 @@ def _flash_fwd_kernel(
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    if MASK == 3:
-        MaskParams += pid_bh.to(tl.int64) * seq_q
 
     offs_m = _q_tokens(pid_m, BLOCK_M)
+    if MASK == 3:
+        MaskParams = _row_threshold(MaskParams + pid_bh.to(tl.int64) * seq_q, offs_m, seq_q)
     offs_d = tl.arange(0, BLOCK_D)
     if BLOCK_DK < BLOCK_D:
         q = 0.0  # chunked head dim: each KV tile re-reads Q chunks (L1/L2) instead of keeping Q in registers
@@ -483,9 +485,9 @@ def _dq_tile(dq, q, do, lse2, delta, q_base, do_base, k_base, v_base, offs_m, of
     if MASK != 0:
         if part != 0:
             p = tl.where(_element_mask(offs_m[:, None], offs_n[None, :], mask_params, MASK), p, 0.0)
-    if MASK == 3:
+    if MASK == 3:  # mask_params: this program's row thresholds (loaded once by the kernel)
         if part != 0:
-            p = tl.where(s >= _row_threshold(mask_params, offs_m, seq_q)[:, None], p, 0.0)
+            p = tl.where(s >= mask_params[:, None], p, 0.0)
     if BLOCK_DK == BLOCK_D:
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
@@ -515,10 +517,10 @@ def _flash_bwd_dq_kernel(
     h = (pid_bh % H).to(tl.int64)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    if MASK == 3:
-        MaskParams += pid_bh.to(tl.int64) * seq_q
 
     offs_m = _q_tokens(pid_m, BLOCK_M)
+    if MASK == 3:
+        MaskParams = _row_threshold(MaskParams + pid_bh.to(tl.int64) * seq_q, offs_m, seq_q)
     offs_d = tl.arange(0, BLOCK_D)
     # Chunked head dim (BLOCK_DK < BLOCK_D): Q / dO chunks are re-read per KV tile (L1/L2) instead.
     q_base = Q + b * stride_qb + h * stride_qh
