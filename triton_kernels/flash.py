@@ -340,13 +340,13 @@ def _dkdv_tile(dk, dv, k, v, k_base, v_base, q_base, do_base, lse2_base, delta_b
     else:
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
     s_t = s_t * qk_scale  # (BLOCK_N, BLOCK_M)
+    if MASK == 3:  # below-threshold scores -> -inf before exp2, so no second (BLOCK_N, BLOCK_M) tile stays live
+        if part != 0:
+            s_t = tl.where(s_t >= _row_threshold(mask_params, offs_m, seq_q)[None, :], s_t, float("-inf"))
     p_t = tl.math.exp2(s_t - lse2[None, :])
     if MASK != 0:
         if part != 0:
             p_t = tl.where(_element_mask(offs_m[None, :], offs_n[:, None], mask_params, MASK), p_t, 0.0)
-    if MASK == 3:
-        if part != 0:
-            p_t = tl.where(s_t >= _row_threshold(mask_params, offs_m, seq_q)[None, :], p_t, 0.0)
     if OUT_DV:
         if BLOCK_DK < BLOCK_D:
             do = _load_rows(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, CHECK_M, EVEN_D)
@@ -477,6 +477,9 @@ def _dq_tile(dq, q, do, lse2, delta, q_base, do_base, k_base, v_base, offs_m, of
         v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, CHECK_N, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     s = s * qk_scale
+    if MASK == 3:  # mask_params: this program's row thresholds (loaded once by the kernel)
+        if part != 0:
+            s = tl.where(s >= mask_params[:, None], s, float("-inf"))
     p = tl.math.exp2(s - lse2[:, None])
     if CHECK_N:
         # Keys past seq_k load as 0 but exp2(0 - lse2) need not be small: drop them explicitly.
@@ -485,9 +488,6 @@ def _dq_tile(dq, q, do, lse2, delta, q_base, do_base, k_base, v_base, offs_m, of
     if MASK != 0:
         if part != 0:
             p = tl.where(_element_mask(offs_m[:, None], offs_n[None, :], mask_params, MASK), p, 0.0)
-    if MASK == 3:  # mask_params: this program's row thresholds (loaded once by the kernel)
-        if part != 0:
-            p = tl.where(s >= mask_params[:, None], p, 0.0)
     if BLOCK_DK == BLOCK_D:
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
