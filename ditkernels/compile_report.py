@@ -159,7 +159,8 @@ def _source(job: Job):
 
     fn = {"fwd": flash._flash_fwd_kernel, "bwd_preprocess": flash._flash_bwd_preprocess_kernel,
           "bwd_dkdv": flash._flash_bwd_dkdv_kernel, "bwd_dq": flash._flash_bwd_dq_kernel}[job.kernel]
-    cfg = flash.config_for(job.kernel, job.arch, flash.DTYPES[job.dtype], job.block_d)
+    cfg = flash.config_for(job.kernel, job.arch, flash.DTYPES[job.dtype], job.block_d,
+                           flash.MASK_THRESHOLD if job.variant == "topk" else flash.MASK_NONE)
     head_dim = job.block_d if job.variant != "odd_d" else job.block_d * 5 // 8
     vals = _example_args(job, cfg, head_dim)
     backend = make_backend(GPUTarget("cuda", job.arch, 32))

@@ -342,7 +342,7 @@ def _dkdv_tile(dk, dv, k, v, k_base, v_base, q_base, do_base, lse2_base, delta_b
     s_t = s_t * qk_scale  # (BLOCK_N, BLOCK_M)
     if MASK == 3:  # below-threshold scores -> -inf before exp2, so no second (BLOCK_N, BLOCK_M) tile stays live
         if part != 0:
-            s_t = tl.where(s_t >= _row_threshold(mask_params, offs_m, seq_q)[None, :], s_t, float("-inf"))
+            s_t = tl.where(s_t >= tl.load(mask_params + offs_m)[None, :], s_t, float("-inf"))
     p_t = tl.math.exp2(s_t - lse2[None, :])
     if MASK != 0:
         if part != 0:
@@ -680,11 +680,21 @@ def _dtype_class(dtype: torch.dtype) -> str:
     raise TypeError(f"dtype: the triton backend takes float16, bfloat16 or float32, got {dtype}")
 
 
-def config_for(kernel: str, arch: int | None, dtype: torch.dtype, block_d: int) -> Config:
-    """The shipped config of ``kernel`` for ``arch`` (None: the interpreter's)."""
+# MASK_THRESHOLD (exact top-k) launches that differ from the shipped config: the per-row threshold
+# load in the dK/dV loop costs registers these two fp32 configs lack at 8 warps (an 8-48 byte stack
+# frame); at 4 warps they compile clean (python -m ditkernels compile-report, variant "topk").
+_THRESHOLD_PAD = 256  # >= the largest query tile a schedule walk can overshoot seq_q by
+_THRESHOLD_OVERRIDES = {(80, "bwd_dkdv", "f32", 16): {"num_warps": 4}, (90, "bwd_dkdv", "f32", 256): {"num_warps": 4}}
+
+
+def config_for(kernel: str, arch: int | None, dtype: torch.dtype, block_d: int, mask: int = MASK_NONE) -> Config:
+    """The shipped config of ``kernel`` for ``arch`` (None: the interpreter's) and element-mask kind ``mask``."""
     if arch is None:
         return _INTERPRET_CONFIGS[kernel, _dtype_class(dtype)]
-    return _TABLE[arch][kernel, _dtype_class(dtype), block_d]
+    cfg = _TABLE[arch][kernel, _dtype_class(dtype), block_d]
+    if mask == MASK_THRESHOLD:
+        cfg = replace(cfg, **_THRESHOLD_OVERRIDES.get((arch, kernel, _dtype_class(dtype), block_d), {}))
+    return cfg
 
 
 def chunk_d(cfg: Config, block_d: int) -> int:
@@ -772,8 +782,11 @@ def _mask_args(mask, device: torch.device) -> tuple[int, torch.Tensor]:
     if mask is None:
         return MASK_NONE, torch.zeros(1, dtype=torch.int32, device=device)
     if mask.kind == MASK_THRESHOLD:
-        # per-row thresholds in natural scaled-score units -> the kernels' log2 units
-        return MASK_THRESHOLD, (mask.rows.to(device=device, dtype=torch.float32) * LOG2E).contiguous()
+        # per-row thresholds in natural scaled-score units -> the kernels' log2 units, padded so the dK/dV
+        # kernel's unmasked per-tile load of a ragged last query tile stays in bounds (those rows have
+        # lse2 = +inf, so their values do not matter)
+        rows = (mask.rows.to(device=device, dtype=torch.float32) * LOG2E).reshape(-1)
+        return MASK_THRESHOLD, torch.cat([rows, rows.new_zeros(_THRESHOLD_PAD)])
     params = list(mask.params) or [0]
     return int(mask.kind), torch.tensor(params, dtype=torch.int32, device=device)
 
@@ -872,7 +885,7 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     sched_kind = SCHEDULE_DENSE if schedule is None else SCHEDULE_CSR
     prec = _dot_prec(q.dtype)
 
-    cfg = config_for("bwd_dkdv", arch, q.dtype, block_d)
+    cfg = config_for("bwd_dkdv", arch, q.dtype, block_d, mask_kind)
     bm, bn, sbm, sbn = _launch_blocks(cfg, schedule)
     tsched = schedule.transposed() if schedule is not None else None
     for out_dk, out_dv in ((True, False), (False, True)) if cfg.split else ((True, True),):
