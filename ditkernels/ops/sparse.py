@@ -9,9 +9,10 @@ top-k selection) -> backend kernels (``flash_fwd/flash_bwd`` with that CSR sched
 Blocks and kernel tiles. The user's ``block_size = (bq, bk)`` fixes the meaning of ``block_mask``:
 query block ``m`` holds queries ``[m*bq, (m+1)*bq)``, key block ``n`` keys ``[n*bk, (n+1)*bk)``
 (the last ones may be shorter). The reference and cpu backends run these blocks as they are (any
-positive size). Triton tiles are powers of two >= 16: a block size that is one runs as it is
-(larger ones are walked in sub-tiles by the kernels), a multiple of 16 runs as ``bq / g`` tiles of
-``g`` (the largest power of two dividing it), anything else is refused with a ValueError.
+positive size). Triton tiles are powers of two >= 16, at most the shipped forward config's tile for
+the head_dim / dtype: a block is cut into ``bq / t`` tiles of ``t = min(g, config tile)``, ``g``
+being the block size itself when it is a power of two, else the largest power of two dividing it
+(multiples of 16); any other block size is refused with a ValueError.
 
 Spatial blocks (``grid=``, block top-k only). With ``grid=(H, W)`` (or ``(T, H, W)``), the grid
 tokens are regrouped into boxes of ``tile`` tokens (2-D/3-D image tiles, chosen as square as the
@@ -81,18 +82,22 @@ def _pow2_tile(b: int, name: str) -> int:
 # Schedules
 # ================================================================================================
 def block_sparse_schedule(block_mask: torch.Tensor, block_size: tuple[int, int], seq_q: int, seq_k: int,
-                          backend: str | None = None) -> BlockSchedule:
+                          backend: str | None = None, max_tile: tuple[int, int] | None = None) -> BlockSchedule:
     """The CSR schedule a backend executes for ``block_mask``.
 
     block_mask: bool (batch or 1, heads or 1, ceil(seq_q/bq), ceil(seq_k/bk)). Returns a
     :class:`BlockSchedule` with one head slice when the mask has batch = heads = 1, else batch*heads
-    slices; its tiles are the user's blocks, re-tiled into powers of two for ``backend="triton"``.
+    slices; its tiles are the user's blocks, re-tiled for ``backend="triton"`` into powers of two of
+    at most ``max_tile`` (the forward config's tile, so every launch runs a shipped, compile-checked
+    tile size or a smaller one).
     """
     bq, bk = block_size
     b, h, nq, nk = block_mask.shape
     tm = block_mask.reshape(b * h, nq, nk)
     if backend == "triton":
         tq, tk = _pow2_tile(bq, "block_size[0]"), _pow2_tile(bk, "block_size[1]")
+        if max_tile is not None:
+            tq, tk = min(tq, max_tile[0]), min(tk, max_tile[1])
         if (tq, tk) != (bq, bk):
             nq2, nk2 = -(-seq_q // tq), -(-seq_k // tk)
             rows = torch.arange(nq2, device=tm.device) * tq // bq
@@ -298,7 +303,8 @@ def _backend(q: torch.Tensor, backend: str):
 
 def _schedule(mod, block_mask: torch.Tensor, bq: int, bk: int, q: torch.Tensor, k: torch.Tensor) -> BlockSchedule:
     bm = _expand_heads(block_mask, q.shape[0], q.shape[1])
-    return block_sparse_schedule(bm, (bq, bk), q.shape[2], k.shape[2], mod.NAME)
+    max_tile = tuple(mod.block_sizes(q.shape[-1], q.dtype)) if mod.NAME == "triton" else None
+    return block_sparse_schedule(bm, (bq, bk), q.shape[2], k.shape[2], mod.NAME, max_tile)
 
 
 @torch.library.custom_op("ditkernels::block_sparse_attention_fwd", mutates_args=())
