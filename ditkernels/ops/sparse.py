@@ -25,6 +25,7 @@ between image tiles, not between row segments.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -35,6 +36,22 @@ from ..schedule import BlockSchedule, TiledSchedule
 
 SUPPORTED = ("reference", "cpu", "triton")
 DEFAULT_BLOCK = (64, 64)
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """CPU: run the selection and schedule bookkeeping (tensors of a few MB at most) on one thread.
+    Each parallel ATen op pays an OpenMP fork/join; on a machine whose cores are busy that costs
+    ~25 ms per op (measured: 6 such ops took 150 ms, 3 ms on one thread), more than the work."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 # ================================================================================================
@@ -276,9 +293,10 @@ def block_topk_schedule(q: torch.Tensor, k: torch.Tensor, *, topk: int | None = 
     num_prefix, num_suffix = _check_globals(num_prefix, num_suffix, sk)
     b, h = q.shape[:2]
     if grid is None:
-        mask = block_topk_mask(q, k, topk=topk, density=density, block_size=(bq, bk), num_prefix=num_prefix,
-                               num_suffix=num_suffix, scale=scale)
-        return BlockSchedule.from_tile_mask(mask.reshape(b * h, *mask.shape[2:]), bq, bk, sq, sk)
+        with _one_thread(q.device):
+            mask = block_topk_mask(q, k, topk=topk, density=density, block_size=(bq, bk), num_prefix=num_prefix,
+                                   num_suffix=num_suffix, scale=scale)
+            return BlockSchedule.from_tile_mask(mask.reshape(b * h, *mask.shape[2:]), bq, bk, sq, sk)
     grid = _check_grid(grid)
     if sq != sk or bq != bk:
         raise ValueError(f"grid: spatial blocks need self-attention with square blocks, got seq_q={sq}, seq_k={sk}, "
@@ -301,10 +319,26 @@ def _backend(q: torch.Tensor, backend: str):
     return resolve("block_sparse_attention", SUPPORTED, q.device, q.dtype, backend or None)
 
 
+@torch.library.custom_op("ditkernels::block_topk_mask", mutates_args=())
+def block_topk_mask_op(q: torch.Tensor, k: torch.Tensor, topk: int, block_q: int, block_k: int, num_prefix: int,
+                       num_suffix: int, scale: float) -> torch.Tensor:
+    """:func:`block_topk_mask` as a registered op (not differentiable: pass detached q, k)."""
+    with _one_thread(q.device):
+        return block_topk_mask(q, k, topk=topk, block_size=(block_q, block_k), num_prefix=num_prefix,
+                               num_suffix=num_suffix, scale=scale)
+
+
+@block_topk_mask_op.register_fake
+def _(q, k, topk, block_q, block_k, num_prefix, num_suffix, scale):
+    b, h, sq, _ = q.shape
+    return q.new_empty(b, h, -(-sq // block_q), -(-k.shape[2] // block_k), dtype=torch.bool)
+
+
 def _schedule(mod, block_mask: torch.Tensor, bq: int, bk: int, q: torch.Tensor, k: torch.Tensor) -> BlockSchedule:
     bm = _expand_heads(block_mask, q.shape[0], q.shape[1])
     max_tile = tuple(mod.block_sizes(q.shape[-1], q.dtype)) if mod.NAME == "triton" else None
-    return block_sparse_schedule(bm, (bq, bk), q.shape[2], k.shape[2], mod.NAME, max_tile)
+    with _one_thread(q.device):
+        return block_sparse_schedule(bm, (bq, bk), q.shape[2], k.shape[2], mod.NAME, max_tile)
 
 
 @torch.library.custom_op("ditkernels::block_sparse_attention_fwd", mutates_args=())
@@ -426,8 +460,9 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, t
                              f"seq_k={k.shape[2]}, block_size=({bq}, {bk})")
         perm = grid_permutation(q.shape[2], grid, bq, num_prefix, num_suffix).to(q.device)
         q, k, v = q[:, :, perm], k[:, :, perm], v[:, :, perm]
-    mask = block_topk_mask(q, k, topk=topk, density=density, block_size=(bq, bk), num_prefix=num_prefix,
-                           num_suffix=num_suffix, scale=scale)
+    kk = _topk_from_density(topk, density, -(-k.shape[2] // bk))
+    mask = block_topk_mask_op(q.detach(), k.detach(), kk, bq, bk, num_prefix, num_suffix,
+                              _validate.check_scale(scale, q.shape[-1]))
     out, lse = block_sparse_attention(q, k, v, mask, block_size=(bq, bk), scale=scale, return_lse=True,
                                       backend=backend)
     if perm is not None:
