@@ -82,32 +82,37 @@ def topk_thresholds(q: torch.Tensor, k: torch.Tensor, topks: list[int], scale: f
         return thr, visits
     kmax = max(topks[i] for i in sparse)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    rows = _chunk_rows(sk, kmax, bm)
+    rows = min(_chunk_rows(sk, kmax, bm), -(-sq // bm) * bm)
+    # short sequences: several batch*head slices per step (one batched matmul instead of a loop)
+    per_head = min(rows, sq) * (sk * 13 + (kmax + 1) * 12)
+    hstep = max(1, min(b * h, WORKSPACE_BYTES // max(per_head, 1))) if rows >= sq else 1
+    qf, kf = q.reshape(b * h, sq, -1), k.reshape(b * h, sk, -1)
+    thr_f = thr.view(nt, b * h, sq)
     with torch.no_grad():
-        for bi in range(b):
-            for hi in range(h):
-                kt = k[bi, hi].to(acc).transpose(0, 1)
-                for r0 in range(0, sq, rows):
-                    r1 = min(r0 + rows, sq)
-                    s = torch.matmul(q[bi, hi, r0:r1].to(acc), kt)
-                    s.mul_(scale)
-                    top = torch.topk(s, kmax + 1, dim=-1, sorted=True).values
-                    tol = TIE_TOL * s.abs().amax(-1)
-                    full = _full_counts(r0, r1 - r0, bm, bn, sq, sk, nk, q.device)
-                    for i in sparse:
-                        t_k, t_k1 = top[:, topks[i] - 1], top[:, topks[i]]
-                        t = torch.where(t_k - t_k1 >= 2 * tol, 0.5 * (t_k + t_k1), t_k - tol).to(torch.float32)
-                        thr[i, bi, hi, r0:r1] = t
-                        # the kernels compare with the float32 threshold: decide the tiles with it too
-                        keep = s >= t.to(acc)[:, None]
-                        pad_r, pad_c = -(r1 - r0) % bm, nk * bn - sk
-                        if pad_r or pad_c:
-                            keep = torch.nn.functional.pad(keep, (0, pad_c, 0, pad_r))
-                        cnt = keep.view(-1, bm, nk, bn).sum((1, 3), dtype=torch.int32)  # (tiles, nk)
-                        del keep
-                        code = torch.where(cnt == 0, _SKIP, torch.where(cnt == full, _FULL, _PARTIAL))
-                        visits[i, bi * h + hi, r0 // bm: r0 // bm + code.shape[0]] = code.to(torch.int8)
-                    del s, top
+        for h0 in range(0, b * h, hstep):
+            h1 = min(h0 + hstep, b * h)
+            kt = kf[h0:h1].to(acc).transpose(1, 2)
+            for r0 in range(0, sq, rows):
+                r1 = min(r0 + rows, sq)
+                s = torch.matmul(qf[h0:h1, r0:r1].to(acc), kt)  # (hs, rows, sk)
+                s.mul_(scale)
+                top = torch.topk(s, kmax + 1, dim=-1, sorted=True).values
+                tol = TIE_TOL * s.abs().amax(-1)
+                full = _full_counts(r0, r1 - r0, bm, bn, sq, sk, nk, q.device)
+                for i in sparse:
+                    t_k, t_k1 = top[..., topks[i] - 1], top[..., topks[i]]
+                    t = torch.where(t_k - t_k1 >= 2 * tol, 0.5 * (t_k + t_k1), t_k - tol).to(torch.float32)
+                    thr_f[i, h0:h1, r0:r1] = t
+                    # the kernels compare with the float32 threshold: decide the tiles with it too
+                    keep = s >= t.to(acc)[..., None]
+                    pad_r, pad_c = -(r1 - r0) % bm, nk * bn - sk
+                    if pad_r or pad_c:
+                        keep = torch.nn.functional.pad(keep, (0, pad_c, 0, pad_r))
+                    cnt = keep.view(h1 - h0, -1, bm, nk, bn).sum((2, 4), dtype=torch.int32)  # (hs, tiles, nk)
+                    del keep
+                    code = torch.where(cnt == 0, _SKIP, torch.where(cnt == full, _FULL, _PARTIAL))
+                    visits[i, h0:h1, r0 // bm: r0 // bm + code.shape[1]] = code.to(torch.int8)
+                del s, top
     return thr, visits
 
 
