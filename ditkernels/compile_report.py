@@ -44,7 +44,7 @@ class Job:
     block_d: int
     # dense | csr (SCHEDULE=1) | local (SCHEDULE=2 token tables + MASK=1, local attention's plan tiles;
     # local_n32 / local_n16: the forward on plans of 32 / 16-key tiles) | epilogue | odd_d (head_dim <
-    # BLOCK_D: masked head dims)
+    # BLOCK_D: masked head dims) | topk (csr + MASK 3, exact top-k's score threshold)
     variant: str = "dense"
     part: str = ""  # bwd_dkdv with a split config: "dk" or "dv" (one launch each)
 
@@ -92,7 +92,8 @@ def jobs_for(archs: list[int], quick: bool) -> list[Job]:
                      Job(arch, "bwd_preprocess", "fp16", 128), Job(arch, "bwd_dkdv", "bf16", 128),
                      Job(arch, "bwd_dq", "fp16", 128), Job(arch, "fwd", "fp16", 64, "csr"),
                      Job(arch, "fwd", "fp16", 128, "epilogue"), Job(arch, "bwd_dkdv", "fp32", 64, "csr"),
-                     Job(arch, "fwd", "bf16", 128, "local"), Job(arch, "bwd_dq", "fp32", 64, "local")]
+                     Job(arch, "fwd", "bf16", 128, "local"), Job(arch, "bwd_dq", "fp32", 64, "local"),
+                     Job(arch, "fwd", "bf16", 64, "topk")]
             continue
         for kernel in KERNELS:
             for dtype in DTYPES:
@@ -106,6 +107,8 @@ def jobs_for(archs: list[int], quick: bool) -> list[Job]:
                     if kernel == "fwd":
                         jobs += [Job(arch, kernel, dtype, d, f"local_n{bn}") for bn in _local_fwd_block_n()]
                 jobs.append(Job(arch, kernel, "bf16", d, "odd_d"))
+                for dtype in ("fp16", "bf16", "fp32"):  # exact top-k: CSR + the score-threshold mask
+                    jobs.append(Job(arch, kernel, dtype, d, "topk"))
             jobs.append(Job(arch, "fwd", "bf16", d, "epilogue"))
     return [p for j in jobs for p in _split(j)]
 
@@ -124,13 +127,21 @@ def _config_variant(job: Job) -> str:
     """The launch variant whose config a job compiles (epilogue / odd_d launches are dense)."""
     if job.variant.startswith("local"):
         return "local"
-    return job.variant if job.variant == "csr" else "dense"
+    return "csr" if job.variant in ("csr", "topk") else "dense"
+
+
+def _config_mask(job: Job) -> int:
+    """The element-mask kind of a non-local job's launch (its config may depend on it)."""
+    from ditkernels.triton_kernels import flash
+
+    return flash.MASK_THRESHOLD if job.variant == "topk" else flash.MASK_NONE
 
 
 def _split(job: Job) -> list[Job]:
     from ditkernels.triton_kernels import flash
 
-    cfg = flash.config_for(job.kernel, job.arch, flash.DTYPES[job.dtype], job.block_d, _config_variant(job))
+    cfg = flash.config_for(job.kernel, job.arch, flash.DTYPES[job.dtype], job.block_d, _config_variant(job),
+                           _config_mask(job))
     if job.kernel == "bwd_dkdv" and cfg.split:
         return [Job(job.arch, job.kernel, job.dtype, job.block_d, job.variant, part) for part in ("dk", "dv")]
     return [job]
@@ -159,7 +170,7 @@ def _example_args(job: Job, cfg, head_dim: int) -> dict[str, object]:
         vals[f"stride_s{ax}"] = s  # row_scale
         vals[f"stride_l{ax}"] = s  # lse
     local = job.variant.startswith("local")
-    sched = local or job.variant == "csr"
+    sched = local or job.variant in ("csr", "topk")
     vals.update(stride_sched_ptr=(seq // 64 + 1) if sched else 0, stride_sched_idx=4096 if sched else 0,
                 sched_head_stride=0 if local else (1 if sched else 0), count_stride=0, count_plane=0)
     fwd = flash.config_for("fwd", job.arch, flash.DTYPES[job.dtype], job.block_d)
@@ -176,7 +187,7 @@ def _example_args(job: Job, cfg, head_dim: int) -> dict[str, object]:
     vals.update(BLOCK_M=min(cfg.block_m, sbm), BLOCK_N=min(cfg.block_n, sbn) if cfg.block_n else 0,
                 BLOCK_D=job.block_d, BLOCK_DK=flash.chunk_d(cfg, job.block_d), SCHED_BM=sbm, SCHED_BN=sbn,
                 SCHEDULE=flash.SCHEDULE_TILED if local else (flash.SCHEDULE_CSR if sched else flash.SCHEDULE_DENSE),
-                MASK=flash.MASK_LOCAL if local else flash.MASK_NONE, COUNT=False,
+                MASK=flash.MASK_LOCAL if local else _config_mask(job), COUNT=False,
                 EPILOGUE=flash.EPILOGUE_SCALE_RESIDUAL if job.variant == "epilogue" else flash.EPILOGUE_NONE,
                 EVEN_D=head_dim == job.block_d, OUT_DK=job.part in ("", "dk"), OUT_DV=job.part in ("", "dv"),
                 DOT_PREC=flash._dot_prec(flash.DTYPES[job.dtype]))
@@ -193,7 +204,8 @@ def _source(job: Job):
 
     fn = {"fwd": flash._flash_fwd_kernel, "bwd_preprocess": flash._flash_bwd_preprocess_kernel,
           "bwd_dkdv": flash._flash_bwd_dkdv_kernel, "bwd_dq": flash._flash_bwd_dq_kernel}[job.kernel]
-    cfg = flash.config_for(job.kernel, job.arch, flash.DTYPES[job.dtype], job.block_d, _config_variant(job))
+    cfg = flash.config_for(job.kernel, job.arch, flash.DTYPES[job.dtype], job.block_d, _config_variant(job),
+                           _config_mask(job))
     head_dim = job.block_d if job.variant != "odd_d" else job.block_d * 5 // 8
     vals = _example_args(job, cfg, head_dim)
     backend = make_backend(GPUTarget("cuda", job.arch, 32))
@@ -204,6 +216,8 @@ def _source(job: Job):
             constexprs[(i,)] = vals[name]
         elif name in _PTR_ARGS:
             ty = _PTR_ARGS[name]
+            if name == "MaskParams" and job.variant == "topk":
+                ty = "fp32"  # MASK_THRESHOLD: per-row float thresholds
             signature[name] = "*" + (job.dtype if ty == "x" else ty)
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in ("qk_scale", "sm_scale"):

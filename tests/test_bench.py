@@ -171,3 +171,24 @@ def test_table_formatting_aligns_columns():
     assert len(lines) == 4
     assert lines[0].index("mode") == lines[2].index("fwd") == lines[3].index("fwdbwd")
     assert "1.00x (ref)" in lines[2] and "skipped: why" in lines[3]
+
+
+def test_sparse_families_rows(tmp_path, capsys):
+    """The sparse families at a tiny sequence: block top-k (with and without selection) and exact top-k."""
+    rc, record, out = _run(tmp_path, capsys, "--sizes", "256", "--quick", "--filter", "sparse.",
+                           "--impl", "ditkernels,ditkernels_mask,sdpa,torch_topk", "--no-plot", "--mode", "both")
+    assert rc == 0
+    rows = {(r["case"], r["mode"], r["impl"]): r for r in record["rows"]}
+    blk = "sparse.block_topk/B1-H8-S256-D64-blk64-d10-fp32"
+    tk = "sparse.topk/B1-H8-S256-D64-k16-fp32"
+    for mode in ("fwd", "fwdbwd"):
+        for impl in ("ditkernels", "ditkernels_mask", "sdpa"):
+            assert rows[blk, mode, impl]["status"] == "ok", rows[blk, mode, impl]["reason"]
+        for impl in ("ditkernels", "torch_topk"):
+            assert rows[tk, mode, impl]["status"] == "ok", rows[tk, mode, impl]["reason"]
+        # the selection-included call and the precomputed-mask call compute the same attention
+        assert rows[blk, mode, "ditkernels"]["rel_err_vs_ref"] == pytest.approx(
+            rows[blk, mode, "ditkernels_mask"]["rel_err_vs_ref"], rel=1e-4)
+        # same selection as torch.topk except the rows with a near-tie at the k-th score (kept: see ops/topk.py)
+        assert rows[tk, mode, "ditkernels"]["rel_err_vs_ref"] < 2e-2
+    assert rows[blk, "fwd", "ditkernels"]["params"]["topk_blocks"] == 1

@@ -53,6 +53,7 @@ from . import _interpreter
 
 # Element-mask and epilogue ids: the same values as ditkernels.schedule.
 MASK_NONE = 0
+MASK_THRESHOLD = 3  # keep scores >= a per-row threshold (exact top-k); MaskParams is then fp32 (B*H*Sq)
 EPILOGUE_NONE = 0
 EPILOGUE_SCALE_RESIDUAL = 1
 SCHEDULE_DENSE = 0
@@ -169,10 +170,20 @@ def _element_mask(offs_m, offs_n, mask_params_ptr, MASK: tl.constexpr):
     mask_params_ptr: int32 parameters of the rule (``ElementMask.params``).
     New mask kinds add a ``MASK == id`` branch here; kernels only call this on partial visits.
     """
-    vis = (offs_m >= 0) & (offs_n >= 0)  # MASK_NONE: every pair is visible
+    # MASK_NONE (and MASK_THRESHOLD, which tests scores: _row_threshold): every pair is visible.
+    vis = (offs_m >= 0) & (offs_n >= 0)
     if MASK == 1:
         vis = _local_mask(offs_m, offs_n, mask_params_ptr)
     return vis
+
+
+@triton.jit
+def _row_threshold(thr_ptr, offs_m, seq_q):
+    """MASK_THRESHOLD: per-row thresholds (log2-scaled score units) of query rows ``offs_m`` of this
+    batch*head (``thr_ptr`` already offset); rows past seq_q get +inf (nothing visible). The forward
+    and dQ kernels load their rows' thresholds once and pass them as ``mask_params``; the dK/dV kernel
+    loads them per query tile."""
+    return tl.load(thr_ptr + offs_m, mask=offs_m < seq_q, other=float("inf"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,6 +270,9 @@ def _fwd_tile(acc, m_i, l_i, q, q_base, k_base, v_base, offs_m, offs_d, j, part,
     if MASK != 0:
         if part != 0:
             s = tl.where(_element_mask(offs_m[:, None], offs_n[None, :], mask_params, MASK), s, float("-inf"))
+    if MASK == 3:  # mask_params: this program's row thresholds (loaded once by the kernel)
+        if part != 0:
+            s = tl.where(s >= mask_params[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no visible key keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -297,6 +311,8 @@ def _flash_fwd_kernel(
     v_base = V + b * stride_vb + h * stride_vh
 
     offs_m = _q_tokens(pid_m, QTok, BLOCK_M, SCHEDULE)
+    if MASK == 3:
+        MaskParams = _row_threshold(MaskParams + pid_bh.to(tl.int64) * seq_q, offs_m, seq_q)
     offs_d = tl.arange(0, BLOCK_D)
     if BLOCK_DK < BLOCK_D:
         q = 0.0  # chunked head dim: each KV tile re-reads Q chunks (L1/L2) instead of keeping Q in registers
@@ -420,6 +436,9 @@ def _dkdv_tile(dk, dv, k, v, k_base, v_base, q_base, do_base, lse2_base, delta_b
     else:
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
     s_t = s_t * qk_scale  # (BLOCK_N, BLOCK_M)
+    if MASK == 3:  # below-threshold scores -> -inf before exp2, so no second (BLOCK_N, BLOCK_M) tile stays live
+        if part != 0:
+            s_t = tl.where(s_t >= tl.load(mask_params + offs_m)[None, :], s_t, float("-inf"))
     p_t = tl.math.exp2(s_t - lse2[None, :])
     if MASK != 0:
         if part != 0:
@@ -469,6 +488,8 @@ def _flash_bwd_dkdv_kernel(
     do_base = DO + b * stride_dob + h * stride_doh
     lse2_base = Lse2 + pid_bh.to(tl.int64) * seq_q
     delta_base = Delta + pid_bh.to(tl.int64) * seq_q
+    if MASK == 3:
+        MaskParams += pid_bh.to(tl.int64) * seq_q
 
     offs_n = _kv_tokens(pid_n, KTok, BLOCK_N, SCHEDULE)
     offs_d = tl.arange(0, BLOCK_D)
@@ -556,6 +577,9 @@ def _dq_tile(dq, q, do, lse2, delta, q_base, do_base, k_base, v_base, offs_m, of
         v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, CHECK_N, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     s = s * qk_scale
+    if MASK == 3:  # mask_params: this program's row thresholds (loaded once by the kernel)
+        if part != 0:
+            s = tl.where(s >= mask_params[:, None], s, float("-inf"))
     p = tl.math.exp2(s - lse2[:, None])
     # Keys past seq_k load as 0 but exp2(0 - lse2) need not be small: drop them explicitly.
     if SCHEDULE == 2:
@@ -598,6 +622,8 @@ def _flash_bwd_dq_kernel(
     v_base = V + b * stride_vb + h * stride_vh
 
     offs_m = _q_tokens(pid_m, QTok, BLOCK_M, SCHEDULE)
+    if MASK == 3:
+        MaskParams = _row_threshold(MaskParams + pid_bh.to(tl.int64) * seq_q, offs_m, seq_q)
     offs_d = tl.arange(0, BLOCK_D)
     # Chunked head dim (BLOCK_DK < BLOCK_D): Q / dO chunks are re-read per KV tile (L1/L2) instead.
     q_base = Q + b * stride_qb + h * stride_qh
@@ -814,12 +840,24 @@ def _dtype_class(dtype: torch.dtype) -> str:
     raise TypeError(f"dtype: the triton backend takes float16, bfloat16 or float32, got {dtype}")
 
 
-def config_for(kernel: str, arch: int | None, dtype: torch.dtype, block_d: int, variant: str = "dense") -> Config:
-    """The shipped config of ``kernel`` for ``arch`` (None: the interpreter's) and launch ``variant``."""
+# MASK_THRESHOLD (exact top-k) launches that differ from the shipped config: the per-row threshold
+# load in the dK/dV loop costs registers these two fp32 configs lack at 8 warps (an 8-48 byte stack
+# frame); at 4 warps they compile clean (python -m ditkernels compile-report, variant "topk").
+_THRESHOLD_PAD = 256  # >= the largest query tile a schedule walk can overshoot seq_q by
+_THRESHOLD_OVERRIDES = {(80, "bwd_dkdv", "f32", 16): {"num_warps": 4}, (90, "bwd_dkdv", "f32", 256): {"num_warps": 4}}
+
+
+def config_for(kernel: str, arch: int | None, dtype: torch.dtype, block_d: int, variant: str = "dense",
+               mask: int = MASK_NONE) -> Config:
+    """The shipped config of ``kernel`` for ``arch`` (None: the interpreter's), launch ``variant`` and
+    element-mask kind ``mask``."""
     if arch is None:
         return _INTERPRET_CONFIGS[kernel, _dtype_class(dtype)]
     cls = _dtype_class(dtype)
-    return _VARIANT_TABLE.get((arch, variant, kernel, cls, block_d)) or _TABLE[arch][kernel, cls, block_d]
+    cfg = _VARIANT_TABLE.get((arch, variant, kernel, cls, block_d)) or _TABLE[arch][kernel, cls, block_d]
+    if mask == MASK_THRESHOLD:
+        cfg = replace(cfg, **_THRESHOLD_OVERRIDES.get((arch, kernel, cls, block_d), {}))
+    return cfg
 
 
 def chunk_d(cfg: Config, block_d: int) -> int:
@@ -954,6 +992,12 @@ def _sched_args(schedule, dummy: torch.Tensor) -> tuple:
 def _mask_args(mask, device: torch.device) -> tuple[int, torch.Tensor]:
     if mask is None:
         return MASK_NONE, torch.zeros(1, dtype=torch.int32, device=device)
+    if mask.kind == MASK_THRESHOLD:
+        # per-row thresholds in natural scaled-score units -> the kernels' log2 units, padded so the dK/dV
+        # kernel's unmasked per-tile load of a ragged last query tile stays in bounds (those rows have
+        # lse2 = +inf, so their values do not matter)
+        rows = (mask.rows.to(device=device, dtype=torch.float32) * LOG2E).reshape(-1)
+        return MASK_THRESHOLD, torch.cat([rows, rows.new_zeros(_THRESHOLD_PAD)])
     params = list(mask.params) or [0]
     return int(mask.kind), torch.tensor(params, dtype=torch.int32, device=device)
 
@@ -1061,7 +1105,7 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     tiled = _tiled(schedule)
     prec = _dot_prec(q.dtype)
 
-    cfg = config_for("bwd_dkdv", arch, q.dtype, block_d, variant_of(sched_kind))
+    cfg = config_for("bwd_dkdv", arch, q.dtype, block_d, variant_of(sched_kind), mask_kind)
     bm, bn, sbm, sbn = _launch_blocks(cfg, schedule)
     tsched = schedule.transposed() if schedule is not None else None
     count = _count_args(visit_counts, "bwd_dkdv", schedule, dummy)
