@@ -25,6 +25,8 @@ import torch
 MASK_NONE = 0
 # Local windows (SPEC §1): params = ditkernels.reference.local.LocalSpec.mask_params().
 MASK_LOCAL = 1
+# Re-ttention's band (SPEC §3): params = (half, lo, hi, frame), see ditkernels.reference.rettention.band_visible.
+MASK_BAND = 2
 
 # Epilogue kinds.
 EPILOGUE_NONE = 0
@@ -54,6 +56,10 @@ class ElementMask:
                 raise ValueError(f"mask: local mask built for seq_q={spec.seq}, seq_k={spec.seq_k}, "
                                  f"asked for ({seq_q}, {seq_k})")
             return local_visible(spec, device)
+        if self.kind == MASK_BAND:
+            from .reference.rettention import band_visible
+
+            return band_visible(seq_q, seq_k, *self.params, device=device)
         raise NotImplementedError(f"element mask kind {self.kind} has no dense form")
 
 

@@ -82,8 +82,26 @@ def _element_mask(offs_m, offs_n, mask_params_ptr, MASK: tl.constexpr):
     mask_params_ptr: int32 parameters of the rule (``ElementMask.params``).
     New mask kinds add a ``MASK == id`` branch here; kernels only call this on partial visits.
     """
-    # MASK_NONE: every pair is visible.
-    return (offs_m >= 0) & (offs_n >= 0)
+    if MASK == 2:
+        vis = _band_mask(offs_m, offs_n, mask_params_ptr)
+    else:
+        # MASK_NONE: every pair is visible.
+        vis = (offs_m >= 0) & (offs_n >= 0)
+    return vis
+
+
+@triton.jit
+def _band_mask(offs_m, offs_n, mask_params_ptr):
+    """MASK_BAND (Re-ttention): params (half, lo, hi, frame); tokens outside [lo, hi) are global;
+    grid tokens see each other iff |f(i) - f(j)| <= half, f(i) = i - lo (or (i - lo) % frame)."""
+    half = tl.load(mask_params_ptr)
+    lo = tl.load(mask_params_ptr + 1)
+    hi = tl.load(mask_params_ptr + 2)
+    frame = tl.load(mask_params_ptr + 3)
+    period = tl.where(frame > 0, frame, 1 << 30)  # no frames: a period longer than any sequence
+    glob = (offs_m < lo) | (offs_m >= hi) | (offs_n < lo) | (offs_n >= hi)
+    d = (offs_m - lo) % period - (offs_n - lo) % period
+    return glob | ((d <= half) & (d >= -half))
 
 
 # --------------------------------------------------------------------------------------------

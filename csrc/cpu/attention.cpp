@@ -40,6 +40,7 @@ namespace {
 // Ids shared with ditkernels/schedule.py.
 constexpr int MASK_NONE = 0;
 constexpr int MASK_LOCAL = 1;  // local windows: csrc/cpu/local_mask.h
+constexpr int MASK_BAND = 2;   // Re-ttention's band: ElementMask<MASK_BAND>
 constexpr int EPILOGUE_NONE = 0;
 constexpr int EPILOGUE_SCALE_RESIDUAL = 1;
 
@@ -72,11 +73,26 @@ struct ElementMask<MASK_LOCAL> {
   static constexpr bool kTrivial = false;
 };
 
+// Band over the raster sequence (or within frames): params (half, lo, hi, frame). Tokens outside
+// [lo, hi) are global (they see and are seen by every token); grid tokens i, j are visible iff
+// |f(i) - f(j)| <= half with f(i) = i - lo, or (i - lo) % frame when frame > 0 (per-frame band).
+template <>
+struct ElementMask<MASK_BAND> {
+  static constexpr bool kTrivial = false;
+  static bool visible(const int32_t* p, int64_t i, int64_t j) {
+    const int64_t half = p[0], lo = p[1], hi = p[2], frame = p[3];
+    if (i < lo || i >= hi || j < lo || j >= hi) return true;
+    const int64_t d = frame > 0 ? (i - lo) % frame - (j - lo) % frame : i - j;
+    return d <= half && -d <= half;
+  }
+};
+
 template <typename F>
 void dispatch_mask(int kind, F&& f) {
   switch (kind) {
     case MASK_NONE: f(std::integral_constant<int, MASK_NONE>{}); return;
     case MASK_LOCAL: f(std::integral_constant<int, MASK_LOCAL>{}); return;
+    case MASK_BAND: f(std::integral_constant<int, MASK_BAND>{}); return;
     default: throw std::invalid_argument("cpu attention: unsupported element mask kind " + std::to_string(kind));
   }
 }
