@@ -70,6 +70,7 @@ class Band:
         _pos_int("Band.frames", self.frames)
         _pos_int("Band.num_prefix", self.num_prefix, 0)
         _pos_int("Band.num_suffix", self.num_suffix, 0)
+        _encode(self)
 
     def params(self, seq: int) -> tuple[int, int, int, int]:
         """(half, lo, hi, frame): the ``MASK_BAND`` parameters for a sequence of ``seq`` tokens."""
@@ -105,6 +106,7 @@ class LocalWindow:
         if isinstance(self.tile, list):
             object.__setattr__(self, "tile", tuple(self.tile))
         self.spec()  # validates
+        _encode(self)
 
     def spec(self):
         from ..reference.local import LocalSpec
@@ -138,6 +140,7 @@ class BlockTopK:
             raise ValueError(f"BlockTopK.block_size: expected (block_q, block_k), got {self.block_size!r}")
         for b in self.block_size:
             _pos_int("BlockTopK.block_size", b)
+        _encode(self)
 
 
 Mask = Band | LocalWindow | BlockTopK
@@ -145,11 +148,16 @@ _MASK_TYPES = {"band": Band, "local": LocalWindow, "topk": BlockTopK}
 
 
 def _encode(mask: Mask) -> str:
-    """The mask as a string argument of the registered ops (torch.library takes no Python objects)."""
-    for kind, cls in _MASK_TYPES.items():
-        if type(mask) is cls:
-            return json.dumps({"kind": kind, **asdict(mask)}, sort_keys=True)
-    raise TypeError(f"mask: expected ditkernels.Band, LocalWindow or BlockTopK, got {type(mask).__name__}")
+    """The mask as a string argument of the registered ops (torch.library takes no Python objects).
+    Computed once per mask object (a constant attribute, so torch.compile reads it without tracing)."""
+    code = getattr(mask, "_code", None)
+    if code is None:
+        kind = next((kind for kind, cls in _MASK_TYPES.items() if type(mask) is cls), None)
+        if kind is None:
+            raise TypeError(f"mask: expected ditkernels.Band, LocalWindow or BlockTopK, got {type(mask).__name__}")
+        code = json.dumps({"kind": kind, **asdict(mask)}, sort_keys=True)
+        object.__setattr__(mask, "_code", code)
+    return code
 
 
 @functools.lru_cache(maxsize=64)
@@ -157,6 +165,9 @@ def _decode(text: str) -> Mask:
     d = json.loads(text)
     cls = _MASK_TYPES[d.pop("kind")]
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+_DEFAULT_BAND = Band()
 
 
 def _intervals(seq: int, block: int, lo: int, hi: int, frame: int):
@@ -403,9 +414,9 @@ def rettention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ReCache
     scale = _validate.check_scale(scale, q.shape[-1])
     backend = _validate.check_backend(backend)
     if mode == "full":
-        return attention(q, k, v, scale=scale, backend=backend)
+        return attention(q, k, v, scale=scale, backend=backend or None)
     if mode == "refresh":
-        code = _encode(Band() if mask is None else mask)
+        code = _encode(_DEFAULT_BAND if mask is None else mask)
         out, rho, residual = rettention_refresh(q, k, v, code, scale, backend)
         state.rho, state.residual, state.n, state.mask = rho.detach(), residual.detach(), 0, code
         return out
