@@ -5,8 +5,8 @@ the refresh step (dense pass + sparse pass) of ``ditkernels.rettention`` vs SDPA
 ditkernels dense core, for the band, local-window and block top-k masks at 3.1 % density.
 CPU: B=1, H=8, S=4096 (a 64x64 grid), D=64, fp32 (``--sizes N``: an N x N grid). The sparse step
 runs with ``drift=0`` right after a refresh on the same inputs, so its output is full attention and
-its rel.err column checks it. Useful FLOPs: the dense count for dense / refresh steps, the pairs of
-the mask for the sparse step.
+its rel.err column checks it. Useful FLOPs: the dense count for every row (the work a step
+replaces), so the FLOP/s of the sparse rows are *effective* rates; compare times / speed-ups.
 
 ``rettention.quality``: 20 steps of the PixArt schedule (full 0-4, refresh 5, 10, 15) on structured
 inputs: smooth random q/k/v fields on a 32x32 token grid plus a shared 2-D positional code (so
@@ -304,5 +304,49 @@ def quality_table(side: int = Q_SIDE, heads: int = Q_HEADS, steps: int = Q_STEPS
     return "\n".join(lines)
 
 
+def memory_check(seq: int = 32768, heads: int = 8, head_dim: int = 64, backend: str = "cpu") -> dict[str, float]:
+    """Peak RSS growth (MB) of a refresh step and a sparse step (band mask) on CPU, beyond the inputs.
+
+    Run it in a fresh process: ``ru_maxrss`` is the process's peak. A ``seq x seq`` float32 score
+    matrix would be ``4 * seq**2`` bytes per head (4 GiB at 32768)."""
+    import resource
+    import time
+
+    import ditkernels
+
+    def peak_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, seq, head_dim, generator=g) for _ in range(3))
+    state = ditkernels.ReCache()
+    small = [t[:, :, :256].contiguous() for t in (q, k, v)]  # load the extension and warm its workers
+    ditkernels.rettention(*small, ditkernels.ReCache(), "refresh", backend=backend)
+    base = peak_mb()
+    t0 = time.perf_counter()
+    ditkernels.rettention(q, k, v, state, "refresh", backend=backend)
+    t1 = time.perf_counter()
+    after_refresh = peak_mb()
+    out = ditkernels.rettention(q, k, v, state, "sparse", backend=backend)
+    t2 = time.perf_counter()
+    after_sparse = peak_mb()
+    assert out.shape == q.shape and bool(torch.isfinite(out).all())
+    return {"seq": seq, "heads": heads, "head_dim": head_dim, "inputs_mb": 3 * q.numel() * 4 / 2**20,
+            "baseline_peak_mb": base, "refresh_extra_mb": after_refresh - base,
+            "sparse_extra_mb": after_sparse - base, "refresh_s": t1 - t0, "sparse_s": t2 - t1,
+            "dense_scores_per_head_mb": 4.0 * seq * seq / 2**20}
+
+
 if __name__ == "__main__":
-    print(quality_table())
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m ditkernels.bench.rettention",
+                                 description="Re-ttention quality table, or --memory: peak RSS of a refresh and a "
+                                             "sparse step on CPU")
+    ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--seq", type=int, default=32768)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=64)
+    a = ap.parse_args()
+    print(json.dumps(memory_check(a.seq, a.heads, a.head_dim)) if a.memory else quality_table())
