@@ -42,7 +42,9 @@ class Job:
     kernel: str  # fwd | bwd_preprocess | bwd_dkdv | bwd_dq
     dtype: str  # fp16 | bf16 | fp32
     block_d: int
-    variant: str = "dense"  # dense | csr | epilogue | odd_d (head_dim < BLOCK_D: masked head dims)
+    # dense | csr | epilogue | odd_d (head_dim < BLOCK_D: masked head dims) | band (CSR + MASK_BAND: the
+    # sparse pass of a Re-ttention refresh) | rettention (CSR + MASK_BAND + epilogue: its sparse step)
+    variant: str = "dense"
     part: str = ""  # bwd_dkdv with a split config: "dk" or "dv" (one launch each)
 
 
@@ -88,7 +90,7 @@ def jobs_for(archs: list[int], quick: bool) -> list[Job]:
             jobs += [Job(arch, "fwd", "fp16", 128), Job(arch, "fwd", "bf16", 64), Job(arch, "fwd", "fp32", 32),
                      Job(arch, "bwd_preprocess", "fp16", 128), Job(arch, "bwd_dkdv", "bf16", 128),
                      Job(arch, "bwd_dq", "fp16", 128), Job(arch, "fwd", "fp16", 64, "csr"),
-                     Job(arch, "fwd", "fp16", 128, "epilogue")]
+                     Job(arch, "fwd", "fp16", 128, "epilogue"), Job(arch, "fwd", "bf16", 128, "rettention")]
             continue
         for kernel in KERNELS:
             for dtype in DTYPES:
@@ -99,6 +101,9 @@ def jobs_for(archs: list[int], quick: bool) -> list[Job]:
                 jobs.append(Job(arch, kernel, "fp16", d, "csr"))
                 jobs.append(Job(arch, kernel, "bf16", d, "odd_d"))
             jobs.append(Job(arch, "fwd", "bf16", d, "epilogue"))
+            jobs.append(Job(arch, "fwd", "fp16", d, "band"))
+            for dtype in DTYPES:
+                jobs.append(Job(arch, "fwd", dtype, d, "rettention"))
     return [p for j in jobs for p in _split(j)]
 
 
@@ -131,15 +136,20 @@ def _example_args(job: Job, cfg, head_dim: int) -> dict[str, object]:
     for ax, s in zip(("b", "h", "m"), (heads * seq, seq, 1)):
         vals[f"stride_s{ax}"] = s  # row_scale
         vals[f"stride_l{ax}"] = s  # lse
-    sched = job.variant == "csr"
+    sched = job.variant in ("csr", "band", "rettention")
     vals.update(stride_sched_ptr=(seq // 64 + 1) if sched else 0, stride_sched_idx=4096 if sched else 0,
                 sched_head_stride=1 if sched else 0)
     fwd = flash.config_for("fwd", job.arch, flash.DTYPES[job.dtype], job.block_d)
     sbm, sbn = (fwd.block_m, fwd.block_n) if sched else (cfg.block_m, cfg.block_n)
-    vals.update(BLOCK_M=min(cfg.block_m, sbm), BLOCK_N=min(cfg.block_n, sbn) if cfg.block_n else 0,
+    bm = cfg.block_m
+    if job.variant in ("band", "rettention"):  # launches with an element mask: flash_fwd caps BLOCK_M
+        bm = flash.masked_fwd_block_m(job.arch, flash.DTYPES[job.dtype], job.block_d, bm)
+    vals.update(BLOCK_M=min(bm, sbm), BLOCK_N=min(cfg.block_n, sbn) if cfg.block_n else 0,
                 BLOCK_D=job.block_d, BLOCK_DK=flash.chunk_d(cfg, job.block_d), SCHED_BM=sbm, SCHED_BN=sbn,
-                SCHEDULE=flash.SCHEDULE_CSR if sched else flash.SCHEDULE_DENSE, MASK=flash.MASK_NONE,
-                EPILOGUE=flash.EPILOGUE_SCALE_RESIDUAL if job.variant == "epilogue" else flash.EPILOGUE_NONE,
+                SCHEDULE=flash.SCHEDULE_CSR if sched else flash.SCHEDULE_DENSE,
+                MASK=flash.MASK_BAND if job.variant in ("band", "rettention") else flash.MASK_NONE,
+                EPILOGUE=flash.EPILOGUE_SCALE_RESIDUAL if job.variant in ("epilogue", "rettention")
+                else flash.EPILOGUE_NONE,
                 EVEN_D=head_dim == job.block_d, OUT_DK=job.part in ("", "dk"), OUT_DV=job.part in ("", "dv"),
                 DOT_PREC=flash._dot_prec(flash.DTYPES[job.dtype]))
     return vals

@@ -398,3 +398,22 @@ def test_no_seq_by_seq_memory_at_32k():
     assert res.returncode == 0, res.stderr
     m = json.loads(res.stdout.strip().splitlines()[-1])
     assert m["refresh_extra_mb"] < 1024 and m["sparse_extra_mb"] < 1024, m
+
+
+def test_bench_families_run(tmp_path, capsys):
+    """``ditkernels bench --filter rettention``: speed rows (sparse step right after a refresh with drift 0
+    is full attention) and the quality rows (Re-ttention closer to dense than plain sparse attention)."""
+    import json
+
+    from ditkernels.bench.runner import main
+
+    rc = main(["--device", "cpu", "--out", str(tmp_path), "--tag", "t", "--no-progress", "--reps", "1",
+               "--warmup", "0", "--no-plot", "--quick", "--sizes", "16", "--mode", "fwd", "--filter", "rettention"])
+    capsys.readouterr()
+    assert rc == 0
+    rows = {(r["family"], r["impl"]): r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values()), [r["reason"] for r in rows.values()]
+    assert rows["rettention.speed", "re-sparse"]["rel_err_vs_ref"] < 1e-5
+    assert rows["rettention.speed", "re-refresh"]["rel_err_vs_ref"] < 1e-5
+    q_sparse, q_re = rows["rettention.quality", "sparse"], rows["rettention.quality", "rettention"]
+    assert q_re["rel_err_vs_ref"] < q_sparse["rel_err_vs_ref"]

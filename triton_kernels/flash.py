@@ -45,6 +45,7 @@ from . import _interpreter
 
 # Element-mask and epilogue ids: the same values as ditkernels.schedule.
 MASK_NONE = 0
+MASK_BAND = 2
 EPILOGUE_NONE = 0
 EPILOGUE_SCALE_RESIDUAL = 1
 SCHEDULE_DENSE = 0
@@ -658,6 +659,20 @@ _INTERPRET_CONFIGS = {
 }
 
 
+# Forward launches with an element mask (MASK != 0) cap their query tile here where the config's
+# spills: the fp32 head_dim-64 config on sm_90 needs 8-16 bytes of stack with a mask at 128 rows and
+# none at 64 (python -m ditkernels compile-report, variants band / rettention). Schedule tiles larger
+# than the cap are walked in sub-tiles, as for any smaller kernel tile.
+_MASKED_FWD_BLOCK_M = {(90, "f32", 64): 64}
+
+
+def masked_fwd_block_m(arch: int | None, dtype: torch.dtype, block_d: int, block_m: int) -> int:
+    """BLOCK_M of a forward launch with an element mask whose config has ``block_m`` rows."""
+    if arch is None:
+        return block_m
+    return min(block_m, _MASKED_FWD_BLOCK_M.get((arch, _dtype_class(dtype), block_d), block_m))
+
+
 def block_d_for(head_dim: int) -> int:
     """Padded head dim: the power of two >= max(head_dim, 16)."""
     if not 1 <= head_dim <= 256:
@@ -793,6 +808,8 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         # The forward runs the schedule's own tiles (its tile sizes are the forward config's when the
         # op asked block_sizes()); larger schedule tiles are walked in sub-tiles.
         cfg = replace(cfg, block_m=min(schedule.block_m, 128), block_n=min(schedule.block_n, 128))
+    if mask is not None and mask.kind != MASK_NONE:
+        cfg = replace(cfg, block_m=masked_fwd_block_m(device_arch(device), q.dtype, block_d, cfg.block_m))
     bm, bn, sbm, sbn = _launch_blocks(cfg, schedule)
     out = _alloc.empty(batch, heads, seq_q, head_dim, dtype=q.dtype, device=device)
     lse = _alloc.empty(batch, heads, seq_q, dtype=torch.float32, device=device)
