@@ -42,8 +42,9 @@ class Job:
     kernel: str  # fwd | bwd_preprocess | bwd_dkdv | bwd_dq
     dtype: str  # fp16 | bf16 | fp32
     block_d: int
-    # dense | csr | epilogue | odd_d (head_dim < BLOCK_D: masked head dims) | band (CSR + MASK_BAND: the
-    # sparse pass of a Re-ttention refresh) | rettention (CSR + MASK_BAND + epilogue: its sparse step)
+    # dense | csr | epilogue | odd_d (head_dim < BLOCK_D: masked head dims) | topk (csr + MASK 3) |
+    # band (CSR + MASK_BAND: the sparse pass of a Re-ttention refresh) | rettention (CSR + MASK_BAND +
+    # epilogue: its sparse step)
     variant: str = "dense"
     part: str = ""  # bwd_dkdv with a split config: "dk" or "dv" (one launch each)
 
@@ -90,7 +91,8 @@ def jobs_for(archs: list[int], quick: bool) -> list[Job]:
             jobs += [Job(arch, "fwd", "fp16", 128), Job(arch, "fwd", "bf16", 64), Job(arch, "fwd", "fp32", 32),
                      Job(arch, "bwd_preprocess", "fp16", 128), Job(arch, "bwd_dkdv", "bf16", 128),
                      Job(arch, "bwd_dq", "fp16", 128), Job(arch, "fwd", "fp16", 64, "csr"),
-                     Job(arch, "fwd", "fp16", 128, "epilogue"), Job(arch, "fwd", "bf16", 128, "rettention")]
+                     Job(arch, "fwd", "fp16", 128, "epilogue"), Job(arch, "fwd", "bf16", 64, "topk"),
+                     Job(arch, "fwd", "bf16", 128, "rettention")]
             continue
         for kernel in KERNELS:
             for dtype in DTYPES:
@@ -99,7 +101,10 @@ def jobs_for(archs: list[int], quick: bool) -> list[Job]:
         for d in BLOCK_D_BUCKETS:
             for kernel in ATTN_KERNELS:
                 jobs.append(Job(arch, kernel, "fp16", d, "csr"))
+                jobs.append(Job(arch, kernel, "fp32", d, "csr"))  # block-sparse attention in fp32
                 jobs.append(Job(arch, kernel, "bf16", d, "odd_d"))
+                for dtype in ("fp16", "bf16", "fp32"):  # exact top-k: CSR + the score-threshold mask
+                    jobs.append(Job(arch, kernel, dtype, d, "topk"))
             jobs.append(Job(arch, "fwd", "bf16", d, "epilogue"))
             jobs.append(Job(arch, "fwd", "fp16", d, "band"))
             for dtype in DTYPES:
@@ -136,7 +141,7 @@ def _example_args(job: Job, cfg, head_dim: int) -> dict[str, object]:
     for ax, s in zip(("b", "h", "m"), (heads * seq, seq, 1)):
         vals[f"stride_s{ax}"] = s  # row_scale
         vals[f"stride_l{ax}"] = s  # lse
-    sched = job.variant in ("csr", "band", "rettention")
+    sched = job.variant in ("csr", "topk", "band", "rettention")
     vals.update(stride_sched_ptr=(seq // 64 + 1) if sched else 0, stride_sched_idx=4096 if sched else 0,
                 sched_head_stride=1 if sched else 0)
     fwd = flash.config_for("fwd", job.arch, flash.DTYPES[job.dtype], job.block_d)
@@ -147,7 +152,8 @@ def _example_args(job: Job, cfg, head_dim: int) -> dict[str, object]:
     vals.update(BLOCK_M=min(bm, sbm), BLOCK_N=min(cfg.block_n, sbn) if cfg.block_n else 0,
                 BLOCK_D=job.block_d, BLOCK_DK=flash.chunk_d(cfg, job.block_d), SCHED_BM=sbm, SCHED_BN=sbn,
                 SCHEDULE=flash.SCHEDULE_CSR if sched else flash.SCHEDULE_DENSE,
-                MASK=flash.MASK_BAND if job.variant in ("band", "rettention") else flash.MASK_NONE,
+                MASK={"topk": flash.MASK_THRESHOLD, "band": flash.MASK_BAND,
+                      "rettention": flash.MASK_BAND}.get(job.variant, flash.MASK_NONE),
                 EPILOGUE=flash.EPILOGUE_SCALE_RESIDUAL if job.variant in ("epilogue", "rettention")
                 else flash.EPILOGUE_NONE,
                 EVEN_D=head_dim == job.block_d, OUT_DK=job.part in ("", "dk"), OUT_DV=job.part in ("", "dv"),
@@ -176,6 +182,8 @@ def _source(job: Job):
             constexprs[(i,)] = vals[name]
         elif name in _PTR_ARGS:
             ty = _PTR_ARGS[name]
+            if name == "MaskParams" and job.variant == "topk":
+                ty = "fp32"  # MASK_THRESHOLD: per-row float thresholds
             signature[name] = "*" + (job.dtype if ty == "x" else ty)
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in ("qk_scale", "sm_scale"):

@@ -27,6 +27,10 @@ MASK_NONE = 0
 MASK_LOCAL = 1
 # Re-ttention's band (SPEC §3): params = (half, lo, hi, frame), see ditkernels.reference.rettention.band_visible.
 MASK_BAND = 2
+# Exact top-k (SPEC §2, ditkernels.ops.topk): a pair is visible iff its scaled score
+# ``scale * q.k`` is >= the query row's threshold ``ElementMask.rows[b, h, i]`` (float32, natural
+# units). It depends on the scores, so it has no dense form without q and k (see :meth:`ElementMask.visible`).
+MASK_THRESHOLD = 3
 
 # Epilogue kinds.
 EPILOGUE_NONE = 0
@@ -38,11 +42,20 @@ class ElementMask:
     """Per-element visibility rule applied on partial tiles.
 
     kind: one of the ``MASK_*`` ids. params: small int parameters of the rule (passed to kernels
-    as an int32 vector).
+    as an int32 vector). rows: per-query-row data of score-dependent rules (``MASK_THRESHOLD``:
+    float32 thresholds (batch, heads, seq_q)), else None.
     """
 
     kind: int = MASK_NONE
     params: tuple[int, ...] = ()
+    rows: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def visible(self, scores: torch.Tensor) -> torch.Tensor:
+        """Score-dependent rules: visibility of ``scores`` (batch, heads, seq_q, seq_k), scaled natural
+        units (``MASK_THRESHOLD``: ``scores >= rows[..., None]``). Other kinds: all True."""
+        if self.kind == MASK_THRESHOLD:
+            return scores >= self.rows.to(scores.device, scores.dtype)[..., None]
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
 
     def dense(self, seq_q: int, seq_k: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The rule as a bool tensor ``(seq_q, seq_k)`` (reference backend and tests only)."""
@@ -60,6 +73,9 @@ class ElementMask:
             from .reference.rettention import band_visible
 
             return band_visible(seq_q, seq_k, *self.params, device=device)
+        if self.kind == MASK_THRESHOLD:
+            # score-dependent: the pattern part is "every pair"; ElementMask.visible adds the scores
+            return torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
         raise NotImplementedError(f"element mask kind {self.kind} has no dense form")
 
 
@@ -135,15 +151,19 @@ class BlockSchedule:
         counts = tile_mask.sum(-1, dtype=torch.int32)  # (H_s, nq)
         kv_ptr = torch.zeros(hs, nq + 1, dtype=torch.int32, device=tile_mask.device)
         kv_ptr[:, 1:] = torch.cumsum(counts, -1)
-        nnz_max = max(int(kv_ptr[:, -1].max()), 1)
+        per_head = kv_ptr[:, -1].to(torch.int64)
+        nnz_max = max(int(per_head.max()), 1)
         kv_idx = torch.zeros(hs, nnz_max, dtype=torch.int32, device=tile_mask.device)
         partial = torch.zeros(hs, nnz_max, dtype=torch.int32, device=tile_mask.device)
-        pm = partial_mask.to(torch.bool) if partial_mask is not None else torch.zeros_like(tile_mask)
-        for h in range(hs):
-            nz = tile_mask[h].nonzero()  # row-major: sorted by (m, n)
-            n_h = nz.shape[0]
-            kv_idx[h, :n_h] = nz[:, 1].to(torch.int32)
-            partial[h, :n_h] = pm[h][nz[:, 0], nz[:, 1]].to(torch.int32)
+        # One nonzero over every head slice (row-major: sorted by (h, m, n)); a visit's slot within its
+        # head is its rank minus the number of visits of the head slices before it.
+        nz = tile_mask.nonzero()
+        if nz.shape[0]:
+            head_start = torch.cumsum(per_head, 0) - per_head
+            slot = torch.arange(nz.shape[0], device=nz.device) - head_start[nz[:, 0]]
+            kv_idx[nz[:, 0], slot] = nz[:, 2].to(torch.int32)
+            if partial_mask is not None:
+                partial[nz[:, 0], slot] = partial_mask.to(torch.bool)[nz[:, 0], nz[:, 1], nz[:, 2]].to(torch.int32)
         return cls(block_m, block_n, seq_q, seq_k, kv_ptr.contiguous(), kv_idx.contiguous(), partial.contiguous())
 
     def tile_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,13 +171,14 @@ class BlockSchedule:
         hs, nq, nk = self.num_heads_sched, self.num_q_tiles, self.num_kv_tiles
         visited = torch.zeros(hs, nq, nk, dtype=torch.bool, device=self.kv_ptr.device)
         partial = torch.zeros_like(visited)
-        ptr = self.kv_ptr.cpu()
-        for h in range(hs):
-            rows = torch.repeat_interleave(torch.arange(nq), (ptr[h, 1:] - ptr[h, :-1]).long())
-            n = int(ptr[h, -1])
-            cols = self.kv_idx[h, :n].long().cpu()
-            visited[h, rows, cols] = True
-            partial[h, rows, cols] = self.partial[h, :n].cpu().bool()
+        ptr = self.kv_ptr.long()
+        counts = ptr[:, 1:] - ptr[:, :-1]  # (H_s, nq)
+        heads = torch.arange(hs, device=ptr.device).repeat_interleave(counts.sum(1))
+        rows = torch.arange(nq, device=ptr.device).repeat(hs).repeat_interleave(counts.reshape(-1))
+        used = torch.arange(self.kv_idx.shape[1], device=ptr.device)[None, :] < ptr[:, -1:]  # (H_s, nnz_max)
+        cols = self.kv_idx[used].long()
+        visited[heads, rows, cols] = True
+        partial[heads, rows, cols] = self.partial[used].bool()
         return visited, partial
 
     def transposed(self) -> "BlockSchedule":

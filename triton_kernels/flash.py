@@ -46,6 +46,7 @@ from . import _interpreter
 # Element-mask and epilogue ids: the same values as ditkernels.schedule.
 MASK_NONE = 0
 MASK_BAND = 2
+MASK_THRESHOLD = 3  # keep scores >= a per-row threshold (exact top-k); MaskParams is then fp32 (B*H*Sq)
 EPILOGUE_NONE = 0
 EPILOGUE_SCALE_RESIDUAL = 1
 SCHEDULE_DENSE = 0
@@ -86,7 +87,7 @@ def _element_mask(offs_m, offs_n, mask_params_ptr, MASK: tl.constexpr):
     if MASK == 2:
         vis = _band_mask(offs_m, offs_n, mask_params_ptr)
     else:
-        # MASK_NONE: every pair is visible.
+        # MASK_NONE (and MASK_THRESHOLD, which tests scores: _row_threshold): every pair is visible.
         vis = (offs_m >= 0) & (offs_n >= 0)
     return vis
 
@@ -103,6 +104,15 @@ def _band_mask(offs_m, offs_n, mask_params_ptr):
     glob = (offs_m < lo) | (offs_m >= hi) | (offs_n < lo) | (offs_n >= hi)
     d = (offs_m - lo) % period - (offs_n - lo) % period
     return glob | ((d <= half) & (d >= -half))
+
+
+@triton.jit
+def _row_threshold(thr_ptr, offs_m, seq_q):
+    """MASK_THRESHOLD: per-row thresholds (log2-scaled score units) of query rows ``offs_m`` of this
+    batch*head (``thr_ptr`` already offset); rows past seq_q get +inf (nothing visible). The forward
+    and dQ kernels load their rows' thresholds once and pass them as ``mask_params``; the dK/dV kernel
+    loads them per query tile."""
+    return tl.load(thr_ptr + offs_m, mask=offs_m < seq_q, other=float("inf"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,6 +197,9 @@ def _fwd_tile(acc, m_i, l_i, q, q_base, k_base, v_base, offs_m, offs_d, j, part,
     if MASK != 0:
         if part != 0:
             s = tl.where(_element_mask(offs_m[:, None], offs_n[None, :], mask_params, MASK), s, float("-inf"))
+    if MASK == 3:  # mask_params: this program's row thresholds (loaded once by the kernel)
+        if part != 0:
+            s = tl.where(s >= mask_params[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no visible key keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -225,6 +238,8 @@ def _flash_fwd_kernel(
     v_base = V + b * stride_vb + h * stride_vh
 
     offs_m = _q_tokens(pid_m, BLOCK_M)
+    if MASK == 3:
+        MaskParams = _row_threshold(MaskParams + pid_bh.to(tl.int64) * seq_q, offs_m, seq_q)
     offs_d = tl.arange(0, BLOCK_D)
     if BLOCK_DK < BLOCK_D:
         q = 0.0  # chunked head dim: each KV tile re-reads Q chunks (L1/L2) instead of keeping Q in registers
@@ -348,6 +363,9 @@ def _dkdv_tile(dk, dv, k, v, k_base, v_base, q_base, do_base, lse2_base, delta_b
     if MASK != 0:
         if part != 0:
             p_t = tl.where(_element_mask(offs_m[None, :], offs_n[:, None], mask_params, MASK), p_t, 0.0)
+    if MASK == 3:
+        if part != 0:
+            p_t = tl.where(s_t >= _row_threshold(mask_params, offs_m, seq_q)[None, :], p_t, 0.0)
     if OUT_DV:
         if BLOCK_DK < BLOCK_D:
             do = _load_rows(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, CHECK_M, EVEN_D)
@@ -393,6 +411,8 @@ def _flash_bwd_dkdv_kernel(
     do_base = DO + b * stride_dob + h * stride_doh
     lse2_base = Lse2 + pid_bh.to(tl.int64) * seq_q
     delta_base = Delta + pid_bh.to(tl.int64) * seq_q
+    if MASK == 3:
+        MaskParams += pid_bh.to(tl.int64) * seq_q
 
     offs_n = _kv_tokens(pid_n, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -484,6 +504,9 @@ def _dq_tile(dq, q, do, lse2, delta, q_base, do_base, k_base, v_base, offs_m, of
     if MASK != 0:
         if part != 0:
             p = tl.where(_element_mask(offs_m[:, None], offs_n[None, :], mask_params, MASK), p, 0.0)
+    if MASK == 3:  # mask_params: this program's row thresholds (loaded once by the kernel)
+        if part != 0:
+            p = tl.where(s >= mask_params[:, None], p, 0.0)
     if BLOCK_DK == BLOCK_D:
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
@@ -515,6 +538,8 @@ def _flash_bwd_dq_kernel(
     v_base = V + b * stride_vb + h * stride_vh
 
     offs_m = _q_tokens(pid_m, BLOCK_M)
+    if MASK == 3:
+        MaskParams = _row_threshold(MaskParams + pid_bh.to(tl.int64) * seq_q, offs_m, seq_q)
     offs_d = tl.arange(0, BLOCK_D)
     # Chunked head dim (BLOCK_DK < BLOCK_D): Q / dO chunks are re-read per KV tile (L1/L2) instead.
     q_base = Q + b * stride_qb + h * stride_qh
@@ -779,6 +804,9 @@ def _sched_args(schedule, dummy: torch.Tensor) -> tuple:
 def _mask_args(mask, device: torch.device) -> tuple[int, torch.Tensor]:
     if mask is None:
         return MASK_NONE, torch.zeros(1, dtype=torch.int32, device=device)
+    if mask.kind == MASK_THRESHOLD:
+        # per-row thresholds in natural scaled-score units -> the kernels' log2 units
+        return MASK_THRESHOLD, (mask.rows.to(device=device, dtype=torch.float32) * LOG2E).contiguous()
     params = list(mask.params) or [0]
     return int(mask.kind), torch.tensor(params, dtype=torch.int32, device=device)
 

@@ -41,6 +41,7 @@ namespace {
 constexpr int MASK_NONE = 0;
 constexpr int MASK_LOCAL = 1;  // local windows: csrc/cpu/local_mask.h
 constexpr int MASK_BAND = 2;   // Re-ttention's band: ElementMask<MASK_BAND>
+constexpr int MASK_THRESHOLD = 3;  // exact top-k: score >= a per-row threshold (mask_rows, float32 B*H*Sq)
 constexpr int EPILOGUE_NONE = 0;
 constexpr int EPILOGUE_SCALE_RESIDUAL = 1;
 
@@ -87,12 +88,40 @@ struct ElementMask<MASK_BAND> {
   }
 };
 
+// MASK_THRESHOLD depends on the score, not the indices: applied where the scores are (threshold_rows).
+template <>
+struct ElementMask<MASK_THRESHOLD> {
+  static constexpr bool kTrivial = false;
+};
+
+// MASK_THRESHOLD on one chunk of scores S (rows i < n_rows of the streamed side, lanes j < n_lanes, row
+// stride ld): the pairs of partial rows whose score is below the query's threshold become -inf. `lane_q`:
+// lanes are queries (forward, dQ: threshold per lane) or keys (dK/dV: threshold per row).
+template <typename T, typename RI, typename LaneTok>
+inline void threshold_rows(T* S, int64_t ld, int64_t n_rows, int64_t n_lanes, const RI& ri, bool lane_q,
+                           const float* thr, LaneTok&& lane_token) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < n_rows; ++i) {
+    if (!ri.is_partial(i)) continue;
+    T* s = S + i * ld;
+    if (lane_q) {
+      for (int64_t j = 0; j < n_lanes; ++j)
+        if (s[j] < static_cast<T>(thr[lane_token(j)])) s[j] = neg_inf;
+    } else {
+      const T t = static_cast<T>(thr[ri.token(i)]);
+      for (int64_t j = 0; j < n_lanes; ++j)
+        if (s[j] < t) s[j] = neg_inf;
+    }
+  }
+}
+
 template <typename F>
 void dispatch_mask(int kind, F&& f) {
   switch (kind) {
     case MASK_NONE: f(std::integral_constant<int, MASK_NONE>{}); return;
     case MASK_LOCAL: f(std::integral_constant<int, MASK_LOCAL>{}); return;
     case MASK_BAND: f(std::integral_constant<int, MASK_BAND>{}); return;
+    case MASK_THRESHOLD: f(std::integral_constant<int, MASK_THRESHOLD>{}); return;
     default: throw std::invalid_argument("cpu attention: unsupported element mask kind " + std::to_string(kind));
   }
 }
@@ -613,6 +642,7 @@ struct FwdParams {
   Sched sched;
   const int32_t* mask_params;
   const LocalGeom* geom;  // MASK_LOCAL only
+  const float* mask_rows;  // MASK_THRESHOLD only: (B*H*Sq) thresholds
   const int32_t* q_tokens;   // token-mapped tiles (TiledSchedule), else nullptr
   const int32_t* kv_tokens;
   int64_t n_q_tiles, n_kv_tiles;
@@ -730,6 +760,10 @@ void fwd_kernel(const FwdParams& p) {
             else
               apply_local(table, *p.geom, St, ld, e, ri);
           }
+        } else if constexpr (MASK == MASK_THRESHOLD) {
+          if (ri.any_partial)
+            threshold_rows(St, ld, nk, nr, ri, true, p.mask_rows + bh * Sq,
+                           [&](int64_t r) { return MAP ? ltok[r] : q0 + r; });
         } else if constexpr (!Mask::kTrivial) {
           if (ri.any_partial)
             for (int64_t kk = 0; kk < nk; ++kk)
@@ -816,6 +850,7 @@ struct BwdParams {
   Sched tsched;  // over KV tiles (schedule.transposed())
   const int32_t* mask_params;
   const LocalGeom* geom;     // MASK_LOCAL only
+  const float* mask_rows;    // MASK_THRESHOLD only: (B*H*Sq) thresholds
   const int32_t* q_tokens;   // token-mapped tiles (TiledSchedule), else nullptr
   const int32_t* kv_tokens;
   int64_t n_q_tiles, n_kv_tiles;
@@ -954,6 +989,10 @@ void bwd_kernel(const BwdParams& p) {
               else
                 apply_local(table, *p.geom, St, ld, e, ri);
             }
+          } else if constexpr (MASK == MASK_THRESHOLD) {
+            if (ri.any_partial)
+              threshold_rows(St, ld, nk, nr, ri, true, p.mask_rows + bh * Sq,
+                             [&](int64_t r) { return MAP ? ltok[r] : q0 + r; });
           } else if constexpr (!Mask::kTrivial) {
             if (ri.any_partial)
               for (int64_t kk = 0; kk < nk; ++kk)
@@ -1100,6 +1139,9 @@ void bwd_kernel(const BwdParams& p) {
               else
                 apply_local(table, *p.geom, Sm, ld, e, ri);
             }
+          } else if constexpr (MASK == MASK_THRESHOLD) {
+            if (ri.any_partial)
+              threshold_rows(Sm, ld, nq, nk, ri, false, p.mask_rows + bh * Sq, [](int64_t) { return int64_t(0); });
           } else if constexpr (!Mask::kTrivial) {
             if (ri.any_partial)
               for (int64_t i = 0; i < nq; ++i)
@@ -1183,7 +1225,7 @@ void attention_fwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int6
                    int64_t sched_idx_stride, int mask_kind, uintptr_t mask_params, int epilogue_kind,
                    uintptr_t row_scale, std::array<int64_t, 3> row_scale_strides, uintptr_t residual,
                    Strides4 residual_strides, int num_threads, uintptr_t q_tokens, uintptr_t kv_tokens,
-                   int64_t n_q_tiles, int64_t n_kv_tiles) {
+                   int64_t n_q_tiles, int64_t n_kv_tiles, uintptr_t mask_rows) {
   check_common(B, H, Sq, Sk, D, block_m, block_n, {&q_strides, &k_strides, &v_strides, &out_strides});
   check_tokens(q_tokens, kv_tokens, kv_ptr, n_q_tiles, n_kv_tiles);
   if (epilogue_kind != EPILOGUE_NONE && epilogue_kind != EPILOGUE_SCALE_RESIDUAL)
@@ -1204,6 +1246,9 @@ void attention_fwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int6
     geom.init(p.mask_params, Sq, Sk);
   }
   p.geom = &geom;
+  if (mask_kind == MASK_THRESHOLD && mask_rows == 0)
+    throw std::invalid_argument("cpu attention: the threshold mask needs mask_rows");
+  p.mask_rows = reinterpret_cast<const float*>(mask_rows);
   p.q_tokens = reinterpret_cast<const int32_t*>(q_tokens);
   p.kv_tokens = reinterpret_cast<const int32_t*>(kv_tokens);
   p.n_q_tiles = n_q_tiles, p.n_kv_tiles = n_kv_tiles;
@@ -1232,7 +1277,8 @@ void attention_bwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int6
                    uintptr_t kv_idx, uintptr_t partial, int64_t sched_ptr_stride, int64_t sched_idx_stride,
                    uintptr_t t_kv_ptr, uintptr_t t_kv_idx, uintptr_t t_partial, int64_t t_sched_ptr_stride,
                    int64_t t_sched_idx_stride, int mask_kind, uintptr_t mask_params, int num_threads,
-                   uintptr_t q_tokens, uintptr_t kv_tokens, int64_t n_q_tiles, int64_t n_kv_tiles) {
+                   uintptr_t q_tokens, uintptr_t kv_tokens, int64_t n_q_tiles, int64_t n_kv_tiles,
+                   uintptr_t mask_rows) {
   check_common(B, H, Sq, Sk, D, block_m, block_n,
                {&dout_strides, &q_strides, &k_strides, &v_strides, &out_strides, &dq_strides, &dk_strides,
                 &dv_strides});
@@ -1255,6 +1301,9 @@ void attention_bwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int6
     geom.init(p.mask_params, Sq, Sk);
   }
   p.geom = &geom;
+  if (mask_kind == MASK_THRESHOLD && mask_rows == 0)
+    throw std::invalid_argument("cpu attention: the threshold mask needs mask_rows");
+  p.mask_rows = reinterpret_cast<const float*>(mask_rows);
   p.q_tokens = reinterpret_cast<const int32_t*>(q_tokens);
   p.kv_tokens = reinterpret_cast<const int32_t*>(kv_tokens);
   p.n_q_tiles = n_q_tiles, p.n_kv_tiles = n_kv_tiles;
@@ -1292,7 +1341,7 @@ void register_attention_cpu(py::module_& m) {
         "kv_ptr"_a, "kv_idx"_a, "partial"_a, "sched_ptr_stride"_a, "sched_idx_stride"_a, "mask_kind"_a,
         "mask_params"_a, "epilogue_kind"_a, "row_scale"_a, "row_scale_strides"_a, "residual"_a,
         "residual_strides"_a, "num_threads"_a, "q_tokens"_a = 0, "kv_tokens"_a = 0, "n_q_tiles"_a = 0,
-        "n_kv_tiles"_a = 0);
+        "n_kv_tiles"_a = 0, "mask_rows"_a = 0);
   m.def("attention_bwd", &ditk::attention_bwd,
         "Flash-attention backward on the CPU (FA2, deterministic). do, out: (B, H, Sq, D); lse as from\n"
         "attention_fwd; writes dq, dk, dv. The t_* CSR is the transposed schedule (over KV tiles).",
@@ -1302,7 +1351,7 @@ void register_attention_cpu(py::module_& m) {
         "kv_ptr"_a, "kv_idx"_a, "partial"_a, "sched_ptr_stride"_a, "sched_idx_stride"_a, "t_kv_ptr"_a,
         "t_kv_idx"_a, "t_partial"_a, "t_sched_ptr_stride"_a, "t_sched_idx_stride"_a, "mask_kind"_a,
         "mask_params"_a, "num_threads"_a, "q_tokens"_a = 0, "kv_tokens"_a = 0, "n_q_tiles"_a = 0,
-        "n_kv_tiles"_a = 0);
+        "n_kv_tiles"_a = 0, "mask_rows"_a = 0);
   m.def("attention_fwd_visits", [] { return ditk::g_fwd_visits.load(); },
         "Tiles (CSR entries) visited by the last attention_fwd call, summed over batch*head and row groups.");
   m.def("attention_fwd_pairs", [] { return ditk::g_fwd_pairs.load(); },

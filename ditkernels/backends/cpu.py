@@ -14,15 +14,15 @@ from types import ModuleType
 import torch
 
 from .. import _alloc
-from ..schedule import (EPILOGUE_NONE, EPILOGUE_SCALE_RESIDUAL, MASK_BAND, MASK_LOCAL, MASK_NONE, BlockSchedule, ElementMask,
-                        Epilogue, TiledSchedule)
+from ..schedule import (EPILOGUE_NONE, EPILOGUE_SCALE_RESIDUAL, MASK_BAND, MASK_LOCAL, MASK_NONE,
+                        MASK_THRESHOLD, BlockSchedule, ElementMask, Epilogue, TiledSchedule)
 
 NAME = "cpu"
 _FIX = "Rebuild with: pip install --no-build-isolation -e . (or pip install .)"
 # Storage dtype -> code understood by _C.attention_fwd / attention_bwd (csrc/cpu/simd.h, enum DType).
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 # Element-mask kinds the C++ mask function implements (csrc/cpu/attention.cpp, ElementMask<KIND>).
-_MASK_KINDS = (MASK_NONE, MASK_LOCAL, MASK_BAND)
+_MASK_KINDS = (MASK_NONE, MASK_LOCAL, MASK_BAND, MASK_THRESHOLD)
 
 _ext: ModuleType | None = None
 _ext_error: str | None = None
@@ -204,6 +204,18 @@ def _mask_args(mask: ElementMask | None) -> tuple[int, int, torch.Tensor | None]
     return mask.kind, params.data_ptr(), params
 
 
+def _mask_rows(mask: ElementMask | None, b: int, h: int, sq: int) -> tuple[dict, torch.Tensor | None]:
+    """``mask_rows=`` pointer argument of score-dependent masks (MASK_THRESHOLD: float32 (B, H, Sq))."""
+    if mask is None or mask.kind != MASK_THRESHOLD:
+        return {}, None
+    rows = mask.rows
+    if not isinstance(rows, torch.Tensor) or tuple(rows.shape) != (b, h, sq):
+        raise ValueError(f"mask.rows: expected a float32 tensor of shape {(b, h, sq)}, got "
+                         f"{tuple(getattr(rows, 'shape', ()))}")
+    rows = rows.to(device="cpu", dtype=torch.float32).contiguous()
+    return {"mask_rows": rows.data_ptr()}, rows
+
+
 def _blocks(schedule: BlockSchedule | None, d: int, dtype: torch.dtype) -> tuple[int, int]:
     return (schedule.block_m, schedule.block_n) if schedule is not None else block_sizes(d, dtype)
 
@@ -243,6 +255,7 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         # The reference applies the epilogue in the output dtype: take the residual in it too.
         residual = _unit_last(epilogue.residual.to(device=q.device, dtype=q.dtype))
     mask_kind, mask_ptr, _keep = _mask_args(mask)
+    rows_arg, _keep_rows = _mask_rows(mask, b, h, sq)
     bm, bn = _blocks(schedule, d, q.dtype)
     kv_ptr, kv_idx, partial, ps, is_ = _csr(schedule, b * h)
     ext.attention_fwd(
@@ -254,12 +267,12 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         row_scale.stride() if row_scale is not None else (0, 0, 0),
         residual.data_ptr() if residual is not None else 0,
         residual.stride() if residual is not None else (0, 0, 0, 1),
-        torch.get_num_threads(), **_tokens(schedule))
+        torch.get_num_threads(), **_tokens(schedule), **rows_arg)
     return out, lse
 
 
 def _lse64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, schedule: BlockSchedule | None,
-           mask_kind: int, mask_ptr: int) -> torch.Tensor:
+           mask_kind: int, mask_ptr: int, rows_arg: dict) -> torch.Tensor:
     """lse recomputed in float64 (statistics-only forward): float64 gradients need more than fp32 lse."""
     ext = _require()
     b, h, sq, d = q.shape
@@ -271,7 +284,7 @@ def _lse64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sche
         q.data_ptr(), q.stride(), k.data_ptr(), k.stride(), v.data_ptr(), v.stride(),
         0, (0, 0, 0, 1), lse.data_ptr(), True, bm, bn,
         kv_ptr, kv_idx, partial, ps, is_, mask_kind, mask_ptr, EPILOGUE_NONE, 0, (0, 0, 0), 0, (0, 0, 0, 1),
-        torch.get_num_threads(), **_tokens(schedule))
+        torch.get_num_threads(), **_tokens(schedule), **rows_arg)
     return lse
 
 
@@ -296,8 +309,9 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     _check_schedule(schedule, sq, sk)
     do, q, k, v, out = (_unit_last(t) for t in (do, q, k, v, out))
     mask_kind, mask_ptr, _keep = _mask_args(mask)
+    rows_arg, _keep_rows = _mask_rows(mask, b, h, sq)
     if q.dtype == torch.float64 and lse.dtype != torch.float64 and q.numel() > 0 and k.numel() > 0:
-        lse = _lse64(q, k, v, scale, schedule, mask_kind, mask_ptr)
+        lse = _lse64(q, k, v, scale, schedule, mask_kind, mask_ptr, rows_arg)
     lse = lse.contiguous()
     dq = _alloc.empty(*q.shape, dtype=q.dtype, device=q.device)
     dk = _alloc.empty(*k.shape, dtype=k.dtype, device=k.device)
@@ -313,5 +327,5 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         out.data_ptr(), out.stride(), lse.data_ptr(), lse.dtype == torch.float64,
         dq.data_ptr(), dq.stride(), dk.data_ptr(), dk.stride(), dv.data_ptr(), dv.stride(), bm, bn,
         kv_ptr, kv_idx, partial, ps, is_, t_ptr, t_idx, t_partial, tps, tis, mask_kind, mask_ptr,
-        torch.get_num_threads(), **_tokens(schedule))
+        torch.get_num_threads(), **_tokens(schedule), **rows_arg)
     return dq, dk, dv

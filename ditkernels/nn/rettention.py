@@ -48,7 +48,7 @@ class ReAttention(nn.Module):
         qk_norm = not isinstance(getattr(attn, "q_norm", nn.Identity()), nn.Identity)
         new = cls(dim, attn.num_heads, qkv_bias=attn.qkv.bias is not None, qk_norm=qk_norm,
                   proj_bias=attn.proj.bias is not None, **kwargs)
-        new.load_state_dict(attn.state_dict(), strict=False)
+        new.load_state_dict(attn.state_dict())
         return new.to(device=attn.qkv.weight.device, dtype=attn.qkv.weight.dtype)
 
     @property

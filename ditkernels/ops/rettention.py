@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -493,7 +493,9 @@ class ReStepper:
     Call it once per step with the step's q, k, v (batch, heads, seq, head_dim); classifier-free
     guidance that batches both halves in one call is one call (rho and R are per sample). A new
     generation starts (the cache is reset) on :meth:`reset`, after ``schedule.num_steps`` calls, and
-    when the batch / heads / seq / head_dim / dtype / device of the inputs change.
+    when the batch / heads / seq / head_dim / dtype / device of the inputs (or their token layout) change.
+    It is also an attention callable for the diffusers processors (see :meth:`__call__`): one stepper per
+    attention layer, since each layer caches its own rho and R.
     """
 
     def __init__(self, schedule: ReSchedule | str = "pixart", mask: Mask | None = None, *,
@@ -508,6 +510,7 @@ class ReStepper:
         self.cache = ReCache()
         self.step = 0
         self._signature: tuple | None = None
+        self._layouts: dict[tuple, Mask] = {}
 
     def reset(self) -> None:
         """Start a new generation: step 0, empty cache."""
@@ -520,14 +523,37 @@ class ReStepper:
         n = self.schedule.num_steps
         return self.schedule.mode(0 if n is not None and self.step >= n else self.step)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        sig = (tuple(q.shape), k.shape[2], q.dtype, q.device)
+    def _mask_for(self, grid: tuple[int, ...] | None, num_prefix: int | None, num_suffix: int | None) -> Mask:
+        """The mask with the token layout of this call (an attention processor passes the image grid and
+        the text tokens around it; the mask's own values are kept for what is not passed)."""
+        changes = {name: val for name, val in (("num_prefix", num_prefix), ("num_suffix", num_suffix))
+                   if val is not None}
+        if grid is not None and isinstance(self.mask, LocalWindow):
+            changes["grid"] = tuple(grid)
+        if not changes:
+            return self.mask
+        key = tuple(sorted(changes.items()))
+        if key not in self._layouts:
+            self._layouts[key] = replace(self.mask, **changes)
+        return self._layouts[key]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, ...] | None = None,
+                 num_prefix: int | None = None, num_suffix: int | None = None,
+                 scale: float | None = None) -> torch.Tensor:
+        """One denoising step: q, k, v (batch, heads, seq, head_dim) -> (batch, heads, seq, head_dim).
+
+        The keywords make it an attention callable ``attn_fn(q, k, v, *, grid, num_prefix, num_suffix,
+        scale)`` for the diffusers processors: the token layout of the call goes into the mask
+        (global text tokens of a Band / BlockTopK, the grid of a LocalWindow); ``scale`` overrides the
+        stepper's."""
+        mask = self._mask_for(grid, num_prefix, num_suffix)
+        sig = (tuple(q.shape), k.shape[2], q.dtype, q.device, mask)
         n = self.schedule.num_steps
         if (self._signature is not None and sig != self._signature) or (n is not None and self.step >= n):
             self.reset()
         self._signature = sig
         mode = self.schedule.mode(self.step)
-        out = rettention(q, k, v, self.cache, mode, mask=self.mask, drift=self.drift, clamp=self.clamp,
-                         scale=self.scale, backend=self.backend)
+        out = rettention(q, k, v, self.cache, mode, mask=mask, drift=self.drift, clamp=self.clamp,
+                         scale=self.scale if scale is None else scale, backend=self.backend)
         self.step += 1
         return out
