@@ -112,6 +112,7 @@ def _masks(backend: str):
     masks = [pytest.param(Band(width=24), 0, id="band24"),
              pytest.param(Band(width=6, frames=5, num_prefix=7, num_suffix=3), 10, id="band-frames5-p7-s3"),
              pytest.param(Band(width=0), 0, id="band-diag"),
+             pytest.param(Band(width=21, num_prefix=70, num_suffix=5), 75, id="band21-p70-s5"),
              pytest.param(BlockTopK(topk=2, block_size=(32, 32)), 0, id="topk2-b32"),
              pytest.param(BlockTopK(density=0.3, block_size=(16, 32), num_prefix=3), 0, id="topk-d0.3-b16x32-p3")]
     from ditkernels.ops.local import SUPPORTED as LOCAL
