@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .ops.attention import attention
 from .ops.local import LocalPlan, local_attention, local_attention_plan
+from .ops.rettention import Band, BlockTopK, LocalWindow, ReCache, ReSchedule, ReStepper, rettention
 from .ops.sparse import block_sparse_attention, block_topk_attention, block_topk_schedule
 from .ops.topk import topk_attention
 from .ops.selective_scan import selective_scan, selective_scan_fn
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = ["attention", "selective_scan", "selective_scan_fn", "BlockSchedule", "ElementMask", "Epilogue", "__version__"]
 __all__ += ["local_attention", "local_attention_plan", "LocalPlan"]
+__all__ += ["rettention", "ReCache", "ReSchedule", "ReStepper", "Band", "LocalWindow", "BlockTopK"]
 __all__ += ["block_sparse_attention", "block_topk_attention", "block_topk_schedule", "topk_attention"]
 __all__ += ["multi_direction_scan", "split_directions", "merge_directions", "scan_orders", "nn"]
 __all__ += ["swap_attention"]

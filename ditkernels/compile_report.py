@@ -44,7 +44,9 @@ class Job:
     block_d: int
     # dense | csr (SCHEDULE=1) | local (SCHEDULE=2 token tables + MASK=1, local attention's plan tiles;
     # local_n32 / local_n16: the forward on plans of 32 / 16-key tiles) | epilogue | odd_d (head_dim <
-    # BLOCK_D: masked head dims) | topk (csr + MASK 3, exact top-k's score threshold)
+    # BLOCK_D: masked head dims) | topk (csr + MASK 3, exact top-k's score threshold) | band (csr +
+    # MASK_BAND: the sparse pass of a Re-ttention refresh) | rettention (csr + MASK_BAND + epilogue: its
+    # sparse step)
     variant: str = "dense"
     part: str = ""  # bwd_dkdv with a split config: "dk" or "dv" (one launch each)
 
@@ -93,7 +95,7 @@ def jobs_for(archs: list[int], quick: bool) -> list[Job]:
                      Job(arch, "bwd_dq", "fp16", 128), Job(arch, "fwd", "fp16", 64, "csr"),
                      Job(arch, "fwd", "fp16", 128, "epilogue"), Job(arch, "bwd_dkdv", "fp32", 64, "csr"),
                      Job(arch, "fwd", "bf16", 128, "local"), Job(arch, "bwd_dq", "fp32", 64, "local"),
-                     Job(arch, "fwd", "bf16", 64, "topk")]
+                     Job(arch, "fwd", "bf16", 64, "topk"), Job(arch, "fwd", "bf16", 128, "rettention")]
             continue
         for kernel in KERNELS:
             for dtype in DTYPES:
@@ -110,6 +112,9 @@ def jobs_for(archs: list[int], quick: bool) -> list[Job]:
                 for dtype in ("fp16", "bf16", "fp32"):  # exact top-k: CSR + the score-threshold mask
                     jobs.append(Job(arch, kernel, dtype, d, "topk"))
             jobs.append(Job(arch, "fwd", "bf16", d, "epilogue"))
+            jobs.append(Job(arch, "fwd", "fp16", d, "band"))
+            for dtype in DTYPES:
+                jobs.append(Job(arch, "fwd", dtype, d, "rettention"))
     return [p for j in jobs for p in _split(j)]
 
 
@@ -127,14 +132,15 @@ def _config_variant(job: Job) -> str:
     """The launch variant whose config a job compiles (epilogue / odd_d launches are dense)."""
     if job.variant.startswith("local"):
         return "local"
-    return "csr" if job.variant in ("csr", "topk") else "dense"
+    return "csr" if job.variant in ("csr", "topk", "band", "rettention") else "dense"
 
 
 def _config_mask(job: Job) -> int:
     """The element-mask kind of a non-local job's launch (its config may depend on it)."""
     from ditkernels.triton_kernels import flash
 
-    return flash.MASK_THRESHOLD if job.variant == "topk" else flash.MASK_NONE
+    return {"topk": flash.MASK_THRESHOLD, "band": flash.MASK_BAND, "rettention": flash.MASK_BAND}.get(
+        job.variant, flash.MASK_NONE)
 
 
 def _split(job: Job) -> list[Job]:
@@ -170,7 +176,7 @@ def _example_args(job: Job, cfg, head_dim: int) -> dict[str, object]:
         vals[f"stride_s{ax}"] = s  # row_scale
         vals[f"stride_l{ax}"] = s  # lse
     local = job.variant.startswith("local")
-    sched = local or job.variant in ("csr", "topk")
+    sched = local or job.variant in ("csr", "topk", "band", "rettention")
     vals.update(stride_sched_ptr=(seq // 64 + 1) if sched else 0, stride_sched_idx=4096 if sched else 0,
                 sched_head_stride=0 if local else (1 if sched else 0), count_stride=0, count_plane=0)
     fwd = flash.config_for("fwd", job.arch, flash.DTYPES[job.dtype], job.block_d)
@@ -184,11 +190,15 @@ def _example_args(job: Job, cfg, head_dim: int) -> dict[str, object]:
         sbm, sbn = fwd.block_m, fwd.block_n
     else:
         sbm, sbn = cfg.block_m, cfg.block_n
-    vals.update(BLOCK_M=min(cfg.block_m, sbm), BLOCK_N=min(cfg.block_n, sbn) if cfg.block_n else 0,
+    bm = cfg.block_m
+    if job.variant in ("band", "rettention"):  # launches with the band mask: flash_fwd caps BLOCK_M
+        bm = flash.masked_fwd_block_m(job.arch, flash.DTYPES[job.dtype], job.block_d, bm)
+    vals.update(BLOCK_M=min(bm, sbm), BLOCK_N=min(cfg.block_n, sbn) if cfg.block_n else 0,
                 BLOCK_D=job.block_d, BLOCK_DK=flash.chunk_d(cfg, job.block_d), SCHED_BM=sbm, SCHED_BN=sbn,
                 SCHEDULE=flash.SCHEDULE_TILED if local else (flash.SCHEDULE_CSR if sched else flash.SCHEDULE_DENSE),
                 MASK=flash.MASK_LOCAL if local else _config_mask(job), COUNT=False,
-                EPILOGUE=flash.EPILOGUE_SCALE_RESIDUAL if job.variant == "epilogue" else flash.EPILOGUE_NONE,
+                EPILOGUE=flash.EPILOGUE_SCALE_RESIDUAL if job.variant in ("epilogue", "rettention")
+                else flash.EPILOGUE_NONE,
                 EVEN_D=head_dim == job.block_d, OUT_DK=job.part in ("", "dk"), OUT_DV=job.part in ("", "dv"),
                 DOT_PREC=flash._dot_prec(flash.DTYPES[job.dtype]))
     return vals

@@ -25,6 +25,8 @@ import torch
 MASK_NONE = 0
 # Local windows (SPEC §1): params = ditkernels.reference.local.LocalSpec.mask_params().
 MASK_LOCAL = 1
+# Re-ttention's band (SPEC §3): params = (half, lo, hi, frame), see ditkernels.reference.rettention.band_visible.
+MASK_BAND = 2
 # Exact top-k (SPEC §2, ditkernels.ops.topk): a pair is visible iff its scaled score
 # ``scale * q.k`` is >= the query row's threshold ``ElementMask.rows[b, h, i]`` (float32, natural
 # units). It depends on the scores, so it has no dense form without q and k (see :meth:`ElementMask.visible`).
@@ -67,6 +69,10 @@ class ElementMask:
                 raise ValueError(f"mask: local mask built for seq_q={spec.seq}, seq_k={spec.seq_k}, "
                                  f"asked for ({seq_q}, {seq_k})")
             return local_visible(spec, device)
+        if self.kind == MASK_BAND:
+            from .reference.rettention import band_visible
+
+            return band_visible(seq_q, seq_k, *self.params, device=device)
         if self.kind == MASK_THRESHOLD:
             # score-dependent: the pattern part is "every pair"; ElementMask.visible adds the scores
             return torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)

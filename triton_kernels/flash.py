@@ -53,6 +53,7 @@ from . import _interpreter
 
 # Element-mask and epilogue ids: the same values as ditkernels.schedule.
 MASK_NONE = 0
+MASK_BAND = 2
 MASK_THRESHOLD = 3  # keep scores >= a per-row threshold (exact top-k); MaskParams is then fp32 (B*H*Sq)
 EPILOGUE_NONE = 0
 EPILOGUE_SCALE_RESIDUAL = 1
@@ -174,7 +175,23 @@ def _element_mask(offs_m, offs_n, mask_params_ptr, MASK: tl.constexpr):
     vis = (offs_m >= 0) & (offs_n >= 0)
     if MASK == 1:
         vis = _local_mask(offs_m, offs_n, mask_params_ptr)
+    elif MASK == 2:
+        vis = _band_mask(offs_m, offs_n, mask_params_ptr)
     return vis
+
+
+@triton.jit
+def _band_mask(offs_m, offs_n, mask_params_ptr):
+    """MASK_BAND (Re-ttention): params (half, lo, hi, frame); tokens outside [lo, hi) are global;
+    grid tokens see each other iff |f(i) - f(j)| <= half, f(i) = i - lo (or (i - lo) % frame)."""
+    half = tl.load(mask_params_ptr)
+    lo = tl.load(mask_params_ptr + 1)
+    hi = tl.load(mask_params_ptr + 2)
+    frame = tl.load(mask_params_ptr + 3)
+    period = tl.where(frame > 0, frame, 1 << 30)  # no frames: a period longer than any sequence
+    glob = (offs_m < lo) | (offs_m >= hi) | (offs_n < lo) | (offs_n >= hi)
+    d = (offs_m - lo) % period - (offs_n - lo) % period
+    return glob | ((d <= half) & (d >= -half))
 
 
 @triton.jit
@@ -825,6 +842,20 @@ def launch_options(cfg: Config) -> dict:
     return opts
 
 
+# Forward launches with the band mask (MASK_BAND) cap their query tile here where the config's
+# spills: the fp32 head_dim-64 config on sm_90 needs 8-16 bytes of stack with a mask at 128 rows and
+# none at 64 (python -m ditkernels compile-report, variants band / rettention). Schedule tiles larger
+# than the cap are walked in sub-tiles, as for any smaller kernel tile.
+_MASKED_FWD_BLOCK_M = {(90, "f32", 64): 64}
+
+
+def masked_fwd_block_m(arch: int | None, dtype: torch.dtype, block_d: int, block_m: int) -> int:
+    """BLOCK_M of a forward launch with an element mask whose config has ``block_m`` rows."""
+    if arch is None:
+        return block_m
+    return min(block_m, _MASKED_FWD_BLOCK_M.get((arch, _dtype_class(dtype), block_d), block_m))
+
+
 def block_d_for(head_dim: int) -> int:
     """Padded head dim: the power of two >= max(head_dim, 16)."""
     if not 1 <= head_dim <= 256:
@@ -1032,6 +1063,8 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         # op asked block_sizes()); larger schedule tiles are walked in sub-tiles. Token-table schedules
         # (local attention's 64 x 64 tiles) are walked in sub-tiles of the config's own tiles.
         cfg = replace(cfg, block_m=min(schedule.block_m, 128), block_n=min(schedule.block_n, 128))
+    if mask is not None and mask.kind == MASK_BAND:
+        cfg = replace(cfg, block_m=masked_fwd_block_m(device_arch(device), q.dtype, block_d, cfg.block_m))
     bm, bn, sbm, sbn = _launch_blocks(cfg, schedule)
     out = _alloc.empty(batch, heads, seq_q, head_dim, dtype=q.dtype, device=device)
     lse = _alloc.empty(batch, heads, seq_q, dtype=torch.float32, device=device)

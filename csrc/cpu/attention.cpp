@@ -40,6 +40,7 @@ namespace {
 // Ids shared with ditkernels/schedule.py.
 constexpr int MASK_NONE = 0;
 constexpr int MASK_LOCAL = 1;  // local windows: csrc/cpu/local_mask.h
+constexpr int MASK_BAND = 2;   // Re-ttention's band: ElementMask<MASK_BAND>
 constexpr int MASK_THRESHOLD = 3;  // exact top-k: score >= a per-row threshold (mask_rows, float32 B*H*Sq)
 constexpr int EPILOGUE_NONE = 0;
 constexpr int EPILOGUE_SCALE_RESIDUAL = 1;
@@ -73,6 +74,47 @@ struct ElementMask<MASK_LOCAL> {
   static constexpr bool kTrivial = false;
 };
 
+// Band over the raster sequence (or within frames): params (half, lo, hi, frame). Tokens outside
+// [lo, hi) are global (they see and are seen by every token); grid tokens i, j are visible iff
+// |f(i) - f(j)| <= half with f(i) = i - lo, or (i - lo) % frame when frame > 0 (per-frame band).
+template <>
+struct ElementMask<MASK_BAND> {
+  static constexpr bool kTrivial = false;
+  static bool visible(const int32_t* p, int64_t i, int64_t j) {
+    const int64_t half = p[0], lo = p[1], hi = p[2], frame = p[3];
+    if (i < lo || i >= hi || j < lo || j >= hi) return true;
+    const int64_t d = frame > 0 ? (i - lo) % frame - (j - lo) % frame : i - j;
+    return d <= half && -d <= half;
+  }
+};
+
+// MASK_BAND on a chunk of forward scores St (key rows kk < n_keys, query lanes r < n_lanes holding the
+// contiguous tokens q0 + r): on each partial key row the lanes of invisible pairs become -inf, filled as
+// two lane ranges instead of a test per pair (per-frame bands test pairs).
+template <typename T, typename RI>
+inline void band_rows(T* St, int64_t ld, int64_t n_keys, int64_t q0, int64_t n_lanes, const RI& ri,
+                      const int32_t* p) {
+  const int64_t half = p[0], lo = p[1], hi = p[2], frame = p[3];
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const int64_t g0 = std::clamp<int64_t>(lo - q0, 0, n_lanes), g1 = std::clamp<int64_t>(hi - q0, g0, n_lanes);
+  for (int64_t kk = 0; kk < n_keys; ++kk) {
+    if (!ri.is_partial(kk)) continue;
+    const int64_t j = ri.token(kk);
+    if (j < lo || j >= hi) continue;  // a global key: every query sees it
+    T* s = St + kk * ld;
+    if (frame > 0) {
+      for (int64_t r = g0; r < g1; ++r)
+        if (!ElementMask<MASK_BAND>::visible(p, q0 + r, j)) s[r] = neg_inf;
+      continue;
+    }
+    // grid lanes see key j iff |q0 + r - j| <= half
+    const int64_t v0 = std::clamp<int64_t>(j - half - q0, g0, g1);
+    const int64_t v1 = std::clamp<int64_t>(j + half + 1 - q0, v0, g1);
+    std::fill(s + g0, s + v0, neg_inf);
+    std::fill(s + v1, s + g1, neg_inf);
+  }
+}
+
 // MASK_THRESHOLD depends on the score, not the indices: applied where the scores are (threshold_rows).
 template <>
 struct ElementMask<MASK_THRESHOLD> {
@@ -105,6 +147,7 @@ void dispatch_mask(int kind, F&& f) {
   switch (kind) {
     case MASK_NONE: f(std::integral_constant<int, MASK_NONE>{}); return;
     case MASK_LOCAL: f(std::integral_constant<int, MASK_LOCAL>{}); return;
+    case MASK_BAND: f(std::integral_constant<int, MASK_BAND>{}); return;
     case MASK_THRESHOLD: f(std::integral_constant<int, MASK_THRESHOLD>{}); return;
     default: throw std::invalid_argument("cpu attention: unsupported element mask kind " + std::to_string(kind));
   }
@@ -748,6 +791,8 @@ void fwd_kernel(const FwdParams& p) {
           if (ri.any_partial)
             threshold_rows(St, ld, nk, nr, ri, true, p.mask_rows + bh * Sq,
                            [&](int64_t r) { return MAP ? ltok[r] : q0 + r; });
+        } else if constexpr (MASK == MASK_BAND && !MAP) {
+          if (ri.any_partial) band_rows(St, ld, nk, q0, nr, ri, p.mask_params);
         } else if constexpr (!Mask::kTrivial) {
           if (ri.any_partial)
             for (int64_t kk = 0; kk < nk; ++kk)

@@ -14,15 +14,15 @@ from types import ModuleType
 import torch
 
 from .. import _alloc
-from ..schedule import (EPILOGUE_NONE, EPILOGUE_SCALE_RESIDUAL, MASK_LOCAL, MASK_NONE, MASK_THRESHOLD, BlockSchedule,
-                        ElementMask, Epilogue, TiledSchedule)
+from ..schedule import (EPILOGUE_NONE, EPILOGUE_SCALE_RESIDUAL, MASK_BAND, MASK_LOCAL, MASK_NONE,
+                        MASK_THRESHOLD, BlockSchedule, ElementMask, Epilogue, TiledSchedule)
 
 NAME = "cpu"
 _FIX = "Rebuild with: pip install --no-build-isolation -e . (or pip install .)"
 # Storage dtype -> code understood by _C.attention_fwd / attention_bwd (csrc/cpu/simd.h, enum DType).
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 # Element-mask kinds the C++ mask function implements (csrc/cpu/attention.cpp, ElementMask<KIND>).
-_MASK_KINDS = (MASK_NONE, MASK_LOCAL, MASK_THRESHOLD)
+_MASK_KINDS = (MASK_NONE, MASK_LOCAL, MASK_BAND, MASK_THRESHOLD)
 
 _ext: ModuleType | None = None
 _ext_error: str | None = None
