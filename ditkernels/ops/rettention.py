@@ -238,11 +238,8 @@ def _local_supported(mod) -> None:
 
 
 def _block_topk(mask: BlockTopK, q: torch.Tensor, k: torch.Tensor, scale: float) -> BlockSchedule:
-    try:
-        from .sparse import block_topk_schedule
-    except ImportError as e:
-        raise NotImplementedError("BlockTopK: this build has no ditkernels.ops.sparse.block_topk_schedule "
-                                  f"(block top-k attention is not merged): {e}") from None
+    from .sparse import block_topk_schedule
+
     return block_topk_schedule(q, k, topk=mask.topk, density=mask.density, block_size=mask.block_size,
                                num_prefix=mask.num_prefix, num_suffix=mask.num_suffix, scale=scale)
 
