@@ -16,7 +16,9 @@ import torch.nn.functional as F
 import diffusers
 from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 
+from ditkernels import Band, ReSchedule, ReStepper
 from ditkernels.integrations.diffusers import GridAttnProcessor, LocalAttnProcessor, set_grid, set_processors
+from ditkernels.nn import BlockTopKAttnFn
 from ditkernels.reference.local import LocalSpec, local_visible
 
 from numerics import rel_err
@@ -201,6 +203,36 @@ def test_clear_pooled_keys_per_layer(name):
                                                                GRID))
     want = _run(model, inputs)
     assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_block_topk_all_blocks_reproduces_the_stock_processor(name):
+    """Block top-k with density 1 (every key block; the grid makes them image tiles) is dense attention."""
+    model, inputs, stock = _stock_output(name)
+    rec = Recorder(BlockTopKAttnFn(density=1.0, block_size=(16, 16), backend="cpu"))
+    set_processors(model, GridAttnProcessor(rec, GRIDS[name]))
+    out = _run(model, inputs)
+    assert {c for c in rec.calls} == LAYOUTS[name]
+    assert rel_err(out, stock) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["dit", "pixart", "flux"])
+def test_rettention_steppers_per_layer(name):
+    """One ReStepper per layer (each caches its own rho and R): the full steps and the refresh reproduce the
+    stock processor; the sparse step after them (on a new input) only approximates it."""
+    model, inputs, stock = _stock_output(name)
+    moved = dict(inputs, hidden_states=inputs["hidden_states"] + torch.randn(
+        inputs["hidden_states"].shape, generator=_gen(6)))  # the next step's input
+    stock_moved = _run(model, moved)
+    names = set_processors(model, lambda n, attn: GridAttnProcessor(
+        ReStepper(ReSchedule(2, 2), Band(width=6), backend="cpu"), GRIDS[name]))
+    procs = [model.get_submodule(n).processor for n in names]
+    for step in range(3):  # full, full, refresh
+        assert rel_err(_run(model, inputs), stock) <= 1e-5, step
+    assert rel_err(_run(model, moved), stock_moved) > 1e-5
+    self_attn = [p for n, p in zip(names, procs) if not n.endswith("attn2")]
+    assert self_attn and all(p.attn_fn.step == 4 for p in self_attn)
+    assert len({id(p.attn_fn) for p in procs}) == len(procs)
 
 
 def test_set_grid_and_errors():

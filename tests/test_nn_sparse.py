@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import ditkernels
-from ditkernels.nn import BlockSparseAttention, TopKAttention
+from ditkernels.nn import BlockSparseAttention, BlockTopKAttnFn, GridAttention, TopKAttention, TopKAttnFn
 from ditkernels.ops.sparse import block_topk_mask
 from ditkernels.reference.attention import attention_ref
 
@@ -35,6 +35,11 @@ class TimmAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv.unbind(0)
 
+    def forward(self, x):
+        b, n, c = x.shape
+        out = torch.nn.functional.scaled_dot_product_attention(*self.qkv_heads(x))
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
 
 def _x(n, seed=0, dtype=torch.float32):
     return torch.randn(2, n, DIM, generator=torch.Generator().manual_seed(seed)).to(dtype)
@@ -48,7 +53,7 @@ def test_timm_state_dict_loads_unchanged(cls):
     sd = timm_like.state_dict()
     missing, unexpected = mod.load_state_dict(sd, strict=False)
     assert not unexpected
-    assert set(missing) <= {"mix_weight"}
+    assert set(missing) <= {"attn_fn.mix_weight"}
     assert mod.qkv.weight.shape == (3 * DIM, DIM) and mod.proj.weight.shape == (DIM, DIM)
 
 
@@ -120,11 +125,11 @@ def test_topk_module_single_k_and_errors():
     assert mod(_x(40)).shape == (2, 40, DIM)
     with pytest.raises(ValueError, match="num_heads"):
         TopKAttention(DIM, 5)
-    with pytest.raises(ValueError, match="attn_drop"):
-        BlockSparseAttention(DIM, HEADS, attn_drop=0.1, topk=1)
+    with pytest.raises(ValueError, match="attn_drop"):  # accepted for checkpoints, not run in training
+        BlockSparseAttention(DIM, HEADS, attn_drop=0.1, topk=1).train()(_x(16))
     with pytest.raises(ValueError, match="topk, ratios"):
         TopKAttention(DIM, HEADS, topk=3, ratios=(0.5,))
-    with pytest.raises(ValueError, match="x: expected dim"):
+    with pytest.raises(ValueError, match="x: expected"):
         mod(torch.randn(2, 10, DIM + 1))
 
 
@@ -134,3 +139,50 @@ def test_modules_compile_fullgraph():
                                                                               backend="cpu")):
         got = torch.compile(mod, fullgraph=True, backend="eager")(x)
         torch.testing.assert_close(got, mod(x))
+
+
+def test_topk_module_loads_a_top_level_mix_weight():
+    """Checkpoints of the first TopKAttention had ``mix_weight`` at the top level; now ``attn_fn.mix_weight``."""
+    mod = TopKAttention(DIM, HEADS, backend="cpu")
+    sd = {("mix_weight" if k == "attn_fn.mix_weight" else k): v for k, v in mod.state_dict().items()}
+    sd["mix_weight"] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    mod.load_state_dict(sd)
+    assert torch.equal(mod.attn_fn.mix_weight.detach(), torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    assert mod.mix_weight is mod.attn_fn.mix_weight
+
+
+def _two_layers():
+    torch.manual_seed(3)
+    return nn.Sequential(TimmAttention(DIM, HEADS, qkv_bias=True), TimmAttention(DIM, HEADS, qkv_bias=True))
+
+
+@pytest.mark.parametrize("how", ["make_attn_fn", "module_cls"])
+def test_swap_attention_sparse_callables(how):
+    """All key blocks (density 1) and topk >= tokens are dense attention: a swapped model keeps its output
+    and its parameter objects; TopKAttention's mixture weights are created (0.2) on the model's device."""
+    model = _two_layers()
+    x = _x(7 * 9, seed=4)
+    with torch.no_grad():
+        dense = model(x)
+    params = dict(model.named_parameters())
+    if how == "make_attn_fn":
+        names = ditkernels.swap_attention(model, grid=(7, 9), make_attn_fn=lambda name, old: BlockTopKAttnFn(
+            density=1.0, block_size=(16, 16), backend="cpu"))
+        assert type(model[0]) is GridAttention and model[0].attn_fn is not model[1].attn_fn
+    else:
+        names = ditkernels.swap_attention(model, grid=(7, 9), module_cls=BlockSparseAttention, density=1.0,
+                                          block_size=(16, 16), backend="cpu")
+        assert isinstance(model[1], BlockSparseAttention) and model[1].grid == (7, 9)
+    assert names == ["0", "1"] and dict(model.named_parameters()) == params
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense, rtol=1e-5, atol=1e-6)
+    model = _two_layers()
+    ditkernels.swap_attention(model, module_cls=TopKAttention, backend="cpu")  # DRSformer's mixture
+    w = model[0].mix_weight
+    assert not w.is_meta and torch.equal(w.detach(), torch.full((4,), 0.2)) and "0.attn_fn.mix_weight" in \
+        model.state_dict()
+    if how == "make_attn_fn":
+        model = _two_layers()
+        ditkernels.swap_attention(model, make_attn_fn=lambda name, old: TopKAttnFn(topk=10 ** 6, backend="cpu"))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), dense, rtol=1e-5, atol=1e-6)

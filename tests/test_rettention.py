@@ -440,3 +440,31 @@ def test_stepper_as_attention_callable():
                            backend="reference")
         assert torch.equal(out_l, ref_l) and torch.equal(out_b, ref_b)
     assert local.step == 7 and local.cache.n == 2
+
+
+@pytest.mark.parametrize("how", ["make_attn_fn", "module_cls"])
+def test_swap_attention_rettention(how):
+    """swap_attention with a ReStepper per layer (or module_cls=ReAttention): dense in the full steps,
+    a separate cache per layer, Re-ttention's sparse step after the refresh."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(TimmAttention(32, 2), TimmAttention(32, 2))
+    xs = _tokens(2, 40, 32, 4, seed=3)
+    with torch.no_grad():
+        dense = [model(x) for x in xs]
+    sched = ReSchedule(2, 2)
+    if how == "make_attn_fn":
+        names = ditkernels.swap_attention(model, make_attn_fn=lambda name, old: ReStepper(
+            sched, Band(width=6), backend="cpu"))
+        assert type(model[0]) is ditkernels.nn.GridAttention
+    else:
+        names = ditkernels.swap_attention(model, module_cls=ditkernels.nn.ReAttention, mask=Band(width=6),
+                                          schedule=sched, backend="cpu")
+        assert isinstance(model[0], ditkernels.nn.ReAttention) and set(model.state_dict()) == {
+            f"{i}.{p}.{w}" for i in "01" for p in ("qkv", "proj") for w in ("weight", "bias")}
+    assert names == ["0", "1"] and model[0].attn_fn is not model[1].attn_fn
+    with torch.no_grad():
+        outs = [model(x) for x in xs]
+    for t in range(3):  # full, full, refresh: dense attention
+        assert rel_err(outs[t], dense[t]) < 1e-5
+    assert rel_err(outs[3], dense[3]) > 1e-6  # sparse: an approximation
+    assert model[0].attn_fn.step == 4 and model[1].attn_fn.step == 4

@@ -5,9 +5,9 @@
 - :class:`GridAttention`: timm's ``Attention`` (DiT's) parameters around any attention callable;
   :class:`LocalAttention`: the same with local-window attention (CLEAR's pooled keys with ``pool=``);
   :func:`swap_attention`: replace a model's timm-style attention modules in place.
-- :class:`ReAttention`: timm's ``Attention`` layout running Re-ttention over a denoising schedule.
-- :class:`BlockSparseAttention`, :class:`TopKAttention`: block top-k / exact top-k attention in
-  timm's ``Attention`` layout (``qkv`` and ``proj`` Linear layers).
+- :class:`ReAttention`: a GridAttention running Re-ttention (``ReStepper``) over a denoising schedule.
+- :class:`BlockSparseAttention`, :class:`TopKAttention`: GridAttentions with block top-k / exact
+  top-k attention (callables :class:`BlockTopKAttnFn`, :class:`TopKAttnFn`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from .attention import AttnFn, DenseAttnFn, GridAttention, is_timm_attention, sw
 from .local import KVPool, LocalAttention, LocalAttnFn
 from .mamba import Mamba
 from .rettention import ReAttention
-from .sparse import BlockSparseAttention, TopKAttention
+from .sparse import BlockSparseAttention, BlockTopKAttnFn, TopKAttention, TopKAttnFn
 from .ss2d import SS2D
 
 __all__ = ["Mamba", "SS2D", "GridAttention", "LocalAttention", "LocalAttnFn", "DenseAttnFn", "KVPool", "AttnFn",
-           "swap_attention", "is_timm_attention", "BlockSparseAttention", "TopKAttention", "ReAttention"]
+           "swap_attention", "is_timm_attention", "BlockSparseAttention", "TopKAttention", "ReAttention",
+           "BlockTopKAttnFn", "TopKAttnFn"]

@@ -157,9 +157,11 @@ class GridAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False, *,
                 grid: Sequence[int] | None = None, num_prefix: int | None = None,
-                num_suffix: int | None = None) -> torch.Tensor:
+                num_suffix: int | None = None, **attn_kwargs) -> torch.Tensor:
         """x: (batch, tokens, dim) -> (batch, tokens, dim_out). ``attn_mask`` / ``is_causal`` (timm's
-        arguments) must be left unset; grid / num_prefix / num_suffix override the module's layout."""
+        arguments) must be left unset; grid / num_prefix / num_suffix override the module's layout.
+        ``attn_kwargs``: extra per-call keywords passed on to ``attn_fn`` (e.g. ``block_mask=`` of
+        :class:`ditkernels.nn.BlockTopKAttnFn`)."""
         if attn_mask is not None or is_causal:
             raise ValueError("attn_mask / is_causal: not supported by GridAttention (its attention pattern is "
                              f"attn_fn's), got attn_mask={'a tensor' if attn_mask is not None else None}, "
@@ -176,7 +178,7 @@ class GridAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        o = self.attn_fn(q, k, v, grid=g, num_prefix=p, num_suffix=s, scale=self.scale)
+        o = self.attn_fn(q, k, v, grid=g, num_prefix=p, num_suffix=s, scale=self.scale, **attn_kwargs)
         o = o.transpose(1, 2).reshape(b, n, self.attn_dim)
         o = self.norm(o)
         if gate is not None:

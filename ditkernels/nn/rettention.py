@@ -1,77 +1,81 @@
-"""``ReAttention``: timm's ``Attention`` layout with Re-ttention inside (SPEC §3, §5)."""
+"""``ReAttention``: timm's ``Attention`` layout with Re-ttention inside (SPEC §3, §5).
+
+The attention callable is :class:`ditkernels.ops.rettention.ReStepper` (one per layer: it caches the
+layer's rho and R); :class:`ReAttention` is a :class:`~ditkernels.nn.GridAttention` around one.
+"""
 
 from __future__ import annotations
 
-import torch
+import copy
+from collections.abc import Callable, Sequence
+
 from torch import nn
 
 from ..ops.rettention import Band, BlockTopK, LocalWindow, ReSchedule, ReStepper
+from .attention import GridAttention
 
 
-class ReAttention(nn.Module):
+class ReAttention(GridAttention):
     """Multi-head self-attention over ``(batch, tokens, dim)`` with Re-ttention's step schedule.
 
-    Parameters are named and shaped like timm's ``Attention`` (``qkv``: Linear(dim, 3 * dim),
-    ``proj``: Linear(dim, dim), ``q_norm`` / ``k_norm``), so a DiT checkpoint's attention weights load
-    unchanged. Each forward call is one denoising step of ``schedule`` (a :class:`ReSchedule` or a
-    preset name: ``"pixart"``, ``"hunyuan-dit"``, ``"cogvideox"``): full attention for the first
-    steps, then refresh / sparse steps over ``mask`` (:class:`~ditkernels.Band` by default). A batch
-    that carries both halves of classifier-free guidance is one call. The step counter restarts (a
-    new generation) on :meth:`reset`, after ``schedule.num_steps`` calls, and when the input shape,
-    dtype or device changes. ``attn_drop`` is kept for the layout; attention dropout is not applied
-    (Re-ttention is a sampling-time method).
+    Parameters are timm's ``Attention`` (see :class:`~ditkernels.nn.GridAttention`), so a DiT
+    checkpoint's attention weights load unchanged (the state dict has no other keys). Each forward call
+    is one denoising step of ``schedule`` (a :class:`ReSchedule` or a preset name: ``"pixart"``,
+    ``"hunyuan-dit"``, ``"cogvideox"``): full attention for the first steps, then refresh / sparse steps
+    over ``mask`` (:class:`~ditkernels.Band` by default). A batch that carries both halves of
+    classifier-free guidance is one call. The step counter restarts (a new generation) on :meth:`reset`,
+    after ``schedule.num_steps`` calls, and when the input shape, dtype or device changes.
+
+    grid / num_prefix / num_suffix: the token layout; by default the mask's (its ``num_prefix`` /
+    ``num_suffix``, and a :class:`~ditkernels.LocalWindow`'s grid). The layout of a call
+    (``forward(x, grid=...)``) goes into the mask. The stepper is ``attn_fn`` (also ``stepper``).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
                  proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 norm_layer: type[nn.Module] = nn.LayerNorm, *, mask: Band | LocalWindow | BlockTopK | None = None,
+                 norm_layer: Callable[..., nn.Module] | None = None, *, mask: Band | LocalWindow | BlockTopK | None = None,
                  schedule: ReSchedule | str = "pixart", drift: float = 0.04, clamp: bool = True,
-                 backend: str | None = None):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim: expected a multiple of num_heads={num_heads}, got {dim}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.stepper = ReStepper(schedule, mask, drift=drift, clamp=clamp, scale=self.scale, backend=backend)
+                 backend: str | None = None, grid: Sequence[int] | None = None, num_prefix: int | None = None,
+                 num_suffix: int | None = None, **kwargs) -> None:
+        stepper = ReStepper(schedule, mask, drift=drift, clamp=clamp, backend=backend)
+        m = stepper.mask
+        if grid is None and isinstance(m, LocalWindow):
+            grid = m.grid
+        super().__init__(dim, num_heads, attn_fn=stepper, grid=grid,
+                         num_prefix=m.num_prefix if num_prefix is None else num_prefix,
+                         num_suffix=m.num_suffix if num_suffix is None else num_suffix, qkv_bias=qkv_bias,
+                         qk_norm=qk_norm, proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop,
+                         norm_layer=norm_layer, **kwargs)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **kwargs) -> "ReAttention":
+        """A :class:`ReAttention` reusing ``module``'s projections (see :meth:`GridAttention.from_module`);
+        ``kwargs``: mask, schedule, drift, clamp, backend, grid, num_prefix, num_suffix, scale."""
+        if "attn_fn" in kwargs:
+            raise TypeError("attn_fn: ReAttention builds its own ReStepper; use GridAttention.from_module(module, "
+                            "attn_fn=ReStepper(...))")
+        return super().from_module(module, **kwargs)
 
     @classmethod
     def from_timm(cls, attn: nn.Module, **kwargs) -> "ReAttention":
-        """A ReAttention holding the weights of a timm ``Attention`` (or DiT's) module ``attn``."""
-        dim = attn.qkv.in_features
-        qk_norm = not isinstance(getattr(attn, "q_norm", nn.Identity()), nn.Identity)
-        new = cls(dim, attn.num_heads, qkv_bias=attn.qkv.bias is not None, qk_norm=qk_norm,
-                  proj_bias=attn.proj.bias is not None, **kwargs)
-        new.load_state_dict(attn.state_dict())
-        return new.to(device=attn.qkv.weight.device, dtype=attn.qkv.weight.dtype)
+        """A ReAttention holding a copy of the weights of a timm ``Attention`` (or DiT's) module ``attn``
+        (:meth:`from_module` on a copy: ``attn`` keeps its own)."""
+        return cls.from_module(copy.deepcopy(attn), **kwargs)
+
+    @property
+    def stepper(self) -> ReStepper:
+        return self.attn_fn
 
     @property
     def step(self) -> int:
         """Denoising steps run in the current generation."""
-        return self.stepper.step
+        return self.attn_fn.step
 
     def reset(self) -> None:
         """Start a new generation (step 0, empty Re-ttention cache)."""
-        self.stepper.reset()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (batch, tokens, dim) -> (batch, tokens, dim)."""
-        if x.dim() != 3 or x.shape[-1] != self.qkv.in_features:
-            raise ValueError(f"x: expected (batch, tokens, {self.qkv.in_features}), got shape {tuple(x.shape)}")
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = self.stepper(q, k, v)
-        out = out.transpose(1, 2).reshape(b, n, c)
-        return self.proj_drop(self.proj(out))
+        self.attn_fn.reset()
 
     def extra_repr(self) -> str:
-        s = self.stepper
-        return f"heads={self.num_heads}, mask={s.mask}, schedule={s.schedule}, drift={s.drift}, clamp={s.clamp}"
+        s = self.attn_fn
+        return (f"{super().extra_repr()}, mask={s.mask}, schedule={s.schedule}, drift={s.drift}, "
+                f"clamp={s.clamp}")
