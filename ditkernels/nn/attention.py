@@ -23,7 +23,8 @@ with ``q, k, v, out: (batch, heads, seq, head_dim)``, the sequence laid out
 ``[num_prefix global][prod(grid) grid tokens, row-major][num_suffix global]`` (SPEC §0) and ``grid``
 a tuple, or None when neither the module nor the call gave one (callables that need it raise). Any
 callable with that signature plugs in: :class:`ditkernels.nn.LocalAttnFn` (local windows, optional
-CLEAR pooled keys), :class:`DenseAttnFn` (plain attention), or sparse / Re-ttention callables; a
+CLEAR pooled keys), :class:`DenseAttnFn` (plain attention), :class:`ditkernels.nn.BlockTopKAttnFn` /
+:class:`ditkernels.nn.TopKAttnFn` (sparse), :class:`ditkernels.ReStepper` (Re-ttention, one per layer); a
 callable that holds parameters or state should be an ``nn.Module`` (then it is a submodule,
 ``attn_fn``, and its parameters appear as ``attn_fn.*`` in the state dict).
 
