@@ -875,7 +875,9 @@ def _dtype_class(dtype: torch.dtype) -> str:
 # load in the dK/dV loop costs registers these two fp32 configs lack at 8 warps (an 8-48 byte stack
 # frame); at 4 warps they compile clean (python -m ditkernels compile-report, variant "topk").
 _THRESHOLD_PAD = 256  # >= the largest query tile a schedule walk can overshoot seq_q by
-_THRESHOLD_OVERRIDES = {(80, "bwd_dkdv", "f32", 16): {"num_warps": 4}, (90, "bwd_dkdv", "f32", 256): {"num_warps": 4}}
+_THRESHOLD_OVERRIDES = {(80, "bwd_dkdv", "f32", 16): {"num_warps": 4}, (90, "bwd_dkdv", "f32", 256): {"num_warps": 4},
+                        (80, "bwd_dkdv", "f32", 64): {"num_warps": 4, "block_dk": 16},
+                        (90, "bwd_dkdv", "f32", 128): {"num_warps": 8, "block_dk": 64, "num_stages": 1}}
 
 
 def config_for(kernel: str, arch: int | None, dtype: torch.dtype, block_d: int, variant: str = "dense",
