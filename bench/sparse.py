@@ -23,14 +23,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .attention import _flex
 from .runner import Case, SkipImpl, SweepConfig, dtype_name, register
 
 BATCH, HEADS, HEAD_DIM, BLOCK = 1, 8, 64, 64
 CPU_SEQS, CPU_DENSITIES, CPU_QUICK_DENSITIES = (4096,), (0.05, 0.1, 0.2, 0.5), (0.1,)
 CUDA_SEQS, CUDA_QUICK_SEQS = (4096, 8192, 16384), (16384,)
 CUDA_DENSITIES, CUDA_QUICK_DENSITIES = (0.05, 0.1, 0.2, 0.5), (0.1,)
-
-_flex_compiled: Callable[..., torch.Tensor] | None = None
 
 
 def _qkv(inputs: dict[str, torch.Tensor]):
@@ -41,19 +40,6 @@ def _mask(q: torch.Tensor, k: torch.Tensor, density: float) -> torch.Tensor:
     from ditkernels.ops.sparse import block_topk_mask
 
     return block_topk_mask(q.detach(), k.detach(), density=density, block_size=(BLOCK, BLOCK))
-
-
-def _flex() -> Callable[..., torch.Tensor]:
-    global _flex_compiled
-    if _flex_compiled is None:
-        try:
-            from torch.nn.attention.flex_attention import flex_attention
-        except ImportError as e:
-            raise SkipImpl(f"torch {torch.__version__} has no FlexAttention ({e})") from None
-        cfg = torch._dynamo.config
-        cfg.recompile_limit = max(getattr(cfg, "recompile_limit", 8), 64)
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
-    return _flex_compiled
 
 
 def _block_topk_builders(density: float) -> dict[str, Callable]:
