@@ -871,13 +871,13 @@ def _dtype_class(dtype: torch.dtype) -> str:
     raise TypeError(f"dtype: the triton backend takes float16, bfloat16 or float32, got {dtype}")
 
 
-# MASK_THRESHOLD (exact top-k) launches that differ from the shipped config: the per-row threshold
-# load in the dK/dV loop costs registers these two fp32 configs lack at 8 warps (an 8-48 byte stack
-# frame); at 4 warps they compile clean (python -m ditkernels compile-report, variant "topk").
+# MASK_THRESHOLD (exact top-k) launches that differ from the (csr) config: the per-row threshold
+# load in the dK/dV loop costs registers these fp32 configs lack (an 8-48 byte stack frame); found with
+# python -m ditkernels compile-report --variant topk (0 spills / 0 stack on sm_80 and sm_90).
 _THRESHOLD_PAD = 256  # >= the largest query tile a schedule walk can overshoot seq_q by
 _THRESHOLD_OVERRIDES = {(80, "bwd_dkdv", "f32", 16): {"num_warps": 4}, (90, "bwd_dkdv", "f32", 256): {"num_warps": 4},
                         (80, "bwd_dkdv", "f32", 64): {"num_warps": 4, "block_dk": 16},
-                        (90, "bwd_dkdv", "f32", 128): {"num_warps": 8, "block_dk": 64, "num_stages": 1}}
+                        (90, "bwd_dkdv", "f32", 128): {"num_warps": 4, "block_dk": 8}}
 
 
 def config_for(kernel: str, arch: int | None, dtype: torch.dtype, block_d: int, variant: str = "dense",
