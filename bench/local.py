@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from .attention import _make_inputs, _qkv, build_sdpa
 from .runner import Case, SkipImpl, SweepConfig, dtype_name, register
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
@@ -58,10 +58,6 @@ def _natten_mask_mod(height: int, width: int, text: int, r: int):
     return mask_mod
 
 
-def _qkv(inputs: dict[str, torch.Tensor]):
-    return inputs["q"], inputs["k"], inputs["v"]
-
-
 def _builders(side: int, r: int, shape: str, border: str, text: int) -> dict[str, Callable]:
     grid = (side, side)
 
@@ -87,10 +83,6 @@ def _builders(side: int, r: int, shape: str, border: str, text: int) -> dict[str
             kernel_pairs = mod.last_fwd_pairs() / (q.shape[0] * q.shape[1])
             fn.detail += f", kernel computed/useful={kernel_pairs / plan.useful_pairs:.2f}"
         return fn
-
-    def build_sdpa(inputs):
-        q, k, v = _qkv(inputs)
-        return lambda: F.scaled_dot_product_attention(q, k, v)
 
     def build_flex(inputs):
         global _flex_compiled
@@ -152,13 +144,6 @@ def _useful(side: int, r: int, shape: str, border: str, text: int) -> int:
     from ditkernels.ops.local import local_attention_plan
 
     return local_attention_plan((side, side), r, shape=shape, border=border, num_prefix=text).useful_pairs
-
-
-def _make_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
-    def make(requires_grad: bool) -> dict[str, torch.Tensor]:
-        return {n: torch.randn(shape, dtype=dtype, device=device).requires_grad_(requires_grad) for n in "qkv"}
-
-    return make
 
 
 @register("attention.local")

@@ -21,19 +21,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .attention import _flex
+from .attention import _flex, _make_inputs, _qkv, build_sdpa
 from .runner import Case, SkipImpl, SweepConfig, dtype_name, register
 
 BATCH, HEADS, HEAD_DIM, BLOCK = 1, 8, 64, 64
 CPU_SEQS, CPU_DENSITIES, CPU_QUICK_DENSITIES = (4096,), (0.05, 0.1, 0.2, 0.5), (0.1,)
 CUDA_SEQS, CUDA_QUICK_SEQS = (4096, 8192, 16384), (16384,)
 CUDA_DENSITIES, CUDA_QUICK_DENSITIES = (0.05, 0.1, 0.2, 0.5), (0.1,)
-
-
-def _qkv(inputs: dict[str, torch.Tensor]):
-    return inputs["q"], inputs["k"], inputs["v"]
 
 
 def _mask(q: torch.Tensor, k: torch.Tensor, density: float) -> torch.Tensor:
@@ -59,10 +54,6 @@ def _block_topk_builders(density: float) -> dict[str, Callable]:
         fn = lambda: ditkernels.block_sparse_attention(q, k, v, mask, block_size=(BLOCK, BLOCK))  # noqa: E731
         fn.detail = _backend(q) + ", precomputed mask"
         return fn
-
-    def build_sdpa(inputs):
-        q, k, v = _qkv(inputs)
-        return lambda: F.scaled_dot_product_attention(q, k, v)
 
     def build_flex(inputs):
         q, k, v = _qkv(inputs)
@@ -101,13 +92,6 @@ def _backend(q: torch.Tensor) -> str:
         return f"backend=? ({type(e).__name__})"
 
 
-def _make_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
-    def make(requires_grad: bool) -> dict[str, torch.Tensor]:
-        return {n: torch.randn(shape, dtype=dtype, device=device).requires_grad_(requires_grad) for n in "qkv"}
-
-    return make
-
-
 @register("sparse.block_topk")
 def block_topk_cases(cfg: SweepConfig) -> Iterator[Case]:
     if cfg.is_cuda:
@@ -143,10 +127,6 @@ def _topk_builders(topk: int) -> dict[str, Callable]:
         fn = lambda: ditkernels.topk_attention(q, k, v, topk)  # noqa: E731
         fn.detail = f"topk={topk}, two passes, query-chunk workspace"
         return fn
-
-    def build_sdpa(inputs):
-        q, k, v = _qkv(inputs)
-        return lambda: F.scaled_dot_product_attention(q, k, v)
 
     def build_torch(inputs):
         q, k, v = _qkv(inputs)
