@@ -7,7 +7,9 @@ the triton wheel: registers, spills (local memory), stack, shared memory and the
 (HGMMA: sm_90 warpgroup MMA; HMMA: mma.sync; none: CUDA-core FMA). The embedded cubins of the
 ``ditkernels._cuda`` extension, when built, are reported the same way.
 The selective-scan kernels (``ditkernels.triton_kernels.selective_scan``, rows ``scan_fwd`` /
-``scan_bwd``, see :class:`ScanJob`) are compiled and checked like the attention kernels.
+``scan_bwd``, see :class:`ScanJob`) and the block top-k selection kernels
+(``ditkernels.triton_kernels.block_select``, rows ``select_pool`` / ``select_blocks``, see
+:class:`SelectJob`) are compiled and checked like the attention kernels.
 
 Exit status 1 when any kernel fails to compile, spills, uses more shared memory than the chip has
 per block, or (sm_90, fp16/bf16 attention) lacks HGMMA.
@@ -244,6 +246,61 @@ def _source(job: Job):
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), cfg, vals
 
 
+def _resources(kernel, arch: int) -> tuple[dict, str, list[str]]:
+    """(registers / stack / spill_bytes / shared, SASS, problems) of a compiled kernel's cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "--dump-sass", path], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    if m is None:
+        raise RuntimeError(f"cannot parse cuobjdump output: {usage[-300:]}")
+    reg, stack, static_shared, local = map(int, m.groups())
+    res = {"registers": reg, "stack": stack, "spill_bytes": local, "shared": static_shared + int(kernel.metadata.shared)}
+    problems = []
+    if local or stack:
+        problems.append(f"spills (LOCAL:{local} STACK:{stack})")
+    if res["shared"] > SHARED_LIMIT[arch]:
+        problems.append(f"shared {res['shared']} > {SHARED_LIMIT[arch]}")
+    return res, sass, problems
+
+
+def _fail_status(exc: Exception) -> str:
+    msg = str(exc).strip().splitlines()
+    return f"FAIL: compile error: {type(exc).__name__}: {msg[-1] if msg else ''}"[:300]
+
+
+def _signature(fn, arch: int, vals: dict, ptr_type) -> tuple:
+    """(signature, constexprs, attrs) of an ASTSource for ``fn`` launched with ``vals``: pointers (capitalised
+    names) typed by ``ptr_type(name)``, 16-byte aligned; ints specialised as triton's JIT does."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import native_specialize_impl
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = vals[name]
+        elif name[0].isupper():
+            signature[name] = "*" + ptr_type(name)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(vals[name], float):
+            signature[name] = "fp32"
+        else:
+            ty, spec = native_specialize_impl(backend, vals[name], False, True, True)
+            signature[name] = ty
+            if ty == "constexpr":
+                constexprs[(i,)] = vals[name]
+            elif spec == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
 def _worker_init() -> None:
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what a GPU launch uses by default
@@ -253,6 +310,8 @@ def compile_job(job: Job) -> Row:
     """Compile one job and read its cubin (runs in a worker process)."""
     if isinstance(job, ScanJob):
         return compile_scan_job(job)
+    if isinstance(job, SelectJob):
+        return compile_select_job(job)
     _worker_init()
     import triton
     from triton.backends.compiler import GPUTarget
@@ -268,33 +327,16 @@ def compile_job(job: Job) -> Row:
         k = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
                            options=flash.launch_options(cfg))
         row.compile_s = time.perf_counter() - t0
-        tool = _cuobjdump()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "k.cubin")
-            with open(path, "wb") as f:
-                f.write(k.asm["cubin"])
-            usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True,
-                                   check=True).stdout
-            sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True, check=True).stdout
-        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
-        if m is None:
-            raise RuntimeError(f"cannot parse cuobjdump output: {usage[-300:]}")
-        reg, stack, static_shared, local = map(int, m.groups())
-        row.registers, row.stack, row.spill_bytes = reg, stack, local
-        row.shared = static_shared + int(k.metadata.shared)
+        res, sass, problems = _resources(k, job.arch)
+        for key, val in res.items():
+            setattr(row, key, val)
         row.mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "none")
-        problems = []
-        if local or stack:
-            problems.append(f"spills (LOCAL:{local} STACK:{stack})")
-        if row.shared > SHARED_LIMIT[job.arch]:
-            problems.append(f"shared {row.shared} > {SHARED_LIMIT[job.arch]}")
         if (job.arch == 90 and job.kernel in ATTN_KERNELS and job.dtype in ("fp16", "bf16")
                 and row.mma != "HGMMA"):
             problems.append(f"no HGMMA ({row.mma})")
         row.status = "ok" if not problems else "FAIL: " + "; ".join(problems)
     except Exception as exc:  # a compile failure is a report row, not a crash of the report
-        msg = str(exc).strip().splitlines()
-        row.status = f"FAIL: compile error: {type(exc).__name__}: {msg[-1] if msg else ''}"[:300]
+        row.status = _fail_status(exc)
     return row
 
 
@@ -343,9 +385,7 @@ def _scan_source(job: ScanJob):
     dim 1536, L 4096, N = BLOCK_N, one B / C group, the launcher's channel blocks per backward
     program on an H100 (132 SMs)."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import native_specialize_impl
+    from triton.compiler import ASTSource
 
     from ditkernels.triton_kernels import selective_scan as ss
 
@@ -375,22 +415,8 @@ def _scan_source(job: ScanJob):
     vals.update(BLOCK_D=bd, BLOCK_N=N, BLOCK_L=cfg.block_l, B_VAR=var, C_VAR=var, HAS_D=True, HAS_Z=True,
                 HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True, HAS_DLAST=True)
     in_dtype = {"U", "Delta", "Z", "Out", "DOut", "DU", "DDelta", "DZ"} | ({"Bm", "Cm"} if var else set())
-    backend = make_backend(GPUTarget("cuda", job.arch, 32))
-    signature, constexprs, attrs = {}, {}, {}
-    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
-        if param.is_constexpr:
-            signature[name] = "constexpr"
-            constexprs[(i,)] = vals[name]
-        elif name[0].isupper():  # pointers
-            signature[name] = "*" + (job.dtype if name in in_dtype else "fp32")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            ty, spec = native_specialize_impl(backend, vals[name], False, True, True)
-            signature[name] = ty
-            if ty == "constexpr":
-                constexprs[(i,)] = vals[name]
-            elif spec == "D":
-                attrs[(i,)] = [["tt.divisibility", 16]]
+    signature, constexprs, attrs = _signature(fn, job.arch, vals,
+                                              lambda name: job.dtype if name in in_dtype else "fp32")
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), bd, cfg.block_l, warps, \
         cfg.maxnreg
 
@@ -408,28 +434,96 @@ def compile_scan_job(job: ScanJob) -> Row:
         k = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
                            options={"num_warps": row.num_warps, "num_stages": 1, "maxnreg": maxnreg})
         row.compile_s = time.perf_counter() - t0
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "k.cubin")
-            with open(path, "wb") as f:
-                f.write(k.asm["cubin"])
-            usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True,
-                                   check=True).stdout
-        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
-        if m is None:
-            raise RuntimeError(f"cannot parse cuobjdump output: {usage[-300:]}")
-        reg, stack, static_shared, local = map(int, m.groups())
-        row.registers, row.stack, row.spill_bytes = reg, stack, local
-        row.shared = static_shared + int(k.metadata.shared)
+        res, _, problems = _resources(k, job.arch)
+        for key, val in res.items():
+            setattr(row, key, val)
         row.mma = "none"
-        problems = []
-        if local or stack:
-            problems.append(f"spills (LOCAL:{local} STACK:{stack})")
-        if row.shared > SHARED_LIMIT[job.arch]:
-            problems.append(f"shared {row.shared} > {SHARED_LIMIT[job.arch]}")
         row.status = "ok" if not problems else "FAIL: " + "; ".join(problems)
     except Exception as exc:  # a compile failure is a report row, not a crash of the report
-        msg = str(exc).strip().splitlines()
-        row.status = f"FAIL: compile error: {type(exc).__name__}: {msg[-1] if msg else ''}"[:300]
+        row.status = _fail_status(exc)
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# Block top-k selection kernels (ditkernels.triton_kernels.block_select)
+# --------------------------------------------------------------------------------------------
+
+SELECT_KERNELS = ("select_pool", "select_blocks")
+SELECT_NK_PAD = (16, 64, 256, 1024, 4096, 8192)
+
+
+@dataclass(frozen=True)
+class SelectJob:
+    """One compilation of a block-selection kernel: ``select_pool`` (key-block means) per head-dim bucket,
+    ``select_blocks`` (query pooling, scores, radix top-k) per head-dim bucket and row length ``nk_pad``
+    (NK_PAD, up to ``block_select.MAX_KEY_BLOCKS``). Rows report block_m = ROWS (rows per pooling load),
+    block_n = NK_PAD and variant ``nk<NK_PAD>`` (``keys`` for the pooling kernel)."""
+
+    arch: int
+    kernel: str  # select_pool | select_blocks
+    dtype: str  # fp16 | bf16 | fp32 (of q and k)
+    block_d: int
+    nk_pad: int = 0
+
+
+def select_jobs_for(archs: list[int], quick: bool) -> list[SelectJob]:
+    from ditkernels.triton_kernels.flash import BLOCK_D_BUCKETS, DTYPES
+
+    jobs: list[SelectJob] = []
+    for arch in archs:
+        if quick:
+            jobs += [SelectJob(arch, "select_pool", "bf16", 128), SelectJob(arch, "select_blocks", "bf16", 128, 256),
+                     SelectJob(arch, "select_blocks", "fp32", 64, 8192)]
+            continue
+        for dtype in DTYPES:
+            for d in BLOCK_D_BUCKETS:
+                jobs.append(SelectJob(arch, "select_pool", dtype, d))
+                jobs += [SelectJob(arch, "select_blocks", dtype, d, nk) for nk in SELECT_NK_PAD]
+    return jobs
+
+
+def compile_select_job(job: SelectJob) -> Row:
+    """Compile one selection job for a typical contiguous launch (B=2, H=8, 64-token blocks, a row of
+    ``nk_pad - 3`` key blocks) and read its cubin (runs in a worker process)."""
+    _worker_init()
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ditkernels.triton_kernels import block_select as bsel
+
+    pool = job.kernel == "select_pool"
+    row = Row(job.arch, job.kernel, "keys" if pool else f"nk{job.nk_pad}", job.dtype, job.block_d, bsel.POOL_ROWS,
+              job.nk_pad, 4, 1)
+    try:
+        heads, nk = 8, max(job.nk_pad - 3, 1)
+        seq = 64 * nk
+        vals: dict[str, object] = dict(seq_q=seq, seq_k=seq, head_dim=job.block_d, block_q=64, block_k=64, nq=nk,
+                                       nk=nk, n_blocks=nk, heads=heads, topk=max(nk // 10, 1), num_prefix=0,
+                                       num_suffix=0, scale=0.125, ROWS=bsel.POOL_ROWS, BLOCK_D=job.block_d)
+        for x in "qk":
+            vals.update({f"stride_{x}b": heads * seq * job.block_d, f"stride_{x}h": seq * job.block_d,
+                         f"stride_{x}s": job.block_d, f"stride_{x}d": 1})
+        if pool:
+            fn, warps = bsel._pool_keys_kernel, 4
+        else:
+            opts = bsel.launch_options(job.nk_pad)
+            fn, warps = bsel._select_blocks_kernel, opts["num_warps"]
+            vals.update(CHUNK_D=opts["CHUNK_D"], NK_PAD=job.nk_pad)
+        row.num_warps = warps
+        signature, constexprs, attrs = _signature(
+            fn, job.arch, vals, lambda name: job.dtype if name in ("Q", "K") else ("i8" if name == "Mask" else "fp32"))
+        t0 = time.perf_counter()
+        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                           target=GPUTarget("cuda", job.arch, 32), options={"num_warps": warps, "num_stages": 1})
+        row.compile_s = time.perf_counter() - t0
+        res, _, problems = _resources(k, job.arch)
+        for key, val in res.items():
+            setattr(row, key, val)
+        row.mma = "none"
+        row.status = "ok" if not problems else "FAIL: " + "; ".join(problems)
+    except Exception as exc:  # a compile failure is a report row, not a crash of the report
+        row.status = _fail_status(exc)
     return row
 
 
@@ -450,14 +544,17 @@ def cuda_extension_rows() -> tuple[list[dict], str]:
                              text=True).stdout
     except Exception as exc:
         return [], f"cuobjdump failed on {spec.origin}: {exc}"
-    rows, arch = [], "?"
-    for line in out.splitlines():
-        am = re.search(r"arch = (sm_\w+)", line)
-        if am:
-            arch = am.group(1)
-        fm = re.search(r"Function (\S+):\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
-        if fm:
+    rows = []
+    # one "arch = sm_XX" header per cubin, then "Function NAME:" and its "REG:... LOCAL:..." on the next line
+    for part in re.split(r"(?=arch = sm_)", out):
+        am = re.match(r"arch = (sm_\w+)", part)
+        if am is None:
+            continue
+        arch = am.group(1)
+        for fm in re.finditer(r"Function (\S+):\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", part):
             name, reg, stack, shared, local = fm.group(1), *map(int, fm.groups()[1:])
+            if any(r["arch"] == arch and r["kernel"] == name for r in rows):
+                continue  # the same cubin listed again (cuobjdump prints a fatbin per embedding)
             rows.append({"arch": arch, "kernel": name, "registers": reg, "stack": stack, "shared": shared,
                          "spill_bytes": local,
                          "status": "ok" if not (local or stack) else f"FAIL: spills (LOCAL:{local} STACK:{stack})"})
@@ -489,9 +586,10 @@ def _table(rows: list[dict], cols, head) -> str:
 
 def run(archs: list[int], quick: bool, workers: int, variants: list[str] | None = None,
         dtypes: list[str] | None = None) -> tuple[list[Row], float]:
-    jobs = jobs_for(archs, quick) + scan_jobs_for(archs, quick)
-    if variants:  # a subset while developing: attention jobs of these variants only
-        jobs = [j for j in jobs if isinstance(j, Job) and j.variant.split("_n")[0] in variants]
+    jobs = jobs_for(archs, quick) + scan_jobs_for(archs, quick) + select_jobs_for(archs, quick)
+    if variants:  # a subset while developing: attention jobs of these variants, "scan" or "select" jobs
+        jobs = [j for j in jobs if (j.variant.split("_n")[0] if isinstance(j, Job) else
+                                    "scan" if isinstance(j, ScanJob) else "select") in variants]
     if dtypes:
         jobs = [j for j in jobs if j.dtype in dtypes]
     t0 = time.perf_counter()
@@ -516,8 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="80,90", help="comma-separated SM archs (80, 90); default 80,90")
     parser.add_argument("--quick", action="store_true", help="a representative subset of the configs")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
-    parser.add_argument("--variant", help="comma-separated attention variants only (dense, csr, local, epilogue, "
-                        "odd_d): a subset while developing")
+    parser.add_argument("--variant", help="comma-separated variants only (attention: dense, csr, local, epilogue, "
+                        "odd_d, topk, band, rettention; scan; select): a subset while developing")
     parser.add_argument("--dtype", help="comma-separated dtypes only (fp16, bf16, fp32)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
     args = parser.parse_args(argv)

@@ -171,7 +171,8 @@ def _selection_loop(q, k, topk, bq, bk, num_prefix, num_suffix, scale):
                     forced.add(min(tok // bk, nk - 1))
                 forced |= {t // bk for t in range(min(num_prefix, sk))}
                 forced |= {t // bk for t in range(sk - num_suffix, sk)}
-                rest = [n for n in torch.argsort(s[m], descending=True).tolist() if n not in forced]
+                order = sorted(range(nk), key=lambda n: (-float(s[m, n]), n))  # ties: lowest index first
+                rest = [n for n in order if n not in forced]
                 keep = forced | set(rest[:max(topk - len(forced), 0)])
                 out[bi, hi, m, sorted(keep)] = True
     return out
@@ -248,6 +249,68 @@ def test_block_topk_schedule_public_api():
     mask = block_topk_mask(q, k, density=0.25, block_size=(64, 64), num_prefix=10)
     assert torch.equal(s.tile_mask()[0], mask.reshape(6, 5, 5))
     assert int(s.partial.sum()) == 0
+
+
+# ---- the fused triton selection (triton_kernels/block_select.py) -----------------------------------------
+def _triton_select(q, k, topk, bq, bk, pre=0, suf=0):
+    sched = ditkernels.block_topk_schedule(q, k, topk=topk, block_size=(bq, bk), num_prefix=pre, num_suffix=suf,
+                                           backend="triton")
+    return sched.tile_mask()[0].reshape(q.shape[0], q.shape[1], -(-q.shape[2] // bq), -(-k.shape[2] // bk))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(97, 97, 16, 16, 3, 0, 0), (200, 257, 32, 64, 2, 5, 0), (257, 200, 128, 16, 4, 0, 9),
+                                  (200, 200, 48, 80, 2, 20, 3), (97, 300, 16, 32, 50, 0, 0)],
+                         ids=lambda c: "Sq{}-Sk{}-bq{}-bk{}-k{}-pre{}-suf{}".format(*c))
+def test_triton_selection_matches_torch(case, dtype):
+    sq, sk, bq, bk, topk, pre, suf = case
+    q, k, _ = make_qkv(2, 2, sq, sk, 40, dtype, strided=True, seed=sq + sk)
+    want = block_topk_mask(q, k, topk=topk, block_size=(bq, bk), num_prefix=pre, num_suffix=suf)
+    assert torch.equal(_triton_select(q, k, topk, bq, bk, pre, suf), want)
+    assert torch.equal(want, _selection_loop(q, k, min(topk, want.shape[-1]), bq, bk, pre, suf, 40 ** -0.5))
+
+
+def test_triton_selection_ties_take_the_lowest_block():
+    # equal key blocks (and -0.0 / +0.0 scores from zero queries): every path keeps the lowest indices
+    q, k, _ = make_qkv(1, 2, 128, 256, 16, torch.float32, seed=5)
+    k = k[:, :, :16].repeat(1, 1, 16, 1)  # 16 identical key blocks of 16 keys
+    q[:, 1] = 0.0
+    k[:, 1, :16] *= -1
+    want = torch.zeros(1, 2, 8, 16, dtype=torch.bool)
+    for m in range(8):  # diagonal block m plus the lowest others up to 3 blocks
+        want[:, :, m, m] = True
+        want[:, :, m, [n for n in range(16) if n != m][:2]] = True
+    got_torch = block_topk_mask(q, k, topk=3, block_size=(16, 16))
+    assert torch.equal(got_torch, want)
+    assert torch.equal(_triton_select(q, k, 3, 16, 16), want)
+
+
+@pytest.mark.parametrize("sk,bk", [(600, 1), (2100, 1)], ids=["nk600", "nk2100"])
+def test_triton_selection_long_rows_are_a_top_k(sk, bk):
+    # rows of 1024 / 4096 padded key blocks (8 warps, head-dim chunks of 16 / 4): a valid top-k in float64
+    q, k, _ = make_qkv(1, 1, 256, sk, 24, torch.float32, seed=sk)
+    topk, bq, pre = 101, 64, 5
+    got = _triton_select(q, k, topk, bq, bk, pre)[0, 0]
+    qm = q[0, 0].double().reshape(4, bq, 24).mean(1)
+    s = qm @ k[0, 0].double().T * 24 ** -0.5
+    for m in range(4):
+        forced = torch.zeros(sk, dtype=torch.bool)
+        forced[:pre] = True
+        forced[m * bq:(m + 1) * bq] = True
+        assert got[m][forced].all() and int(got[m].sum()) == max(topk, int(forced.sum()))
+        chosen, other = s[m][got[m] & ~forced], s[m][~got[m]]
+        assert chosen.min() >= other.max() - 1e-5 * s[m].abs().max()
+
+
+def test_triton_selection_falls_back_to_torch_past_its_row_limit(monkeypatch):
+    from ditkernels.triton_kernels import block_select
+
+    q, k, _ = make_qkv(1, 2, 200, 200, 16, torch.float32, seed=9)
+    want = block_topk_mask(q, k, topk=3, block_size=(16, 16), num_prefix=4)
+    monkeypatch.setattr(block_select, "MAX_KEY_BLOCKS", 8)
+    with pytest.raises(ValueError, match="at most 8 key blocks, got 13"):
+        block_select.block_topk_mask(q, k, 3, 16, 16, 4, 0, 0.25)
+    assert torch.equal(_triton_select(q, k, 3, 16, 16, 4), want)
 
 
 # ---- errors, compile ---------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ without spills, within shared memory, and with warpgroup MMA (HGMMA) on sm_90.""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -28,3 +29,7 @@ def test_compile_report_quick(tmp_path):
     assert sm90_f16 and all(r["mma"] == "HGMMA" for r in sm90_f16)
     assert any(r["mma"] == "HMMA" for r in rows if r["arch"] == 80)
     assert "HGMMA" in proc.stdout
+    assert {"select_pool", "select_blocks", "scan_fwd", "scan_bwd"} <= {r["kernel"] for r in rows}
+    if importlib.util.find_spec("ditkernels._cuda") is not None:  # built with nvcc: its cubins are listed
+        assert {r["arch"] for r in report["cuda"]} == {"sm_80", "sm_90a"}
+        assert all(r["status"] == "ok" for r in report["cuda"])

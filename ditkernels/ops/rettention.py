@@ -237,11 +237,12 @@ def _local_supported(mod) -> None:
                                   "in this build")
 
 
-def _block_topk(mask: BlockTopK, q: torch.Tensor, k: torch.Tensor, scale: float) -> BlockSchedule:
+def _block_topk(mask: BlockTopK, q: torch.Tensor, k: torch.Tensor, scale: float, backend: str) -> BlockSchedule:
     from .sparse import block_topk_schedule
 
     return block_topk_schedule(q, k, topk=mask.topk, density=mask.density, block_size=mask.block_size,
-                               num_prefix=mask.num_prefix, num_suffix=mask.num_suffix, scale=scale)
+                               num_prefix=mask.num_prefix, num_suffix=mask.num_suffix, scale=scale,
+                               backend=backend)
 
 
 def sparse_plan(mask: Mask, q: torch.Tensor, k: torch.Tensor, scale: float,
@@ -261,7 +262,7 @@ def sparse_plan(mask: Mask, q: torch.Tensor, k: torch.Tensor, scale: float,
         _check_local_seq(spec, q, k)
         plan = kernel_plan(spec, mod, q.shape[-1], q.dtype)
         return (plan if q.device.type == "cpu" else plan.to(q.device)), plan.mask
-    return _block_topk(mask, q, k, scale), None
+    return _block_topk(mask, q, k, scale, mod.NAME), None
 
 
 def dense_visible(mask: Mask, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -275,7 +276,7 @@ def dense_visible(mask: Mask, q: torch.Tensor, k: torch.Tensor, scale: float) ->
         spec = mask.spec()
         _check_local_seq(spec, q, k)
         return local_visible(spec, q.device)
-    sched = _block_topk(mask, q, k, scale)
+    sched = _block_topk(mask, q, k, scale, "reference")
     vis = sched.element_mask().to(q.device)
     return vis.reshape(q.shape[0], q.shape[1], *vis.shape[1:]) if vis.shape[0] != 1 else vis[0]
 

@@ -238,10 +238,12 @@ def block_topk_mask(q: torch.Tensor, k: torch.Tensor, *, topk: int | None = None
 
     q: (batch, heads, seq_q, head_dim); k: (batch, heads, seq_k, head_dim), already in block order
     (:func:`grid_permutation` for spatial blocks). Scores ``mean_q(block) . mean_k(block) * scale`` in
-    float32; every query block keeps its ``topk`` best key blocks (ties broken by ``torch.topk``),
-    and always the key blocks holding a global token (the first ``num_prefix`` / last ``num_suffix``
-    keys) and the key blocks overlapping its own token range (the diagonal): ``max(topk, forced)``
-    blocks per row. Runs under no_grad; vectorised torch (no loop over blocks).
+    float32; every query block keeps the key blocks holding a global token (the first ``num_prefix``
+    / last ``num_suffix`` keys) and the key blocks overlapping its own token range (the diagonal),
+    plus the best of the others up to ``topk`` blocks in all (``max(topk, forced)`` blocks per row);
+    equal scores at the cut go to the lowest key-block index. Runs under no_grad; vectorised torch
+    (no loop over blocks): the reference of the triton selection kernels
+    (``ditkernels.triton_kernels.block_select``), which the ops use on the triton backend.
     """
     bq, bk = block_size
     sq, sk = q.shape[2], k.shape[2]
@@ -263,7 +265,9 @@ def block_topk_mask(q: torch.Tensor, k: torch.Tensor, *, topk: int | None = None
         if num_suffix:
             forced[:, max(sk - num_suffix, 0) // bk:] = True
         s = s.masked_fill(forced, float("inf"))
-        idx = torch.topk(s, kk, dim=-1).indices
+        s = torch.where(s == 0, 0.0, s)  # -0.0 ties with +0.0 (the triton kernel's order keys)
+        # a stable descending sort: ties at the cut go to the lowest block index, as in the triton kernel
+        idx = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :kk]
         mask = torch.zeros(s.shape, dtype=torch.bool, device=dev)
         mask.scatter_(-1, idx, True)
         return mask | forced
@@ -271,11 +275,13 @@ def block_topk_mask(q: torch.Tensor, k: torch.Tensor, *, topk: int | None = None
 
 def block_topk_schedule(q: torch.Tensor, k: torch.Tensor, *, topk: int | None = None, density: float | None = None,
                         block_size: tuple[int, int] = (64, 64), num_prefix: int = 0, num_suffix: int = 0,
-                        grid: tuple[int, ...] | None = None, scale: float | None = None) -> BlockSchedule:
+                        grid: tuple[int, ...] | None = None, scale: float | None = None,
+                        backend: str | None = None) -> BlockSchedule:
     """The block top-k selection of :func:`block_topk_attention` as a schedule, without attention.
 
     q: (batch, heads, seq_q, head_dim); k: (batch, heads, seq_k, head_dim). Options as
-    :func:`block_topk_attention`. Returns a CSR :class:`~ditkernels.schedule.BlockSchedule` with
+    :func:`block_topk_attention`; ``backend`` picks the selection's path (the fused Triton kernels on
+    ``"triton"``, the default for CUDA tensors; torch otherwise). Returns a CSR :class:`~ditkernels.schedule.BlockSchedule` with
     batch*heads head slices (slice ``b*heads + h``), tiles of ``block_size`` tokens, no partial
     visits (``partial`` is all 0: a selected block is attended in full; the ragged last blocks are
     cut by the kernels' bounds). With ``grid`` (self-attention, seq_q == seq_k) it is a
@@ -292,18 +298,20 @@ def block_topk_schedule(q: torch.Tensor, k: torch.Tensor, *, topk: int | None = 
     sq, sk = q.shape[2], k.shape[2]
     num_prefix, num_suffix = _check_globals(num_prefix, num_suffix, sk)
     b, h = q.shape[:2]
+    kk = _topk_from_density(topk, density, -(-sk // bk))
+    scale = _validate.check_scale(scale, q.shape[-1])
+    backend = _validate.check_backend(backend)
+    q, k = q.detach(), k.detach()
     if grid is None:
+        mask = _select(q, k, kk, bq, bk, num_prefix, num_suffix, scale, backend)
         with _one_thread(q.device):
-            mask = block_topk_mask(q, k, topk=topk, density=density, block_size=(bq, bk), num_prefix=num_prefix,
-                                   num_suffix=num_suffix, scale=scale)
             return BlockSchedule.from_tile_mask(mask.reshape(b * h, *mask.shape[2:]), bq, bk, sq, sk)
     grid = _check_grid(grid)
     if sq != sk or bq != bk:
         raise ValueError(f"grid: spatial blocks need self-attention with square blocks, got seq_q={sq}, seq_k={sk}, "
                          f"block_size=({bq}, {bk})")
     perm = grid_permutation(sq, grid, bq, num_prefix, num_suffix).to(q.device)
-    mask = block_topk_mask(q[:, :, perm], k[:, :, perm], topk=topk, density=density, block_size=(bq, bk),
-                           num_prefix=num_prefix, num_suffix=num_suffix, scale=scale)
+    mask = _select(q[:, :, perm], k[:, :, perm], kk, bq, bk, num_prefix, num_suffix, scale, backend)
     base = BlockSchedule.from_tile_mask(mask.reshape(b * h, *mask.shape[2:]), bq, bk, sq, sk)
     n = mask.shape[2]
     tok = torch.full((n * bq,), sq, dtype=torch.int32, device=q.device)
@@ -319,17 +327,28 @@ def _backend(q: torch.Tensor, backend: str):
     return resolve("block_sparse_attention", SUPPORTED, q.device, q.dtype, backend or None)
 
 
+def _select(q: torch.Tensor, k: torch.Tensor, topk: int, bq: int, bk: int, num_prefix: int, num_suffix: int,
+            scale: float, backend: str | None) -> torch.Tensor:
+    """The block selection on ``backend``'s device path: the fused Triton kernels on the triton backend
+    (rows of up to ``block_select.MAX_KEY_BLOCKS`` key blocks), else the torch reference."""
+    mod = _backend(q, backend)
+    kk = min(topk, -(-k.shape[2] // bk))
+    if mod.NAME == "triton" and mod.block_topk_supported(-(-k.shape[2] // bk)):
+        return mod.block_topk_mask(q, k, kk, bq, bk, num_prefix, num_suffix, scale)
+    with _one_thread(q.device):
+        return block_topk_mask(q, k, topk=kk, block_size=(bq, bk), num_prefix=num_prefix, num_suffix=num_suffix,
+                               scale=scale)
+
+
 @torch.library.custom_op("ditkernels::block_topk_mask", mutates_args=())
 def block_topk_mask_op(q: torch.Tensor, k: torch.Tensor, topk: int, block_q: int, block_k: int, num_prefix: int,
-                       num_suffix: int, scale: float) -> torch.Tensor:
-    """:func:`block_topk_mask` as a registered op (not differentiable: pass detached q, k)."""
-    with _one_thread(q.device):
-        return block_topk_mask(q, k, topk=topk, block_size=(block_q, block_k), num_prefix=num_prefix,
-                               num_suffix=num_suffix, scale=scale)
+                       num_suffix: int, scale: float, backend: str) -> torch.Tensor:
+    """:func:`block_topk_mask` as a registered op on ``backend`` (not differentiable: pass detached q, k)."""
+    return _select(q, k, topk, block_q, block_k, num_prefix, num_suffix, scale, backend or None)
 
 
 @block_topk_mask_op.register_fake
-def _(q, k, topk, block_q, block_k, num_prefix, num_suffix, scale):
+def _(q, k, topk, block_q, block_k, num_prefix, num_suffix, scale, backend):
     b, h, sq, _ = q.shape
     return q.new_empty(b, h, -(-sq // block_q), -(-k.shape[2] // block_k), dtype=torch.bool)
 
@@ -437,8 +456,8 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, t
     Block scores are ``mean(q over query block) . mean(k over key block) * scale`` (float32); each
     query block keeps its ``topk`` best key blocks (or ``ceil(density * num_key_blocks)``; give
     exactly one), always including the key blocks of the global tokens (the first ``num_prefix`` and
-    last ``num_suffix`` keys) and the key blocks on its own diagonal; ties are broken by
-    ``torch.topk``. grid: (H, W) or (T, H, W) of the image tokens
+    last ``num_suffix`` keys) and the key blocks on its own diagonal; equal scores at the cut go to the
+    lowest key-block index. grid: (H, W) or (T, H, W) of the image tokens
     (``seq = num_prefix + prod(grid) + num_suffix``, self-attention, square blocks): blocks become image
     tiles (see the module docstring; the mask is then over those blocks). block_size, scale,
     return_lse, backend: as :func:`block_sparse_attention`. return_mask: also return the selected bool
@@ -461,8 +480,9 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, t
         perm = grid_permutation(q.shape[2], grid, bq, num_prefix, num_suffix).to(q.device)
         q, k, v = q[:, :, perm], k[:, :, perm], v[:, :, perm]
     kk = _topk_from_density(topk, density, -(-k.shape[2] // bk))
+    backend = _validate.check_backend(backend)
     mask = block_topk_mask_op(q.detach(), k.detach(), kk, bq, bk, num_prefix, num_suffix,
-                              _validate.check_scale(scale, q.shape[-1]))
+                              _validate.check_scale(scale, q.shape[-1]), backend)
     out, lse = block_sparse_attention(q, k, v, mask, block_size=(bq, bk), scale=scale, return_lse=True,
                                       backend=backend)
     if perm is not None:
