@@ -268,6 +268,20 @@ def _resources(kernel, arch: int) -> tuple[dict, str, list[str]]:
     return res, sass, problems
 
 
+def _compile_row(row: Row, src, arch: int, options: dict) -> tuple[str, list[str]]:
+    """Compile ``src`` for ``arch`` into ``row`` (compile time and resources); returns (SASS, problems)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    t0 = time.perf_counter()
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    row.compile_s = time.perf_counter() - t0
+    res, sass, problems = _resources(kernel, arch)
+    for key, val in res.items():
+        setattr(row, key, val)
+    return sass, problems
+
+
 def _fail_status(exc: Exception) -> str:
     msg = str(exc).strip().splitlines()
     return f"FAIL: compile error: {type(exc).__name__}: {msg[-1] if msg else ''}"[:300]
@@ -313,9 +327,6 @@ def compile_job(job: Job) -> Row:
     if isinstance(job, SelectJob):
         return compile_select_job(job)
     _worker_init()
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from ditkernels.triton_kernels import flash
 
     row = Row(job.arch, job.kernel + (f"[{job.part}]" if job.part else ""), job.variant, job.dtype, job.block_d, 0, 0, 0, 0)
@@ -323,13 +334,7 @@ def compile_job(job: Job) -> Row:
         src, cfg, vals = _source(job)
         row.block_m, row.block_n = vals["BLOCK_M"], vals["BLOCK_N"]
         row.num_warps, row.num_stages = cfg.num_warps, cfg.num_stages
-        t0 = time.perf_counter()
-        k = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
-                           options=flash.launch_options(cfg))
-        row.compile_s = time.perf_counter() - t0
-        res, sass, problems = _resources(k, job.arch)
-        for key, val in res.items():
-            setattr(row, key, val)
+        sass, problems = _compile_row(row, src, job.arch, flash.launch_options(cfg))
         row.mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "none")
         if (job.arch == 90 and job.kernel in ATTN_KERNELS and job.dtype in ("fp16", "bf16")
                 and row.mma != "HGMMA"):
@@ -424,19 +429,10 @@ def _scan_source(job: ScanJob):
 def compile_scan_job(job: ScanJob) -> Row:
     """Compile one selective-scan job and read its cubin (runs in a worker process)."""
     _worker_init()
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     row = Row(job.arch, job.kernel, job.variant, job.dtype, job.block_n, 0, 0, 0, 1)
     try:
         src, row.block_m, row.block_n, row.num_warps, maxnreg = _scan_source(job)
-        t0 = time.perf_counter()
-        k = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
-                           options={"num_warps": row.num_warps, "num_stages": 1, "maxnreg": maxnreg})
-        row.compile_s = time.perf_counter() - t0
-        res, _, problems = _resources(k, job.arch)
-        for key, val in res.items():
-            setattr(row, key, val)
+        _, problems = _compile_row(row, src, job.arch, {"num_warps": row.num_warps, "num_stages": 1, "maxnreg": maxnreg})
         row.mma = "none"
         row.status = "ok" if not problems else "FAIL: " + "; ".join(problems)
     except Exception as exc:  # a compile failure is a report row, not a crash of the report
@@ -486,8 +482,6 @@ def compile_select_job(job: SelectJob) -> Row:
     """Compile one selection job for a typical contiguous launch (B=2, H=8, 64-token blocks, a row of
     ``nk_pad - 3`` key blocks) and read its cubin (runs in a worker process)."""
     _worker_init()
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from ditkernels.triton_kernels import block_select as bsel
@@ -513,13 +507,8 @@ def compile_select_job(job: SelectJob) -> Row:
         row.num_warps = warps
         signature, constexprs, attrs = _signature(
             fn, job.arch, vals, lambda name: job.dtype if name in ("Q", "K") else ("i8" if name == "Mask" else "fp32"))
-        t0 = time.perf_counter()
-        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                           target=GPUTarget("cuda", job.arch, 32), options={"num_warps": warps, "num_stages": 1})
-        row.compile_s = time.perf_counter() - t0
-        res, _, problems = _resources(k, job.arch)
-        for key, val in res.items():
-            setattr(row, key, val)
+        _, problems = _compile_row(row, ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                   job.arch, {"num_warps": warps, "num_stages": 1})
         row.mma = "none"
         row.status = "ok" if not problems else "FAIL: " + "; ".join(problems)
     except Exception as exc:  # a compile failure is a report row, not a crash of the report
