@@ -39,6 +39,18 @@ def _order_key(s):
 
 
 @triton.jit
+def _row_sum(base, start, end, offs_d, head_dim, stride_s, stride_d, ROWS: tl.constexpr):
+    """float32 sum of rows [start, end) of a (seq, head_dim) matrix over the columns ``offs_d``."""
+    acc = tl.zeros(offs_d.shape, dtype=tl.float32)
+    for r0 in range(start, end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        x = tl.load(base + rows[:, None] * stride_s + offs_d[None, :] * stride_d,
+                    mask=(rows[:, None] < end) & (offs_d[None, :] < head_dim), other=0.0)
+        acc += tl.sum(x.to(tl.float32), 0)
+    return acc
+
+
+@triton.jit
 def _pool_keys_kernel(K, KP, seq_k, head_dim, block_k, n_blocks, heads,
                       stride_kb, stride_kh, stride_ks, stride_kd,
                       ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -48,13 +60,7 @@ def _pool_keys_kernel(K, KP, seq_k, head_dim, block_k, n_blocks, heads,
     offs_d = tl.arange(0, BLOCK_D)
     start = n * block_k
     end = tl.minimum(start + block_k, seq_k)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for r0 in range(start, end, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        x = tl.load(base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                    mask=(rows[:, None] < end) & (offs_d[None, :] < head_dim), other=0.0)
-        acc += tl.sum(x.to(tl.float32), 0)
-    mean = acc / (end - start).to(tl.float32)
+    mean = _row_sum(base, start, end, offs_d, head_dim, stride_ks, stride_kd, ROWS) / (end - start).to(tl.float32)
     tl.store(KP + bh * BLOCK_D * n_blocks + offs_d * n_blocks + n, mean)
 
 
@@ -78,12 +84,7 @@ def _select_blocks_kernel(Q, KP, Mask, seq_q, seq_k, head_dim, block_q, block_k,
     s = tl.zeros([NK_PAD], dtype=tl.float32)
     for d0 in range(0, BLOCK_D, CHUNK_D):
         offs_d = d0 + tl.arange(0, CHUNK_D)
-        qsum = tl.zeros([CHUNK_D], dtype=tl.float32)
-        for r0 in range(start, end, ROWS):
-            rows = r0 + tl.arange(0, ROWS)
-            x = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                        mask=(rows[:, None] < end) & (offs_d[None, :] < head_dim), other=0.0)
-            qsum += tl.sum(x.to(tl.float32), 0)
+        qsum = _row_sum(q_base, start, end, offs_d, head_dim, stride_qs, stride_qd, ROWS)
         kp = tl.load(kp_base + offs_d[:, None] * nk + offs_n[None, :], mask=valid[None, :], other=0.0)
         s += tl.sum((qsum / count)[:, None] * kp, 0)
     s = s * scale
