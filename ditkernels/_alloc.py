@@ -1,7 +1,7 @@
 """Output allocation for kernel launchers.
 
-With ``DITKERNELS_POISON=1`` (the test suite sets it) every output buffer starts as NaN, so an
-element a kernel forgets to write shows up as NaN in the comparison with the reference instead
+With ``DITKERNELS_POISON=1`` (the test suite sets it) every output buffer starts as NaN (integer
+buffers as -1), so an element a kernel forgets to write shows up as NaN in the comparison with the reference instead
 of passing by luck with whatever the allocator returned.
 """
 
@@ -17,10 +17,10 @@ def poisoning() -> bool:
 
 
 def empty(*shape: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """``torch.empty`` for kernel outputs; NaN-filled when poisoning is on."""
+    """``torch.empty`` for kernel outputs; NaN-filled (integers: -1) when poisoning is on."""
     out = torch.empty(*shape, dtype=dtype, device=device)
     if poisoning():
-        out.fill_(float("nan"))
+        out.fill_(float("nan") if out.is_floating_point() else -1)
     return out
 
 

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ditkernels import _alloc
+
 from . import _interpreter
 
 MAX_KEY_BLOCKS = 8192
@@ -142,10 +144,10 @@ def block_topk_mask(q: torch.Tensor, k: torch.Tensor, topk: int, block_q: int, b
     if not supports(nk):
         raise ValueError(f"k: the triton selection holds rows of at most {MAX_KEY_BLOCKS} key blocks, got {nk}")
     block_d, nk_pad = _pad_d(d), max(16, triton.next_power_of_2(nk))
-    kp = torch.empty(b * h, block_d, nk, dtype=torch.float32, device=q.device)
+    kp = _alloc.empty(b * h, block_d, nk, dtype=torch.float32, device=q.device)
     _pool_keys_kernel[(nk, b * h)](k, kp, sk, d, block_k, nk, h, *k.stride(), ROWS=POOL_ROWS, BLOCK_D=block_d,
                                    num_warps=4)
-    mask = torch.empty(b, h, nq, nk, dtype=torch.int8, device=q.device)
+    mask = _alloc.empty(b, h, nq, nk, dtype=torch.int8, device=q.device)  # -1 when poisoned: not a bool
     opts = launch_options(nk_pad)
     _select_blocks_kernel[(nq, b * h)](q, kp, mask, sq, sk, d, block_q, block_k, nq, nk, h, topk, num_prefix,
                                        num_suffix, float(scale), *q.stride(), ROWS=POOL_ROWS, BLOCK_D=block_d,
