@@ -209,6 +209,18 @@ class BlockSchedule:
     def partial_tiles(self) -> int:
         return int(sum(int(self.partial[h, : int(self.kv_ptr[h, -1])].sum()) for h in range(self.num_heads_sched)))
 
+    def on(self, device: torch.device | str) -> "BlockSchedule":
+        """This schedule with its tensors on ``device``: itself when they are there, else a copy made on
+        the first call and kept on this object, so a cached schedule (a local plan, a band) is not copied
+        host-to-device at every attention call."""
+        device = torch.device(device)
+        if self.kv_ptr.device == device:
+            return self
+        copies = self.__dict__.setdefault("_device_copies", {})
+        if device not in copies:
+            copies[device] = self.to(device)
+        return copies[device]
+
     def to(self, device: torch.device | str) -> "BlockSchedule":
         return BlockSchedule(self.block_m, self.block_n, self.seq_q, self.seq_k, self.kv_ptr.to(device),
                              self.kv_idx.to(device), self.partial.to(device))

@@ -341,7 +341,9 @@ def test_torch_compile_fullgraph():
     def f(q, k, v):
         a = ditkernels.block_sparse_attention(q, k, v, mask, block_size=(32, 32), backend="cpu")
         b = ditkernels.block_topk_attention(q, k, v, topk=2, block_size=(32, 32), backend="cpu")
-        return a + b
+        c = ditkernels.block_topk_attention(q, k, v, topk=2, block_size=(16, 16), num_prefix=2, grid=(9, 14),
+                                            backend="cpu")
+        return a + b + c
 
     got = torch.compile(f, fullgraph=True, backend="eager")(q, k, v)
     torch.testing.assert_close(got, f(q, k, v))

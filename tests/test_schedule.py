@@ -51,3 +51,12 @@ def test_element_mask_expands_tiles_and_clips_bounds():
 def test_bad_tile_mask_shape_names_it():
     with pytest.raises(ValueError, match=r"tile_mask: expected \(H, 7, 3\) tiles"):
         BlockSchedule.from_tile_mask(torch.ones(7, 4, dtype=torch.bool), 16, 32, 97, 70)
+
+
+def test_on_device_copies_once():
+    visited, partial = _random_tiles(2, 7, 3, seed=4)
+    s = BlockSchedule.from_tile_mask(visited, 16, 32, 97, 70, partial)
+    assert s.on("cpu") is s
+    meta = s.on("meta")
+    assert meta is s.on(torch.device("meta")) and meta.kv_idx.device.type == "meta"
+    assert (meta.block_m, meta.block_n, meta.seq_q, meta.seq_k) == (16, 32, 97, 70)

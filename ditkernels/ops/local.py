@@ -438,16 +438,6 @@ def kernel_plan(spec: LocalSpec, mod, head_dim: int, dtype: torch.dtype, backwar
     return _plan(spec, bm, bn, pad + tuple(qt) if qt else None, pad + tuple(kt) if kt else None)
 
 
-def _on_device(plan: LocalPlan, device: torch.device) -> LocalPlan:
-    """The plan with its index tensors on ``device`` (the CPU plan itself, else a copy cached on the plan)."""
-    if plan.kv_ptr.device == device:
-        return plan
-    copies = plan.__dict__.setdefault("_device_copies", {})
-    if device not in copies:
-        copies[device] = plan.to(device)
-    return copies[device]
-
-
 def _keys(k, v, k_extra, v_extra):
     if k_extra is None:
         return k, v
@@ -470,7 +460,7 @@ def local_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ext
 
         out, lse = attention_ref(q, kk, vv, scale, local_visible(spec, q.device))
         return out.contiguous(), lse.to(torch.float32)
-    plan = _on_device(kernel_plan(spec, mod, q.shape[-1], q.dtype), q.device)
+    plan = kernel_plan(spec, mod, q.shape[-1], q.dtype).on(q.device)
     return mod.flash_fwd(q, kk, vv, scale=scale, schedule=plan, mask=plan.mask)
 
 
@@ -497,7 +487,7 @@ def local_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 
         dq, dk, dv = attention_ref_backward(do, q, kk, vv, scale, local_visible(spec, q.device))
     else:
-        plan = _on_device(kernel_plan(spec, mod, q.shape[-1], q.dtype, backward=True), q.device)
+        plan = kernel_plan(spec, mod, q.shape[-1], q.dtype, backward=True).on(q.device)
         dq, dk, dv = mod.flash_bwd(do, q, kk, vv, out, lse, scale=scale, schedule=plan, mask=plan.mask)
     if k_extra is None:
         b, h, _, d = k.shape

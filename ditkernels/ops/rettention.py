@@ -218,8 +218,7 @@ def band_schedule(seq: int, block_m: int, block_n: int, half: int, lo: int = 0, 
     *partial* where some in-bounds pair of the tile is not visible (the band's edges). Shared by every
     batch*head. Its element mask is ``ElementMask(MASK_BAND, (half, lo, hi, frame))``."""
     hi = seq if hi is None else hi
-    s = _band_schedule_cpu(seq, block_m, block_n, half, lo, hi, frame)
-    return s if torch.device(device).type == "cpu" else s.to(device)
+    return _band_schedule_cpu(seq, block_m, block_n, half, lo, hi, frame).on(device)
 
 
 def _check_self(q: torch.Tensor, k: torch.Tensor, what: str) -> None:
@@ -261,7 +260,7 @@ def sparse_plan(mask: Mask, q: torch.Tensor, k: torch.Tensor, scale: float,
         spec = mask.spec()
         _check_local_seq(spec, q, k)
         plan = kernel_plan(spec, mod, q.shape[-1], q.dtype)
-        return (plan if q.device.type == "cpu" else plan.to(q.device)), plan.mask
+        return plan.on(q.device), plan.mask
     return _block_topk(mask, q, k, scale, mod.NAME), None
 
 

@@ -26,6 +26,7 @@ between image tiles, not between row segments.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -200,6 +201,25 @@ def grid_permutation(seq: int, grid: tuple[int, ...], block: int, num_prefix: in
                       torch.arange(num_prefix + ng, seq)]).to(torch.int64)
 
 
+def _build_grid_orders(seq: int, grid: tuple[int, ...], block: int, num_prefix: int, num_suffix: int,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = grid_permutation(seq, grid, block, num_prefix, num_suffix)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(seq)
+    return perm.to(device), inv.to(device)
+
+
+_cached_grid_orders = functools.lru_cache(maxsize=64)(_build_grid_orders)
+
+
+def _grid_orders(seq: int, grid: tuple[int, ...], block: int, num_prefix: int, num_suffix: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm, inverse) of :func:`grid_permutation` on ``device``, built once per layout and device."""
+    if torch.compiler.is_compiling():  # traced into the graph as constants (Dynamo ignores caches, with a warning)
+        return _build_grid_orders(seq, grid, block, num_prefix, num_suffix, device)
+    return _cached_grid_orders(seq, grid, block, num_prefix, num_suffix, device)
+
+
 def _check_grid(grid: object) -> tuple[int, ...]:
     if not (isinstance(grid, (tuple, list)) and 1 <= len(grid) <= 3
             and all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)):
@@ -310,7 +330,7 @@ def block_topk_schedule(q: torch.Tensor, k: torch.Tensor, *, topk: int | None = 
     if sq != sk or bq != bk:
         raise ValueError(f"grid: spatial blocks need self-attention with square blocks, got seq_q={sq}, seq_k={sk}, "
                          f"block_size=({bq}, {bk})")
-    perm = grid_permutation(sq, grid, bq, num_prefix, num_suffix).to(q.device)
+    perm, _ = _grid_orders(sq, grid, bq, num_prefix, num_suffix, q.device)
     mask = _select(q[:, :, perm], k[:, :, perm], kk, bq, bk, num_prefix, num_suffix, scale, backend)
     base = BlockSchedule.from_tile_mask(mask.reshape(b * h, *mask.shape[2:]), bq, bk, sq, sk)
     n = mask.shape[2]
@@ -477,7 +497,7 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, t
         if q.shape[2] != k.shape[2] or bq != bk:
             raise ValueError(f"grid: spatial blocks need self-attention with square blocks, got seq_q={q.shape[2]}, "
                              f"seq_k={k.shape[2]}, block_size=({bq}, {bk})")
-        perm = grid_permutation(q.shape[2], grid, bq, num_prefix, num_suffix).to(q.device)
+        perm, inv = _grid_orders(q.shape[2], grid, bq, num_prefix, num_suffix, q.device)
         q, k, v = q[:, :, perm], k[:, :, perm], v[:, :, perm]
     kk = _topk_from_density(topk, density, -(-k.shape[2] // bk))
     backend = _validate.check_backend(backend)
@@ -486,8 +506,6 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, t
     out, lse = block_sparse_attention(q, k, v, mask, block_size=(bq, bk), scale=scale, return_lse=True,
                                       backend=backend)
     if perm is not None:
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(perm.numel(), device=perm.device)
         out, lse = out[:, :, inv], lse[:, :, inv]
     res = (out,)
     if return_lse:
