@@ -131,25 +131,22 @@ def _local_fwd_block_n() -> list[int]:
 
 
 def _config_variant(job: Job) -> str:
-    """The launch variant whose config a job compiles (epilogue / odd_d launches are dense)."""
+    """The launch variant (``flash.VARIANTS``: its config and SCHEDULE / MASK plug-ins) a job compiles:
+    epilogue / odd_d launches are dense, local_n* local, rettention band."""
     if job.variant.startswith("local"):
         return "local"
-    return "csr" if job.variant in ("csr", "topk", "band", "rettention") else "dense"
+    return {"epilogue": "dense", "odd_d": "dense", "rettention": "band"}.get(job.variant, job.variant)
 
 
-def _config_mask(job: Job) -> int:
-    """The element-mask kind of a non-local job's launch (its config may depend on it)."""
+def _config(job: Job):
+    """The config a launch of ``job`` runs (the launchers' lookup)."""
     from ditkernels.triton_kernels import flash
 
-    return {"topk": flash.MASK_THRESHOLD, "band": flash.MASK_BAND, "rettention": flash.MASK_BAND}.get(
-        job.variant, flash.MASK_NONE)
+    return flash.config_for(job.kernel, job.arch, flash.DTYPES[job.dtype], job.block_d, _config_variant(job))
 
 
 def _split(job: Job) -> list[Job]:
-    from ditkernels.triton_kernels import flash
-
-    cfg = flash.config_for(job.kernel, job.arch, flash.DTYPES[job.dtype], job.block_d, _config_variant(job),
-                           _config_mask(job))
+    cfg = _config(job)
     if job.kernel == "bwd_dkdv" and cfg.split:
         return [Job(job.arch, job.kernel, job.dtype, job.block_d, job.variant, part) for part in ("dk", "dv")]
     return [job]
@@ -177,8 +174,8 @@ def _example_args(job: Job, cfg, head_dim: int) -> dict[str, object]:
     for ax, s in zip(("b", "h", "m"), (heads * seq, seq, 1)):
         vals[f"stride_s{ax}"] = s  # row_scale
         vals[f"stride_l{ax}"] = s  # lse
-    local = job.variant.startswith("local")
-    sched = local or job.variant in ("csr", "topk", "band", "rettention")
+    sched_kind, mask_kind = flash.VARIANTS[_config_variant(job)]
+    local, sched = sched_kind == flash.SCHEDULE_TILED, sched_kind != flash.SCHEDULE_DENSE
     vals.update(stride_sched_ptr=(seq // 64 + 1) if sched else 0, stride_sched_idx=4096 if sched else 0,
                 sched_head_stride=0 if local else (1 if sched else 0), count_stride=0, count_plane=0)
     fwd = flash.config_for("fwd", job.arch, flash.DTYPES[job.dtype], job.block_d)
@@ -192,13 +189,9 @@ def _example_args(job: Job, cfg, head_dim: int) -> dict[str, object]:
         sbm, sbn = fwd.block_m, fwd.block_n
     else:
         sbm, sbn = cfg.block_m, cfg.block_n
-    bm = cfg.block_m
-    if job.variant in ("band", "rettention"):  # launches with the band mask: flash_fwd caps BLOCK_M
-        bm = flash.masked_fwd_block_m(job.arch, flash.DTYPES[job.dtype], job.block_d, bm)
-    vals.update(BLOCK_M=min(bm, sbm), BLOCK_N=min(cfg.block_n, sbn) if cfg.block_n else 0,
+    vals.update(BLOCK_M=min(cfg.block_m, sbm), BLOCK_N=min(cfg.block_n, sbn) if cfg.block_n else 0,
                 BLOCK_D=job.block_d, BLOCK_DK=flash.chunk_d(cfg, job.block_d), SCHED_BM=sbm, SCHED_BN=sbn,
-                SCHEDULE=flash.SCHEDULE_TILED if local else (flash.SCHEDULE_CSR if sched else flash.SCHEDULE_DENSE),
-                MASK=flash.MASK_LOCAL if local else _config_mask(job), COUNT=False,
+                SCHEDULE=sched_kind, MASK=mask_kind, COUNT=False,
                 EPILOGUE=flash.EPILOGUE_SCALE_RESIDUAL if job.variant in ("epilogue", "rettention")
                 else flash.EPILOGUE_NONE,
                 EVEN_D=head_dim == job.block_d, OUT_DK=job.part in ("", "dk"), OUT_DV=job.part in ("", "dv"),
@@ -216,8 +209,7 @@ def _source(job: Job):
 
     fn = {"fwd": flash._flash_fwd_kernel, "bwd_preprocess": flash._flash_bwd_preprocess_kernel,
           "bwd_dkdv": flash._flash_bwd_dkdv_kernel, "bwd_dq": flash._flash_bwd_dq_kernel}[job.kernel]
-    cfg = flash.config_for(job.kernel, job.arch, flash.DTYPES[job.dtype], job.block_d, _config_variant(job),
-                           _config_mask(job))
+    cfg = _config(job)
     head_dim = job.block_d if job.variant != "odd_d" else job.block_d * 5 // 8
     vals = _example_args(job, cfg, head_dim)
     backend = make_backend(GPUTarget("cuda", job.arch, 32))
@@ -228,7 +220,7 @@ def _source(job: Job):
             constexprs[(i,)] = vals[name]
         elif name in _PTR_ARGS:
             ty = _PTR_ARGS[name]
-            if name == "MaskParams" and job.variant == "topk":
+            if name == "MaskParams" and vals["MASK"] == flash.MASK_THRESHOLD:
                 ty = "fp32"  # MASK_THRESHOLD: per-row float thresholds
             signature[name] = "*" + (job.dtype if ty == "x" else ty)
             attrs[(i,)] = [["tt.divisibility", 16]]

@@ -728,15 +728,24 @@ ARCHS = (80, 90)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
-# (kernel, dtype class, block_d) -> Config, per arch. "f16" covers fp16 and bf16.
-# Chosen so every config compiles without spills and within the shared memory of the chip
-# (python -m ditkernels compile-report checks all of them).
-_TABLE: dict[int, dict[tuple[str, str, int], Config]] = {80: {}, 90: {}}
+# Launch variants: the plug-ins (SCHEDULE, MASK) of the launches whose config may differ from the
+# dense one. local: local attention's token tables and mask (its plans' 64-token tiles); topk: exact
+# top-k's score threshold; band: Re-ttention's band mask. An element mask acts only on the partial
+# tiles of a schedule, so any other pair runs its schedule's variant (launch_variant).
+VARIANTS = {"dense": (SCHEDULE_DENSE, MASK_NONE), "csr": (SCHEDULE_CSR, MASK_NONE),
+            "local": (SCHEDULE_TILED, MASK_LOCAL), "topk": (SCHEDULE_CSR, MASK_THRESHOLD),
+            "band": (SCHEDULE_CSR, MASK_BAND)}
+_PARENT = {"csr": "dense", "local": "dense", "topk": "csr", "band": "csr"}  # where a variant has no entry
+
+# (arch, variant, kernel, dtype class, block_d) -> Config; arch None: the interpreter's. "f16" covers
+# fp16 and bf16. Chosen so every config compiles without spills and within the shared memory of the
+# chip: python -m ditkernels compile-report compiles each variant with the config config_for gives it.
+_CONFIGS: dict[tuple[int | None, str, str, str, int], Config] = {}
 
 
 def _fill() -> None:
     for arch in ARCHS:
-        t = _TABLE[arch]
+        t: dict[tuple[str, str, int], Config] = {}
         for d in BLOCK_D_BUCKETS:
             # fp16 / bf16: tensor-core MMA (HMMA on sm_80, HGMMA on sm_90; sm_90 needs 64-row MMA tiles).
             if arch == 90:
@@ -770,9 +779,21 @@ def _fill() -> None:
                                          256: Config(64, 32, 8, 2, block_dk=16)}[d]
             for cls in ("f16", "f32"):
                 t["bwd_preprocess", cls, d] = Config(64 if d <= 128 else 32, 0, 4, 1)
+        _CONFIGS.update(((arch, "dense", *key), cfg) for key, cfg in t.items())
+    _CONFIGS.update(((None, "dense", kernel, cls, d), cfg) for (kernel, cls), cfg in _INTERPRET_CONFIGS.items()
+                    for d in BLOCK_D_BUCKETS)
+    for (arch, _, kernel, cls, d), cfg in list(_CONFIGS.items()):
+        if kernel == "fwd":
+            # csr: the forward runs a schedule's own tiles up to 128 (an op's schedule has the dense
+            # config's tiles: block_sizes()); larger schedule tiles are walked in sub-tiles.
+            _CONFIGS[arch, "csr", kernel, cls, d] = replace(cfg, block_m=128, block_n=128)
+        if arch is not None and kernel != "bwd_preprocess":
+            # local: token tables and the mask. ptxas otherwise caps these loop-heavy kernels for occupancy
+            # on its own (64-128 registers) and keeps a few loop-invariant values on the stack; a register
+            # cap (.maxnreg, as the selective-scan kernels give) lets it allocate what they need.
+            _CONFIGS[arch, "local", kernel, cls, d] = replace(cfg, maxnreg=255)
+    _CONFIGS.update(_OVERRIDES)
 
-
-_fill()
 
 # Under TRITON_INTERPRET=1 (CPU tests): small tiles so seq 97 / 200 spans several tiles and a tail,
 # and backward tiles smaller than the forward's so the sub-tile walk of schedule tiles runs.
@@ -789,49 +810,41 @@ _INTERPRET_CONFIGS = {
     ("bwd_dq", "f32"): Config(16, 32, 4, 1, block_dk=16),
 }
 
-
-# Launch variants with their own configs where the dense one does not fit: "csr" (SCHEDULE=1) and
-# "local" (SCHEDULE=2 token tables + the MASK_LOCAL element mask, on local attention's 64-token tiles).
-VARIANTS = ("dense", "csr", "local")
-# (arch, variant, kernel, dtype class, block_d) -> Config replacing the dense one (compile-report checks them).
-_VARIANT_TABLE: dict[tuple[int, str, str, str, int], Config] = {}
-
-
-def _fill_variants() -> None:
-    t = _VARIANT_TABLE
-    for arch in ARCHS:
-        for (kernel, cls, d), cfg in _TABLE[arch].items():
-            if kernel == "bwd_preprocess":
-                continue
-            # Token tables and the mask: ptxas otherwise caps these loop-heavy kernels for occupancy on
-            # its own (64-128 registers) and keeps a few loop-invariant values on the stack; a register
-            # cap (.maxnreg, as the selective-scan kernels give) lets it allocate what they need.
-            t[arch, "local", kernel, cls, d] = replace(cfg, maxnreg=255)
-    for key, cfg in _VARIANT_OVERRIDES.items():
-        t[key] = cfg
-
-
-# Found with compile-report (0 spills, 0 stack, HGMMA on sm_90 fp16/bf16). local: the mask's integer
-# work needs 8 warps where a 4-warp fp16 tile had no register headroom. csr, fp32 dK/dV: the dense
-# configs' 16-row tiles under a schedule of the forward's (128-row) tiles kept 8-32 B of stack.
-_VARIANT_OVERRIDES: dict[tuple[int, str, str, str, int], Config] = {
+# Configs replacing the one a variant inherits, found with compile-report (0 spills, 0 stack, HGMMA on
+# sm_90 fp16/bf16; --variant NAME compiles one variant).
+_OVERRIDES: dict[tuple[int, str, str, str, int], Config] = {
+    # local: the mask's integer work needs 8 warps where a 4-warp fp16 tile had no register headroom.
     (80, "local", "fwd", "f16", 64): Config(64, 64, 8, 1, maxnreg=255),
     (80, "local", "fwd", "f16", 128): Config(64, 64, 8, 3, maxnreg=255),
     (80, "local", "bwd_dkdv", "f16", 64): Config(32, 64, 8, 1, maxnreg=255),
     (90, "local", "bwd_dkdv", "f16", 128): Config(32, 64, 8, 2, maxnreg=255),
     (90, "local", "fwd", "f32", 64): Config(128, 16, 8, 1, block_dk=16, maxnreg=255),
+    # csr, fp32 dK/dV: the dense configs' 16-row tiles under a schedule of the forward's (128-row)
+    # tiles kept 8-32 B of stack.
     (80, "csr", "bwd_dkdv", "f32", 64): Config(16, 64, 8, 1, split=True, block_dk=8),
     (90, "csr", "bwd_dkdv", "f32", 64): Config(16, 64, 4, 2, split=True, block_dk=16),
     (80, "csr", "bwd_dkdv", "f32", 128): Config(16, 128, 8, 1, split=True, block_dk=16),
     (90, "csr", "bwd_dkdv", "f32", 128): Config(16, 128, 4, 2, split=True, block_dk=16),
     (90, "csr", "bwd_dkdv", "f32", 256): Config(16, 64, 4, 2, split=True, block_dk=16),
+    # topk: the per-row threshold load in the dK/dV loop costs registers these fp32 configs lack (an
+    # 8-48 byte stack frame at 8 warps / the csr chunk).
+    (80, "topk", "bwd_dkdv", "f32", 16): Config(16, 32, 4, 2),
+    (80, "topk", "bwd_dkdv", "f32", 64): Config(16, 64, 4, 1, split=True, block_dk=16),
+    (90, "topk", "bwd_dkdv", "f32", 128): Config(16, 128, 4, 2, split=True, block_dk=8),
+    # band (compile-report variants band / rettention): the fp32 head_dim-64 forward on sm_90 needs
+    # 8-16 B of stack with the mask at 128 rows and none at 64; schedule tiles are walked in 64-row sub-tiles.
+    (90, "band", "fwd", "f32", 64): Config(64, 128, 8, 2, block_dk=16),
 }
-_fill_variants()
+_fill()
 
 
-def variant_of(schedule_kind: int) -> str:
-    """The config variant of a launch with this ``SCHEDULE``."""
-    return VARIANTS[schedule_kind]
+def launch_variant(schedule, mask) -> str:
+    """The config variant (see VARIANTS) of a launch with ``schedule`` and ``mask`` (either may be None)."""
+    plugins = (_schedule_kind(schedule), MASK_NONE if mask is None else int(mask.kind))
+    for name, p in VARIANTS.items():
+        if p == plugins:
+            return name
+    return ("dense", "csr", "local")[plugins[0]]
 
 
 def launch_options(cfg: Config) -> dict:
@@ -840,20 +853,6 @@ def launch_options(cfg: Config) -> dict:
     if cfg.maxnreg:
         opts["maxnreg"] = cfg.maxnreg
     return opts
-
-
-# Forward launches with the band mask (MASK_BAND) cap their query tile here where the config's
-# spills: the fp32 head_dim-64 config on sm_90 needs 8-16 bytes of stack with a mask at 128 rows and
-# none at 64 (python -m ditkernels compile-report, variants band / rettention). Schedule tiles larger
-# than the cap are walked in sub-tiles, as for any smaller kernel tile.
-_MASKED_FWD_BLOCK_M = {(90, "f32", 64): 64}
-
-
-def masked_fwd_block_m(arch: int | None, dtype: torch.dtype, block_d: int, block_m: int) -> int:
-    """BLOCK_M of a forward launch with an element mask whose config has ``block_m`` rows."""
-    if arch is None:
-        return block_m
-    return min(block_m, _MASKED_FWD_BLOCK_M.get((arch, _dtype_class(dtype), block_d), block_m))
 
 
 def block_d_for(head_dim: int) -> int:
@@ -871,26 +870,14 @@ def _dtype_class(dtype: torch.dtype) -> str:
     raise TypeError(f"dtype: the triton backend takes float16, bfloat16 or float32, got {dtype}")
 
 
-# MASK_THRESHOLD (exact top-k) launches that differ from the (csr) config: the per-row threshold
-# load in the dK/dV loop costs registers these fp32 configs lack (an 8-48 byte stack frame); found with
-# python -m ditkernels compile-report --variant topk (0 spills / 0 stack on sm_80 and sm_90).
-_THRESHOLD_PAD = 256  # >= the largest query tile a schedule walk can overshoot seq_q by
-_THRESHOLD_OVERRIDES = {(80, "bwd_dkdv", "f32", 16): {"num_warps": 4}, (90, "bwd_dkdv", "f32", 256): {"num_warps": 4},
-                        (80, "bwd_dkdv", "f32", 64): {"num_warps": 4, "block_dk": 16},
-                        (90, "bwd_dkdv", "f32", 128): {"num_warps": 4, "block_dk": 8}}
-
-
-def config_for(kernel: str, arch: int | None, dtype: torch.dtype, block_d: int, variant: str = "dense",
-               mask: int = MASK_NONE) -> Config:
-    """The shipped config of ``kernel`` for ``arch`` (None: the interpreter's), launch ``variant`` and
-    element-mask kind ``mask``."""
-    if arch is None:
-        return _INTERPRET_CONFIGS[kernel, _dtype_class(dtype)]
-    cls = _dtype_class(dtype)
-    cfg = _VARIANT_TABLE.get((arch, variant, kernel, cls, block_d)) or _TABLE[arch][kernel, cls, block_d]
-    if mask == MASK_THRESHOLD:
-        cfg = replace(cfg, **_THRESHOLD_OVERRIDES.get((arch, kernel, cls, block_d), {}))
-    return cfg
+def config_for(kernel: str, arch: int | None, dtype: torch.dtype, block_d: int, variant: str = "dense") -> Config:
+    """The shipped config of ``kernel`` for ``arch`` (None: the interpreter's) and launch ``variant``:
+    its own entry, else its parent variant's. A launch with a schedule runs min(config tile, schedule
+    tile) rows and keys (``_launch_blocks``)."""
+    key = (arch, variant, kernel, _dtype_class(dtype), block_d)
+    while key not in _CONFIGS:
+        key = (arch, _PARENT[key[1]], *key[2:])
+    return _CONFIGS[key]
 
 
 def chunk_d(cfg: Config, block_d: int) -> int:
@@ -1022,6 +1009,9 @@ def _sched_args(schedule, dummy: torch.Tensor) -> tuple:
             schedule.kv_idx.stride(0), 0 if hs == 1 else 1)
 
 
+_THRESHOLD_PAD = 256  # >= the largest query tile a schedule walk can overshoot seq_q by
+
+
 def _mask_args(mask, device: torch.device) -> tuple[int, torch.Tensor]:
     if mask is None:
         return MASK_NONE, torch.zeros(1, dtype=torch.int32, device=device)
@@ -1057,16 +1047,9 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     device = q.device
     block_d = block_d_for(head_dim)
     sched_kind = _schedule_kind(schedule)
-    cfg = config_for("fwd", device_arch(device), q.dtype, block_d, variant_of(sched_kind))
+    cfg = config_for("fwd", device_arch(device), q.dtype, block_d, launch_variant(schedule, mask))
     if schedule is not None:
         _check_schedule(schedule, batch, heads, seq_q, seq_k, device)
-    if schedule is not None and not _tiled(schedule):
-        # The forward runs the schedule's own tiles (its tile sizes are the forward config's when the
-        # op asked block_sizes()); larger schedule tiles are walked in sub-tiles. Token-table schedules
-        # (local attention's 64 x 64 tiles) are walked in sub-tiles of the config's own tiles.
-        cfg = replace(cfg, block_m=min(schedule.block_m, 128), block_n=min(schedule.block_n, 128))
-    if mask is not None and mask.kind == MASK_BAND:
-        cfg = replace(cfg, block_m=masked_fwd_block_m(device_arch(device), q.dtype, block_d, cfg.block_m))
     bm, bn, sbm, sbn = _launch_blocks(cfg, schedule)
     out = _alloc.empty(batch, heads, seq_q, head_dim, dtype=q.dtype, device=device)
     lse = _alloc.empty(batch, heads, seq_q, dtype=torch.float32, device=device)
@@ -1125,7 +1108,8 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv
 
-    cfg = config_for("bwd_preprocess", arch, q.dtype, block_d)
+    variant = launch_variant(schedule, mask)
+    cfg = config_for("bwd_preprocess", arch, q.dtype, block_d, variant)
     delta = _alloc.empty(batch * heads, seq_q, dtype=torch.float32, device=device)
     lse2 = _alloc.empty(batch * heads, seq_q, dtype=torch.float32, device=device)
     _flash_bwd_preprocess_kernel[(triton.cdiv(seq_q, cfg.block_m), batch * heads)](
@@ -1140,7 +1124,7 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     tiled = _tiled(schedule)
     prec = _dot_prec(q.dtype)
 
-    cfg = config_for("bwd_dkdv", arch, q.dtype, block_d, variant_of(sched_kind), mask_kind)
+    cfg = config_for("bwd_dkdv", arch, q.dtype, block_d, variant)
     bm, bn, sbm, sbn = _launch_blocks(cfg, schedule)
     tsched = schedule.transposed() if schedule is not None else None
     count = _count_args(visit_counts, "bwd_dkdv", schedule, dummy)
@@ -1155,7 +1139,7 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             COUNT=count[3], **launch_options(cfg),
         )
 
-    cfg = config_for("bwd_dq", arch, q.dtype, block_d, variant_of(sched_kind))
+    cfg = config_for("bwd_dq", arch, q.dtype, block_d, variant)
     bm, bn, sbm, sbn = _launch_blocks(cfg, schedule)
     count = _count_args(visit_counts, "bwd_dq", schedule, dummy)
     _flash_bwd_dq_kernel[(_programs(seq_q, bm, sbm, schedule.num_q_tiles if tiled else None), batch * heads)](
