@@ -48,7 +48,7 @@ class Job:
     # local_n32 / local_n16: the forward on plans of 32 / 16-key tiles) | epilogue | odd_d (head_dim <
     # BLOCK_D: masked head dims) | topk (csr + MASK 3, exact top-k's score threshold) | band (csr +
     # MASK_BAND: the sparse pass of a Re-ttention refresh) | rettention (csr + MASK_BAND + epilogue: its
-    # sparse step)
+    # sparse step) | local_rettention (local + epilogue: the sparse step with a LocalWindow mask)
     variant: str = "dense"
     part: str = ""  # bwd_dkdv with a split config: "dk" or "dv" (one launch each)
 
@@ -117,6 +117,7 @@ def jobs_for(archs: list[int], quick: bool) -> list[Job]:
             jobs.append(Job(arch, "fwd", "fp16", d, "band"))
             for dtype in DTYPES:
                 jobs.append(Job(arch, "fwd", dtype, d, "rettention"))
+                jobs.append(Job(arch, "fwd", dtype, d, "local_rettention"))
     return [p for j in jobs for p in _split(j)]
 
 
@@ -128,6 +129,10 @@ def _local_fwd_block_n() -> list[int]:
 
     full = triton_backend.local_block_sizes(64, torch.float16)[1]
     return [bn for bn in triton_backend.local_fwd_block_n if bn != full]
+
+
+# job variants whose launch has the scale-and-residual epilogue (Re-ttention's sparse step)
+EPILOGUE_VARIANTS = ("epilogue", "rettention", "local_rettention")
 
 
 def _config_variant(job: Job) -> str:
@@ -192,8 +197,7 @@ def _example_args(job: Job, cfg, head_dim: int) -> dict[str, object]:
     vals.update(BLOCK_M=min(cfg.block_m, sbm), BLOCK_N=min(cfg.block_n, sbn) if cfg.block_n else 0,
                 BLOCK_D=job.block_d, BLOCK_DK=flash.chunk_d(cfg, job.block_d), SCHED_BM=sbm, SCHED_BN=sbn,
                 SCHEDULE=sched_kind, MASK=mask_kind, COUNT=False,
-                EPILOGUE=flash.EPILOGUE_SCALE_RESIDUAL if job.variant in ("epilogue", "rettention")
-                else flash.EPILOGUE_NONE,
+                EPILOGUE=flash.EPILOGUE_SCALE_RESIDUAL if job.variant in EPILOGUE_VARIANTS else flash.EPILOGUE_NONE,
                 EVEN_D=head_dim == job.block_d, OUT_DK=job.part in ("", "dk"), OUT_DV=job.part in ("", "dv"),
                 DOT_PREC=flash._dot_prec(flash.DTYPES[job.dtype]))
     return vals
@@ -596,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a representative subset of the configs")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--variant", help="comma-separated variants only (attention: dense, csr, local, epilogue, "
-                        "odd_d, topk, band, rettention; scan; select): a subset while developing")
+                        "odd_d, topk, band, rettention, local_rettention; scan; select): a subset while developing")
     parser.add_argument("--dtype", help="comma-separated dtypes only (fp16, bf16, fp32)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
     args = parser.parse_args(argv)

@@ -70,7 +70,7 @@ def _launch_inputs(job, flash, seq: int = 256):
     mask = None if mask_kind == flash.MASK_NONE else ElementMask(
         mask_kind, (8, 0, seq, 0) if mask_kind == flash.MASK_BAND else (),
         rows=torch.zeros(1, 1, seq) if mask_kind == flash.MASK_THRESHOLD else None)
-    epi = Epilogue(torch.ones(1, 1, seq), q) if job.variant in ("epilogue", "rettention") else None
+    epi = Epilogue(torch.ones(1, 1, seq), q) if job.variant in cr.EPILOGUE_VARIANTS else None
     return q, schedule, mask, epi
 
 
