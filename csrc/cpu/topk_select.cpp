@@ -5,7 +5,8 @@
 // then per row: the k-th and (k+1)-th largest score (a bucket select, below), the threshold by the
 // module's tie rule, and the count of kept scores in every key tile, which gives the tile-visit code
 // of each (query tile, key tile): 0 nothing kept, 1 every in-bounds pair kept, 2 some.
-// Workspace: a (rows x keys) score panel per thread, rows chosen to keep all panels near 64 MB.
+// Workspace per thread: a (rows x keys) score panel and, when it fits, K^T of one head; rows chosen
+// to keep all of it near 64 MB.
 //
 // Bucket select of the values at descending ranks r-1 and r of x[0, n) (no NaN): a histogram of
 // kBuckets buckets spread linearly over [min, max] (the bucket index is monotone in x), the buckets
@@ -174,7 +175,12 @@ void select_kernel(const SelectParams& p) {
   const int64_t items = BH * nq;
   if (items == 0 || Sk == 0) return;
   int threads = std::max(1, std::min<int>(p.num_threads, static_cast<int>(std::min<int64_t>(items, 1 << 20))));
-  int64_t rows = static_cast<int64_t>(kPanelBytes / (static_cast<size_t>(threads) * ld * sizeof(T)));
+  // K^T of a whole head, packed once per thread and head (the items of a head are consecutive), when
+  // half the budget holds one per thread; else packed chunk by chunk for every row group.
+  const size_t head_bytes = static_cast<size_t>(D) * ld * sizeof(T);
+  const bool whole_head = static_cast<size_t>(threads) * head_bytes <= kPanelBytes / 2;
+  const size_t left = kPanelBytes - (whole_head ? static_cast<size_t>(threads) * head_bytes : 0);
+  int64_t rows = static_cast<int64_t>(left / (static_cast<size_t>(threads) * ld * sizeof(T)));
   rows = std::max<int64_t>(1, std::min({rows, kMaxRows, p.block_m}));
   const T c = static_cast<T>(p.scale);
   const T tie = static_cast<T>(p.tie_tol);
@@ -184,17 +190,32 @@ void select_kernel(const SelectParams& p) {
     ABuf<T> qs_b, kt_b, s_b, tmp_b;
     ABuf<uint8_t> any_b, all_b;
     T* Qs = qs_b.get(rows * D);
-    T* Kt = kt_b.get(D * kKeyChunk);
+    T* Kt = kt_b.get(whole_head ? D * ld : D * kKeyChunk);  // chunk ch at Kt + ch * D * kKeyChunk
     T* Sp = s_b.get(rows * ld);
     T* tmp = tmp_b.get(Sk);
     uint8_t* any = any_b.get(NT * nk);
     uint8_t* all = all_b.get(NT * nk);
+    int64_t packed_head = -1;
+    // K^T of keys [ch * kKeyChunk, +kKeyChunk) of head (b, h) into dst (D x kKeyChunk), zero-padded
+    auto pack_chunk = [&](const S* kb, int64_t ch, T* dst) {
+      const int64_t j0 = ch * kKeyChunk, nj = std::min(kKeyChunk, Sk - j0);
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t j = nj; j < kKeyChunk; ++j) dst[d * kKeyChunk + j] = T(0);
+      for (int64_t j = 0; j < nj; ++j) {
+        const S* src = kb + (j0 + j) * p.ks[2];
+        for (int64_t d = 0; d < D; ++d) dst[d * kKeyChunk + j] = to_compute(src[d]);
+      }
+    };
     for (;;) {
       const int64_t it = next.fetch_add(1, std::memory_order_relaxed);
       if (it >= items) break;
       const int64_t bh = it / nq, m = it % nq, b = bh / p.H, h = bh % p.H;
       const S* qb = reinterpret_cast<const S*>(p.q) + b * p.qs[0] + h * p.qs[1];
       const S* kb = reinterpret_cast<const S*>(p.k) + b * p.ks[0] + h * p.ks[1];
+      if (whole_head && packed_head != bh) {
+        for (int64_t ch = 0; ch < nchunks; ++ch) pack_chunk(kb, ch, Kt + ch * D * kKeyChunk);
+        packed_head = bh;
+      }
       std::fill(any, any + NT * nk, uint8_t(0));
       std::fill(all, all + NT * nk, uint8_t(1));
       const int64_t t0 = m * p.block_m, t1 = std::min(t0 + p.block_m, Sq);
@@ -205,15 +226,10 @@ void select_kernel(const SelectParams& p) {
           for (int64_t d = 0; d < D; ++d) Qs[r * D + d] = to_compute(src[d]) * c;
         }
         for (int64_t ch = 0; ch < nchunks; ++ch) {
-          const int64_t j0 = ch * kKeyChunk, nj = std::min(kKeyChunk, Sk - j0);
-          for (int64_t d = 0; d < D; ++d)
-            for (int64_t j = nj; j < kKeyChunk; ++j) Kt[d * kKeyChunk + j] = T(0);
-          for (int64_t j = 0; j < nj; ++j) {
-            const S* src = kb + (j0 + j) * p.ks[2];
-            for (int64_t d = 0; d < D; ++d) Kt[d * kKeyChunk + j] = to_compute(src[d]);
-          }
-          gemm<T, false>(static_cast<int>(nr), static_cast<int>(kKeyChunk / W), static_cast<int>(D), Qs, D, 1, Kt,
-                         kKeyChunk, Sp + j0, ld);
+          const T* B = whole_head ? Kt + ch * D * kKeyChunk : Kt;
+          if (!whole_head) pack_chunk(kb, ch, Kt);
+          gemm<T, false>(static_cast<int>(nr), static_cast<int>(kKeyChunk / W), static_cast<int>(D), Qs, D, 1, B,
+                         kKeyChunk, Sp + ch * kKeyChunk, ld);
         }
         for (int64_t r = 0; r < nr; ++r) {
           const T* s = Sp + r * ld;
@@ -237,7 +253,7 @@ void select_kernel(const SelectParams& p) {
             uint8_t* al = all + t * nk;
             for (int64_t u = 0; u < nk; ++u) {
               const int64_t c0 = u * p.block_n, c1 = std::min(c0 + p.block_n, Sk);
-              int64_t cnt = 0;
+              int32_t cnt = 0;
               for (int64_t j = c0; j < c1; ++j) cnt += s[j] >= tc;
               an[u] |= cnt > 0;
               al[u] &= cnt == c1 - c0;
