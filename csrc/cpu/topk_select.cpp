@@ -27,6 +27,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/gemm.h"
@@ -94,6 +95,44 @@ inline bool min_max(const T* x, int64_t n, T& mn, T& mx) {
   return nan;
 }
 
+// Copies the x[i] (i < n) whose bucket is in [lo, hi] to dst, in order; returns how many. dst may be x
+// (the write index never passes the read index). bucket_of(x) >= lo iff y >= lo, and <= hi iff
+// hi == kBuckets - 1 or y < hi + 1, with y = (x - mn) * inv: the same test in vector lanes.
+template <typename T>
+int64_t gather_buckets(const T* x, int64_t n, T mn, T inv, int lo, int hi, T* dst) {
+  const T flo = static_cast<T>(lo), fhi = hi == kBuckets - 1 ? std::numeric_limits<T>::infinity() : T(hi + 1);
+  int64_t c = 0, i = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    const __m512 vmn = _mm512_set1_ps(mn), vinv = _mm512_set1_ps(inv), vlo = _mm512_set1_ps(flo),
+                 vhi = _mm512_set1_ps(fhi);
+    for (; i + 16 <= n; i += 16) {
+      const __m512 v = _mm512_loadu_ps(x + i);
+      const __m512 y = _mm512_mul_ps(_mm512_sub_ps(v, vmn), vinv);
+      const __mmask16 k = _mm512_cmp_ps_mask(y, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(y, vhi, _CMP_LT_OQ);
+      _mm512_storeu_ps(dst + c, _mm512_maskz_compress_ps(k, v));
+      c += __builtin_popcount(k);
+    }
+  } else {
+    const __m512d vmn = _mm512_set1_pd(mn), vinv = _mm512_set1_pd(inv), vlo = _mm512_set1_pd(flo),
+                  vhi = _mm512_set1_pd(fhi);
+    for (; i + 8 <= n; i += 8) {
+      const __m512d v = _mm512_loadu_pd(x + i);
+      const __m512d y = _mm512_mul_pd(_mm512_sub_pd(v, vmn), vinv);
+      const __mmask8 k = _mm512_cmp_pd_mask(y, vlo, _CMP_GE_OQ) & _mm512_cmp_pd_mask(y, vhi, _CMP_LT_OQ);
+      _mm512_storeu_pd(dst + c, _mm512_maskz_compress_pd(k, v));
+      c += __builtin_popcount(k);
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const T v = x[i], y = (v - mn) * inv;
+    dst[c] = v;
+    c += (y >= flo) & (y < fhi);
+  }
+  return c;
+}
+
 // The values at descending ranks r - 1 and r (0-based) of x[0, n): 1 <= r < n, no NaN in x, mn / mx
 // its minimum and maximum. tmp: room for n values (x itself is not modified).
 template <typename T>
@@ -130,17 +169,8 @@ void rank_pair(const T* x, int64_t n, int64_t r, T mn, T mx, T* tmp, T& at_r1, T
     int lo = hi;
     while (upto + h0[lo] + h1[lo] <= r) upto += h0[lo] + h1[lo], --lo;
     // gather buckets [lo, hi] (in place when src is tmp: the write index never passes the read index)
-    int64_t c = 0;
-    T nmn = std::numeric_limits<T>::infinity(), nmx = -nmn;
-    for (int64_t i0 = 0; i0 < n; i0 += 256) {
-      const int m = static_cast<int>(std::min<int64_t>(256, n - i0));
-      for (int i = 0; i < m; ++i) idx[i] = bucket_of(src[i0 + i], mn, inv);
-      for (int i = 0; i < m; ++i) {
-        const T v = src[i0 + i];
-        tmp[c] = v;
-        c += (idx[i] >= lo) & (idx[i] <= hi);
-      }
-    }
+    const int64_t c = gather_buckets(src, n, mn, inv, lo, hi, tmp);
+    T nmn, nmx;
     if (c == n) {  // no progress (values crowded in one bucket): finish with nth_element
       std::nth_element(tmp, tmp + r, tmp + n, std::greater<T>());
       at_r = tmp[r];
