@@ -179,10 +179,10 @@ def test_cpu_selection_float64_follows_the_rule():
     torch.testing.assert_close(thr[0].double(), want.float().double(), rtol=0, atol=1e-6 * float(s.abs().max()))
 
 
-@pytest.mark.parametrize("kind", ["tied_keys", "constant_rows", "outlier_key", "few_values", "nan_row"])
+@pytest.mark.parametrize("kind", ["tied_keys", "constant_rows", "outlier_key", "geometric", "few_values", "nan_row"])
 def test_cpu_selection_hard_rows(kind):
-    """Rows that defeat a bucket select (ties, one value, one huge score, a handful of distinct values)
-    and a NaN score: the C++ pass still agrees with torch.topk's selection."""
+    """Rows that defeat a bucket select (ties, one value, one huge score, exponentially spread scores, a
+    handful of distinct values) and a NaN score: the C++ pass still agrees with torch.topk's selection."""
     g = torch.Generator().manual_seed(11)
     q = torch.randn(1, 2, 70, 16, generator=g)
     k = torch.randn(1, 2, 300, 16, generator=g)
@@ -193,6 +193,10 @@ def test_cpu_selection_hard_rows(kind):
         k[:, 1] = k[:, 1, :1]  # head 1: every key the same
     elif kind == "outlier_key":
         k[:, :, 7] *= 1e4  # one score far from the others: the others crowd one bucket
+    elif kind == "geometric":  # scores 1.3^j: each histogram level peels off only the largest few
+        q = q.abs() + 1.0
+        k = torch.zeros(1, 2, 300, 16)
+        k[..., 0] = 1.3 ** torch.arange(300.0)[torch.randperm(300, generator=g)]
     elif kind == "few_values":
         k = torch.randint(-2, 3, (1, 2, 300, 16), generator=g).float()
         q = torch.randint(-2, 3, (1, 2, 70, 16), generator=g).float()

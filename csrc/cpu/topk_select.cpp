@@ -44,6 +44,7 @@ constexpr int64_t kKeyChunk = 64;                   // keys per packed K^T panel
 constexpr int64_t kMaxRows = 64;                    // query rows per score panel
 constexpr size_t kPanelBytes = size_t(64) << 20;   // all threads' score panels together, about
 constexpr int64_t kSmall = 64;                      // nth_element below this many values
+constexpr int kMaxLevels = 6;                       // histogram levels before nth_element takes over
 
 template <typename T>
 struct ABuf {  // 64-byte aligned scratch, grown on demand
@@ -138,14 +139,15 @@ int64_t gather_buckets(const T* x, int64_t n, T mn, T inv, int lo, int hi, T* ds
 template <typename T>
 void rank_pair(const T* x, int64_t n, int64_t r, T mn, T mx, T* tmp, T& at_r1, T& at_r) {
   const T* src = x;
-  for (;;) {
+  for (int level = 0;; ++level) {
     if (mn == mx) {
       at_r1 = at_r = mn;
       return;
     }
     const T range = mx - mn;
     const T inv = static_cast<T>(kBuckets) / range;
-    if (n <= kSmall || !std::isfinite(range) || !std::isfinite(inv) || !(inv > T(0))) {
+    // (each level shrinks the value range 256-fold; widely spread values, e.g. 2^i, take many levels)
+    if (n <= kSmall || level >= kMaxLevels || !std::isfinite(range) || !std::isfinite(inv) || !(inv > T(0))) {
       if (src != tmp) std::copy(src, src + n, tmp);
       std::nth_element(tmp, tmp + r, tmp + n, std::greater<T>());
       at_r = tmp[r];
