@@ -155,6 +155,7 @@ SELECT_CASES = [  # b, h, sq, sk, d, topks, tiles
     (2, 1, 257, 200, 16, [100, 7], (32, 48)),
     (1, 3, 63, 70, 8, [2, 69, 1000], (16, 64)),
     (1, 1, 130, 2049, 24, [128, 1500], (64, 16)),
+    (1, 2, 300, 90, 64, [9], (128, 32)),  # query tiles of several 64-row score panels
 ]
 
 
@@ -165,6 +166,17 @@ def test_cpu_selection_matches_torch(case, dtype):
     b, h, sq, sk, d, topks, tiles = case
     q, k, _ = make_qkv(b, h, sq, sk, d, dtype, strided=True, seed=sq + sk)
     _assert_same_selection(q, k, topks, tiles, d ** -0.5)
+
+
+@pytest.mark.parametrize("workspace", [1, 200_000], ids=["one-row-panels", "no-packed-head"])
+def test_cpu_selection_small_workspace(workspace):
+    # a small workspace: score panels of fewer rows, keys packed chunk by chunk; same selection
+    from ditkernels.backends import cpu
+
+    q, k, _ = make_qkv(1, 2, 150, 700, 40, torch.float32, strided=True, seed=6)
+    want = topk_mod.topk_thresholds(q, k, [30, 5], 40 ** -0.5, (64, 64), impl="cpu")
+    got = cpu.topk_thresholds(q, k, [30, 5], 40 ** -0.5, (64, 64), topk_mod.TIE_TOL, workspace_bytes=workspace)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_cpu_selection_float64_follows_the_rule():

@@ -42,7 +42,6 @@ namespace {
 constexpr int kBuckets = 256;
 constexpr int64_t kKeyChunk = 64;                   // keys per packed K^T panel (a multiple of every vector width)
 constexpr int64_t kMaxRows = 64;                    // query rows per score panel
-constexpr size_t kPanelBytes = size_t(64) << 20;   // all threads' score panels together, about
 constexpr int64_t kSmall = 64;                      // nth_element below this many values
 constexpr int kMaxLevels = 6;                       // histogram levels before nth_element takes over
 
@@ -191,6 +190,7 @@ struct SelectParams {
   std::array<int64_t, 4> qs, ks;
   std::vector<int64_t> topks;  // each in [1, Sk)
   int64_t block_m, block_n;
+  size_t workspace;  // bytes of score panels (and K^T) of all threads together, about
   float* thr;       // (T, B*H*Sq)
   int8_t* visits;   // (T, B*H, nq, nk)
   int num_threads;
@@ -210,8 +210,8 @@ void select_kernel(const SelectParams& p) {
   // K^T of a whole head, packed once per thread and head (the items of a head are consecutive), when
   // half the budget holds one per thread; else packed chunk by chunk for every row group.
   const size_t head_bytes = static_cast<size_t>(D) * ld * sizeof(T);
-  const bool whole_head = static_cast<size_t>(threads) * head_bytes <= kPanelBytes / 2;
-  const size_t left = kPanelBytes - (whole_head ? static_cast<size_t>(threads) * head_bytes : 0);
+  const bool whole_head = static_cast<size_t>(threads) * head_bytes <= p.workspace / 2;
+  const size_t left = p.workspace - (whole_head ? static_cast<size_t>(threads) * head_bytes : 0);
   int64_t rows = static_cast<int64_t>(left / (static_cast<size_t>(threads) * ld * sizeof(T)));
   rows = std::max<int64_t>(1, std::min({rows, kMaxRows, p.block_m}));
   const T c = static_cast<T>(p.scale);
@@ -305,7 +305,7 @@ void select_kernel(const SelectParams& p) {
 void topk_select(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_t D, double scale, uintptr_t q,
                  std::array<int64_t, 4> q_strides, uintptr_t k, std::array<int64_t, 4> k_strides,
                  std::vector<int64_t> topks, double tie_tol, int64_t block_m, int64_t block_n, uintptr_t thr,
-                 uintptr_t visits, int num_threads) {
+                 uintptr_t visits, int num_threads, int64_t workspace_bytes) {
   if (B < 0 || H < 0 || Sq < 0 || Sk < 0 || D < 1)
     throw std::invalid_argument("cpu topk_select: expected non-negative sizes and D >= 1");
   if (block_m < 1 || block_n < 1) throw std::invalid_argument("cpu topk_select: block sizes must be positive");
@@ -319,6 +319,7 @@ void topk_select(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_
   p.B = B, p.H = H, p.Sq = Sq, p.Sk = Sk, p.D = D, p.scale = scale, p.tie_tol = tie_tol;
   p.q = q, p.k = k, p.qs = q_strides, p.ks = k_strides, p.topks = std::move(topks);
   p.block_m = block_m, p.block_n = block_n;
+  p.workspace = static_cast<size_t>(std::max<int64_t>(workspace_bytes, 0));
   p.thr = reinterpret_cast<float*>(thr);
   p.visits = reinterpret_cast<int8_t*>(visits);
   p.num_threads = num_threads;
@@ -343,7 +344,9 @@ void register_topk_select_cpu(py::module_& m) {
         "k (B, H, Sk, D), the threshold of each topk in topks (each in [1, Sk)) into thr, float32 (T, B*H*Sq)\n"
         "contiguous, and the (query tile, key tile) visit codes (0 none kept, 1 all, 2 some) into visits,\n"
         "int8 (T, B*H, ceil(Sq/block_m), ceil(Sk/block_n)) contiguous. Pointers are data_ptr() integers;\n"
-        "strides are in elements (unit stride on the last dimension).",
+        "strides are in elements (unit stride on the last dimension). workspace_bytes: the score panels (and\n"
+        "packed keys) of all threads together, about (panels of at least one row).",
         "dtype"_a, "B"_a, "H"_a, "Sq"_a, "Sk"_a, "D"_a, "scale"_a, "q"_a, "q_strides"_a, "k"_a, "k_strides"_a,
-        "topks"_a, "tie_tol"_a, "block_m"_a, "block_n"_a, "thr"_a, "visits"_a, "num_threads"_a);
+        "topks"_a, "tie_tol"_a, "block_m"_a, "block_n"_a, "thr"_a, "visits"_a, "num_threads"_a,
+        "workspace_bytes"_a = int64_t(64) << 20);
 }

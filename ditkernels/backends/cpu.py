@@ -272,7 +272,7 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
 
 
 def topk_thresholds(q: torch.Tensor, k: torch.Tensor, topks: list[int], scale: float, tiles: tuple[int, int],
-                    tie_tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    tie_tol: float, workspace_bytes: int = 64 << 20) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1 of exact top-k attention (``ditkernels.ops.topk``) in C++: one parallel region that
     computes each query row's scores with the forward kernel's arithmetic, selects its ``topk``-th and
     ``topk+1``-th largest score and records the tile visits.
@@ -281,6 +281,8 @@ def topk_thresholds(q: torch.Tensor, k: torch.Tensor, topks: list[int], scale: f
     topks: ints in [1, seq_k); tiles: (block_m, block_n). Returns thresholds float32
     (len(topks), batch, heads, seq_q) and int8 visits (len(topks), batch*heads, ceil(seq_q/block_m),
     ceil(seq_k/block_n)) with the codes and the threshold rule of ``ditkernels.ops.topk``.
+    workspace_bytes: score panels (``rows x seq_k`` per thread, rows <= 64, at least 1) and, when half
+    of it holds one per thread, a packed copy of a head's keys; about this many bytes in all.
     """
     ext = _require()
     if not hasattr(ext, "topk_select"):
@@ -305,7 +307,7 @@ def topk_thresholds(q: torch.Tensor, k: torch.Tensor, topks: list[int], scale: f
         return thr, visits
     ext.topk_select(_DTYPE_CODES[q.dtype], b, h, sq, sk, d, float(scale), q.data_ptr(), q.stride(), k.data_ptr(),
                     k.stride(), topks, float(tie_tol), bm, bn, thr.data_ptr(), visits.data_ptr(),
-                    torch.get_num_threads())
+                    torch.get_num_threads(), int(workspace_bytes))
     return thr, visits
 
 
