@@ -23,7 +23,7 @@ threshold is the midpoint ``(t_k + t_k1) / 2`` and exactly the ``topk`` largest 
 to rounding; otherwise (a tie or near-tie at the k-th score) it is ``t_k - tol``: every key whose
 score is within ``tol`` of the k-th largest is kept, so a row keeps ``topk`` keys plus the keys tied
 with its k-th. ``topk >= seq_k`` is dense attention. A row with a NaN score gets a NaN threshold
-(nothing kept), as ``max_j |s_ij|`` is then NaN.
+(``max_j |s_ij|`` is then NaN) in both implementations of pass 1.
 
 Workspace of pass 1: torch, about ``chunk * seq_k * 13`` bytes plus ``chunk * (topk+1) * 12`` for
 ``torch.topk``, with ``chunk`` chosen to keep it near :data:`WORKSPACE_BYTES`; C++, one panel of
