@@ -1352,8 +1352,11 @@ void attention_bwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int6
 }  // namespace
 }  // namespace ditk
 
+void register_topk_select_cpu(py::module_& m);  // csrc/cpu/topk_select.cpp (pass 1 of exact top-k)
+
 void register_attention_cpu(py::module_& m) {
   using namespace pybind11::literals;
+  register_topk_select_cpu(m);
   m.attr("DTYPE_FLOAT32") = static_cast<int>(ditk::kFloat32);
   m.attr("DTYPE_FLOAT64") = static_cast<int>(ditk::kFloat64);
   m.attr("DTYPE_FLOAT16") = static_cast<int>(ditk::kFloat16);

@@ -271,6 +271,46 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     return out, lse
 
 
+def topk_thresholds(q: torch.Tensor, k: torch.Tensor, topks: list[int], scale: float, tiles: tuple[int, int],
+                    tie_tol: float, workspace_bytes: int = 64 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1 of exact top-k attention (``ditkernels.ops.topk``) in C++: one parallel region that
+    computes each query row's scores with the forward kernel's arithmetic, selects its ``topk``-th and
+    ``topk+1``-th largest score and records the tile visits.
+
+    q: (batch, heads, seq_q, head_dim); k: (batch, heads, seq_k, head_dim), one dtype, any strides;
+    topks: ints in [1, seq_k); tiles: (block_m, block_n). Returns thresholds float32
+    (len(topks), batch, heads, seq_q) and int8 visits (len(topks), batch*heads, ceil(seq_q/block_m),
+    ceil(seq_k/block_n)) with the codes and the threshold rule of ``ditkernels.ops.topk``.
+    workspace_bytes: score panels (``rows x seq_k`` per thread, rows <= 64, at least 1) and, when half
+    of it holds one per thread, a packed copy of a head's keys; about this many bytes in all.
+    """
+    ext = _require()
+    if not hasattr(ext, "topk_select"):
+        raise RuntimeError(f"ditkernels._C has no topk_select (stale build). {_FIX}")
+    _check_qkv(q, k, k)
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    topks = [int(t) for t in topks]
+    for t in topks:
+        if not 1 <= t < sk:
+            raise ValueError(f"topks: expected values in [1, seq_k={sk}), got {t}")
+    bm, bn = (int(x) for x in tiles)
+    if bm < 1 or bn < 1:
+        raise ValueError(f"tiles: expected positive (block_m, block_n), got {tuple(tiles)}")
+    q, k = _unit_last(q), _unit_last(k)
+    nq, nk = -(-sq // bm), -(-sk // bn)
+    thr = _alloc.empty(len(topks), b, h, sq, dtype=torch.float32, device=q.device)
+    visits = torch.empty(len(topks), b * h, nq, nk, dtype=torch.int8, device=q.device)
+    if _alloc.poisoning():
+        visits.fill_(-1)  # not a code: a visit the kernel forgets to write fails the tests
+    if thr.numel() == 0 or visits.numel() == 0:
+        return thr, visits
+    ext.topk_select(_DTYPE_CODES[q.dtype], b, h, sq, sk, d, float(scale), q.data_ptr(), q.stride(), k.data_ptr(),
+                    k.stride(), topks, float(tie_tol), bm, bn, thr.data_ptr(), visits.data_ptr(),
+                    torch.get_num_threads(), int(workspace_bytes))
+    return thr, visits
+
+
 def _lse64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, schedule: BlockSchedule | None,
            mask_kind: int, mask_ptr: int, rows_arg: dict) -> torch.Tensor:
     """lse recomputed in float64 (statistics-only forward): float64 gradients need more than fp32 lse."""

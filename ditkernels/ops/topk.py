@@ -2,11 +2,15 @@
 
 Two passes with workspace bounded by a query chunk, never the whole ``seq_q x seq_k`` score matrix:
 
-1. **Selection** (:func:`topk_thresholds`, no grad, plain torch): per batch*head and chunk of query
-   rows, the chunk's scores ``scale * q.k`` (float32; float64 for float64 inputs), the ``topk``-th
-   and ``topk+1``-th largest score of every row (``torch.topk`` on the chunk), and from them a
-   per-row *threshold* (below). The same pass records which (query tile, key tile) pairs of the
-   kernels' tiling hold a selected pair, and which hold only selected pairs.
+1. **Selection** (:func:`topk_thresholds`, no grad): per batch*head and chunk of query rows, the
+   chunk's scores ``scale * q.k`` (float32; float64 for float64 inputs), the ``topk``-th and
+   ``topk+1``-th largest score of every row, and from them a per-row *threshold* (below). The same
+   pass records which (query tile, key tile) pairs of the kernels' tiling hold a selected pair, and
+   which hold only selected pairs. Two implementations of one rule: plain torch per query chunk
+   (``torch.topk``; the triton and reference backends), and on the cpu backend one C++ parallel
+   region (``csrc/cpu/topk_select.cpp``) that computes the scores with the forward kernel's own
+   arithmetic (the same float bits the ``MASK_THRESHOLD`` kernel compares) and selects the two
+   scores of each row by a bucket select instead of a sort.
 2. **Attention**: the flash core with that tile schedule and the ``MASK_THRESHOLD`` element mask
    (a pair is visible iff its score is >= its row's threshold) on the tiles that are not fully
    selected. The backward runs the same schedule and thresholds, so it differentiates exactly the
@@ -18,10 +22,12 @@ the kernels, which accumulate the dot products in another order): if ``t_k - t_k
 threshold is the midpoint ``(t_k + t_k1) / 2`` and exactly the ``topk`` largest keys are kept, robust
 to rounding; otherwise (a tie or near-tie at the k-th score) it is ``t_k - tol``: every key whose
 score is within ``tol`` of the k-th largest is kept, so a row keeps ``topk`` keys plus the keys tied
-with its k-th. ``topk >= seq_k`` is dense attention.
+with its k-th. ``topk >= seq_k`` is dense attention. A row with a NaN score gets a NaN threshold
+(``max_j |s_ij|`` is then NaN) in both implementations of pass 1.
 
-Workspace of pass 1: about ``chunk * seq_k * 13`` bytes plus ``chunk * (topk+1) * 12`` for
-``torch.topk``, with ``chunk`` chosen to keep it near :data:`WORKSPACE_BYTES`.
+Workspace of pass 1: torch, about ``chunk * seq_k * 13`` bytes plus ``chunk * (topk+1) * 12`` for
+``torch.topk``, with ``chunk`` chosen to keep it near :data:`WORKSPACE_BYTES`; C++, one panel of
+``rows x seq_k`` scores per thread (``rows <= 64``), all panels together near 64 MB.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ def _chunk_rows(seq_k: int, kk: int, block_m: int) -> int:
 
 
 def topk_thresholds(q: torch.Tensor, k: torch.Tensor, topks: list[int], scale: float,
-                    tiles: tuple[int, int] = (64, 64)) -> tuple[torch.Tensor, torch.Tensor]:
+                    tiles: tuple[int, int] = (64, 64), *, impl: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1: per-row thresholds and the tile visits of exact top-k attention, for several ``topk``
     values from one score pass (DRSformer's mixture shares it).
 
@@ -64,8 +70,11 @@ def topk_thresholds(q: torch.Tensor, k: torch.Tensor, topks: list[int], scale: f
     [1, seq_k]. Returns thresholds float32 (len(topks), batch, heads, seq_q) in scaled natural score
     units (``-inf`` for ``topk == seq_k``: dense) and int8 visits (len(topks), batch*heads,
     ceil(seq_q/bm), ceil(seq_k/bn)): 0 no selected pair, 1 every pair selected, 2 some (the element
-    mask runs there). See the module docstring for the threshold rule.
+    mask runs there). See the module docstring for the threshold rule. impl: ``"torch"`` (plain torch
+    per query chunk, any device) or ``"cpu"`` (the cpu backend's C++ pass, CPU tensors).
     """
+    if impl not in ("torch", "cpu"):
+        raise ValueError(f"impl: expected 'torch' or 'cpu', got {impl!r}")
     b, h, sq, _ = q.shape
     sk = k.shape[2]
     bm, bn = tiles
@@ -79,6 +88,15 @@ def topk_thresholds(q: torch.Tensor, k: torch.Tensor, topks: list[int], scale: f
             thr[i].fill_(float("-inf"))
             visits[i].fill_(_FULL)
     if not sparse:
+        return thr, visits
+    if impl == "cpu":
+        from ..backends import cpu
+
+        t_s, v_s = cpu.topk_thresholds(q.detach(), k.detach(), [topks[i] for i in sparse], scale, tiles, TIE_TOL)
+        if len(sparse) == nt:
+            return t_s, v_s
+        for j, i in enumerate(sparse):
+            thr[i], visits[i] = t_s[j], v_s[j]
         return thr, visits
     kmax = max(topks[i] for i in sparse)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -139,13 +157,15 @@ def topk_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topks:
     lse (T, B, H, Sq) float32, thresholds (T, B, H, Sq) float32, visits int8 (T, B*H, nq, nk)."""
     mod = _backend(q, backend)
     tiles = kernel_tiles(mod, q.shape[-1], q.dtype)
-    thr, visits = topk_thresholds(q, k, list(topks), scale, tiles)
+    thr, visits = topk_thresholds(q, k, list(topks), scale, tiles, impl="cpu" if mod.NAME == "cpu" else "torch")
     outs, lses = [], []
     for i in range(len(topks)):
         o, l_ = mod.flash_fwd(q, k, v, scale=scale, schedule=_schedule(visits[i], tiles, q.shape[2], k.shape[2]),
                               mask=ElementMask(MASK_THRESHOLD, rows=thr[i]))
         outs.append(o)
         lses.append(l_)
+    if len(outs) == 1:  # no copy (a stack of one 4-D output costs a few ms on the CPU)
+        return outs[0].unsqueeze(0), lses[0].unsqueeze(0), thr, visits
     return torch.stack(outs), torch.stack(lses), thr, visits
 
 
