@@ -184,10 +184,26 @@ def discover() -> dict[str, str]:
     return dict(_LOAD_ERRORS)
 
 
+def _families(filters: Sequence[str]) -> list[str]:
+    """The families whose cases the filters can select. A filter that starts a family name (``sparse``,
+    ``sparse.topk``, ``scan/``, ``rettention.speed/band``) selects within those families only, so the
+    others do not build their cases (another family's ``--sizes`` can mean a huge problem); any other
+    filter (``S4096``, ``topk``) is matched against the case ids of every family."""
+    fams = registered_families()
+    if not filters:
+        return fams
+    wanted: set[str] = set()
+    for f in filters:
+        head = f.split("/")[0]
+        named = [fam for fam in fams if fam.startswith(head) and ("/" not in f or fam == head)]
+        wanted.update(named or fams)
+    return [fam for fam in fams if fam in wanted]
+
+
 def build_cases(cfg: SweepConfig, filters: Sequence[str] = ()) -> list[Case]:
     """All registered cases for ``cfg`` whose id contains one of ``filters`` (all when empty)."""
     cases: list[Case] = []
-    for family in registered_families():
+    for family in _families(filters):
         for case in _GENERATORS[family](cfg):
             if not case.family:
                 case.family = family
@@ -582,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["fwd", "fwdbwd", "both"], default="both")
     p.add_argument("--quick", action="store_true", help="a short sweep (a couple of minutes on 2 CPU cores)")
     p.add_argument("--filter", action="append", default=[], metavar="SUBSTR",
-                   help="run cases whose id (family/name) contains SUBSTR; repeatable")
+                   help="run cases whose id (family/name) contains SUBSTR; a SUBSTR that starts a family name "
+                        "(sparse, attention.local, scan/) selects within those families only; repeatable")
     p.add_argument("--impl", default=None, metavar="A,B",
                    help="comma-separated implementations to run (default: all of each case)")
     p.add_argument("--sizes", type=_parse_sizes, default=None, metavar="N,N",

@@ -192,3 +192,18 @@ def test_sparse_families_rows(tmp_path, capsys):
         # same selection as torch.topk except the rows with a near-tie at the k-th score (kept: see ops/topk.py)
         assert rows[tk, mode, "ditkernels"]["rel_err_vs_ref"] < 2e-2
     assert rows[blk, "fwd", "ditkernels"]["params"]["topk_blocks"] == 1
+
+
+def test_a_family_filter_builds_only_that_family(monkeypatch):
+    # --sizes means an N x N grid to rettention.speed: a filter naming another family must not build it
+    runner.discover()
+    built = []
+    for fam in runner.registered_families():
+        gen = runner._GENERATORS[fam]
+        monkeypatch.setitem(runner._GENERATORS, fam, lambda cfg, fam=fam, gen=gen: (built.append(fam), gen(cfg))[1])
+    cfg = runner.SweepConfig(device=torch.device("cpu"), dtype=torch.float32, quick=True, sizes=[1024])
+    cases = runner.build_cases(cfg, ["sparse.topk"])
+    assert built == ["sparse.topk"] and cases and all(c.id.startswith("sparse.topk/") for c in cases)
+    assert runner._families(["scan/"]) == ["scan"]
+    assert runner._families(["rettention.speed/band"]) == ["rettention.speed"]
+    assert runner._families(["S4096"]) == runner._families(["topk"]) == runner.registered_families()

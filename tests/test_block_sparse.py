@@ -210,6 +210,16 @@ def test_block_topk_attention_matches_float64(backend, dtype):
            q, k, v, _visible(mask, blk, blk, seq, seq), d ** -0.5, do)
 
 
+def test_block_topk_default_backend_dispatch():
+    q, k, v = make_qkv(1, 2, 200, 200, 16, torch.float32, seed=6)
+    out = ditkernels.block_topk_attention(q, k, v, topk=2, block_size=(32, 32), num_prefix=3)
+    want = ditkernels.block_topk_attention(q, k, v, topk=2, block_size=(32, 32), num_prefix=3, backend="cpu")
+    assert torch.equal(out, want)
+    sched = ditkernels.block_topk_schedule(q, k, topk=2, block_size=(32, 32), num_prefix=3)
+    mask = block_topk_mask(q, k, topk=2, block_size=(32, 32), num_prefix=3)
+    assert torch.equal(sched.tile_mask()[0], mask.reshape(2, 7, 7))
+
+
 @pytest.mark.parametrize("grid,block,pre,suf", [((7, 13), 16, 2, 1), ((12, 16), 64, 0, 0), ((3, 5, 6), 32, 4, 0)],
                          ids=lambda x: str(x))
 def test_grid_permutation_boxes(grid, block, pre, suf):

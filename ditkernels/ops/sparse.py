@@ -504,7 +504,7 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, t
     mask = block_topk_mask_op(q.detach(), k.detach(), kk, bq, bk, num_prefix, num_suffix,
                               _validate.check_scale(scale, q.shape[-1]), backend)
     out, lse = block_sparse_attention(q, k, v, mask, block_size=(bq, bk), scale=scale, return_lse=True,
-                                      backend=backend)
+                                      backend=backend or None)
     if perm is not None:
         out, lse = out[:, :, inv], lse[:, :, inv]
     res = (out,)
