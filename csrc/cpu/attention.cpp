@@ -27,6 +27,7 @@
 #include <string>
 #include <type_traits>
 
+#include "cpu/buffer.h"
 #include "cpu/gemm.h"
 #include "cpu/local_mask.h"
 #include "cpu/simd.h"
@@ -165,26 +166,6 @@ void dispatch_dtype(int dtype, F&& f) {
 }
 
 // ---- small helpers -----------------------------------------------------------------------------
-template <typename T>
-struct Buf {
-  T* p = nullptr;
-  size_t n = 0;
-  Buf() = default;
-  Buf(const Buf&) = delete;
-  Buf& operator=(const Buf&) = delete;
-  ~Buf() { std::free(p); }
-  T* get(size_t m) {
-    if (m > n) {
-      std::free(p);
-      size_t bytes = ((std::max<size_t>(m, 1) * sizeof(T) + 63) / 64) * 64;
-      p = static_cast<T*>(std::aligned_alloc(64, bytes));
-      if (!p) throw std::bad_alloc();
-      n = m;
-    }
-    return p;
-  }
-};
-
 using Strides4 = std::array<int64_t, 4>;
 
 struct Tensor4 {

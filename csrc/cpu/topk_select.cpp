@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/buffer.h"
 #include "cpu/gemm.h"
 #include "cpu/simd.h"
 #include "cpu/thread_pool.h"
@@ -44,25 +45,6 @@ constexpr int64_t kKeyChunk = 64;                   // keys per packed K^T panel
 constexpr int64_t kMaxRows = 64;                    // query rows per score panel
 constexpr int64_t kSmall = 64;                      // nth_element below this many values
 constexpr int kMaxLevels = 6;                       // histogram levels before nth_element takes over
-
-template <typename T>
-struct ABuf {  // 64-byte aligned scratch, grown on demand
-  T* p = nullptr;
-  size_t n = 0;
-  ABuf() = default;
-  ABuf(const ABuf&) = delete;
-  ABuf& operator=(const ABuf&) = delete;
-  ~ABuf() { std::free(p); }
-  T* get(size_t m) {
-    if (m > n) {
-      std::free(p);
-      p = static_cast<T*>(std::aligned_alloc(64, ((std::max<size_t>(m, 1) * sizeof(T) + 63) / 64) * 64));
-      if (!p) throw std::bad_alloc();
-      n = m;
-    }
-    return p;
-  }
-};
 
 // Bucket of x in [mn, mx] (inv = kBuckets / (mx - mn), finite and > 0): non-decreasing in x.
 template <typename T>
@@ -219,8 +201,8 @@ void select_kernel(const SelectParams& p) {
   std::atomic<int64_t> next{0};
 
   auto body = [&](int) {
-    ABuf<T> qs_b, kt_b, s_b, tmp_b;
-    ABuf<uint8_t> any_b, all_b;
+    Buf<T> qs_b, kt_b, s_b, tmp_b;
+    Buf<uint8_t> any_b, all_b;
     T* Qs = qs_b.get(rows * D);
     T* Kt = kt_b.get(whole_head ? D * ld : D * kKeyChunk);  // chunk ch at Kt + ch * D * kKeyChunk
     T* Sp = s_b.get(rows * ld);
