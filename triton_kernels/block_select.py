@@ -26,6 +26,7 @@ import triton.language as tl
 from ditkernels import _alloc
 
 from . import _interpreter
+from .flash import block_d_for
 
 MAX_KEY_BLOCKS = 8192
 POOL_ROWS = 32  # query / key rows per load of the pooling loops
@@ -117,10 +118,6 @@ if _interpreter.interpreting():
     _interpreter.patch()
 
 
-def _pad_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 def supports(nk: int) -> bool:
     """Whether a row of ``nk`` key blocks fits the selection kernel's registers."""
     return nk <= MAX_KEY_BLOCKS
@@ -143,7 +140,7 @@ def block_topk_mask(q: torch.Tensor, k: torch.Tensor, topk: int, block_q: int, b
     nq, nk = -(-sq // block_q), -(-sk // block_k)
     if not supports(nk):
         raise ValueError(f"k: the triton selection holds rows of at most {MAX_KEY_BLOCKS} key blocks, got {nk}")
-    block_d, nk_pad = _pad_d(d), max(16, triton.next_power_of_2(nk))
+    block_d, nk_pad = block_d_for(d), max(16, triton.next_power_of_2(nk))
     kp = _alloc.empty(b * h, block_d, nk, dtype=torch.float32, device=q.device)
     _pool_keys_kernel[(nk, b * h)](k, kp, sk, d, block_k, nk, h, *k.stride(), ROWS=POOL_ROWS, BLOCK_D=block_d,
                                    num_warps=4)

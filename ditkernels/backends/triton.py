@@ -76,9 +76,14 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     return _flash().flash_fwd(q, k, v, scale=scale, schedule=schedule, mask=mask, epilogue=epilogue)
 
 
+def _block_select() -> ModuleType:
+    _flash()  # availability check and the interpreter patch
+    return importlib.import_module("ditkernels.triton_kernels.block_select")
+
+
 def block_topk_supported(num_key_blocks: int) -> bool:
     """Whether :func:`block_topk_mask` takes rows of ``num_key_blocks`` key blocks (else the ops select in torch)."""
-    return num_key_blocks <= importlib.import_module("ditkernels.triton_kernels.block_select").MAX_KEY_BLOCKS
+    return _block_select().supports(num_key_blocks)
 
 
 def block_topk_mask(q: torch.Tensor, k: torch.Tensor, topk: int, block_q: int, block_k: int, num_prefix: int,
@@ -86,9 +91,7 @@ def block_topk_mask(q: torch.Tensor, k: torch.Tensor, topk: int, block_q: int, b
     """Block top-k selection (pooling, scores and top-k fused, ``triton_kernels/block_select.py``):
     q: (batch, heads, seq_q, head_dim), k: (batch, heads, seq_k, head_dim) -> bool (batch, heads, nq, nk)."""
     _check_device(q)
-    _flash()  # availability check and the interpreter patch
-    sel = importlib.import_module("ditkernels.triton_kernels.block_select")
-    return sel.block_topk_mask(q, k, topk, block_q, block_k, num_prefix, num_suffix, scale)
+    return _block_select().block_topk_mask(q, k, topk, block_q, block_k, num_prefix, num_suffix, scale)
 
 
 def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

@@ -220,11 +220,17 @@ def _grid_orders(seq: int, grid: tuple[int, ...], block: int, num_prefix: int, n
     return _cached_grid_orders(seq, grid, block, num_prefix, num_suffix, device)
 
 
-def _check_grid(grid: object) -> tuple[int, ...]:
+def _grid_orders_for(grid: object, q: torch.Tensor, k: torch.Tensor, bq: int, bk: int, num_prefix: int,
+                     num_suffix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm, inverse) of spatial blocks for ``grid=``, after checking the grid and the inputs allow them."""
     if not (isinstance(grid, (tuple, list)) and 1 <= len(grid) <= 3
             and all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)):
         raise ValueError(f"grid: expected a tuple of 1 to 3 positive ints, got {grid!r}")
-    return tuple(int(g) for g in grid)
+    sq, sk = q.shape[2], k.shape[2]
+    if sq != sk or bq != bk:
+        raise ValueError(f"grid: spatial blocks need self-attention with square blocks, got seq_q={sq}, seq_k={sk}, "
+                         f"block_size=({bq}, {bk})")
+    return _grid_orders(sq, tuple(int(g) for g in grid), bq, num_prefix, num_suffix, q.device)
 
 
 def _check_globals(num_prefix: object, num_suffix: object, seq: int) -> tuple[int, int]:
@@ -322,17 +328,15 @@ def block_topk_schedule(q: torch.Tensor, k: torch.Tensor, *, topk: int | None = 
     scale = _validate.check_scale(scale, q.shape[-1])
     backend = _validate.check_backend(backend)
     q, k = q.detach(), k.detach()
-    if grid is None:
-        mask = _select(q, k, kk, bq, bk, num_prefix, num_suffix, scale, backend)
-        with _one_thread(q.device):
-            return BlockSchedule.from_tile_mask(mask.reshape(b * h, *mask.shape[2:]), bq, bk, sq, sk)
-    grid = _check_grid(grid)
-    if sq != sk or bq != bk:
-        raise ValueError(f"grid: spatial blocks need self-attention with square blocks, got seq_q={sq}, seq_k={sk}, "
-                         f"block_size=({bq}, {bk})")
-    perm, _ = _grid_orders(sq, grid, bq, num_prefix, num_suffix, q.device)
-    mask = _select(q[:, :, perm], k[:, :, perm], kk, bq, bk, num_prefix, num_suffix, scale, backend)
-    base = BlockSchedule.from_tile_mask(mask.reshape(b * h, *mask.shape[2:]), bq, bk, sq, sk)
+    perm = None
+    if grid is not None:
+        perm, _ = _grid_orders_for(grid, q, k, bq, bk, num_prefix, num_suffix)
+        q, k = q[:, :, perm], k[:, :, perm]
+    mask = _select(q, k, kk, bq, bk, num_prefix, num_suffix, scale, backend)
+    with _one_thread(q.device):
+        base = BlockSchedule.from_tile_mask(mask.reshape(b * h, *mask.shape[2:]), bq, bk, sq, sk)
+    if perm is None:
+        return base
     n = mask.shape[2]
     tok = torch.full((n * bq,), sq, dtype=torch.int32, device=q.device)
     tok[:sq] = perm.to(torch.int32)
@@ -352,8 +356,9 @@ def _select(q: torch.Tensor, k: torch.Tensor, topk: int, bq: int, bk: int, num_p
     """The block selection on ``backend``'s device path: the fused Triton kernels on the triton backend
     (rows of up to ``block_select.MAX_KEY_BLOCKS`` key blocks), else the torch reference."""
     mod = _backend(q, backend)
-    kk = min(topk, -(-k.shape[2] // bk))
-    if mod.NAME == "triton" and mod.block_topk_supported(-(-k.shape[2] // bk)):
+    nk = -(-k.shape[2] // bk)
+    kk = min(topk, nk)
+    if mod.NAME == "triton" and mod.block_topk_supported(nk):
         return mod.block_topk_mask(q, k, kk, bq, bk, num_prefix, num_suffix, scale)
     with _one_thread(q.device):
         return block_topk_mask(q, k, topk=kk, block_size=(bq, bk), num_prefix=num_prefix, num_suffix=num_suffix,
@@ -493,11 +498,7 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, t
     _check_flag("return_mask", return_mask)
     perm = None
     if grid is not None:
-        grid = _check_grid(grid)
-        if q.shape[2] != k.shape[2] or bq != bk:
-            raise ValueError(f"grid: spatial blocks need self-attention with square blocks, got seq_q={q.shape[2]}, "
-                             f"seq_k={k.shape[2]}, block_size=({bq}, {bk})")
-        perm, inv = _grid_orders(q.shape[2], grid, bq, num_prefix, num_suffix, q.device)
+        perm, inv = _grid_orders_for(grid, q, k, bq, bk, num_prefix, num_suffix)
         q, k, v = q[:, :, perm], k[:, :, perm], v[:, :, perm]
     kk = _topk_from_density(topk, density, -(-k.shape[2] // bk))
     backend = _validate.check_backend(backend)
