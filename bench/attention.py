@@ -70,17 +70,28 @@ def _flex() -> Callable[..., torch.Tensor]:
     return _flex_compiled
 
 
-def build_flex(inputs: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
-    q, k, v = _qkv(inputs)
+def flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              block_mask: Callable[[], Any] | None = None) -> Callable[[], torch.Tensor]:
+    """The compiled FlexAttention bound to q, k, v and the BlockMask ``block_mask()`` builds (kept as
+    ``fn.block_mask``, built outside the timing). Compiles here with a first call, so a missing backward
+    on CPU or a compiler failure is a skip with its reason."""
     if q.device.type == "cpu" and q.requires_grad:
         raise SkipImpl(f"FlexAttention has no backward on CPU (torch {torch.__version__})")
     flex = _flex()
+    bm = None if block_mask is None else block_mask()
+    kw = {} if bm is None else {"block_mask": bm}
     try:
-        flex(q, k, v)  # compile here, so a compiler failure is a skip with its reason
+        flex(q, k, v, **kw)
     except Exception as e:  # noqa: BLE001 - reported as the skip reason
-        first = next((l for l in str(e).splitlines() if l.strip()), "")
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
         raise SkipImpl(f"torch.compile(flex_attention) failed: {type(e).__name__}: {first}") from None
-    fn = lambda: flex(q, k, v)  # noqa: E731
+    fn = lambda: flex(q, k, v, **kw)  # noqa: E731
+    fn.block_mask = bm
+    return fn
+
+
+def build_flex(inputs: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+    fn = flex_call(*_qkv(inputs))
     fn.detail = "torch.compile(dynamic=False)"
     return fn
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import torch
-
-from .attention import _make_inputs, _qkv, build_sdpa
+from .attention import _make_inputs, _qkv, build_sdpa, flex_call
 from .runner import Case, SkipImpl, SweepConfig, dtype_name, register
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
@@ -25,8 +23,6 @@ CPU_QUICK = ((64, 8, "circle", "clip", 0), (64, 8, "square", "shift", 0))
 CUDA_CASES = ((64, 8, "circle", "clip", 0), (128, 16, "circle", "clip", 0), (256, 16, "circle", "clip", 0),
               (128, 16, "circle", "clip", 512), (128, 8, "square", "shift", 0))
 CUDA_QUICK = ((128, 16, "circle", "clip", 0), (128, 8, "square", "shift", 0))
-
-_flex_compiled: Callable[..., torch.Tensor] | None = None
 
 
 def _clear_mask_mod(width: int, text: int, r: int):
@@ -85,28 +81,17 @@ def _builders(side: int, r: int, shape: str, border: str, text: int) -> dict[str
         return fn
 
     def build_flex(inputs):
-        global _flex_compiled
         q, k, v = _qkv(inputs)
-        if q.device.type == "cpu" and q.requires_grad:
-            raise SkipImpl(f"FlexAttention has no backward on CPU (torch {torch.__version__})")
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        except ImportError as e:
-            raise SkipImpl(f"torch {torch.__version__} has no FlexAttention ({e})") from None
-        if _flex_compiled is None:
-            cfg = torch._dynamo.config
-            cfg.recompile_limit = max(getattr(cfg, "recompile_limit", 8), 64)
-            _flex_compiled = torch.compile(flex_attention, dynamic=False)
         seq = q.shape[2]
-        mm = _clear_mask_mod(side, text, r) if shape == "circle" else _natten_mask_mod(side, side, text, r)
-        bm = create_block_mask(mm, B=None, H=None, Q_LEN=seq, KV_LEN=seq, device=q.device)
-        try:
-            _flex_compiled(q, k, v, block_mask=bm)
-        except Exception as e:  # noqa: BLE001 - reported as the skip reason
-            first = next((line for line in str(e).splitlines() if line.strip()), "")
-            raise SkipImpl(f"torch.compile(flex_attention) failed: {type(e).__name__}: {first}") from None
-        fn = lambda: _flex_compiled(q, k, v, block_mask=bm)  # noqa: E731
-        computed = (1.0 - bm.sparsity() / 100.0) * seq * seq
+
+        def block_mask():
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            mm = _clear_mask_mod(side, text, r) if shape == "circle" else _natten_mask_mod(side, side, text, r)
+            return create_block_mask(mm, B=None, H=None, Q_LEN=seq, KV_LEN=seq, device=q.device)
+
+        fn = flex_call(q, k, v, block_mask)
+        computed = (1.0 - fn.block_mask.sparsity() / 100.0) * seq * seq
         fn.detail = f"torch.compile, mask_mod={'CLEAR' if shape == 'circle' else 'NATTEN'} " \
                     f"block mask computed/useful={computed / _useful(side, r, shape, border, text):.2f}"
         return fn

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from .attention import _flex, _make_inputs, _qkv, build_sdpa
-from .runner import Case, SkipImpl, SweepConfig, dtype_name, register
+from .attention import _make_inputs, _qkv, build_sdpa, flex_call
+from .runner import Case, SweepConfig, dtype_name, register
 
 BATCH, HEADS, HEAD_DIM, BLOCK = 1, 8, 64, 64
 CPU_SEQS, CPU_DENSITIES, CPU_QUICK_DENSITIES = (4096,), (0.05, 0.1, 0.2, 0.5), (0.1,)
@@ -57,25 +57,20 @@ def _block_topk_builders(density: float) -> dict[str, Callable]:
 
     def build_flex(inputs):
         q, k, v = _qkv(inputs)
-        if q.device.type == "cpu" and q.requires_grad:
-            raise SkipImpl(f"FlexAttention has no backward on CPU (torch {torch.__version__})")
-        flex = _flex()
-        from torch.nn.attention.flex_attention import create_block_mask
 
-        mask = _mask(q, k, density)
+        def block_mask():
+            from torch.nn.attention.flex_attention import create_block_mask
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            return mask[b, h, q_idx // BLOCK, kv_idx // BLOCK]
+            mask = _mask(q, k, density)
 
-        seq = q.shape[2]
-        bm = create_block_mask(mask_mod, q.shape[0], q.shape[1], seq, seq, device=q.device,
-                               BLOCK_SIZE=(BLOCK, BLOCK))
-        try:
-            flex(q, k, v, block_mask=bm)
-        except Exception as e:  # noqa: BLE001 - reported as the skip reason
-            first = next((line for line in str(e).splitlines() if line.strip()), "")
-            raise SkipImpl(f"torch.compile(flex_attention) failed: {type(e).__name__}: {first}") from None
-        fn = lambda: flex(q, k, v, block_mask=bm)  # noqa: E731
+            def mask_mod(b, h, q_idx, kv_idx):
+                return mask[b, h, q_idx // BLOCK, kv_idx // BLOCK]
+
+            seq = q.shape[2]
+            return create_block_mask(mask_mod, q.shape[0], q.shape[1], seq, seq, device=q.device,
+                                     BLOCK_SIZE=(BLOCK, BLOCK))
+
+        fn = flex_call(q, k, v, block_mask)
         fn.detail = "torch.compile, BlockMask of the same selection (built outside the timing)"
         return fn
 
