@@ -300,9 +300,7 @@ def topk_thresholds(q: torch.Tensor, k: torch.Tensor, topks: list[int], scale: f
     q, k = _unit_last(q), _unit_last(k)
     nq, nk = -(-sq // bm), -(-sk // bn)
     thr = _alloc.empty(len(topks), b, h, sq, dtype=torch.float32, device=q.device)
-    visits = torch.empty(len(topks), b * h, nq, nk, dtype=torch.int8, device=q.device)
-    if _alloc.poisoning():
-        visits.fill_(-1)  # not a code: a visit the kernel forgets to write fails the tests
+    visits = _alloc.empty(len(topks), b * h, nq, nk, dtype=torch.int8, device=q.device)  # poison -1: not a code
     if thr.numel() == 0 or visits.numel() == 0:
         return thr, visits
     ext.topk_select(_DTYPE_CODES[q.dtype], b, h, sq, sk, d, float(scale), q.data_ptr(), q.stride(), k.data_ptr(),
