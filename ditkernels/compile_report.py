@@ -495,7 +495,7 @@ def compile_select_job(job: SelectJob) -> Row:
             vals.update({f"stride_{x}b": heads * seq * job.block_d, f"stride_{x}h": seq * job.block_d,
                          f"stride_{x}s": job.block_d, f"stride_{x}d": 1})
         if pool:
-            fn, warps = bsel._pool_keys_kernel, 4
+            fn, warps = bsel._pool_keys_kernel, bsel.POOL_WARPS
         else:
             opts = bsel.launch_options(job.nk_pad)
             fn, warps = bsel._select_blocks_kernel, opts["num_warps"]

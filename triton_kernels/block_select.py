@@ -30,6 +30,7 @@ from .flash import block_d_for
 
 MAX_KEY_BLOCKS = 8192
 POOL_ROWS = 32  # query / key rows per load of the pooling loops
+POOL_WARPS = 4  # warps of a key-pooling program
 
 
 @triton.jit
@@ -143,7 +144,7 @@ def block_topk_mask(q: torch.Tensor, k: torch.Tensor, topk: int, block_q: int, b
     block_d, nk_pad = block_d_for(d), max(16, triton.next_power_of_2(nk))
     kp = _alloc.empty(b * h, block_d, nk, dtype=torch.float32, device=q.device)
     _pool_keys_kernel[(nk, b * h)](k, kp, sk, d, block_k, nk, h, *k.stride(), ROWS=POOL_ROWS, BLOCK_D=block_d,
-                                   num_warps=4)
+                                   num_warps=POOL_WARPS)
     mask = _alloc.empty(b, h, nq, nk, dtype=torch.int8, device=q.device)  # -1 when poisoned: not a bool
     opts = launch_options(nk_pad)
     _select_blocks_kernel[(nq, b * h)](q, kp, mask, sq, sk, d, block_q, block_k, nq, nk, h, topk, num_prefix,
