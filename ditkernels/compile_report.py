@@ -131,28 +131,67 @@ def _local_fwd_block_n() -> list[int]:
     return [bn for bn in triton_backend.local_fwd_block_n if bn != full]
 
 
-# job variants whose launch has the scale-and-residual epilogue (Re-ttention's sparse step)
-EPILOGUE_VARIANTS = ("epilogue", "rettention", "local_rettention")
+def _plugins(job: Job) -> tuple[int, int, int]:
+    """(SCHEDULE, MASK, EPILOGUE) plug-ins of the launch a job stands for (see ``Job.variant``)."""
+    from ditkernels.triton_kernels import flash as f
+
+    variant = "local" if job.variant.startswith("local_n") else job.variant
+    sched, mask, epi = {
+        "dense": ("dense", "none", False), "odd_d": ("dense", "none", False), "epilogue": ("dense", "none", True),
+        "csr": ("csr", "none", False), "topk": ("csr", "threshold", False), "band": ("csr", "band", False),
+        "rettention": ("csr", "band", True), "local": ("local", "local", False),
+        "local_rettention": ("local", "local", True)}[variant]
+    return ({"dense": f.SCHEDULE_DENSE, "csr": f.SCHEDULE_CSR, "local": f.SCHEDULE_TILED}[sched],
+            {"none": f.MASK_NONE, "local": f.MASK_LOCAL, "band": f.MASK_BAND, "threshold": f.MASK_THRESHOLD}[mask],
+            f.EPILOGUE_SCALE_RESIDUAL if epi else f.EPILOGUE_NONE)
 
 
 def _config_variant(job: Job) -> str:
-    """The launch variant (``flash.VARIANTS``: its config and SCHEDULE / MASK plug-ins) a job compiles:
-    epilogue / odd_d launches are dense, local_n* local, rettention band."""
-    if job.variant.startswith("local"):
-        return "local"
-    return {"epilogue": "dense", "odd_d": "dense", "rettention": "band"}.get(job.variant, job.variant)
+    """The config variant (``flash.VARIANTS``) of the launch a job stands for."""
+    from ditkernels.triton_kernels import flash
+
+    return flash.launch_variant(*_plugins(job)[:2])
+
+
+def _head_dim(job: Job) -> int:
+    return job.block_d * 5 // 8 if job.variant == "odd_d" else job.block_d
+
+
+EXAMPLE_HEADS, EXAMPLE_SEQ = 8, 4096  # a typical launch: contiguous (B=2, H=8, S=4096, head_dim)
+
+
+def _launch(job: Job):
+    """The ``flash.Launch`` (config, grid, constexprs, options) of a typical launch of ``job``, from
+    ``flash.launches`` as the launchers take theirs. Its schedule is the one the op builds: an op's CSR has
+    the forward config's tiles (``flash.block_sizes``), local attention's plans 64-token tiles
+    (``ditkernels.backends.triton.local_block_sizes``), ``local_n32`` / ``local_n16`` forward plans 32 / 16 keys."""
+    from ditkernels.triton_kernels import flash
+
+    dtype, head_dim, seq = flash.DTYPES[job.dtype], _head_dim(job), EXAMPLE_SEQ
+    sched_kind, mask_kind, epi = _plugins(job)
+    schedule = None
+    if sched_kind == flash.SCHEDULE_TILED:
+        from ditkernels.backends import triton as triton_backend
+
+        sbm, sbn = triton_backend.local_block_sizes(head_dim, dtype)
+        if job.variant.startswith("local_n"):
+            sbn = int(job.variant[len("local_n"):])
+        schedule = flash.ScheduleShape(sched_kind, sbm, sbn, seq // sbm, seq // sbn)
+    elif sched_kind == flash.SCHEDULE_CSR:
+        fwd = flash.config_for("fwd", job.arch, dtype, job.block_d)
+        schedule = flash.ScheduleShape(sched_kind, fwd.block_m, fwd.block_n)
+    out = flash.launches(job.kernel, arch=job.arch, dtype=dtype, head_dim=head_dim, batch_heads=2 * EXAMPLE_HEADS,
+                         seq_q=seq, seq_k=seq, schedule=schedule, mask_kind=mask_kind, epilogue_kind=epi)
+    return out[1] if job.part == "dv" else out[0]
 
 
 def _config(job: Job):
     """The config a launch of ``job`` runs (the launchers' lookup)."""
-    from ditkernels.triton_kernels import flash
-
-    return flash.config_for(job.kernel, job.arch, flash.DTYPES[job.dtype], job.block_d, _config_variant(job))
+    return _launch(job).config
 
 
 def _split(job: Job) -> list[Job]:
-    cfg = _config(job)
-    if job.kernel == "bwd_dkdv" and cfg.split:
+    if job.kernel == "bwd_dkdv" and _config(job).split:
         return [Job(job.arch, job.kernel, job.dtype, job.block_d, job.variant, part) for part in ("dk", "dv")]
     return [job]
 
@@ -165,11 +204,12 @@ _PTR_ARGS = {
 }
 
 
-def _example_args(job: Job, cfg, head_dim: int) -> dict[str, object]:
-    """Runtime argument values of a typical launch: contiguous (B=2, H=8, S=4096, head_dim)."""
+def _example_args(job: Job, launch) -> dict[str, object]:
+    """Argument values of a typical launch of ``job``: the runtime arguments of a contiguous (B=2, H=8, S=4096,
+    head_dim) problem, plus the constexprs of ``launch`` (:func:`_launch`)."""
     from ditkernels.triton_kernels import flash
 
-    heads, seq = 8, 4096
+    heads, seq, head_dim = EXAMPLE_HEADS, EXAMPLE_SEQ, _head_dim(job)
     s4 = (heads * seq * head_dim, seq * head_dim, head_dim, 1)
     vals: dict[str, object] = {"H": heads, "seq_q": seq, "seq_k": seq, "head_dim": head_dim,
                                "qk_scale": 0.125, "sm_scale": 0.125}
@@ -179,32 +219,16 @@ def _example_args(job: Job, cfg, head_dim: int) -> dict[str, object]:
     for ax, s in zip(("b", "h", "m"), (heads * seq, seq, 1)):
         vals[f"stride_s{ax}"] = s  # row_scale
         vals[f"stride_l{ax}"] = s  # lse
-    sched_kind, mask_kind = flash.VARIANTS[_config_variant(job)]
+    sched_kind = _plugins(job)[0]
     local, sched = sched_kind == flash.SCHEDULE_TILED, sched_kind != flash.SCHEDULE_DENSE
     vals.update(stride_sched_ptr=(seq // 64 + 1) if sched else 0, stride_sched_idx=4096 if sched else 0,
                 sched_head_stride=0 if local else (1 if sched else 0), count_stride=0, count_plane=0)
-    fwd = flash.config_for("fwd", job.arch, flash.DTYPES[job.dtype], job.block_d)
-    if local:  # the plan's tiles (ditkernels.backends.triton.local_block_sizes), walked in config sub-tiles
-        from ditkernels.backends import triton as triton_backend
-
-        sbm, sbn = triton_backend.local_block_sizes(head_dim, flash.DTYPES[job.dtype])
-        if job.variant.startswith("local_n"):
-            sbn = int(job.variant[len("local_n"):])
-    elif sched:
-        sbm, sbn = fwd.block_m, fwd.block_n
-    else:
-        sbm, sbn = cfg.block_m, cfg.block_n
-    vals.update(BLOCK_M=min(cfg.block_m, sbm), BLOCK_N=min(cfg.block_n, sbn) if cfg.block_n else 0,
-                BLOCK_D=job.block_d, BLOCK_DK=flash.chunk_d(cfg, job.block_d), SCHED_BM=sbm, SCHED_BN=sbn,
-                SCHEDULE=sched_kind, MASK=mask_kind, COUNT=False,
-                EPILOGUE=flash.EPILOGUE_SCALE_RESIDUAL if job.variant in EPILOGUE_VARIANTS else flash.EPILOGUE_NONE,
-                EVEN_D=head_dim == job.block_d, OUT_DK=job.part in ("", "dk"), OUT_DV=job.part in ("", "dv"),
-                DOT_PREC=flash._dot_prec(flash.DTYPES[job.dtype]))
+    vals.update(launch.constexprs)
     return vals
 
 
 def _source(job: Job):
-    """(ASTSource, config) with the signature/specialisation triton's JIT would give a typical launch."""
+    """(ASTSource, flash.Launch, argument values) with the signature/specialisation triton's JIT would give a typical launch."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import native_specialize_impl
@@ -213,9 +237,8 @@ def _source(job: Job):
 
     fn = {"fwd": flash._flash_fwd_kernel, "bwd_preprocess": flash._flash_bwd_preprocess_kernel,
           "bwd_dkdv": flash._flash_bwd_dkdv_kernel, "bwd_dq": flash._flash_bwd_dq_kernel}[job.kernel]
-    cfg = _config(job)
-    head_dim = job.block_d if job.variant != "odd_d" else job.block_d * 5 // 8
-    vals = _example_args(job, cfg, head_dim)
+    launch = _launch(job)
+    vals = _example_args(job, launch)
     backend = make_backend(GPUTarget("cuda", job.arch, 32))
     signature, constexprs, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
@@ -239,7 +262,7 @@ def _source(job: Job):
                 signature[name] = ty
                 if spec == "D":
                     attrs[(i,)] = [["tt.divisibility", 16]]
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), cfg, vals
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), launch, vals
 
 
 def _resources(kernel, arch: int) -> tuple[dict, str, list[str]]:
@@ -327,10 +350,10 @@ def compile_job(job: Job) -> Row:
 
     row = Row(job.arch, job.kernel + (f"[{job.part}]" if job.part else ""), job.variant, job.dtype, job.block_d, 0, 0, 0, 0)
     try:
-        src, cfg, vals = _source(job)
-        row.block_m, row.block_n = vals["BLOCK_M"], vals["BLOCK_N"]
-        row.num_warps, row.num_stages = cfg.num_warps, cfg.num_stages
-        sass, problems = _compile_row(row, src, job.arch, flash.launch_options(cfg))
+        src, launch, vals = _source(job)
+        row.block_m, row.block_n = vals["BLOCK_M"], vals.get("BLOCK_N", 0)
+        row.num_warps, row.num_stages = launch.config.num_warps, launch.config.num_stages
+        sass, problems = _compile_row(row, src, job.arch, launch.options)
         row.mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "none")
         if (job.arch == 90 and job.kernel in ATTN_KERNELS and job.dtype in ("fp16", "bf16")
                 and row.mma != "HGMMA"):

@@ -55,7 +55,7 @@ def _launch_inputs(job, flash, seq: int = 256):
     dtype = flash.DTYPES[job.dtype]
     head_dim = job.block_d * 5 // 8 if job.variant == "odd_d" else job.block_d
     q = torch.randn(1, 1, seq, head_dim, dtype=dtype)
-    sched_kind, mask_kind = flash.VARIANTS[cr._config_variant(job)]
+    sched_kind, mask_kind, epi_kind = cr._plugins(job)
     schedule = None
     if sched_kind == flash.SCHEDULE_CSR:  # an op's schedule: the forward config's tiles (block_sizes)
         fwd = flash.config_for("fwd", job.arch, dtype, job.block_d)
@@ -70,7 +70,7 @@ def _launch_inputs(job, flash, seq: int = 256):
     mask = None if mask_kind == flash.MASK_NONE else ElementMask(
         mask_kind, (8, 0, seq, 0) if mask_kind == flash.MASK_BAND else (),
         rows=torch.zeros(1, 1, seq) if mask_kind == flash.MASK_THRESHOLD else None)
-    epi = Epilogue(torch.ones(1, 1, seq), q) if job.variant in cr.EPILOGUE_VARIANTS else None
+    epi = Epilogue(torch.ones(1, 1, seq), q) if epi_kind == flash.EPILOGUE_SCALE_RESIDUAL else None
     return q, schedule, mask, epi
 
 
@@ -101,9 +101,9 @@ def test_report_compiles_what_the_launchers_launch(monkeypatch):
         launches = [kw for name, kw in log if name == names[job.kernel]
                     and (not job.part or kw["OUT_DK"] == (job.part == "dk"))]
         assert len(launches) == 1, job
-        cfg = cr._config(job)
-        vals = cr._example_args(job, cfg, q.shape[-1])
+        launch = cr._launch(job)
+        vals = cr._example_args(job, launch)
         opts = {k: v for k, v in launches[0].items() if k in ("num_warps", "num_stages", "maxnreg")}
-        assert opts == flash.launch_options(cfg), job
+        assert opts == launch.options == flash.launch_options(launch.config), job
         got = {k: v for k, v in launches[0].items() if k not in opts}
-        assert got == {k: vals[k] for k in got}, job
+        assert got == {k: vals[k] for k in got} and set(got) == set(launch.constexprs), job
