@@ -1,18 +1,20 @@
 """``python -m ditkernels compile-report``: compile every shipped GPU kernel without a GPU.
 
-Each shipped Triton configuration (``ditkernels.triton_kernels.flash``) is compiled for real
-sm_80 / sm_90 targets (TTIR -> PTX -> cubin, the same compiler a GPU run uses, with the argument
-specialisation a contiguous launch gets), and its cubin is read with the ``cuobjdump`` bundled in
-the triton wheel: registers, spills (local memory), stack, shared memory and the MMA instruction
-(HGMMA: sm_90 warpgroup MMA; HMMA: mma.sync; none: CUDA-core FMA). The embedded cubins of the
+Each shipped Triton configuration (``ditkernels.triton_kernels.flash``) is compiled for the real
+targets of ``ditkernels.triton_kernels.archs`` (sm_80, sm_86, sm_89, sm_90, sm_100, sm_120: TTIR ->
+PTX -> cubin, the same compiler a GPU run uses, with the launch ``flash.launches`` gives a contiguous
+problem), and its cubin is read with the ``cuobjdump`` bundled in the triton wheel: registers, spills
+(local memory), stack, shared memory and the tensor-core instruction (UTCHMMA & co: Blackwell's
+tcgen05.mma; HGMMA: sm_90 warpgroup MMA; HMMA: mma.sync; none: CUDA-core FMA). The embedded cubins of the
 ``ditkernels._cuda`` extension, when built, are reported the same way.
 The selective-scan kernels (``ditkernels.triton_kernels.selective_scan``, rows ``scan_fwd`` /
 ``scan_bwd``, see :class:`ScanJob`) and the block top-k selection kernels
 (``ditkernels.triton_kernels.block_select``, rows ``select_pool`` / ``select_blocks``, see
 :class:`SelectJob`) are compiled and checked like the attention kernels.
 
-Exit status 1 when any kernel fails to compile, spills, uses more shared memory than the chip has
-per block, or (sm_90, fp16/bf16 attention) lacks HGMMA.
+Exit status 1 when any kernel fails to compile, spills, uses more shared memory than its arch has
+per block, or (fp16/bf16 attention) does not use its arch's tensor-core instruction (``Arch.mma``);
+an arch the installed triton cannot compile for is one failed row that says why.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-# Max shared memory per block (opt-in), bytes.
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+from ditkernels.triton_kernels.archs import ARCHS
+
+# Max shared memory per block (opt-in), bytes, per arch.
+SHARED_LIMIT = {sm: a.shared_per_block for sm, a in ARCHS.items()}
 ATTN_KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
 
 
@@ -91,13 +95,11 @@ def jobs_for(archs: list[int], quick: bool) -> list[Job]:
 
     jobs: list[Job] = []
     for arch in archs:
-        if quick:
-            jobs += [Job(arch, "fwd", "fp16", 128), Job(arch, "fwd", "bf16", 64), Job(arch, "fwd", "fp32", 32),
-                     Job(arch, "bwd_preprocess", "fp16", 128), Job(arch, "bwd_dkdv", "bf16", 128),
-                     Job(arch, "bwd_dq", "fp16", 128), Job(arch, "fwd", "fp16", 64, "csr"),
-                     Job(arch, "fwd", "fp16", 128, "epilogue"), Job(arch, "bwd_dkdv", "fp32", 64, "csr"),
-                     Job(arch, "fwd", "bf16", 128, "local"), Job(arch, "bwd_dq", "fp32", 64, "local"),
-                     Job(arch, "fwd", "bf16", 64, "topk"), Job(arch, "fwd", "bf16", 128, "rettention")]
+        if quick:  # per arch: tensor-core forward / backward at the shared-memory- and register-heaviest head dims,
+            # local attention's token tables + mask, fp32's head-dim chunks under a schedule
+            jobs += [Job(arch, "fwd", "fp16", 128), Job(arch, "fwd", "bf16", 256), Job(arch, "bwd_dkdv", "bf16", 128),
+                     Job(arch, "bwd_dq", "fp16", 256), Job(arch, "fwd", "bf16", 128, "local"),
+                     Job(arch, "bwd_dkdv", "fp32", 64, "csr")]
             continue
         for kernel in KERNELS:
             for dtype in DTYPES:
@@ -287,6 +289,35 @@ def _resources(kernel, arch: int) -> tuple[dict, str, list[str]]:
     return res, sass, problems
 
 
+def mma_instruction(sass: str) -> str:
+    """The tensor-core instruction of a kernel's SASS: Blackwell's tcgen05 ones (UTCHMMA, UTCQMMA, ..., joined
+    by "+" when several), else HGMMA (sm_90 wgmma), else HMMA (mma.sync), else "none"."""
+    found = set(re.findall(r"\b(UTC\w*MMA|HGMMA|HMMA)\b", sass))
+    utc = sorted(n for n in found if n.startswith("UTC"))
+    if utc:
+        return "+".join(utc)
+    return next((n for n in ("HGMMA", "HMMA") if n in found), "none")
+
+
+def target_problem(arch: int) -> str | None:
+    """Why the installed triton cannot compile for ``arch`` (None: it can): the ptxas triton runs for that
+    arch does not list the target among its ``--gpu-name`` values."""
+    import triton
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+        ptxas, name = get_ptxas(arch), sm_arch_from_capability(arch)
+        text = subprocess.run([ptxas.path, "--help"], capture_output=True, text=True).stdout
+    except Exception as exc:  # another triton layout: the compilations themselves will tell
+        return None if isinstance(exc, (ImportError, AttributeError)) else f"cannot run triton's ptxas: {exc}"
+    allowed = text.split("--gpu-name", 1)[-1].split("\n--", 1)[0]
+    if f"'{name}'" in allowed:
+        return None
+    return (f"triton {triton.__version__} cannot target {name}: its ptxas ({ptxas.path}, CUDA {ptxas.version}) "
+            f"does not list {name}; a newer triton (pip install -U triton) does")
+
+
 def _compile_row(row: Row, src, arch: int, options: dict) -> tuple[str, list[str]]:
     """Compile ``src`` for ``arch`` into ``row`` (compile time and resources); returns (SASS, problems)."""
     import triton
@@ -354,10 +385,10 @@ def compile_job(job: Job) -> Row:
         row.block_m, row.block_n = vals["BLOCK_M"], vals.get("BLOCK_N", 0)
         row.num_warps, row.num_stages = launch.config.num_warps, launch.config.num_stages
         sass, problems = _compile_row(row, src, job.arch, launch.options)
-        row.mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "none")
-        if (job.arch == 90 and job.kernel in ATTN_KERNELS and job.dtype in ("fp16", "bf16")
-                and row.mma != "HGMMA"):
-            problems.append(f"no HGMMA ({row.mma})")
+        row.mma = mma_instruction(sass)
+        want = ARCHS[job.arch].mma
+        if job.kernel in ATTN_KERNELS and job.dtype in ("fp16", "bf16") and row.mma != want:
+            problems.append(f"no {want} ({row.mma})")
         row.status = "ok" if not problems else "FAIL: " + "; ".join(problems)
     except Exception as exc:  # a compile failure is a report row, not a crash of the report
         row.status = _fail_status(exc)
@@ -394,8 +425,7 @@ def scan_jobs_for(archs: list[int], quick: bool) -> list[ScanJob]:
     jobs: list[ScanJob] = []
     for arch in archs:
         if quick:
-            jobs += [ScanJob(arch, "scan_fwd", "bf16", 16), ScanJob(arch, "scan_bwd", "fp16", 16),
-                     ScanJob(arch, "scan_bwd", "fp32", 256, "constBC")]
+            jobs.append(ScanJob(arch, "scan_bwd", "fp16", 16))
             continue
         for kernel in SCAN_KERNELS:
             for bn in BLOCK_N_BUCKETS:
@@ -487,8 +517,7 @@ def select_jobs_for(archs: list[int], quick: bool) -> list[SelectJob]:
     jobs: list[SelectJob] = []
     for arch in archs:
         if quick:
-            jobs += [SelectJob(arch, "select_pool", "bf16", 128), SelectJob(arch, "select_blocks", "bf16", 128, 256),
-                     SelectJob(arch, "select_blocks", "fp32", 64, 8192)]
+            jobs.append(SelectJob(arch, "select_blocks", "bf16", 128, 256))
             continue
         for dtype in DTYPES:
             for d in BLOCK_D_BUCKETS:
@@ -594,6 +623,12 @@ def _table(rows: list[dict], cols, head) -> str:
 
 def run(archs: list[int], quick: bool, workers: int, variants: list[str] | None = None,
         dtypes: list[str] | None = None) -> tuple[list[Row], float]:
+    rows: list[Row] = []
+    for arch in list(archs):
+        why = target_problem(arch)
+        if why is not None:  # one row that says why, instead of a compile error per kernel
+            rows.append(Row(arch, "target", "-", "-", 0, 0, 0, 0, 0, status=f"FAIL: {why}"))
+            archs = [a for a in archs if a != arch]
     jobs = jobs_for(archs, quick) + scan_jobs_for(archs, quick) + select_jobs_for(archs, quick)
     if variants:  # a subset while developing: attention jobs of these variants, "scan" or "select" jobs
         jobs = [j for j in jobs if (j.variant.split("_n")[0] if isinstance(j, Job) else
@@ -608,7 +643,7 @@ def run(archs: list[int], quick: bool, workers: int, variants: list[str] | None 
     try:
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                                     initializer=_worker_init) as pool:
-            rows = list(pool.map(compile_job, jobs))
+            rows += list(pool.map(compile_job, jobs))
     finally:
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -617,9 +652,25 @@ def run(archs: list[int], quick: bool, workers: int, variants: list[str] | None 
     return rows, time.perf_counter() - t0
 
 
+def summary(rows: list[dict]) -> list[str]:
+    """One line per arch: compilations, failed, spilling rows and the tensor-core instructions used."""
+    lines = []
+    for arch in sorted({r["arch"] for r in rows}):
+        mine = [r for r in rows if r["arch"] == arch]
+        mmas: dict[str, int] = {}
+        for r in mine:
+            mmas[r["mma"]] = mmas.get(r["mma"], 0) + 1
+        lines.append(f"sm_{arch} ({ARCHS[arch].gpus}; {ARCHS[arch].shared_per_block} B shared per block): "
+                     f"{len(mine)} compilations, {sum(r['status'] != 'ok' for r in mine)} failed, "
+                     f"{sum(r['spill_bytes'] > 0 or r['stack'] > 0 for r in mine)} spill; mma "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(mmas.items())))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ditkernels compile-report", description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", default="80,90", help="comma-separated SM archs (80, 90); default 80,90")
+    parser.add_argument("--arch", default="80,90", help=f"comma-separated SM archs ({', '.join(map(str, ARCHS))}); "
+                        "default 80,90")
     parser.add_argument("--quick", action="store_true", help="a representative subset of the configs")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--variant", help="comma-separated variants only (attention: dense, csr, local, epilogue, "
@@ -632,8 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--arch: expected comma-separated integers like 80,90, got {args.arch!r}")
     for a in archs:
-        if a not in SHARED_LIMIT:
-            parser.error(f"--arch: supported archs are {sorted(SHARED_LIMIT)}, got {a}")
+        if a not in ARCHS:
+            parser.error(f"--arch: supported archs are {sorted(ARCHS)}, got {a}")
     if importlib.util.find_spec("triton") is None:
         print("compile-report: triton is not installed: pip install triton", file=sys.stderr)
         return 1
@@ -654,9 +705,10 @@ def main(argv: list[str] | None = None) -> int:
         cols = ("arch", "kernel", "registers", "spill_bytes", "stack", "shared", "status")
         print(_table(cuda_rows, cols, ("arch", "kernel", "regs", "spill", "stack", "shared", "status")))
     failed = [r for r in dict_rows + cuda_rows if r["status"] != "ok"]
-    hgmma = sum(1 for r in rows if r.mma == "HGMMA")
-    print(f"\n{len(rows)} Triton compilations in {elapsed:.1f} s ({max(1, args.jobs)} processes); "
-          f"{hgmma} use HGMMA; {len(cuda_rows)} CUDA kernel images; {len(failed)} failed")
+    print()
+    print("\n".join(summary(dict_rows)))
+    print(f"{len(rows)} Triton compilations in {elapsed:.1f} s ({max(1, args.jobs)} processes); "
+          f"{len(cuda_rows)} CUDA kernel images; {len(failed)} failed")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"archs": archs, "quick": args.quick, "seconds": elapsed, "triton": dict_rows,

@@ -49,7 +49,7 @@ import triton.language as tl
 
 from ditkernels import _alloc
 
-from . import _interpreter
+from . import _interpreter, archs
 
 # Element-mask and epilogue ids: the same values as ditkernels.schedule.
 MASK_NONE = 0
@@ -724,7 +724,10 @@ class Config:
     maxnreg: int = 0  # register cap given to ptxas (.maxnreg); 0: ptxas decides
 
 
-ARCHS = (80, 90)
+ARCHS = tuple(archs.ARCHS)  # 80, 86, 89, 90, 100, 120: one config row each (triton_kernels/archs.py)
+# Rows that start from another row's configs (the same MMA family) before their own _OVERRIDES: the
+# 99 KB mma.sync chips take sm_80's tiles, B200's tcgen05 sm_90's (both 227 KB).
+_BASE = {86: 80, 89: 80, 120: 80, 100: 90}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -744,7 +747,7 @@ _CONFIGS: dict[tuple[int | None, str, str, str, int], Config] = {}
 
 
 def _fill() -> None:
-    for arch in ARCHS:
+    for arch in (80, 90):
         t: dict[tuple[str, str, int], Config] = {}
         for d in BLOCK_D_BUCKETS:
             # fp16 / bf16: tensor-core MMA (HMMA on sm_80, HGMMA on sm_90; sm_90 needs 64-row MMA tiles).
@@ -792,7 +795,10 @@ def _fill() -> None:
             # on its own (64-128 registers) and keeps a few loop-invariant values on the stack; a register
             # cap (.maxnreg, as the selective-scan kernels give) lets it allocate what they need.
             _CONFIGS[arch, "local", kernel, cls, d] = replace(cfg, maxnreg=255)
-    _CONFIGS.update(_OVERRIDES)
+    _CONFIGS.update((key, cfg) for key, cfg in _OVERRIDES.items() if key[0] not in _BASE)
+    for arch, base in _BASE.items():
+        _CONFIGS.update(((arch, *key[1:]), cfg) for key, cfg in list(_CONFIGS.items()) if key[0] == base)
+    _CONFIGS.update((key, cfg) for key, cfg in _OVERRIDES.items() if key[0] in _BASE)
 
 
 # Under TRITON_INTERPRET=1 (CPU tests): small tiles so seq 97 / 200 spans several tiles and a tail,
@@ -899,11 +905,11 @@ def interpreting() -> bool:
 
 
 def device_arch(device: torch.device) -> int | None:
-    """Config table key for ``device``: 90 for sm_90+, 80 below; None under the interpreter."""
+    """Config row (``ARCHS``) of ``device``: its compute capability's (``archs.arch_for_capability``: an unknown
+    one gets the most conservative row and a one-time warning); None for CPU tensors (the interpreter's)."""
     if device.type != "cuda":
         return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
+    return archs.arch_for_capability(*torch.cuda.get_device_capability(device))
 
 
 if interpreting():
