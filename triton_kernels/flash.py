@@ -840,6 +840,9 @@ _OVERRIDES: dict[tuple[int, str, str, str, int], Config] = {
     # band (compile-report variants band / rettention): the fp32 head_dim-64 forward on sm_90 needs
     # 8-16 B of stack with the mask at 128 rows and none at 64; schedule tiles are walked in 64-row sub-tiles.
     (90, "band", "fwd", "f32", 64): Config(64, 128, 8, 2, block_dk=16),
+    # sm_86 / sm_89 / sm_120 (the sm_80 row otherwise): sm_80's csr fp32 dK/dV config at head_dim 64 keeps
+    # 8-16 B of stack there; sm_90's (4 warps, 16-column chunks) has none.
+    **{(arch, "csr", "bwd_dkdv", "f32", 64): Config(16, 64, 4, 2, split=True, block_dk=16) for arch in (86, 89, 120)},
 }
 _fill()
 
