@@ -53,6 +53,15 @@ def test_mma_instruction_names():
     assert mma_instruction("FFMA R1, R2, R3, R4 ;\n SHMMAX R0 ;") == "none"
 
 
+def test_target_problem_names_an_untargetable_arch():
+    from ditkernels.compile_report import target_problem
+    from ditkernels.triton_kernels.archs import ARCHS
+
+    assert {a: target_problem(a) for a in ARCHS} == {a: None for a in ARCHS}
+    why = target_problem(999)  # no ptxas knows sm_999a
+    assert why is not None and "cannot target sm_999a" in why
+
+
 def test_device_arch_per_capability(monkeypatch):
     import torch
 
