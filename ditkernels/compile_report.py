@@ -438,22 +438,19 @@ def _scan_source(job: ScanJob):
     """(ASTSource, BLOCK_D, BLOCK_L, num_warps, maxnreg) of a typical contiguous launch: batch 2,
     dim 1536, L 4096, N = BLOCK_N, one B / C group, the launcher's channel blocks per backward
     program on an H100 (132 SMs)."""
-    import triton
     from triton.compiler import ASTSource
 
     from ditkernels.triton_kernels import selective_scan as ss
 
     fwd = job.kernel == "scan_fwd"
     fn = ss._selective_scan_fwd_kernel if fwd else ss._selective_scan_bwd_kernel
-    cfg = ss.CONFIGS[job.block_n]
     var = job.variant == "varBC"
     batch, dim, L, N = 2, 1536, 4096, job.block_n
-    bd, warps = (cfg.fwd_block_d, cfg.fwd_warps) if fwd else (cfg.bwd_block_d, cfg.bwd_warps)
-    per_unit = triton.cdiv(dim, bd)
-    n_sub = 1 if fwd else ss.bwd_blocks(batch, per_unit, 2 * N * L * 4 if var else 0, 2 * batch * N * L * 4,
-                                        4 * 132)
-    nblk = triton.cdiv(per_unit, n_sub)
-    vals: dict[str, object] = dict(dim=dim, seqlen=L, dstate=N, nchunks=triton.cdiv(L, cfg.block_l), span=dim,
+    launch = ss.scan_launch("fwd" if fwd else "bwd", batch=batch, seqlen=L, dstate=N, span=dim, units=1,
+                            partial_bytes=2 * N * L * 4 if var else 0, grad_bytes=2 * batch * N * L * 4,
+                            target_programs=4 * 132)
+    nblk, n_sub = launch.nblk, launch.n_sub
+    vals: dict[str, object] = dict(dim=dim, seqlen=L, dstate=N, nchunks=ss.nchunks(L, N), span=dim,
                                    cpg_b=dim, cpg_c=dim, nblk=nblk, n_sub=n_sub, stride_ad=N, stride_an=1,
                                    stride_hb=dim * N, stride_hd=N, stride_hn=1)
     for pre in ("u", "d", "z", "o", "g", "du", "dd", "dz"):
@@ -466,13 +463,13 @@ def _scan_source(job: ScanJob):
         else:  # (dim, N) operands; (batch, dim, N) rows
             vals.update({f"stride_{x}b": 0, f"stride_{x}g": N, f"stride_{x}n": 1, f"stride_{x}l": 0,
                          f"stride_d{x}b": dim * N, f"stride_d{x}k": N, f"stride_d{x}n": 1, f"stride_d{x}l": 0})
-    vals.update(BLOCK_D=bd, BLOCK_N=N, BLOCK_L=cfg.block_l, B_VAR=var, C_VAR=var, HAS_D=True, HAS_Z=True,
+    vals.update(**launch.constexprs, B_VAR=var, C_VAR=var, HAS_D=True, HAS_Z=True,
                 HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True, HAS_DLAST=True)
     in_dtype = {"U", "Delta", "Z", "Out", "DOut", "DU", "DDelta", "DZ"} | ({"Bm", "Cm"} if var else set())
     signature, constexprs, attrs = _signature(fn, job.arch, vals,
                                               lambda name: job.dtype if name in in_dtype else "fp32")
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), bd, cfg.block_l, warps, \
-        cfg.maxnreg
+    return (ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), launch.constexprs["BLOCK_D"],
+            launch.constexprs["BLOCK_L"], launch.options["num_warps"], launch.options["maxnreg"])
 
 
 def compile_scan_job(job: ScanJob) -> Row:

@@ -843,6 +843,8 @@ _OVERRIDES: dict[tuple[int, str, str, str, int], Config] = {
     # sm_86 / sm_89 / sm_120 (the sm_80 row otherwise): sm_80's csr fp32 dK/dV config at head_dim 64 keeps
     # 8-16 B of stack there; sm_90's (4 warps, 16-column chunks) has none.
     **{(arch, "csr", "bwd_dkdv", "f32", 64): Config(16, 64, 4, 2, split=True, block_dk=16) for arch in (86, 89, 120)},
+    # the same at head_dim 256 with exact top-k's threshold (sm_80's dense config: 8 B of stack on sm_86)
+    **{(arch, "topk", "bwd_dkdv", "f32", 256): Config(16, 64, 4, 2, split=True, block_dk=16) for arch in (86, 89, 120)},
 }
 _fill()
 
@@ -1072,6 +1074,8 @@ def launches(kernel: str, *, arch: int | None, dtype: torch.dtype, head_dim: int
     (None: the interpreter's configs): config, grid and constexprs. Pure: the launchers and
     ``python -m ditkernels compile-report`` both take their launches from here. A schedule's tiles larger
     than the config's are walked in sub-tiles (BLOCK_M = min(config, schedule) rows, SCHED_BM the schedule's)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     sched_kind = SCHEDULE_DENSE if schedule is None else schedule.kind
     block_d = block_d_for(head_dim)
     cfg = config_for(kernel, arch, dtype, block_d, launch_variant(sched_kind, mask_kind))
@@ -1098,8 +1102,6 @@ def launches(kernel: str, *, arch: int | None, dtype: torch.dtype, head_dim: int
         return (Launch(kernel, cfg, grid, dict(**common, EPILOGUE=epilogue_kind, **tail, COUNT=count), opts),)
     if kernel == "bwd_dq":
         return (Launch(kernel, cfg, grid, dict(**common, **tail, COUNT=count), opts),)
-    if kernel != "bwd_dkdv":
-        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     parts = ((True, False), (False, True)) if cfg.split else ((True, True),)
     return tuple(Launch(kernel, cfg, grid, dict(**common, **tail, OUT_DK=dk, OUT_DV=dv, COUNT=count), opts)
                  for dk, dv in parts)
