@@ -137,15 +137,13 @@ def _plugins(job: Job) -> tuple[int, int, int]:
     """(SCHEDULE, MASK, EPILOGUE) plug-ins of the launch a job stands for (see ``Job.variant``)."""
     from ditkernels.triton_kernels import flash as f
 
-    variant = "local" if job.variant.startswith("local_n") else job.variant
-    sched, mask, epi = {
-        "dense": ("dense", "none", False), "odd_d": ("dense", "none", False), "epilogue": ("dense", "none", True),
-        "csr": ("csr", "none", False), "topk": ("csr", "threshold", False), "band": ("csr", "band", False),
-        "rettention": ("csr", "band", True), "local": ("local", "local", False),
-        "local_rettention": ("local", "local", True)}[variant]
-    return ({"dense": f.SCHEDULE_DENSE, "csr": f.SCHEDULE_CSR, "local": f.SCHEDULE_TILED}[sched],
-            {"none": f.MASK_NONE, "local": f.MASK_LOCAL, "band": f.MASK_BAND, "threshold": f.MASK_THRESHOLD}[mask],
-            f.EPILOGUE_SCALE_RESIDUAL if epi else f.EPILOGUE_NONE)
+    none, epi = f.EPILOGUE_NONE, f.EPILOGUE_SCALE_RESIDUAL
+    return {"dense": (f.SCHEDULE_DENSE, f.MASK_NONE, none), "odd_d": (f.SCHEDULE_DENSE, f.MASK_NONE, none),
+            "epilogue": (f.SCHEDULE_DENSE, f.MASK_NONE, epi), "csr": (f.SCHEDULE_CSR, f.MASK_NONE, none),
+            "topk": (f.SCHEDULE_CSR, f.MASK_THRESHOLD, none), "band": (f.SCHEDULE_CSR, f.MASK_BAND, none),
+            "rettention": (f.SCHEDULE_CSR, f.MASK_BAND, epi), "local": (f.SCHEDULE_TILED, f.MASK_LOCAL, none),
+            "local_rettention": (f.SCHEDULE_TILED, f.MASK_LOCAL, epi),
+            }["local" if job.variant.startswith("local_n") else job.variant]
 
 
 def _config_variant(job: Job) -> str:
