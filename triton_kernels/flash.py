@@ -845,6 +845,9 @@ _OVERRIDES: dict[tuple[int, str, str, str, int], Config] = {
     **{(arch, "csr", "bwd_dkdv", "f32", 64): Config(16, 64, 4, 2, split=True, block_dk=16) for arch in (86, 89, 120)},
     # the same at head_dim 256 with exact top-k's threshold (sm_80's dense config: 8 B of stack on sm_86)
     **{(arch, "topk", "bwd_dkdv", "f32", 256): Config(16, 64, 4, 2, split=True, block_dk=16) for arch in (86, 89, 120)},
+    # sm_120, top-k dK/dV at head_dim 128: ptxas capped the 8-warp kernel at 128 registers (8 B of stack);
+    # .maxnreg lets it take what it needs, as for local attention.
+    (120, "topk", "bwd_dkdv", "f16", 128): Config(32, 32, 8, 2, maxnreg=255),
 }
 _fill()
 
