@@ -853,6 +853,7 @@ _OVERRIDES: dict[tuple[int, str, str, str, int], Config] = {
     # sm_100, schedule dK at head_dim 256: sm_90's 2 stages need all 255 registers and 48 B of stack under
     # tcgen05; 1 stage fits (64-key tiles: tcgen05 needs 64 MMA rows, 32 falls back to mma.sync)
     (100, "csr", "bwd_dkdv", "f16", 256): Config(16, 64, 8, 1, split=True),
+    (100, "local", "bwd_dkdv", "f16", 256): Config(16, 64, 8, 1, split=True, maxnreg=255),  # 192 B of stack with 2
 }
 _fill()
 
