@@ -854,6 +854,8 @@ _OVERRIDES: dict[tuple[int, str, str, str, int], Config] = {
     # tcgen05; 1 stage fits (64-key tiles: tcgen05 needs 64 MMA rows, 32 falls back to mma.sync)
     (100, "csr", "bwd_dkdv", "f16", 256): Config(16, 64, 8, 1, split=True),
     (100, "local", "bwd_dkdv", "f16", 256): Config(16, 64, 8, 1, split=True, maxnreg=255),  # 192 B of stack with 2
+    (100, "csr", "bwd_dq", "f16", 256): Config(64, 16, 8, 1),  # the same for dQ: 48 B of stack with 2 stages
+    (100, "local", "bwd_dq", "f16", 256): Config(64, 16, 8, 1, maxnreg=255),  # 88 B with 2
 }
 _fill()
 
