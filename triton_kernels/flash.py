@@ -850,6 +850,8 @@ _OVERRIDES: dict[tuple[int, str, str, str, int], Config] = {
     (120, "topk", "bwd_dkdv", "f16", 128): Config(32, 32, 8, 2, maxnreg=255),
     # sm_120, schedule forward at head_dim 256 (csr, and topk / band through it): the same cap (24 B of stack)
     (120, "csr", "fwd", "f16", 256): Config(128, 128, 8, 2, maxnreg=255),
+    (120, "csr", "bwd_dkdv", "f32", 256): Config(16, 64, 4, 2, split=True, block_dk=16),  # 16 B at 8 warps
+    (120, "dense", "bwd_preprocess", "f32", 256): Config(32, 0, 4, 1, maxnreg=255),  # 8 B at ptxas's 80 registers
     # sm_100, schedule dK at head_dim 256: sm_90's 2 stages need all 255 registers and 48 B of stack under
     # tcgen05; 1 stage fits (64-key tiles: tcgen05 needs 64 MMA rows, 32 falls back to mma.sync)
     (100, "csr", "bwd_dkdv", "f16", 256): Config(16, 64, 8, 1, split=True),
