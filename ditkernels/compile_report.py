@@ -1,18 +1,20 @@
 """``python -m ditkernels compile-report``: compile every shipped GPU kernel without a GPU.
 
-Each shipped Triton configuration (``ditkernels.triton_kernels.flash``) is compiled for real
-sm_80 / sm_90 targets (TTIR -> PTX -> cubin, the same compiler a GPU run uses, with the argument
-specialisation a contiguous launch gets), and its cubin is read with the ``cuobjdump`` bundled in
-the triton wheel: registers, spills (local memory), stack, shared memory and the MMA instruction
-(HGMMA: sm_90 warpgroup MMA; HMMA: mma.sync; none: CUDA-core FMA). The embedded cubins of the
+Each shipped Triton configuration (``ditkernels.triton_kernels.flash``) is compiled for the real
+targets of ``ditkernels.triton_kernels.archs`` (sm_80, sm_86, sm_89, sm_90, sm_100, sm_120: TTIR ->
+PTX -> cubin, the same compiler a GPU run uses, with the launch ``flash.launches`` gives a contiguous
+problem), and its cubin is read with the ``cuobjdump`` bundled in the triton wheel: registers, spills
+(local memory), stack, shared memory and the tensor-core instruction (UTCHMMA & co: Blackwell's
+tcgen05.mma; HGMMA: sm_90 warpgroup MMA; HMMA: mma.sync; none: CUDA-core FMA). The embedded cubins of the
 ``ditkernels._cuda`` extension, when built, are reported the same way.
 The selective-scan kernels (``ditkernels.triton_kernels.selective_scan``, rows ``scan_fwd`` /
 ``scan_bwd``, see :class:`ScanJob`) and the block top-k selection kernels
 (``ditkernels.triton_kernels.block_select``, rows ``select_pool`` / ``select_blocks``, see
 :class:`SelectJob`) are compiled and checked like the attention kernels.
 
-Exit status 1 when any kernel fails to compile, spills, uses more shared memory than the chip has
-per block, or (sm_90, fp16/bf16 attention) lacks HGMMA.
+Exit status 1 when any kernel fails to compile, spills, uses more shared memory than its arch has
+per block, or (fp16/bf16 attention) does not use its arch's tensor-core instruction (``Arch.mma``);
+an arch the installed triton cannot compile for is one failed row that says why.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-# Max shared memory per block (opt-in), bytes.
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+from ditkernels.triton_kernels.archs import ARCHS
+
+# Max shared memory per block (opt-in), bytes, per arch.
+SHARED_LIMIT = {sm: a.shared_per_block for sm, a in ARCHS.items()}
 ATTN_KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
 
 
@@ -91,13 +95,11 @@ def jobs_for(archs: list[int], quick: bool) -> list[Job]:
 
     jobs: list[Job] = []
     for arch in archs:
-        if quick:
-            jobs += [Job(arch, "fwd", "fp16", 128), Job(arch, "fwd", "bf16", 64), Job(arch, "fwd", "fp32", 32),
-                     Job(arch, "bwd_preprocess", "fp16", 128), Job(arch, "bwd_dkdv", "bf16", 128),
-                     Job(arch, "bwd_dq", "fp16", 128), Job(arch, "fwd", "fp16", 64, "csr"),
-                     Job(arch, "fwd", "fp16", 128, "epilogue"), Job(arch, "bwd_dkdv", "fp32", 64, "csr"),
-                     Job(arch, "fwd", "bf16", 128, "local"), Job(arch, "bwd_dq", "fp32", 64, "local"),
-                     Job(arch, "fwd", "bf16", 64, "topk"), Job(arch, "fwd", "bf16", 128, "rettention")]
+        if quick:  # per arch: tensor-core forward / backward at the shared-memory- and register-heaviest head dims,
+            # local attention's token tables + mask, fp32's head-dim chunks under a schedule
+            jobs += [Job(arch, "fwd", "fp16", 128), Job(arch, "fwd", "bf16", 256), Job(arch, "bwd_dkdv", "bf16", 128),
+                     Job(arch, "bwd_dq", "fp16", 256), Job(arch, "fwd", "bf16", 128, "local"),
+                     Job(arch, "bwd_dkdv", "fp32", 64, "csr")]
             continue
         for kernel in KERNELS:
             for dtype in DTYPES:
@@ -131,28 +133,65 @@ def _local_fwd_block_n() -> list[int]:
     return [bn for bn in triton_backend.local_fwd_block_n if bn != full]
 
 
-# job variants whose launch has the scale-and-residual epilogue (Re-ttention's sparse step)
-EPILOGUE_VARIANTS = ("epilogue", "rettention", "local_rettention")
+def _plugins(job: Job) -> tuple[int, int, int]:
+    """(SCHEDULE, MASK, EPILOGUE) plug-ins of the launch a job stands for (see ``Job.variant``)."""
+    from ditkernels.triton_kernels import flash as f
+
+    none, epi = f.EPILOGUE_NONE, f.EPILOGUE_SCALE_RESIDUAL
+    return {"dense": (f.SCHEDULE_DENSE, f.MASK_NONE, none), "odd_d": (f.SCHEDULE_DENSE, f.MASK_NONE, none),
+            "epilogue": (f.SCHEDULE_DENSE, f.MASK_NONE, epi), "csr": (f.SCHEDULE_CSR, f.MASK_NONE, none),
+            "topk": (f.SCHEDULE_CSR, f.MASK_THRESHOLD, none), "band": (f.SCHEDULE_CSR, f.MASK_BAND, none),
+            "rettention": (f.SCHEDULE_CSR, f.MASK_BAND, epi), "local": (f.SCHEDULE_TILED, f.MASK_LOCAL, none),
+            "local_rettention": (f.SCHEDULE_TILED, f.MASK_LOCAL, epi),
+            }["local" if job.variant.startswith("local_n") else job.variant]
 
 
 def _config_variant(job: Job) -> str:
-    """The launch variant (``flash.VARIANTS``: its config and SCHEDULE / MASK plug-ins) a job compiles:
-    epilogue / odd_d launches are dense, local_n* local, rettention band."""
-    if job.variant.startswith("local"):
-        return "local"
-    return {"epilogue": "dense", "odd_d": "dense", "rettention": "band"}.get(job.variant, job.variant)
+    """The config variant (``flash.VARIANTS``) of the launch a job stands for."""
+    from ditkernels.triton_kernels import flash
+
+    return flash.launch_variant(*_plugins(job)[:2])
+
+
+def _head_dim(job: Job) -> int:
+    return job.block_d * 5 // 8 if job.variant == "odd_d" else job.block_d
+
+
+EXAMPLE_HEADS, EXAMPLE_SEQ = 8, 4096  # a typical launch: contiguous (B=2, H=8, S=4096, head_dim)
+
+
+def _launch(job: Job):
+    """The ``flash.Launch`` (config, grid, constexprs, options) of a typical launch of ``job``, from
+    ``flash.launches`` as the launchers take theirs. Its schedule is the one the op builds: an op's CSR has
+    the forward config's tiles (``flash.block_sizes``), local attention's plans 64-token tiles
+    (``ditkernels.backends.triton.local_block_sizes``), ``local_n32`` / ``local_n16`` forward plans 32 / 16 keys."""
+    from ditkernels.triton_kernels import flash
+
+    dtype, head_dim, seq = flash.DTYPES[job.dtype], _head_dim(job), EXAMPLE_SEQ
+    sched_kind, mask_kind, epi = _plugins(job)
+    schedule = None
+    if sched_kind == flash.SCHEDULE_TILED:
+        from ditkernels.backends import triton as triton_backend
+
+        sbm, sbn = triton_backend.local_block_sizes(head_dim, dtype)
+        if job.variant.startswith("local_n"):
+            sbn = int(job.variant[len("local_n"):])
+        schedule = flash.ScheduleShape(sched_kind, sbm, sbn, seq // sbm, seq // sbn)
+    elif sched_kind == flash.SCHEDULE_CSR:
+        fwd = flash.config_for("fwd", job.arch, dtype, job.block_d)
+        schedule = flash.ScheduleShape(sched_kind, fwd.block_m, fwd.block_n)
+    out = flash.launches(job.kernel, arch=job.arch, dtype=dtype, head_dim=head_dim, batch_heads=2 * EXAMPLE_HEADS,
+                         seq_q=seq, seq_k=seq, schedule=schedule, mask_kind=mask_kind, epilogue_kind=epi)
+    return out[1] if job.part == "dv" else out[0]
 
 
 def _config(job: Job):
     """The config a launch of ``job`` runs (the launchers' lookup)."""
-    from ditkernels.triton_kernels import flash
-
-    return flash.config_for(job.kernel, job.arch, flash.DTYPES[job.dtype], job.block_d, _config_variant(job))
+    return _launch(job).config
 
 
 def _split(job: Job) -> list[Job]:
-    cfg = _config(job)
-    if job.kernel == "bwd_dkdv" and cfg.split:
+    if job.kernel == "bwd_dkdv" and _config(job).split:
         return [Job(job.arch, job.kernel, job.dtype, job.block_d, job.variant, part) for part in ("dk", "dv")]
     return [job]
 
@@ -165,11 +204,12 @@ _PTR_ARGS = {
 }
 
 
-def _example_args(job: Job, cfg, head_dim: int) -> dict[str, object]:
-    """Runtime argument values of a typical launch: contiguous (B=2, H=8, S=4096, head_dim)."""
+def _example_args(job: Job, launch) -> dict[str, object]:
+    """Argument values of a typical launch of ``job``: the runtime arguments of a contiguous (B=2, H=8, S=4096,
+    head_dim) problem, plus the constexprs of ``launch`` (:func:`_launch`)."""
     from ditkernels.triton_kernels import flash
 
-    heads, seq = 8, 4096
+    heads, seq, head_dim = EXAMPLE_HEADS, EXAMPLE_SEQ, _head_dim(job)
     s4 = (heads * seq * head_dim, seq * head_dim, head_dim, 1)
     vals: dict[str, object] = {"H": heads, "seq_q": seq, "seq_k": seq, "head_dim": head_dim,
                                "qk_scale": 0.125, "sm_scale": 0.125}
@@ -179,32 +219,16 @@ def _example_args(job: Job, cfg, head_dim: int) -> dict[str, object]:
     for ax, s in zip(("b", "h", "m"), (heads * seq, seq, 1)):
         vals[f"stride_s{ax}"] = s  # row_scale
         vals[f"stride_l{ax}"] = s  # lse
-    sched_kind, mask_kind = flash.VARIANTS[_config_variant(job)]
+    sched_kind = _plugins(job)[0]
     local, sched = sched_kind == flash.SCHEDULE_TILED, sched_kind != flash.SCHEDULE_DENSE
     vals.update(stride_sched_ptr=(seq // 64 + 1) if sched else 0, stride_sched_idx=4096 if sched else 0,
                 sched_head_stride=0 if local else (1 if sched else 0), count_stride=0, count_plane=0)
-    fwd = flash.config_for("fwd", job.arch, flash.DTYPES[job.dtype], job.block_d)
-    if local:  # the plan's tiles (ditkernels.backends.triton.local_block_sizes), walked in config sub-tiles
-        from ditkernels.backends import triton as triton_backend
-
-        sbm, sbn = triton_backend.local_block_sizes(head_dim, flash.DTYPES[job.dtype])
-        if job.variant.startswith("local_n"):
-            sbn = int(job.variant[len("local_n"):])
-    elif sched:
-        sbm, sbn = fwd.block_m, fwd.block_n
-    else:
-        sbm, sbn = cfg.block_m, cfg.block_n
-    vals.update(BLOCK_M=min(cfg.block_m, sbm), BLOCK_N=min(cfg.block_n, sbn) if cfg.block_n else 0,
-                BLOCK_D=job.block_d, BLOCK_DK=flash.chunk_d(cfg, job.block_d), SCHED_BM=sbm, SCHED_BN=sbn,
-                SCHEDULE=sched_kind, MASK=mask_kind, COUNT=False,
-                EPILOGUE=flash.EPILOGUE_SCALE_RESIDUAL if job.variant in EPILOGUE_VARIANTS else flash.EPILOGUE_NONE,
-                EVEN_D=head_dim == job.block_d, OUT_DK=job.part in ("", "dk"), OUT_DV=job.part in ("", "dv"),
-                DOT_PREC=flash._dot_prec(flash.DTYPES[job.dtype]))
+    vals.update(launch.constexprs)
     return vals
 
 
 def _source(job: Job):
-    """(ASTSource, config) with the signature/specialisation triton's JIT would give a typical launch."""
+    """(ASTSource, flash.Launch, argument values) with the signature/specialisation triton's JIT would give a typical launch."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import native_specialize_impl
@@ -213,9 +237,8 @@ def _source(job: Job):
 
     fn = {"fwd": flash._flash_fwd_kernel, "bwd_preprocess": flash._flash_bwd_preprocess_kernel,
           "bwd_dkdv": flash._flash_bwd_dkdv_kernel, "bwd_dq": flash._flash_bwd_dq_kernel}[job.kernel]
-    cfg = _config(job)
-    head_dim = job.block_d if job.variant != "odd_d" else job.block_d * 5 // 8
-    vals = _example_args(job, cfg, head_dim)
+    launch = _launch(job)
+    vals = _example_args(job, launch)
     backend = make_backend(GPUTarget("cuda", job.arch, 32))
     signature, constexprs, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
@@ -239,7 +262,7 @@ def _source(job: Job):
                 signature[name] = ty
                 if spec == "D":
                     attrs[(i,)] = [["tt.divisibility", 16]]
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), cfg, vals
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), launch, vals
 
 
 def _resources(kernel, arch: int) -> tuple[dict, str, list[str]]:
@@ -262,6 +285,35 @@ def _resources(kernel, arch: int) -> tuple[dict, str, list[str]]:
     if res["shared"] > SHARED_LIMIT[arch]:
         problems.append(f"shared {res['shared']} > {SHARED_LIMIT[arch]}")
     return res, sass, problems
+
+
+def mma_instruction(sass: str) -> str:
+    """The tensor-core instruction of a kernel's SASS: Blackwell's tcgen05 ones (UTCHMMA, UTCQMMA, ..., joined
+    by "+" when several), else HGMMA (sm_90 wgmma), else HMMA (mma.sync), else "none"."""
+    found = set(re.findall(r"\b(UTC\w*MMA|HGMMA|HMMA)\b", sass))
+    utc = sorted(n for n in found if n.startswith("UTC"))
+    if utc:
+        return "+".join(utc)
+    return next((n for n in ("HGMMA", "HMMA") if n in found), "none")
+
+
+def target_problem(arch: int) -> str | None:
+    """Why the installed triton cannot compile for ``arch`` (None: it can): the ptxas triton runs for that
+    arch does not list the target among its ``--gpu-name`` values."""
+    import triton
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+        ptxas, name = get_ptxas(arch), sm_arch_from_capability(arch)
+        text = subprocess.run([ptxas.path, "--help"], capture_output=True, text=True).stdout
+    except Exception as exc:  # another triton layout: the compilations themselves will tell
+        return None if isinstance(exc, (ImportError, AttributeError)) else f"cannot run triton's ptxas: {exc}"
+    allowed = text.split("--gpu-name", 1)[-1].split("\n--", 1)[0]
+    if f"'{name}'" in allowed:
+        return None
+    return (f"triton {triton.__version__} cannot target {name}: its ptxas ({ptxas.path}, CUDA {ptxas.version}) "
+            f"does not list {name}; a newer triton (pip install -U triton) does")
 
 
 def _compile_row(row: Row, src, arch: int, options: dict) -> tuple[str, list[str]]:
@@ -327,14 +379,14 @@ def compile_job(job: Job) -> Row:
 
     row = Row(job.arch, job.kernel + (f"[{job.part}]" if job.part else ""), job.variant, job.dtype, job.block_d, 0, 0, 0, 0)
     try:
-        src, cfg, vals = _source(job)
-        row.block_m, row.block_n = vals["BLOCK_M"], vals["BLOCK_N"]
-        row.num_warps, row.num_stages = cfg.num_warps, cfg.num_stages
-        sass, problems = _compile_row(row, src, job.arch, flash.launch_options(cfg))
-        row.mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "none")
-        if (job.arch == 90 and job.kernel in ATTN_KERNELS and job.dtype in ("fp16", "bf16")
-                and row.mma != "HGMMA"):
-            problems.append(f"no HGMMA ({row.mma})")
+        src, launch, vals = _source(job)
+        row.block_m, row.block_n = vals["BLOCK_M"], vals.get("BLOCK_N", 0)
+        row.num_warps, row.num_stages = launch.config.num_warps, launch.config.num_stages
+        sass, problems = _compile_row(row, src, job.arch, launch.options)
+        row.mma = mma_instruction(sass)
+        want = ARCHS[job.arch].mma
+        if job.kernel in ATTN_KERNELS and job.dtype in ("fp16", "bf16") and row.mma != want:
+            problems.append(f"no {want} ({row.mma})")
         row.status = "ok" if not problems else "FAIL: " + "; ".join(problems)
     except Exception as exc:  # a compile failure is a report row, not a crash of the report
         row.status = _fail_status(exc)
@@ -371,8 +423,7 @@ def scan_jobs_for(archs: list[int], quick: bool) -> list[ScanJob]:
     jobs: list[ScanJob] = []
     for arch in archs:
         if quick:
-            jobs += [ScanJob(arch, "scan_fwd", "bf16", 16), ScanJob(arch, "scan_bwd", "fp16", 16),
-                     ScanJob(arch, "scan_bwd", "fp32", 256, "constBC")]
+            jobs.append(ScanJob(arch, "scan_bwd", "fp16", 16))
             continue
         for kernel in SCAN_KERNELS:
             for bn in BLOCK_N_BUCKETS:
@@ -385,22 +436,19 @@ def _scan_source(job: ScanJob):
     """(ASTSource, BLOCK_D, BLOCK_L, num_warps, maxnreg) of a typical contiguous launch: batch 2,
     dim 1536, L 4096, N = BLOCK_N, one B / C group, the launcher's channel blocks per backward
     program on an H100 (132 SMs)."""
-    import triton
     from triton.compiler import ASTSource
 
     from ditkernels.triton_kernels import selective_scan as ss
 
     fwd = job.kernel == "scan_fwd"
     fn = ss._selective_scan_fwd_kernel if fwd else ss._selective_scan_bwd_kernel
-    cfg = ss.CONFIGS[job.block_n]
     var = job.variant == "varBC"
     batch, dim, L, N = 2, 1536, 4096, job.block_n
-    bd, warps = (cfg.fwd_block_d, cfg.fwd_warps) if fwd else (cfg.bwd_block_d, cfg.bwd_warps)
-    per_unit = triton.cdiv(dim, bd)
-    n_sub = 1 if fwd else ss.bwd_blocks(batch, per_unit, 2 * N * L * 4 if var else 0, 2 * batch * N * L * 4,
-                                        4 * 132)
-    nblk = triton.cdiv(per_unit, n_sub)
-    vals: dict[str, object] = dict(dim=dim, seqlen=L, dstate=N, nchunks=triton.cdiv(L, cfg.block_l), span=dim,
+    launch = ss.scan_launch("fwd" if fwd else "bwd", batch=batch, seqlen=L, dstate=N, span=dim, units=1,
+                            partial_bytes=2 * N * L * 4 if var else 0, grad_bytes=2 * batch * N * L * 4,
+                            target_programs=4 * 132)
+    nblk, n_sub = launch.nblk, launch.n_sub
+    vals: dict[str, object] = dict(dim=dim, seqlen=L, dstate=N, nchunks=ss.nchunks(L, N), span=dim,
                                    cpg_b=dim, cpg_c=dim, nblk=nblk, n_sub=n_sub, stride_ad=N, stride_an=1,
                                    stride_hb=dim * N, stride_hd=N, stride_hn=1)
     for pre in ("u", "d", "z", "o", "g", "du", "dd", "dz"):
@@ -413,13 +461,13 @@ def _scan_source(job: ScanJob):
         else:  # (dim, N) operands; (batch, dim, N) rows
             vals.update({f"stride_{x}b": 0, f"stride_{x}g": N, f"stride_{x}n": 1, f"stride_{x}l": 0,
                          f"stride_d{x}b": dim * N, f"stride_d{x}k": N, f"stride_d{x}n": 1, f"stride_d{x}l": 0})
-    vals.update(BLOCK_D=bd, BLOCK_N=N, BLOCK_L=cfg.block_l, B_VAR=var, C_VAR=var, HAS_D=True, HAS_Z=True,
+    vals.update(**launch.constexprs, B_VAR=var, C_VAR=var, HAS_D=True, HAS_Z=True,
                 HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True, HAS_DLAST=True)
     in_dtype = {"U", "Delta", "Z", "Out", "DOut", "DU", "DDelta", "DZ"} | ({"Bm", "Cm"} if var else set())
     signature, constexprs, attrs = _signature(fn, job.arch, vals,
                                               lambda name: job.dtype if name in in_dtype else "fp32")
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), bd, cfg.block_l, warps, \
-        cfg.maxnreg
+    return (ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), launch.constexprs["BLOCK_D"],
+            launch.constexprs["BLOCK_L"], launch.options["num_warps"], launch.options["maxnreg"])
 
 
 def compile_scan_job(job: ScanJob) -> Row:
@@ -464,8 +512,7 @@ def select_jobs_for(archs: list[int], quick: bool) -> list[SelectJob]:
     jobs: list[SelectJob] = []
     for arch in archs:
         if quick:
-            jobs += [SelectJob(arch, "select_pool", "bf16", 128), SelectJob(arch, "select_blocks", "bf16", 128, 256),
-                     SelectJob(arch, "select_blocks", "fp32", 64, 8192)]
+            jobs.append(SelectJob(arch, "select_blocks", "bf16", 128, 256))
             continue
         for dtype in DTYPES:
             for d in BLOCK_D_BUCKETS:
@@ -571,6 +618,12 @@ def _table(rows: list[dict], cols, head) -> str:
 
 def run(archs: list[int], quick: bool, workers: int, variants: list[str] | None = None,
         dtypes: list[str] | None = None) -> tuple[list[Row], float]:
+    rows: list[Row] = []
+    for arch in list(archs):
+        why = target_problem(arch)
+        if why is not None:  # one row that says why, instead of a compile error per kernel
+            rows.append(Row(arch, "target", "-", "-", 0, 0, 0, 0, 0, status=f"FAIL: {why}"))
+            archs = [a for a in archs if a != arch]
     jobs = jobs_for(archs, quick) + scan_jobs_for(archs, quick) + select_jobs_for(archs, quick)
     if variants:  # a subset while developing: attention jobs of these variants, "scan" or "select" jobs
         jobs = [j for j in jobs if (j.variant.split("_n")[0] if isinstance(j, Job) else
@@ -585,7 +638,7 @@ def run(archs: list[int], quick: bool, workers: int, variants: list[str] | None 
     try:
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                                     initializer=_worker_init) as pool:
-            rows = list(pool.map(compile_job, jobs))
+            rows += list(pool.map(compile_job, jobs))
     finally:
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -594,9 +647,25 @@ def run(archs: list[int], quick: bool, workers: int, variants: list[str] | None 
     return rows, time.perf_counter() - t0
 
 
+def summary(rows: list[dict]) -> list[str]:
+    """One line per arch: compilations, failed, spilling rows and the tensor-core instructions used."""
+    lines = []
+    for arch in sorted({r["arch"] for r in rows}):
+        mine = [r for r in rows if r["arch"] == arch]
+        mmas: dict[str, int] = {}
+        for r in mine:
+            mmas[r["mma"]] = mmas.get(r["mma"], 0) + 1
+        lines.append(f"sm_{arch} ({ARCHS[arch].gpus}; {ARCHS[arch].shared_per_block} B shared per block): "
+                     f"{len(mine)} compilations, {sum(r['status'] != 'ok' for r in mine)} failed, "
+                     f"{sum(r['spill_bytes'] > 0 or r['stack'] > 0 for r in mine)} spill; mma "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(mmas.items())))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ditkernels compile-report", description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", default="80,90", help="comma-separated SM archs (80, 90); default 80,90")
+    parser.add_argument("--arch", default="80,90", help=f"comma-separated SM archs ({', '.join(map(str, ARCHS))}); "
+                        "default 80,90")
     parser.add_argument("--quick", action="store_true", help="a representative subset of the configs")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--variant", help="comma-separated variants only (attention: dense, csr, local, epilogue, "
@@ -609,8 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--arch: expected comma-separated integers like 80,90, got {args.arch!r}")
     for a in archs:
-        if a not in SHARED_LIMIT:
-            parser.error(f"--arch: supported archs are {sorted(SHARED_LIMIT)}, got {a}")
+        if a not in ARCHS:
+            parser.error(f"--arch: supported archs are {sorted(ARCHS)}, got {a}")
     if importlib.util.find_spec("triton") is None:
         print("compile-report: triton is not installed: pip install triton", file=sys.stderr)
         return 1
@@ -631,9 +700,10 @@ def main(argv: list[str] | None = None) -> int:
         cols = ("arch", "kernel", "registers", "spill_bytes", "stack", "shared", "status")
         print(_table(cuda_rows, cols, ("arch", "kernel", "regs", "spill", "stack", "shared", "status")))
     failed = [r for r in dict_rows + cuda_rows if r["status"] != "ok"]
-    hgmma = sum(1 for r in rows if r.mma == "HGMMA")
-    print(f"\n{len(rows)} Triton compilations in {elapsed:.1f} s ({max(1, args.jobs)} processes); "
-          f"{hgmma} use HGMMA; {len(cuda_rows)} CUDA kernel images; {len(failed)} failed")
+    print()
+    print("\n".join(summary(dict_rows)))
+    print(f"{len(rows)} Triton compilations in {elapsed:.1f} s ({max(1, args.jobs)} processes); "
+          f"{len(cuda_rows)} CUDA kernel images; {len(failed)} failed")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"archs": archs, "quick": args.quick, "seconds": elapsed, "triton": dict_rows,

@@ -49,7 +49,7 @@ import triton.language as tl
 
 from ditkernels import _alloc
 
-from . import _interpreter
+from . import _interpreter, archs
 
 # Element-mask and epilogue ids: the same values as ditkernels.schedule.
 MASK_NONE = 0
@@ -724,7 +724,10 @@ class Config:
     maxnreg: int = 0  # register cap given to ptxas (.maxnreg); 0: ptxas decides
 
 
-ARCHS = (80, 90)
+ARCHS = tuple(archs.ARCHS)  # 80, 86, 89, 90, 100, 120: one config row each (triton_kernels/archs.py)
+# Rows that start from another row's configs (the same MMA family) before their own _OVERRIDES: the
+# 99 KB mma.sync chips take sm_80's tiles, B200's tcgen05 sm_90's (both 227 KB).
+_BASE = {86: 80, 89: 80, 120: 80, 100: 90}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -744,7 +747,7 @@ _CONFIGS: dict[tuple[int | None, str, str, str, int], Config] = {}
 
 
 def _fill() -> None:
-    for arch in ARCHS:
+    for arch in (80, 90):
         t: dict[tuple[str, str, int], Config] = {}
         for d in BLOCK_D_BUCKETS:
             # fp16 / bf16: tensor-core MMA (HMMA on sm_80, HGMMA on sm_90; sm_90 needs 64-row MMA tiles).
@@ -792,7 +795,10 @@ def _fill() -> None:
             # on its own (64-128 registers) and keeps a few loop-invariant values on the stack; a register
             # cap (.maxnreg, as the selective-scan kernels give) lets it allocate what they need.
             _CONFIGS[arch, "local", kernel, cls, d] = replace(cfg, maxnreg=255)
-    _CONFIGS.update(_OVERRIDES)
+    _CONFIGS.update((key, cfg) for key, cfg in _OVERRIDES.items() if key[0] not in _BASE)
+    for arch, base in _BASE.items():
+        _CONFIGS.update(((arch, *key[1:]), cfg) for key, cfg in list(_CONFIGS.items()) if key[0] == base)
+    _CONFIGS.update((key, cfg) for key, cfg in _OVERRIDES.items() if key[0] in _BASE)
 
 
 # Under TRITON_INTERPRET=1 (CPU tests): small tiles so seq 97 / 200 spans several tiles and a tail,
@@ -834,17 +840,34 @@ _OVERRIDES: dict[tuple[int, str, str, str, int], Config] = {
     # band (compile-report variants band / rettention): the fp32 head_dim-64 forward on sm_90 needs
     # 8-16 B of stack with the mask at 128 rows and none at 64; schedule tiles are walked in 64-row sub-tiles.
     (90, "band", "fwd", "f32", 64): Config(64, 128, 8, 2, block_dk=16),
+    # sm_86 / sm_89 / sm_120 (the sm_80 row otherwise): sm_80's csr fp32 dK/dV config at head_dim 64 keeps
+    # 8-16 B of stack there; sm_90's (4 warps, 16-column chunks) has none.
+    **{(arch, "csr", "bwd_dkdv", "f32", 64): Config(16, 64, 4, 2, split=True, block_dk=16) for arch in (86, 89, 120)},
+    # the same at head_dim 256 with exact top-k's threshold (sm_80's dense config: 8 B of stack on sm_86)
+    **{(arch, "topk", "bwd_dkdv", "f32", 256): Config(16, 64, 4, 2, split=True, block_dk=16) for arch in (86, 89, 120)},
+    # sm_120, top-k dK/dV at head_dim 128: ptxas capped the 8-warp kernel at 128 registers (8 B of stack);
+    # .maxnreg lets it take what it needs, as for local attention.
+    (120, "topk", "bwd_dkdv", "f16", 128): Config(32, 32, 8, 2, maxnreg=255),
+    # sm_120, schedule forward at head_dim 256 (csr, and topk / band through it): the same cap (24 B of stack)
+    (120, "csr", "fwd", "f16", 256): Config(128, 128, 8, 2, maxnreg=255),
+    (120, "csr", "bwd_dkdv", "f32", 256): Config(16, 64, 4, 2, split=True, block_dk=16),  # 16 B at 8 warps
+    (120, "dense", "bwd_preprocess", "f32", 256): Config(32, 0, 4, 1, maxnreg=255),  # 8 B at ptxas's 80 registers
+    # sm_100, schedule dK at head_dim 256: sm_90's 2 stages need all 255 registers and 48 B of stack under
+    # tcgen05; 1 stage fits (64-key tiles: tcgen05 needs 64 MMA rows, 32 falls back to mma.sync)
+    (100, "csr", "bwd_dkdv", "f16", 256): Config(16, 64, 8, 1, split=True),
+    (100, "local", "bwd_dkdv", "f16", 256): Config(16, 64, 8, 1, split=True, maxnreg=255),  # 192 B of stack with 2
+    (100, "csr", "bwd_dq", "f16", 256): Config(64, 16, 8, 1),  # the same for dQ: 48 B of stack with 2 stages
+    (100, "local", "bwd_dq", "f16", 256): Config(64, 16, 8, 1, maxnreg=255),  # 88 B with 2
 }
 _fill()
 
 
-def launch_variant(schedule, mask) -> str:
-    """The config variant (see VARIANTS) of a launch with ``schedule`` and ``mask`` (either may be None)."""
-    plugins = (_schedule_kind(schedule), MASK_NONE if mask is None else int(mask.kind))
+def launch_variant(schedule_kind: int, mask_kind: int) -> str:
+    """The config variant (see VARIANTS) of a launch with plug-ins SCHEDULE=``schedule_kind``, MASK=``mask_kind``."""
     for name, p in VARIANTS.items():
-        if p == plugins:
+        if p == (schedule_kind, mask_kind):
             return name
-    return ("dense", "csr", "local")[plugins[0]]
+    return ("dense", "csr", "local")[schedule_kind]
 
 
 def launch_options(cfg: Config) -> dict:
@@ -900,11 +923,11 @@ def interpreting() -> bool:
 
 
 def device_arch(device: torch.device) -> int | None:
-    """Config table key for ``device``: 90 for sm_90+, 80 below; None under the interpreter."""
+    """Config row (``ARCHS``) of ``device``: its compute capability's (``archs.arch_for_capability``: an unknown
+    one gets the most conservative row and a one-time warning); None for CPU tensors (the interpreter's)."""
     if device.type != "cuda":
         return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
+    return archs.arch_for_capability(*torch.cuda.get_device_capability(device))
 
 
 if interpreting():
@@ -1025,13 +1048,76 @@ def _mask_args(mask, device: torch.device) -> tuple[int, torch.Tensor]:
     return int(mask.kind), torch.tensor(params, dtype=torch.int32, device=device)
 
 
-def _launch_blocks(cfg: Config, schedule) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, SCHED_BM, SCHED_BN): kernel tiles, sub-tiles of the schedule's when given."""
+@dataclass(frozen=True)
+class ScheduleShape:
+    """What a launch needs of a block schedule: its plug-in (SCHEDULE_CSR, or SCHEDULE_TILED for token
+    tables), its tiles, and for token tables the number of query / KV tiles (the grid walks their sub-tiles)."""
+
+    kind: int
+    block_m: int
+    block_n: int
+    num_q_tiles: int = 0
+    num_kv_tiles: int = 0
+
+    @classmethod
+    def of(cls, schedule) -> ScheduleShape | None:
+        """The shape of a :class:`~ditkernels.schedule.BlockSchedule` / ``TiledSchedule`` (None: dense)."""
+        if schedule is None or isinstance(schedule, ScheduleShape):
+            return schedule
+        if _tiled(schedule):
+            return cls(SCHEDULE_TILED, schedule.block_m, schedule.block_n, schedule.num_q_tiles, schedule.num_kv_tiles)
+        return cls(SCHEDULE_CSR, schedule.block_m, schedule.block_n)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One launch of a flash kernel, as :func:`launches` derives it: ``kernel[grid](..., **constexprs, **options)``."""
+
+    kernel: str  # one of KERNELS
+    config: Config
+    grid: tuple[int, int]
+    constexprs: dict
+    options: dict  # launch_options(config): num_warps, num_stages, maxnreg
+
+
+def launches(kernel: str, *, arch: int | None, dtype: torch.dtype, head_dim: int, batch_heads: int, seq_q: int,
+             seq_k: int, schedule: ScheduleShape | None = None, mask_kind: int = MASK_NONE,
+             epilogue_kind: int = EPILOGUE_NONE, count: bool = False) -> tuple[Launch, ...]:
+    """The launches of ``kernel`` (one; two for a split ``bwd_dkdv``: dK, then dV) for a problem on ``arch``
+    (None: the interpreter's configs): config, grid and constexprs. Pure: the launchers and
+    ``python -m ditkernels compile-report`` both take their launches from here. A schedule's tiles larger
+    than the config's are walked in sub-tiles (BLOCK_M = min(config, schedule) rows, SCHED_BM the schedule's)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    sched_kind = SCHEDULE_DENSE if schedule is None else schedule.kind
+    block_d = block_d_for(head_dim)
+    cfg = config_for(kernel, arch, dtype, block_d, launch_variant(sched_kind, mask_kind))
+    even_d = head_dim == block_d
+    opts = launch_options(cfg)
+    if kernel == "bwd_preprocess":
+        return (Launch(kernel, cfg, (triton.cdiv(seq_q, cfg.block_m), batch_heads),
+                       dict(BLOCK_M=cfg.block_m, BLOCK_D=block_d, EVEN_D=even_d), opts),)
     if schedule is None:
-        return cfg.block_m, cfg.block_n, cfg.block_m, cfg.block_n
-    bm = min(cfg.block_m, schedule.block_m)
-    bn = min(cfg.block_n, schedule.block_n)
-    return bm, bn, schedule.block_m, schedule.block_n
+        bm, bn, sbm, sbn = cfg.block_m, cfg.block_n, cfg.block_m, cfg.block_n
+    else:
+        bm, bn = min(cfg.block_m, schedule.block_m), min(cfg.block_n, schedule.block_n)
+        sbm, sbn = schedule.block_m, schedule.block_n
+    tiled = sched_kind == SCHEDULE_TILED
+    if kernel == "bwd_dkdv":
+        programs = _programs(seq_k, bn, sbn, schedule.num_kv_tiles if tiled else None)
+    else:
+        programs = _programs(seq_q, bm, sbm, schedule.num_q_tiles if tiled else None)
+    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DK=chunk_d(cfg, block_d), SCHED_BM=sbm,
+                  SCHED_BN=sbn, SCHEDULE=sched_kind, MASK=mask_kind)
+    tail = dict(EVEN_D=even_d, DOT_PREC=_dot_prec(dtype))
+    grid = (programs, batch_heads)
+    if kernel == "fwd":
+        return (Launch(kernel, cfg, grid, dict(**common, EPILOGUE=epilogue_kind, **tail, COUNT=count), opts),)
+    if kernel == "bwd_dq":
+        return (Launch(kernel, cfg, grid, dict(**common, **tail, COUNT=count), opts),)
+    parts = ((True, False), (False, True)) if cfg.split else ((True, True),)
+    return tuple(Launch(kernel, cfg, grid, dict(**common, **tail, OUT_DK=dk, OUT_DV=dv, COUNT=count), opts)
+                 for dk, dv in parts)
 
 
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, schedule=None, mask=None,
@@ -1045,12 +1131,9 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     device = q.device
-    block_d = block_d_for(head_dim)
-    sched_kind = _schedule_kind(schedule)
-    cfg = config_for("fwd", device_arch(device), q.dtype, block_d, launch_variant(schedule, mask))
+    block_d_for(head_dim), _dtype_class(q.dtype)  # argument errors first
     if schedule is not None:
         _check_schedule(schedule, batch, heads, seq_q, seq_k, device)
-    bm, bn, sbm, sbn = _launch_blocks(cfg, schedule)
     out = _alloc.empty(batch, heads, seq_q, head_dim, dtype=q.dtype, device=device)
     lse = _alloc.empty(batch, heads, seq_q, dtype=torch.float32, device=device)
     if out.numel() == 0 and lse.numel() == 0:
@@ -1067,18 +1150,17 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     else:
         epi = (EPILOGUE_NONE, dummy, dummy, 0, 0, 0, 0, 0, 0, 0)
     count = _count_args(visit_counts, "fwd", schedule, dummy)
-    grid = (_programs(seq_q, bm, sbm, schedule.num_q_tiles if _tiled(schedule) else None), batch * heads)
-    _flash_fwd_kernel[grid](
+    (launch,) = launches("fwd", arch=device_arch(device), dtype=q.dtype, head_dim=head_dim, batch_heads=batch * heads,
+                         seq_q=seq_q, seq_k=seq_k, schedule=ScheduleShape.of(schedule), mask_kind=mask_kind,
+                         epilogue_kind=epi[0], count=count[3])
+    _flash_fwd_kernel[launch.grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, seq_q, seq_k, head_dim, scale * LOG2E,
         *_sched_args(schedule, dummy),
         mask_params, *_token_args(schedule, dummy), *count[:3],
         epi[1], epi[2], *epi[3:],
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DK=chunk_d(cfg, block_d), SCHED_BM=sbm, SCHED_BN=sbn,
-        SCHEDULE=sched_kind, MASK=mask_kind, EPILOGUE=epi[0],
-        EVEN_D=head_dim == block_d, DOT_PREC=_dot_prec(q.dtype), COUNT=count[3],
-        **launch_options(cfg),
+        **launch.constexprs, **launch.options,
     )
     return out, lse
 
@@ -1094,9 +1176,7 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     device = q.device
-    arch = device_arch(device)
-    block_d = block_d_for(head_dim)
-    even_d = head_dim == block_d
+    block_d_for(head_dim)  # argument errors first
     dq = _alloc.empty(*q.shape, dtype=q.dtype, device=device)
     dk = _alloc.empty(*k.shape, dtype=k.dtype, device=device)
     dv = _alloc.empty(*v.shape, dtype=v.dtype, device=device)
@@ -1108,47 +1188,37 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv
 
-    variant = launch_variant(schedule, mask)
-    cfg = config_for("bwd_preprocess", arch, q.dtype, block_d, variant)
+    mask_kind, mask_params = _mask_args(mask, device)
+    shape = dict(arch=device_arch(device), dtype=q.dtype, head_dim=head_dim, batch_heads=batch * heads,
+                 seq_q=seq_q, seq_k=seq_k, schedule=ScheduleShape.of(schedule), mask_kind=mask_kind)
+    (launch,) = launches("bwd_preprocess", **shape)
     delta = _alloc.empty(batch * heads, seq_q, dtype=torch.float32, device=device)
     lse2 = _alloc.empty(batch * heads, seq_q, dtype=torch.float32, device=device)
-    _flash_bwd_preprocess_kernel[(triton.cdiv(seq_q, cfg.block_m), batch * heads)](
+    _flash_bwd_preprocess_kernel[launch.grid](
         out, do, lse, delta, lse2, *out.stride(), *do.stride(), *lse.stride(), heads, seq_q, head_dim,
-        BLOCK_M=cfg.block_m, BLOCK_D=block_d, EVEN_D=even_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **launch.constexprs, **launch.options,
     )
 
     dummy = torch.zeros(1, dtype=torch.int32, device=device)
-    mask_kind, mask_params = _mask_args(mask, device)
-    sched_kind = _schedule_kind(schedule)
     tokens = _token_args(schedule, dummy)
-    tiled = _tiled(schedule)
-    prec = _dot_prec(q.dtype)
-
-    cfg = config_for("bwd_dkdv", arch, q.dtype, block_d, variant)
-    bm, bn, sbm, sbn = _launch_blocks(cfg, schedule)
     tsched = schedule.transposed() if schedule is not None else None
     count = _count_args(visit_counts, "bwd_dkdv", schedule, dummy)
-    for out_dk, out_dv in ((True, False), (False, True)) if cfg.split else ((True, True),):
-        _flash_bwd_dkdv_kernel[(_programs(seq_k, bn, sbn, schedule.num_kv_tiles if tiled else None), batch * heads)](
+    for launch in launches("bwd_dkdv", **shape, count=count[3]):  # a split config: dK, then dV
+        _flash_bwd_dkdv_kernel[launch.grid](
             q, k, v, do, dk, dv, lse2, delta,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             heads, seq_q, seq_k, head_dim, scale * LOG2E, scale,
             *_sched_args(tsched, dummy), mask_params, *tokens, *count[:3],
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DK=chunk_d(cfg, block_d), SCHED_BM=sbm, SCHED_BN=sbn,
-            SCHEDULE=sched_kind, MASK=mask_kind, EVEN_D=even_d, DOT_PREC=prec, OUT_DK=out_dk, OUT_DV=out_dv,
-            COUNT=count[3], **launch_options(cfg),
+            **launch.constexprs, **launch.options,
         )
 
-    cfg = config_for("bwd_dq", arch, q.dtype, block_d, variant)
-    bm, bn, sbm, sbn = _launch_blocks(cfg, schedule)
     count = _count_args(visit_counts, "bwd_dq", schedule, dummy)
-    _flash_bwd_dq_kernel[(_programs(seq_q, bm, sbm, schedule.num_q_tiles if tiled else None), batch * heads)](
+    (launch,) = launches("bwd_dq", **shape, count=count[3])
+    _flash_bwd_dq_kernel[launch.grid](
         q, k, v, do, dq, lse2, delta,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         heads, seq_q, seq_k, head_dim, scale * LOG2E, scale,
         *_sched_args(schedule, dummy), mask_params, *tokens, *count[:3],
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DK=chunk_d(cfg, block_d), SCHED_BM=sbm, SCHED_BN=sbn,
-        SCHEDULE=sched_kind, MASK=mask_kind, EVEN_D=even_d, DOT_PREC=prec, COUNT=count[3],
-        **launch_options(cfg),
+        **launch.constexprs, **launch.options,
     )
     return dq, dk, dv

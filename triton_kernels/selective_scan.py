@@ -478,6 +478,40 @@ class _Args:
                     HAS_BIAS=self.bias is not None)
 
 
+@dataclass(frozen=True)
+class ScanLaunch:
+    """One launch of a scan kernel, as :func:`scan_launch` derives it."""
+
+    grid: tuple[int, int]  # (units * nblk, batch)
+    nblk: int  # programs per channel unit
+    n_sub: int  # channel blocks each program walks (1 in the forward)
+    constexprs: dict  # BLOCK_D, BLOCK_N, BLOCK_L
+    options: dict  # num_warps, maxnreg
+
+
+def scan_launch(kernel: str, *, batch: int, seqlen: int, dstate: int, span: int, units: int, partial_bytes: int = 0,
+                grad_bytes: int = 0, target_programs: int = 4, n_sub: int | None = None) -> ScanLaunch:
+    """The launch of ``kernel`` ("fwd" / "bwd") for ``units`` channel units of ``span`` channels (each inside one
+    B and one C group) of a (batch, ., seqlen) problem with ``dstate`` states. Backward: ``n_sub`` channel blocks
+    per program (default: :func:`bwd_blocks` from the per-program ``partial_bytes`` of variable B / C, their
+    ``grad_bytes`` and ``target_programs``). Pure: the launchers and compile-report take their launches here."""
+    cfg, block_n = config_for(dstate), block_n_for(dstate)
+    fwd = kernel == "fwd"
+    if not fwd and kernel != "bwd":
+        raise ValueError(f"kernel: expected 'fwd' or 'bwd', got {kernel!r}")
+    block_d, warps = (cfg.fwd_block_d, cfg.fwd_warps) if fwd else (cfg.bwd_block_d, cfg.bwd_warps)
+    per_unit = triton.cdiv(span, block_d)
+    if fwd:
+        n_sub = 1
+    elif n_sub is None:
+        n_sub = bwd_blocks(batch * units, per_unit, partial_bytes, grad_bytes, target_programs)
+    if not 1 <= n_sub <= per_unit:
+        raise ValueError(f"n_sub: expected 1..{per_unit} channel blocks per program, got {n_sub}")
+    nblk = triton.cdiv(per_unit, n_sub)
+    return ScanLaunch((units * nblk, batch), nblk, n_sub, dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=cfg.block_l),
+                      dict(num_warps=warps, maxnreg=cfg.maxnreg))
+
+
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus: bool, reverse: bool):
     """Forward. u, delta, z: (batch, dim, L); returns out (u.dtype), last_state and saved (fp32)."""
     p = _Args(u, delta, A, B, C, D, z, delta_bias, initial_state, reverse)
@@ -486,17 +520,15 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus:
     last = _alloc.empty(p.batch, p.dim, p.dstate, dtype=torch.float32, device=dev)
     saved = _alloc.empty(*saved_shape(p.batch, p.dim, p.seqlen, p.dstate), dtype=torch.float32, device=dev)
     out, out_s = _seq_view(out_full, reverse)
-    cfg = p.cfg
-    nblk = triton.cdiv(p.span, cfg.fwd_block_d)
+    launch = scan_launch("fwd", batch=p.batch, seqlen=p.seqlen, dstate=p.dstate, span=p.span, units=p.units)
     h0 = p.h0 if p.h0 is not None else last
     dummy = p.A
-    _selective_scan_fwd_kernel[(p.units * nblk, p.batch)](
+    _selective_scan_fwd_kernel[launch.grid](
         p.u, p.delta, p.A, p.B, p.C, dummy if p.D is None else p.D, p.u if p.z is None else p.z,
         dummy if p.bias is None else p.bias, h0, out, last, saved,
-        p.dim, p.seqlen, p.dstate, p.nchunks, p.span, p.cpg_b, p.cpg_c, nblk,
+        p.dim, p.seqlen, p.dstate, p.nchunks, p.span, p.cpg_b, p.cpg_c, launch.nblk,
         *p.u_s, *p.delta_s, *p.z_s, *out_s, *p.A.stride(), *p.B_s, *p.C_s, *h0.stride(),
-        BLOCK_D=cfg.fwd_block_d, BLOCK_N=p.block_n, BLOCK_L=cfg.block_l, SOFTPLUS=bool(delta_softplus),
-        HAS_H0=p.h0 is not None, num_warps=cfg.fwd_warps, maxnreg=cfg.maxnreg, **p.flags(),
+        SOFTPLUS=bool(delta_softplus), HAS_H0=p.h0 is not None, **launch.constexprs, **launch.options, **p.flags(),
     )
     return out_full, last, saved
 
@@ -537,20 +569,15 @@ def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, sa
     """
     p = _Args(u, delta, A, B, C, D, z, delta_bias, initial_state, reverse)
     dev = u.device
-    cfg = p.cfg
     want = saved_shape(p.batch, p.dim, p.seqlen, p.dstate)
     if tuple(saved.shape) != want or saved.dtype != torch.float32 or not saved.is_contiguous():
         raise ValueError(f"saved: expected the triton forward's states {want} float32 (contiguous), "
                          f"got {tuple(saved.shape)} {saved.dtype}")
-    per_unit = triton.cdiv(p.span, cfg.bwd_block_d)
-    if n_sub is None:
-        var = [X for X, v in ((B, p.b_var), (C, p.c_var)) if v]
-        n_sub = bwd_blocks(p.batch * p.units, per_unit, len(var) * p.dstate * p.seqlen * 4,
-                           sum(X.numel() for X in var) * 4, _target_programs(dev))
-    if not 1 <= n_sub <= per_unit:
-        raise ValueError(f"n_sub: expected 1..{per_unit} channel blocks per program, got {n_sub}")
-    nblk = triton.cdiv(per_unit, n_sub)
-    nprog = p.units * nblk
+    var = [X for X, v in ((B, p.b_var), (C, p.c_var)) if v]
+    launch = scan_launch("bwd", batch=p.batch, seqlen=p.seqlen, dstate=p.dstate, span=p.span, units=p.units,
+                         partial_bytes=len(var) * p.dstate * p.seqlen * 4, grad_bytes=sum(X.numel() for X in var) * 4,
+                         target_programs=_target_programs(dev), n_sub=n_sub)
+    nprog = launch.grid[0]
 
     dout_, dout_s = _seq_view(dout, reverse)
     dlast_ = None if dlast is None else dlast.detach().to(torch.float32).contiguous()
@@ -580,17 +607,17 @@ def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, sa
     dB_buf, dB_view, dB_s = grad_buffer(p.b_var)
     dC_buf, dC_view, dC_s = grad_buffer(p.c_var)
     dummy = dA_rows
-    _selective_scan_bwd_kernel[(nprog, p.batch)](
+    _selective_scan_bwd_kernel[launch.grid](
         p.u, p.delta, p.A, p.B, p.C, dummy if p.D is None else p.D, p.u if p.z is None else p.z,
         dummy if p.bias is None else p.bias, saved, dout_, dummy if dlast_ is None else dlast_,
         du, ddelta_, dz, dA_rows, dB_view, dC_view,
         dummy if dD_rows is None else dD_rows, dummy if dbias_rows is None else dbias_rows,
         dh0,
-        p.dim, p.seqlen, p.dstate, p.nchunks, p.span, p.cpg_b, p.cpg_c, nblk, n_sub,
+        p.dim, p.seqlen, p.dstate, p.nchunks, p.span, p.cpg_b, p.cpg_c, launch.nblk, launch.n_sub,
         *p.u_s, *p.delta_s, *p.z_s, *dout_s, *du_s, *ddelta_s, *dz_s, *p.A.stride(), *p.B_s, *p.C_s,
         *dB_s, *dC_s,
-        BLOCK_D=cfg.bwd_block_d, BLOCK_N=p.block_n, BLOCK_L=cfg.block_l, SOFTPLUS=bool(delta_softplus),
-        HAS_DLAST=dlast_ is not None, num_warps=cfg.bwd_warps, maxnreg=cfg.maxnreg, **p.flags(),
+        SOFTPLUS=bool(delta_softplus), HAS_DLAST=dlast_ is not None, **launch.constexprs, **launch.options,
+        **p.flags(),
     )
 
     def fold(buf: torch.Tensor, X: torch.Tensor, var: bool) -> torch.Tensor:
