@@ -489,6 +489,63 @@ inline V fold1(V a, V b) {
   return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
+// The lanes 0, 2, .., 14 (EVEN) or 1, 3, .., 15 of a 16-lane vector, as an 8-lane one.
+template <bool EVEN, class V>
+inline auto half_lanes(V r) {
+  if constexpr (EVEN) return __builtin_shufflevector(r, r, 0, 2, 4, 6, 8, 10, 12, 14);
+  else return __builtin_shufflevector(r, r, 1, 3, 5, 7, 9, 11, 13, 15);
+}
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// The same folds (lane for lane the same sums) on the two ymm halves of a 16-lane float vector: GCC
+// lowers the 16-lane shuffles above partly to scalar inserts without AVX-512.
+typedef FVec<8>::type F8;
+inline __m256 ymm_lo(Vec<float> v) {
+  F8 h;
+  std::memcpy(&h, &v, 32);
+  return (__m256)h;
+}
+inline __m256 ymm_hi(Vec<float> v) {
+  F8 h;
+  std::memcpy(&h, reinterpret_cast<const char*>(&v) + 32, 32);
+  return (__m256)h;
+}
+inline Vec<float> ymm_join(__m256 lo, __m256 hi) { return join<Vec<float>>((F8)lo, (F8)hi); }
+inline __m256 qword_0213(__m256 x) {  // 64-bit units (0, 2, 1, 3)
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(x), 0xD8));
+}
+// [x0..3, y0..3] + [x4..7, y4..7]: fold4 of one operand's halves x, y.
+inline __m256 fold4_h(__m256 x, __m256 y) {
+  return _mm256_add_ps(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31));
+}
+// [x0,x1,x4,x5,y0,y1,y4,y5] + [x2,x3,x6,x7,y2,y3,y6,y7] (the shuffles give the qwords in order 0,2,1,3).
+inline __m256 fold2_h(__m256 x, __m256 y) {
+  return qword_0213(_mm256_add_ps(_mm256_shuffle_ps(x, y, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm256_shuffle_ps(x, y, _MM_SHUFFLE(3, 2, 3, 2))));
+}
+// [x0,x2,x4,x6,y0,y2,y4,y6] + [x1,x3,x5,x7,y1,y3,y5,y7].
+inline __m256 fold1_h(__m256 x, __m256 y) {
+  return qword_0213(_mm256_add_ps(_mm256_shuffle_ps(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm256_shuffle_ps(x, y, _MM_SHUFFLE(3, 1, 3, 1))));
+}
+inline Vec<float> fold8(Vec<float> a, Vec<float> b) {
+  return ymm_join(_mm256_add_ps(ymm_lo(a), ymm_hi(a)), _mm256_add_ps(ymm_lo(b), ymm_hi(b)));
+}
+inline Vec<float> fold4(Vec<float> a, Vec<float> b) {
+  return ymm_join(fold4_h(ymm_lo(a), ymm_hi(a)), fold4_h(ymm_lo(b), ymm_hi(b)));
+}
+inline Vec<float> fold2(Vec<float> a, Vec<float> b) {
+  return ymm_join(fold2_h(ymm_lo(a), ymm_hi(a)), fold2_h(ymm_lo(b), ymm_hi(b)));
+}
+inline Vec<float> fold1(Vec<float> a, Vec<float> b) {
+  return ymm_join(fold1_h(ymm_lo(a), ymm_hi(a)), fold1_h(ymm_lo(b), ymm_hi(b)));
+}
+template <bool EVEN>
+inline F8 half_lanes(Vec<float> r) {
+  const __m256 lo = ymm_lo(r), hi = ymm_hi(r);
+  return (F8)qword_0213(EVEN ? _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0))
+                             : _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+#endif
 // 16 x 16 transpose: dst[j * ds + i] = src[i * ss + j]. Four rounds of block swaps (8, 4, 2, 1 wide),
 // each 16 two-input shuffles.
 template <int S, class V>
@@ -515,8 +572,34 @@ inline void swap_round(V* r) {
   for (int i = 0; i < W; ++i)
     if (!(i & S)) swap_blocks<S>(r[i], r[i + S]);
 }
+#if defined(__AVX__) && !defined(__AVX512F__)
+// 8 x 8 float transpose in ymm registers: dst[j * ds + i] = src[i * ss + j].
+inline void transpose8x8(const float* src, int64_t ss, float* dst, int64_t ds) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ss);
+  for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ds, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ds, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
 template <class Acc>
 inline void transpose16(const Acc* src, int64_t ss, Acc* dst, int64_t ds) {
+#if defined(__AVX__) && !defined(__AVX512F__)
+  // Without AVX-512, GCC lowers the 16-lane shuffles below to one scalar move per element.
+  if constexpr (std::is_same<Acc, float>::value) {
+    for (int bi = 0; bi < W; bi += 8)
+      for (int bj = 0; bj < W; bj += 8) transpose8x8(src + bi * ss + bj, ss, dst + bj * ds + bi, ds);
+    return;
+  }
+#endif
   using V = Vec<Acc>;
   V r[W];
   for (int i = 0; i < W; ++i) r[i] = vload(src + i * ss);
@@ -1070,11 +1153,11 @@ void bwd_reverse(int64_t tl, const Acc* A1, const Acc* DT, const Acc* DTU, const
       typedef Acc H __attribute__((vector_size(NJ * sizeof(Acc))));
       H d;
       if (!CL) {
-        const H c = __builtin_shufflevector(r, r, 0, 2, 4, 6, 8, 10, 12, 14);
+        const H c = half_lanes<true>(r);
         std::memcpy(&d, dCp + t * dcts, sizeof d), d += c, std::memcpy(dCp + t * dcts, &d, sizeof d);
       }
       if (!BL) {
-        const H b = __builtin_shufflevector(r, r, 1, 3, 5, 7, 9, 11, 13, 15);
+        const H b = half_lanes<false>(r);
         std::memcpy(&d, dBp + t * dbts, sizeof d), d += b, std::memcpy(dBp + t * dbts, &d, sizeof d);
       }
     }
