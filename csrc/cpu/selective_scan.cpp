@@ -495,57 +495,6 @@ inline auto half_lanes(V r) {
   if constexpr (EVEN) return __builtin_shufflevector(r, r, 0, 2, 4, 6, 8, 10, 12, 14);
   else return __builtin_shufflevector(r, r, 1, 3, 5, 7, 9, 11, 13, 15);
 }
-#if defined(__AVX2__) && !defined(__AVX512F__)
-// The same folds (lane for lane the same sums) on the two ymm halves of a 16-lane float vector: GCC
-// lowers the 16-lane shuffles above partly to scalar inserts without AVX-512.
-typedef FVec<8>::type F8;
-inline __m256 ymm_lo(Vec<float> v) {
-  F8 h;
-  std::memcpy(&h, &v, 32);
-  return (__m256)h;
-}
-inline __m256 ymm_hi(Vec<float> v) {
-  F8 h;
-  std::memcpy(&h, reinterpret_cast<const char*>(&v) + 32, 32);
-  return (__m256)h;
-}
-inline Vec<float> ymm_join(__m256 lo, __m256 hi) { return join<Vec<float>>((F8)lo, (F8)hi); }
-inline __m256 qword_0213(__m256 x) {  // 64-bit units (0, 2, 1, 3)
-  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(x), 0xD8));
-}
-// [x0..3, y0..3] + [x4..7, y4..7]: fold4 of one operand's halves x, y.
-inline __m256 fold4_h(__m256 x, __m256 y) {
-  return _mm256_add_ps(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31));
-}
-// [x0,x1,x4,x5,y0,y1,y4,y5] + [x2,x3,x6,x7,y2,y3,y6,y7] (the shuffles give the qwords in order 0,2,1,3).
-inline __m256 fold2_h(__m256 x, __m256 y) {
-  return qword_0213(_mm256_add_ps(_mm256_shuffle_ps(x, y, _MM_SHUFFLE(1, 0, 1, 0)),
-                                  _mm256_shuffle_ps(x, y, _MM_SHUFFLE(3, 2, 3, 2))));
-}
-// [x0,x2,x4,x6,y0,y2,y4,y6] + [x1,x3,x5,x7,y1,y3,y5,y7].
-inline __m256 fold1_h(__m256 x, __m256 y) {
-  return qword_0213(_mm256_add_ps(_mm256_shuffle_ps(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm256_shuffle_ps(x, y, _MM_SHUFFLE(3, 1, 3, 1))));
-}
-inline Vec<float> fold8(Vec<float> a, Vec<float> b) {
-  return ymm_join(_mm256_add_ps(ymm_lo(a), ymm_hi(a)), _mm256_add_ps(ymm_lo(b), ymm_hi(b)));
-}
-inline Vec<float> fold4(Vec<float> a, Vec<float> b) {
-  return ymm_join(fold4_h(ymm_lo(a), ymm_hi(a)), fold4_h(ymm_lo(b), ymm_hi(b)));
-}
-inline Vec<float> fold2(Vec<float> a, Vec<float> b) {
-  return ymm_join(fold2_h(ymm_lo(a), ymm_hi(a)), fold2_h(ymm_lo(b), ymm_hi(b)));
-}
-inline Vec<float> fold1(Vec<float> a, Vec<float> b) {
-  return ymm_join(fold1_h(ymm_lo(a), ymm_hi(a)), fold1_h(ymm_lo(b), ymm_hi(b)));
-}
-template <bool EVEN>
-inline F8 half_lanes(Vec<float> r) {
-  const __m256 lo = ymm_lo(r), hi = ymm_hi(r);
-  return (F8)qword_0213(EVEN ? _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0))
-                             : _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-#endif
 // 16 x 16 transpose: dst[j * ds + i] = src[i * ss + j]. Four rounds of block swaps (8, 4, 2, 1 wide),
 // each 16 two-input shuffles.
 template <int S, class V>
