@@ -260,6 +260,38 @@ def time_cpu(steps: dict[str, Callable[[], Any]], *, warmup: int, reps: int, bud
     return {name: dict(_summary(t), timer="time.perf_counter median, round-robin") for name, t in times.items()}
 
 
+class BusyProcesses:
+    """``n`` processes that each keep one core busy (a Python spin loop) while the block runs."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "BusyProcesses":
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(self.n)]
+        time.sleep(0.2)  # let them start spinning before the first timed run
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+
+
+def time_cpu_loaded(steps: dict[str, Callable[[], Any]], timed: dict[str, dict[str, Any]], *, load: int, reps: int,
+                    budget_s: float) -> None:
+    """Times ``steps`` again, round-robin, beside ``load`` busy processes (``--load``); adds to each
+    summary in ``timed`` the loaded median (``time_ms_loaded``) and its ratio to the quiet median
+    (``load_slowdown``)."""
+    with BusyProcesses(load):
+        loaded = time_cpu(steps, warmup=0, reps=reps, budget_s=budget_s)
+    for name, summary in loaded.items():
+        timed[name].update(time_ms_loaded=summary["time_ms"], load_processes=load,
+                           load_slowdown=summary["time_ms"] / timed[name]["time_ms"])
+
+
 def time_cuda(step: Callable[[], Any], *, quick: bool) -> dict[str, Any]:
     """Median (ms) with 20 %/80 % quantiles: ``triton.testing.do_bench``, or CUDA events without triton."""
     warmup, rep = (10, 40) if quick else (25, 100)
@@ -319,6 +351,7 @@ class RunOptions:
     reps: int = 7
     budget_s: float = 10.0
     quick: bool = False
+    load: int = 0  # --load: busy processes of a second, loaded timing (CPU)
 
 
 def run_case(case: Case, mode: str, impls: Sequence[str], device: torch.device, opts: RunOptions) -> list[dict[str, Any]]:
@@ -390,7 +423,10 @@ def run_case(case: Case, mode: str, impls: Sequence[str], device: torch.device, 
 
     if device.type == "cpu" and steps:
         try:
-            for name, summary in time_cpu(steps, warmup=opts.warmup, reps=opts.reps, budget_s=opts.budget_s).items():
+            timed = time_cpu(steps, warmup=opts.warmup, reps=opts.reps, budget_s=opts.budget_s)
+            if opts.load > 0:
+                time_cpu_loaded(steps, timed, load=opts.load, reps=opts.reps, budget_s=opts.budget_s)
+            for name, summary in timed.items():
                 rows[name].update(summary)
         except Exception as e:  # noqa: BLE001 - an impl that worked once but fails when repeated
             for name in steps:
@@ -493,7 +529,10 @@ def _fmt(x: float | None, spec: str) -> str:
 def format_table(rows: list[dict[str, Any]], device: torch.device) -> str:
     """Plain aligned text table of the rows."""
     unit, scale = ("TFLOP/s", 1e12) if device.type == "cuda" else ("GFLOP/s", 1e9)
+    loaded = any(r.get("load_slowdown") is not None for r in rows)
     header = ["case", "mode", "impl", "time ms", unit, "speed-up", "rel.err", "note"]
+    if loaded:  # --load N: the loaded median and its ratio to the quiet one
+        header[6:6] = ["loaded ms", "slowdown"]
     lines = []
     for r in rows:
         ok = r["status"] == "ok"
@@ -509,12 +548,16 @@ def format_table(rows: list[dict[str, Any]], device: torch.device) -> str:
             note = f"{r['status']}: {r['reason']}"
         if len(note) > 90:
             note = note[:87] + "..."
-        lines.append([r["case"], r["mode"], r["impl"],
-                      _fmt(r.get("time_ms") if ok else None, ".3f"),
-                      _fmt(r["useful_flop_per_s"] / scale if ok else None, ".1f" if scale == 1e9 else ".2f"),
-                      speed, _fmt(err, ".1e") if ok else "-", note])
+        cells = [r["case"], r["mode"], r["impl"],
+                 _fmt(r.get("time_ms") if ok else None, ".3f"),
+                 _fmt(r["useful_flop_per_s"] / scale if ok else None, ".1f" if scale == 1e9 else ".2f"),
+                 speed, _fmt(err, ".1e") if ok else "-", note]
+        if loaded:
+            sd = r.get("load_slowdown") if ok else None
+            cells[6:6] = [_fmt(r.get("time_ms_loaded") if ok else None, ".3f"), "-" if sd is None else f"{sd:.2f}x"]
+        lines.append(cells)
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
-    right = {3, 4, 5, 6}
+    right = {3, 4, 5, 6, 7, 8} if loaded else {3, 4, 5, 6}
 
     def fmt_line(cells: list[str]) -> str:
         out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
@@ -609,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--reps", type=int, default=None, help="CPU: timed runs per impl (default 7, --quick 3)")
     p.add_argument("--warmup", type=int, default=1, help="CPU: untimed runs after the first call (default 1)")
+    p.add_argument("--load", type=int, default=0, metavar="N",
+                   help="CPU: time each case again beside N busy processes and report each implementation's "
+                        "slowdown (loaded median / quiet median)")
     p.add_argument("--out", default="bench_results", metavar="DIR", help="output folder (default bench_results/)")
     p.add_argument("--tag", default=None, help="file name stem of the JSON/PNG (default bench-<timestamp>)")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
@@ -669,8 +715,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"fwd_GFLOP={c.useful_flops / 1e9:.3f}  bwd={'yes' if c.grad_inputs else 'no'}")
         return 0
 
+    if args.load < 0:
+        print("ditkernels bench: --load must be >= 0", file=sys.stderr)
+        return 2
     opts = RunOptions(warmup=max(0, args.warmup), reps=args.reps or (3 if args.quick else 7),
-                      budget_s=5.0 if args.quick else 20.0, quick=args.quick)
+                      budget_s=5.0 if args.quick else 20.0, quick=args.quick, load=args.load)
     plan = [(c, m, [n for n in c.impls if wanted is None or n in wanted]) for c in cases for m in modes]
     plan = [(c, m, names) for c, m, names in plan if names]
     bar = _progress(sum(len(n) for _, _, n in plan), disable=args.no_progress or not sys.stderr.isatty())
@@ -699,7 +748,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": {"device": device.type, "dtype": dtype_name(dtype), "mode": args.mode, "quick": args.quick,
                    "filter": args.filter, "impl": wanted, "sizes": args.sizes, "threads": torch.get_num_threads(),
                    "reps": opts.reps if device.type == "cpu" else None,
-                   "warmup": opts.warmup if device.type == "cpu" else None},
+                   "warmup": opts.warmup if device.type == "cpu" else None,
+                   "load": opts.load if device.type == "cpu" else None},
         "flops_convention": FLOPS_CONVENTION,
         "module_load_errors": load_errors,
         "wall_s": round(time.perf_counter() - started, 2),

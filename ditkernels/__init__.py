@@ -6,6 +6,11 @@ and ``python -m ditkernels info`` explains any that is missing.
 
 from __future__ import annotations
 
+# The first call of any torch.library.custom_op imports torch._dynamo (torch's custom_op wraps each
+# backend implementation in a dynamo-disable that imports it lazily): 1-2 s of CPU on a first scan or
+# attention call. Importing it here moves that one-time cost to `import ditkernels` (README, "First call").
+import torch._dynamo  # noqa: F401
+
 from .ops.attention import attention
 from .ops.local import LocalPlan, local_attention, local_attention_plan
 from .ops.rettention import Band, BlockTopK, LocalWindow, ReCache, ReSchedule, ReStepper, rettention

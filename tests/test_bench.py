@@ -149,6 +149,29 @@ def test_skips_and_failures_are_rows_not_crashes(tmp_path, capsys, tiny_family):
     assert rc == 1
 
 
+def test_load_times_again_beside_busy_processes(tmp_path, capsys, tiny_family, monkeypatch):
+    started = []
+    real = runner.BusyProcesses.__enter__
+
+    def enter(self):
+        started.append(self.n)
+        out = real(self)
+        assert all(p.poll() is None for p in self.procs)  # spinning while the loaded runs are timed
+        started.append(self.procs)
+        return out
+
+    monkeypatch.setattr(runner.BusyProcesses, "__enter__", enter)
+    rc, record, out = _run(tmp_path, capsys, "--filter", "test.tiny/N", "--no-plot", "--mode", "fwd", "--load", "2")
+    assert rc == 0 and started[0] == 2 and all(p.poll() is not None for p in started[1])  # stopped afterwards
+    row = next(r for r in record["rows"] if r["impl"] == "ok")
+    assert row["load_processes"] == 2 and row["time_ms_loaded"] > 0
+    assert row["load_slowdown"] == pytest.approx(row["time_ms_loaded"] / row["time_ms"])
+    assert record["config"]["load"] == 2
+    header = out.splitlines()[next(i for i, l in enumerate(out.splitlines()) if l.startswith("case"))]
+    assert "loaded ms" in header and "slowdown" in header
+    assert main(["--device", "cpu", "--filter", "test.tiny/", "--load", "-1", "--out", str(tmp_path)]) == 2
+
+
 def test_list_and_usage_errors(tmp_path, capsys, tiny_family):
     assert main(["--device", "cpu", "--list", "--filter", "test.tiny/", "--sizes", "3,5"]) == 0
     listed = capsys.readouterr().out.splitlines()

@@ -61,7 +61,11 @@ namespace {
 
 enum DType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
 constexpr int W = 16;    // lanes: channels per block
-constexpr int NJF = 16;  // states per register block in the forward
+#if defined(__AVX512F__)
+constexpr int NJF = 16;  // states per register block in the forward (16 zmm of 32; 8 ymm of 16 for AVX2)
+#else
+constexpr int NJF = 8;
+#endif
 constexpr int NJB = 8;   // ... in the backward (its reverse loop carries two vectors per state)
 
 // ---------------------------------------------------------------------------------------------
@@ -175,10 +179,15 @@ void store(int64_t addr, int dtype, int64_t stride, int64_t n, const Acc* src, i
 int64_t itemsize(int dtype) { return dtype == kF64 ? 8 : dtype == kF32 ? 4 : 2; }
 
 // ---------------------------------------------------------------------------------------------
-// 16-lane vectors (GCC vector extensions: one zmm with AVX-512, two ymm with AVX2, plain SSE
+// 16-lane vectors (GCC vector extensions: one zmm with AVX-512, two ymm with AVX2, four xmm
 // elsewhere). Float math uses Cephes-style polynomials (~1 ulp); the float64 path calls libm per
 // lane (it is there for exactness, not speed). The build is ISO C++, where GCC does not contract
 // a * b + c, so the hot loops spell their FMAs out with vfma.
+//
+// The float math below is written once for a vector of any width and runs at the register width
+// (kRegBytes): a wider vector is split into halves first. GCC lowers plain arithmetic on a vector
+// wider than a register to one instruction per register, but a lane select (a < b ? c : d) on one
+// to a scalar loop: without the split, AVX2 builds ran the decays' clamps lane by lane.
 
 template <class Acc>
 struct VecOf;
@@ -194,6 +203,64 @@ struct VecOf<double> {
 };
 template <class Acc>
 using Vec = typename VecOf<Acc>::type;
+
+#if defined(__AVX512F__)
+constexpr int kRegBytes = 64;
+#elif defined(__AVX__)
+constexpr int kRegBytes = 32;
+#else
+constexpr int kRegBytes = 16;
+#endif
+constexpr int kRegLanes = kRegBytes / int(sizeof(float));  // float lanes of one register
+
+// Float vectors of n lanes (n: a power of two up to W) and their same-width int32 vectors.
+template <int N>
+struct FVec {
+  typedef float type __attribute__((vector_size(N * sizeof(float))));
+  typedef int32_t itype __attribute__((vector_size(N * sizeof(float))));
+};
+template <class V>
+constexpr int lanes_of() {
+  return int(sizeof(V) / sizeof(float));
+}
+template <class V>
+using IVecOf = typename FVec<lanes_of<V>()>::itype;
+template <class V>
+using HalfOf = typename FVec<lanes_of<V>() / 2>::type;
+// A float vector wider than a register: the math splits it (see above).
+template <class V>
+constexpr bool kWide = sizeof(V) > size_t(kRegBytes);
+
+template <class V>
+inline V vsplat(float x) {
+  return x - V{};  // x - 0 == x for every x (unlike 0 + x for x = -0)
+}
+template <class V>
+inline void split(V v, HalfOf<V>& lo, HalfOf<V>& hi) {
+  std::memcpy(&lo, &v, sizeof lo), std::memcpy(&hi, reinterpret_cast<char*>(&v) + sizeof lo, sizeof hi);
+}
+template <class V>
+inline V join(HalfOf<V> lo, HalfOf<V> hi) {
+  V v;
+  std::memcpy(&v, &lo, sizeof lo), std::memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
+  return v;
+}
+
+// x < c ? c : x and x > c ? c : x lane-wise (NaN stays NaN): one vmaxps / vminps at register width.
+template <class V>
+inline V vmax_of(V c, V x) {
+#if defined(__AVX__)
+  if constexpr (sizeof(V) == 32) return (V)_mm256_max_ps((__m256)c, (__m256)x);  // c > x ? c : x
+#endif
+  return x < c ? c : x;
+}
+template <class V>
+inline V vmin_of(V c, V x) {
+#if defined(__AVX__)
+  if constexpr (sizeof(V) == 32) return (V)_mm256_min_ps((__m256)c, (__m256)x);  // c < x ? c : x
+#endif
+  return x > c ? c : x;
+}
 
 template <class Acc>
 inline Vec<Acc> vload(const Acc* p) {
@@ -211,23 +278,22 @@ inline Vec<Acc> splat(Acc x) {
 }
 
 // a * b + c, fused where the target has FMA.
-inline Vec<float> vfma(Vec<float> a, Vec<float> b, Vec<float> c) {
+template <class V>
+inline V vfma(V a, V b, V c) {
+  if constexpr (kWide<V>) {
+    HalfOf<V> a0, a1, b0, b1, c0, c1;
+    split(a, a0, a1), split(b, b0, b1), split(c, c0, c1);
+    return join<V>(vfma(a0, b0, c0), vfma(a1, b1, c1));
+  } else {
 #if defined(__AVX512F__)
-  return (Vec<float>)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif defined(__AVX2__) && defined(__FMA__)
-  typedef float H __attribute__((vector_size(32)));
-  H a0, a1, b0, b1, c0, c1;
-  std::memcpy(&a0, &a, 32), std::memcpy(&a1, reinterpret_cast<char*>(&a) + 32, 32);
-  std::memcpy(&b0, &b, 32), std::memcpy(&b1, reinterpret_cast<char*>(&b) + 32, 32);
-  std::memcpy(&c0, &c, 32), std::memcpy(&c1, reinterpret_cast<char*>(&c) + 32, 32);
-  const H r0 = (H)_mm256_fmadd_ps((__m256)a0, (__m256)b0, (__m256)c0);
-  const H r1 = (H)_mm256_fmadd_ps((__m256)a1, (__m256)b1, (__m256)c1);
-  Vec<float> r;
-  std::memcpy(&r, &r0, 32), std::memcpy(reinterpret_cast<char*>(&r) + 32, &r1, 32);
-  return r;
-#else
-  return a * b + c;
+    if constexpr (sizeof(V) == 64) return (V)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
 #endif
+#if defined(__FMA__)
+    if constexpr (sizeof(V) == 32) return (V)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+    if constexpr (sizeof(V) == 16) return (V)_mm_fmadd_ps((__m128)a, (__m128)b, (__m128)c);
+#endif
+    return a * b + c;
+  }
 }
 inline Vec<double> vfma(Vec<double> a, Vec<double> b, Vec<double> c) { return a * b + c; }
 
@@ -263,29 +329,36 @@ inline void stream_fence() {
 // with FMAs; Cephes' degree 6 would cost one more FMA of the ~9 per state update). AVX-512:
 // vrndscaleps, then vscalefps (exact underflow to 0, overflow to inf); -inf gives 0 and NaN stays
 // NaN. Elsewhere x is clamped to [-126, 126] and 2^n built in the exponent bits.
-inline Vec<float> exp2_poly(Vec<float> f) {
-  Vec<float> p = vfma(splat(1.3264727e-3f), f, splat(9.671513e-3f));
-  p = vfma(p, f, splat(5.5507336e-2f));
-  p = vfma(p, f, splat(2.4022242e-1f));
-  p = vfma(p, f, splat(6.93147e-1f));
-  return vfma(p, f, splat(1.0f));
+template <class V>
+inline V exp2_poly(V f) {
+  V p = vfma(vsplat<V>(1.3264727e-3f), f, vsplat<V>(9.671513e-3f));
+  p = vfma(p, f, vsplat<V>(5.5507336e-2f));
+  p = vfma(p, f, vsplat<V>(2.4022242e-1f));
+  p = vfma(p, f, vsplat<V>(6.93147e-1f));
+  return vfma(p, f, vsplat<V>(1.0f));
 }
-inline Vec<float> vexp2(Vec<float> x) {
-  using V = Vec<float>;
+template <class V>
+inline V vexp2(V x) {
+  if constexpr (kWide<V>) {
+    HalfOf<V> lo, hi;
+    split(x, lo, hi);
+    return join<V>(vexp2(lo), vexp2(hi));
+  } else {
 #if defined(__AVX512F__)
-  // max(c, NaN) = NaN (the masked forms: GCC 12 warns about the undefined source of the plain ones)
-  const __m512 xv = _mm512_mask_max_ps((__m512)x, (__mmask16)0xffff, _mm512_set1_ps(-160.0f), (__m512)x);
-  const __m512 n = _mm512_mask_roundscale_ps(xv, (__mmask16)0xffff, xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const V p = exp2_poly((V)xv - (V)n);
-  return (V)_mm512_mask_scalef_ps((__m512)p, (__mmask16)0xffff, (__m512)p, n);
-#else
-  typedef VecOf<float>::itype VI;
-  x = x < splat(-126.0f) ? splat(-126.0f) : x;
-  x = x > splat(126.0f) ? splat(126.0f) : x;
-  const V magic = splat(12582912.0f + 127.0f);  // 1.5 * 2^23 + 127: rounds x, leaves n + 127 in the low bits
-  const V v = x + magic;
-  return exp2_poly(x - (v - magic)) * (V)((VI)v << 23);
+    if constexpr (sizeof(V) == 64) {
+      // max(c, NaN) = NaN (the masked forms: GCC 12 warns about the undefined source of the plain ones)
+      const __m512 xv = _mm512_mask_max_ps((__m512)x, (__mmask16)0xffff, _mm512_set1_ps(-160.0f), (__m512)x);
+      const __m512 n =
+          _mm512_mask_roundscale_ps(xv, (__mmask16)0xffff, xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const V p = exp2_poly((V)xv - (V)n);
+      return (V)_mm512_mask_scalef_ps((__m512)p, (__mmask16)0xffff, (__m512)p, n);
+    }
 #endif
+    x = vmin_of(vsplat<V>(126.0f), vmax_of(vsplat<V>(-126.0f), x));
+    const V magic = vsplat<V>(12582912.0f + 127.0f);  // 1.5 * 2^23 + 127: rounds x, leaves n + 127 in the low bits
+    const V v = x + magic;
+    return exp2_poly(x - (v - magic)) * (V)((IVecOf<V>)v << 23);
+  }
 }
 inline Vec<double> vexp2(Vec<double> x) {
   for (int i = 0; i < W; ++i) x[i] = std::exp2(x[i]);
@@ -298,62 +371,75 @@ constexpr double kLog2e = 1.4426950408889634074;
 // parts (Cody-Waite), e^r by Cephes expf's polynomial, then 2^n. (2^(x log2 e) would lose
 // |x| * 6e-8 to the rounding of x log2 e.) x is clamped at -104 (AVX-512: e^-104 is a subnormal that
 // vscalefps gets right) or at -87 (elsewhere, where 2^n is built in the exponent bits).
-inline Vec<float> vexp_neg(Vec<float> x) {
-  using V = Vec<float>;
+template <class V>
+inline V vexp_neg(V x) {
+  if constexpr (kWide<V>) {
+    HalfOf<V> lo, hi;
+    split(x, lo, hi);
+    return join<V>(vexp_neg(lo), vexp_neg(hi));
+  } else {
+    constexpr bool k512 = kRegBytes == 64 && sizeof(V) == 64;
+    x = vmax_of(vsplat<V>(k512 ? -104.0f : -87.0f), x);
+    V n;
 #if defined(__AVX512F__)
-  x = x < splat(-104.0f) ? splat(-104.0f) : x;
-#else
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+    if constexpr (k512)
+      n = (V)_mm512_mask_roundscale_ps((__m512)x, (__mmask16)0xffff, (__m512)(x * float(kLog2e)),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #endif
-  V n;
+    if constexpr (!k512) {
+      const V magic = vsplat<V>(12582912.0f);
+      n = (x * float(kLog2e) + magic) - magic;
+    }
+    V r = vfma(n, vsplat<V>(-0.693359375f), x);
+    r = vfma(n, vsplat<V>(2.12194440e-4f), r);
+    V p = vfma(vsplat<V>(1.9875691500e-4f), r, vsplat<V>(1.3981999507e-3f));
+    p = vfma(p, r, vsplat<V>(8.3334519073e-3f));
+    p = vfma(p, r, vsplat<V>(4.1665795894e-2f));
+    p = vfma(p, r, vsplat<V>(1.6666665459e-1f));
+    p = vfma(p, r, vsplat<V>(5.0000001201e-1f));
+    p = vfma(p, r * r, r) + 1.0f;
 #if defined(__AVX512F__)
-  n = (V)_mm512_mask_roundscale_ps((__m512)x, (__mmask16)0xffff, (__m512)(x * float(kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-#else
-  const V magic = splat(12582912.0f);
-  n = (x * float(kLog2e) + magic) - magic;
+    if constexpr (k512) return (V)_mm512_mask_scalef_ps((__m512)p, (__mmask16)0xffff, (__m512)p, (__m512)n);
 #endif
-  V r = vfma(n, splat(-0.693359375f), x);
-  r = vfma(n, splat(2.12194440e-4f), r);
-  V p = vfma(splat(1.9875691500e-4f), r, splat(1.3981999507e-3f));
-  p = vfma(p, r, splat(8.3334519073e-3f));
-  p = vfma(p, r, splat(4.1665795894e-2f));
-  p = vfma(p, r, splat(1.6666665459e-1f));
-  p = vfma(p, r, splat(5.0000001201e-1f));
-  p = vfma(p, r * r, r) + 1.0f;
-#if defined(__AVX512F__)
-  return (V)_mm512_mask_scalef_ps((__m512)p, (__mmask16)0xffff, (__m512)p, (__m512)n);
-#else
-  typedef VecOf<float>::itype VI;
-  return p * (V)((__builtin_convertvector(n, VI) + 127) << 23);
-#endif
+    return p * (V)((__builtin_convertvector(n, IVecOf<V>) + 127) << 23);
+  }
 }
 
 // 1 / u for u in [1, 3]: vrcp14ps and one Newton step (~2^-28) with AVX-512, a division elsewhere.
-inline Vec<float> vrcp_1to3(Vec<float> u) {
+template <class V>
+inline V vrcp_1to3(V u) {
 #if defined(__AVX512F__)
-  const Vec<float> r = (Vec<float>)_mm512_mask_rcp14_ps((__m512)u, (__mmask16)0xffff, (__m512)u);
-  return r * vfma(-u, r, splat(2.0f));
-#else
-  return 1.0f / u;
+  if constexpr (sizeof(V) == 64) {
+    const V r = (V)_mm512_mask_rcp14_ps((__m512)u, (__mmask16)0xffff, (__m512)u);
+    return r * vfma(-u, r, vsplat<V>(2.0f));
+  }
 #endif
+  return 1.0f / u;
 }
 
 // softplus(x) = max(x, 0) + log1p(e) with e = exp(-|x|) in (0, 1], and log1p(e) = 2 atanh(s) =
 // 2s + s^3 Q(s^2), s = e / (2 + e) in (0, 1/3] (Q: degree-4 minimax, 1e-10; ~1.5e-7 relative in all).
 // No division, no cancellation for small e; for x > ~17, softplus(x) = x as torch's threshold gives.
 // sigmoid(x) = (x >= 0 ? 1 : e) / (1 + e), the derivative, goes to *sig when asked for.
-inline Vec<float> vsoftplus(Vec<float> x, Vec<float>* sig = nullptr) {
-  using V = Vec<float>;
-  typedef VecOf<float>::itype VI;
-  const V e = vexp_neg((V)((VI)x | (VI)splat(-0.0f)));  // exp(-|x|)
-  const V sv = e * vrcp_1to3(e + 2.0f), w = sv * sv;
-  V q = vfma(splat(0.2430096f), w, splat(0.21427652f));
-  q = vfma(q, w, splat(0.28616884f));
-  q = vfma(q, w, splat(0.39998877f));
-  q = vfma(q, w, splat(0.66666675f));
-  if (sig) *sig = (x < splat(0.0f) ? e : splat(1.0f)) * vrcp_1to3(e + 1.0f);
-  return (x > splat(0.0f) ? x : splat(0.0f)) + vfma(sv * w, q, sv + sv);
+template <class V>
+inline V vsoftplus(V x, V* sig = nullptr) {
+  if constexpr (kWide<V>) {
+    HalfOf<V> lo, hi, slo, shi;
+    split(x, lo, hi);
+    const V r = join<V>(vsoftplus(lo, sig ? &slo : nullptr), vsoftplus(hi, sig ? &shi : nullptr));
+    if (sig) *sig = join<V>(slo, shi);
+    return r;
+  } else {
+    using VI = IVecOf<V>;
+    const V e = vexp_neg((V)((VI)x | (VI)vsplat<V>(-0.0f)));  // exp(-|x|)
+    const V sv = e * vrcp_1to3(e + 2.0f), w = sv * sv;
+    V q = vfma(vsplat<V>(0.2430096f), w, vsplat<V>(0.21427652f));
+    q = vfma(q, w, vsplat<V>(0.28616884f));
+    q = vfma(q, w, vsplat<V>(0.39998877f));
+    q = vfma(q, w, vsplat<V>(0.66666675f));
+    if (sig) *sig = (x < vsplat<V>(0.0f) ? e : vsplat<V>(1.0f)) * vrcp_1to3(e + 1.0f);
+    return (x > vsplat<V>(0.0f) ? x : vsplat<V>(0.0f)) + vfma(sv * w, q, sv + sv);
+  }
 }
 inline Vec<double> vsoftplus(Vec<double> x, Vec<double>* sig = nullptr) {
   for (int i = 0; i < W; ++i) {
@@ -363,11 +449,17 @@ inline Vec<double> vsoftplus(Vec<double> x, Vec<double>* sig = nullptr) {
   return x;
 }
 
-inline Vec<float> vsigmoid(Vec<float> x) {
-  using V = Vec<float>;
-  typedef VecOf<float>::itype VI;
-  const V e = vexp_neg((V)((VI)x | (VI)splat(-0.0f)));  // exp(-|x|)
-  return (x < splat(0.0f) ? e : splat(1.0f)) * vrcp_1to3(e + 1.0f);
+template <class V>
+inline V vsigmoid(V x) {
+  if constexpr (kWide<V>) {
+    HalfOf<V> lo, hi;
+    split(x, lo, hi);
+    return join<V>(vsigmoid(lo), vsigmoid(hi));
+  } else {
+    using VI = IVecOf<V>;
+    const V e = vexp_neg((V)((VI)x | (VI)vsplat<V>(-0.0f)));  // exp(-|x|)
+    return (x < vsplat<V>(0.0f) ? e : vsplat<V>(1.0f)) * vrcp_1to3(e + 1.0f);
+  }
 }
 inline Vec<double> vsigmoid(Vec<double> x) {
   for (int i = 0; i < W; ++i) x[i] = 1.0 / (1.0 + std::exp(-x[i]));
@@ -397,6 +489,12 @@ inline V fold1(V a, V b) {
   return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
+// The lanes 0, 2, .., 14 (EVEN) or 1, 3, .., 15 of a 16-lane vector, as an 8-lane one.
+template <bool EVEN, class V>
+inline auto half_lanes(V r) {
+  if constexpr (EVEN) return __builtin_shufflevector(r, r, 0, 2, 4, 6, 8, 10, 12, 14);
+  else return __builtin_shufflevector(r, r, 1, 3, 5, 7, 9, 11, 13, 15);
+}
 // 16 x 16 transpose: dst[j * ds + i] = src[i * ss + j]. Four rounds of block swaps (8, 4, 2, 1 wide),
 // each 16 two-input shuffles.
 template <int S, class V>
@@ -423,8 +521,34 @@ inline void swap_round(V* r) {
   for (int i = 0; i < W; ++i)
     if (!(i & S)) swap_blocks<S>(r[i], r[i + S]);
 }
+#if defined(__AVX__) && !defined(__AVX512F__)
+// 8 x 8 float transpose in ymm registers: dst[j * ds + i] = src[i * ss + j].
+inline void transpose8x8(const float* src, int64_t ss, float* dst, int64_t ds) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ss);
+  for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ds, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ds, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
 template <class Acc>
 inline void transpose16(const Acc* src, int64_t ss, Acc* dst, int64_t ds) {
+#if defined(__AVX__) && !defined(__AVX512F__)
+  // Without AVX-512, GCC lowers the 16-lane shuffles below to one scalar move per element.
+  if constexpr (std::is_same<Acc, float>::value) {
+    for (int bi = 0; bi < W; bi += 8)
+      for (int bj = 0; bj < W; bj += 8) transpose8x8(src + bi * ss + bj, ss, dst + bj * ds + bi, ds);
+    return;
+  }
+#endif
   using V = Vec<Acc>;
   V r[W];
   for (int i = 0; i < W; ++i) r[i] = vload(src + i * ss);
@@ -691,33 +815,58 @@ struct BCSource {
 // ---------------------------------------------------------------------------------------------
 // Forward
 
+// The vector of the state loops: one register of float lanes, so a block's 16 lanes take one pass
+// with AVX-512, two with AVX2 (four with SSE); float64 runs the 16-lane vector in one pass. Per lane
+// the arithmetic is the same in every case.
+template <class Acc>
+struct LaneVec {
+  using type = typename FVec<kRegLanes>::type;
+};
+template <>
+struct LaneVec<double> {
+  using type = Vec<double>;
+};
+template <class V, class Acc>
+inline V vld(const Acc* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <class V, class Acc>
+inline void vst(Acc* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
 // NJ states (a register block) of one block over one chunk. A2: (NJ, W) A * log2(e); DT, DTU, Y:
 // (tl, W) delta', delta' * u and the output accumulator y += <h_t, C_t>; h: (NJ, W) state in/out;
 // Bp/Cp: B/C of the chunk at this register block's first state (t-stride bts/cts; a scalar per
-// (t, n) when BL/CL is false, a lane vector per (t, n) when true).
+// (t, n) when BL/CL is false, a lane vector per (t, n) when true). The lanes run in passes of one
+// register (LaneVec), each over the whole chunk.
 template <class Acc, int NJ, bool BL, bool CL>
 void fwd_states(int64_t tl, const Acc* A2, const Acc* DT, const Acc* DTU, const Acc* Bp, int64_t bts,
                 const Acc* Cp, int64_t cts, Acc* h, Acc* Y) {
-  using V = Vec<Acc>;
-  constexpr int BJ = BL ? W : 1, CJ = CL ? W : 1;
-  V hr[NJ];
-  for (int j = 0; j < NJ; ++j) hr[j] = vload(h + j * W);
-  for (int64_t t = 0; t < tl; ++t) {
-    const V dt = vload(DT + t * W), dtu = vload(DTU + t * W);
-    const Acc* Bt = Bp + t * bts;
-    const Acc* Ct = Cp + t * cts;
-    V y0 = vload(Y + t * W), y1{};
+  using V = typename LaneVec<Acc>::type;
+  constexpr int VL = int(sizeof(V) / sizeof(Acc)), BJ = BL ? W : 1, CJ = CL ? W : 1;
+  for (int o = 0; o < W; o += VL) {
+    V hr[NJ];
+    for (int j = 0; j < NJ; ++j) hr[j] = vld<V>(h + j * W + o);
+    for (int64_t t = 0; t < tl; ++t) {
+      const V dt = vld<V>(DT + t * W + o), dtu = vld<V>(DTU + t * W + o);
+      const Acc* Bt = Bp + t * bts;
+      const Acc* Ct = Cp + t * cts;
+      V y0 = vld<V>(Y + t * W + o), y1{};
 #pragma GCC unroll 16
-    for (int j = 0; j < NJ; ++j) {
-      const V a = vexp2(vload(A2 + j * W) * dt);
-      const V bv = BL ? vload(Bt + j * BJ) : splat(Bt[j * BJ]);
-      const V cv = CL ? vload(Ct + j * CJ) : splat(Ct[j * CJ]);
-      hr[j] = vfma(a, hr[j], bv * dtu);
-      if (j & 1) y1 = vfma(hr[j], cv, y1); else y0 = vfma(hr[j], cv, y0);
+      for (int j = 0; j < NJ; ++j) {
+        const V a = vexp2(vld<V>(A2 + j * W + o) * dt);
+        const V bv = BL ? vld<V>(Bt + j * BJ + o) : Bt[j * BJ] - V{};
+        const V cv = CL ? vld<V>(Ct + j * CJ + o) : Ct[j * CJ] - V{};
+        hr[j] = vfma(a, hr[j], bv * dtu);
+        if (j & 1) y1 = vfma(hr[j], cv, y1); else y0 = vfma(hr[j], cv, y0);
+      }
+      vst(Y + t * W + o, y0 + y1);
     }
-    vstore(Y + t * W, y0 + y1);
+    for (int j = 0; j < NJ; ++j) vst(h + j * W + o, hr[j]);
   }
-  for (int j = 0; j < NJ; ++j) vstore(h + j * W, hr[j]);
 }
 
 template <class Acc, bool BL, bool CL>
@@ -867,28 +1016,30 @@ void forward(const Params& p) {
 template <class Acc, bool BL, bool CL, bool HY>
 void bwd_recompute(int64_t tl, const Acc* A2, const Acc* DT, const Acc* DTU, const Acc* Bp, int64_t bts,
                    const Acc* Cp, int64_t cts, const Acc* h0, Acc* Hb, Acc* Ab, Acc* Y) {
-  using V = Vec<Acc>;
-  constexpr int NJ = NJB, BJ = BL ? W : 1, CJ = CL ? W : 1;
-  V hr[NJ];
-  for (int j = 0; j < NJ; ++j) vstore(Hb + j * W, hr[j] = vload(h0 + j * W));
-  for (int64_t t = 0; t < tl; ++t) {
-    const V dt = vload(DT + t * W), dtu = vload(DTU + t * W);
-    const Acc* Bt = Bp + t * bts;
-    const Acc* Ct = Cp + t * cts;
-    V y0{}, y1{};
+  using V = typename LaneVec<Acc>::type;  // lanes in passes of one register, as in fwd_states
+  constexpr int NJ = NJB, VL = int(sizeof(V) / sizeof(Acc)), BJ = BL ? W : 1, CJ = CL ? W : 1;
+  for (int o = 0; o < W; o += VL) {
+    V hr[NJ];
+    for (int j = 0; j < NJ; ++j) vst(Hb + j * W + o, hr[j] = vld<V>(h0 + j * W + o));
+    for (int64_t t = 0; t < tl; ++t) {
+      const V dt = vld<V>(DT + t * W + o), dtu = vld<V>(DTU + t * W + o);
+      const Acc* Bt = Bp + t * bts;
+      const Acc* Ct = Cp + t * cts;
+      V y0{}, y1{};
 #pragma GCC unroll 8
-    for (int j = 0; j < NJ; ++j) {
-      const V a = vexp2(vload(A2 + j * W) * dt);
-      const V bv = BL ? vload(Bt + j * BJ) : splat(Bt[j * BJ]);
-      hr[j] = vfma(a, hr[j], bv * dtu);
-      vstore(Ab + (t * NJ + j) * W, a);
-      vstore(Hb + ((t + 1) * NJ + j) * W, hr[j]);
-      if (HY) {
-        const V cv = CL ? vload(Ct + j * CJ) : splat(Ct[j * CJ]);
-        if (j & 1) y1 = vfma(hr[j], cv, y1); else y0 = vfma(hr[j], cv, y0);
+      for (int j = 0; j < NJ; ++j) {
+        const V a = vexp2(vld<V>(A2 + j * W + o) * dt);
+        const V bv = BL ? vld<V>(Bt + j * BJ + o) : Bt[j * BJ] - V{};
+        hr[j] = vfma(a, hr[j], bv * dtu);
+        vst(Ab + (t * NJ + j) * W + o, a);
+        vst(Hb + ((t + 1) * NJ + j) * W + o, hr[j]);
+        if (HY) {
+          const V cv = CL ? vld<V>(Ct + j * CJ + o) : Ct[j * CJ] - V{};
+          if (j & 1) y1 = vfma(hr[j], cv, y1); else y0 = vfma(hr[j], cv, y0);
+        }
       }
+      if (HY) vst(Y + t * W + o, vld<V>(Y + t * W + o) + (y0 + y1));
     }
-    if (HY) vstore(Y + t * W, vload(Y + t * W) + (y0 + y1));
   }
 }
 
@@ -951,11 +1102,11 @@ void bwd_reverse(int64_t tl, const Acc* A1, const Acc* DT, const Acc* DTU, const
       typedef Acc H __attribute__((vector_size(NJ * sizeof(Acc))));
       H d;
       if (!CL) {
-        const H c = __builtin_shufflevector(r, r, 0, 2, 4, 6, 8, 10, 12, 14);
+        const H c = half_lanes<true>(r);
         std::memcpy(&d, dCp + t * dcts, sizeof d), d += c, std::memcpy(dCp + t * dcts, &d, sizeof d);
       }
       if (!BL) {
-        const H b = __builtin_shufflevector(r, r, 1, 3, 5, 7, 9, 11, 13, 15);
+        const H b = half_lanes<false>(r);
         std::memcpy(&d, dBp + t * dbts, sizeof d), d += b, std::memcpy(dBp + t * dbts, &d, sizeof d);
       }
     }

@@ -25,7 +25,6 @@ between image tiles, not between row segments.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
@@ -37,22 +36,6 @@ from ..schedule import BlockSchedule, TiledSchedule
 
 SUPPORTED = ("reference", "cpu", "triton")
 DEFAULT_BLOCK = (64, 64)
-
-
-@contextlib.contextmanager
-def _one_thread(device: torch.device):
-    """CPU: run the selection and schedule bookkeeping (tensors of a few MB at most) on one thread.
-    Each parallel ATen op pays an OpenMP fork/join; on a machine whose cores are busy that costs
-    ~25 ms per op (measured: 6 such ops took 150 ms, 3 ms on one thread), more than the work."""
-    n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 # ================================================================================================
@@ -333,8 +316,7 @@ def block_topk_schedule(q: torch.Tensor, k: torch.Tensor, *, topk: int | None = 
         perm, _ = _grid_orders_for(grid, q, k, bq, bk, num_prefix, num_suffix)
         q, k = q[:, :, perm], k[:, :, perm]
     mask = _select(q, k, kk, bq, bk, num_prefix, num_suffix, scale, backend)
-    with _one_thread(q.device):
-        base = BlockSchedule.from_tile_mask(mask.reshape(b * h, *mask.shape[2:]), bq, bk, sq, sk)
+    base = BlockSchedule.from_tile_mask(mask.reshape(b * h, *mask.shape[2:]), bq, bk, sq, sk)
     if perm is None:
         return base
     n = mask.shape[2]
@@ -360,9 +342,8 @@ def _select(q: torch.Tensor, k: torch.Tensor, topk: int, bq: int, bk: int, num_p
     kk = min(topk, nk)
     if mod.NAME == "triton" and mod.block_topk_supported(nk):
         return mod.block_topk_mask(q, k, kk, bq, bk, num_prefix, num_suffix, scale)
-    with _one_thread(q.device):
-        return block_topk_mask(q, k, topk=kk, block_size=(bq, bk), num_prefix=num_prefix, num_suffix=num_suffix,
-                               scale=scale)
+    return block_topk_mask(q, k, topk=kk, block_size=(bq, bk), num_prefix=num_prefix, num_suffix=num_suffix,
+                           scale=scale)
 
 
 @torch.library.custom_op("ditkernels::block_topk_mask", mutates_args=())
@@ -381,8 +362,7 @@ def _(q, k, topk, block_q, block_k, num_prefix, num_suffix, scale, backend):
 def _schedule(mod, block_mask: torch.Tensor, bq: int, bk: int, q: torch.Tensor, k: torch.Tensor) -> BlockSchedule:
     bm = _expand_heads(block_mask, q.shape[0], q.shape[1])
     max_tile = tuple(mod.block_sizes(q.shape[-1], q.dtype)) if mod.NAME == "triton" else None
-    with _one_thread(q.device):
-        return block_sparse_schedule(bm, (bq, bk), q.shape[2], k.shape[2], mod.NAME, max_tile)
+    return block_sparse_schedule(bm, (bq, bk), q.shape[2], k.shape[2], mod.NAME, max_tile)
 
 
 @torch.library.custom_op("ditkernels::block_sparse_attention_fwd", mutates_args=())
