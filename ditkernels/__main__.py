@@ -17,8 +17,25 @@ def _version(mod: str) -> str:
         return "not installed"
 
 
+def _cpu_isa_line() -> str:
+    """The instruction set of the CPU kernels in use, the ones built and the ones this CPU runs."""
+    from ditkernels import _ext
+
+    built = _ext.built_isas()
+    try:
+        runs = ", ".join(_ext.cpu_isas())
+    except Exception as exc:  # _cpu_generic missing or broken: the same reason shows in the line below
+        runs = f"unknown ({type(exc).__name__})"
+    why = _ext.cpu_error()
+    used = f"error: {why}" if why else f"{_ext.isa()} (ditkernels._cpu_{_ext.isa()})"
+    forced = os.environ.get(_ext.ENV, "")
+    return (f"CPU kernels ISA: {used}\n  built: {', '.join(built) or 'none'}; this CPU runs: {runs}; "
+            f"{_ext.ENV}={forced}")
+
+
 def info(argv: list[str] | None = None) -> int:
-    """Print versions, every backend's availability (with the reason and fix) and the compiled archs."""
+    """Print versions, every backend's availability (with the reason and fix), the CPU kernels' instruction
+    set and the compiled CUDA archs."""
     argparse.ArgumentParser(prog="python -m ditkernels info", description=info.__doc__).parse_args(argv)
     import torch
 
@@ -35,6 +52,7 @@ def info(argv: list[str] | None = None) -> int:
     print("backends:")
     for name, ok, why in backends.report():
         print(f"  {name:<10} {'available' if ok else 'unavailable'}" + (f": {why}" if why else ""))
+    print(_cpu_isa_line())
     archs = cuda.compiled_archs()
     print(f"compiled CUDA archs: {', '.join(archs) if archs else 'none (ditkernels._cuda not built)'}")
     return 0

@@ -24,7 +24,9 @@ def test_import_without_compiled_extensions_explains_the_fix():
     # Simulate an install whose compiled extensions are missing: import and info must still work,
     # and a call that needs the cpu backend must say why it cannot run and how to fix it.
     r = _run(
-        "import sys; sys.modules['ditkernels._C'] = None; sys.modules['ditkernels._cuda'] = None\n"
+        "import sys\n"
+        "for isa in ('generic', 'avx2', 'avx512', 'native'): sys.modules['ditkernels._cpu_' + isa] = None\n"
+        "sys.modules['ditkernels._cuda'] = None\n"
         "import torch, ditkernels\n"
         "from ditkernels.__main__ import info\n"
         "info([])\n"

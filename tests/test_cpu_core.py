@@ -314,19 +314,24 @@ def test_validation_errors():
 
 
 def test_unavailable_extension_is_explained(monkeypatch):
+    from ditkernels import _ext
+
     real_import = importlib.import_module
 
     def fake_import(name, *args):
-        if name == "ditkernels._C":
+        if name.startswith("ditkernels._cpu_") and name != "ditkernels._cpu_generic":
             raise ImportError("simulated: no such file")
         return real_import(name, *args)
 
-    monkeypatch.setattr(cpu, "_ext", None)
-    monkeypatch.setattr(cpu, "_ext_error", None)
+    monkeypatch.setattr(_ext, "_cpu", None)
+    monkeypatch.setattr(_ext, "_cpu_error", None)
+    monkeypatch.setattr(_ext, "built_isas", lambda: ["generic", "avx2"])
+    monkeypatch.setattr(_ext, "cpu_isas", lambda: ["generic", "avx2"])
+    monkeypatch.delenv(_ext.ENV, raising=False)
     monkeypatch.setattr(importlib, "import_module", fake_import)
     ok, why = cpu.available()
     assert not ok
-    assert why.startswith("ditkernels._C failed to import: ImportError: simulated: no such file.")
+    assert why.startswith("the CPU kernels failed to import: ImportError: simulated: no such file.")
     assert "pip install --no-build-isolation -e ." in why
     with pytest.raises(RuntimeError, match="failed to import"):
         cpu.flash_fwd(*make_qkv((1, 1, 2, 2, 2), torch.float32, False, seed=0), scale=1.0)

@@ -276,14 +276,15 @@ def test_bad_flags_and_backend():
 
 
 # The cpu kernel runs its threads on torch's OpenMP workers when the process has that runtime and on
-# std::threads otherwise. This script drives ditkernels._C in a process without torch (so without an
-# OpenMP runtime) through raw buffers: forward and backward of one problem with 2 threads.
+# std::threads otherwise. This script drives the CPU kernels module (ditkernels._cpu_<isa>) in a process
+# without torch (so without an OpenMP runtime) through raw buffers: forward and backward of one problem
+# with 2 threads.
 _NO_OPENMP_SCRIPT = r"""
 import array, importlib.util, json, math, sys
-spec = importlib.util.spec_from_file_location("ditkernels._C", sys.argv[1])
+spec = importlib.util.spec_from_file_location(sys.argv[2], sys.argv[1])
 ext = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ext)
-b, d, L, n, chunk, hs_numel = (int(v) for v in sys.argv[2:8])
+b, d, L, n, chunk, hs_numel = (int(v) for v in sys.argv[3:9])
 
 def buf(values):
     a = array.array("f", values)
@@ -340,11 +341,11 @@ def test_cpu_threads_without_openmp_runtime(monkeypatch, L):
 
     ext = cpu_scan._extension()
     if ext is None:
-        pytest.skip("ditkernels._C is not built")
+        pytest.skip(cpu_scan.available()[1])
     b, d, n = 1, 40, 5  # 3 channel blocks (the last one partial)
     hs_numel = math.prod(cpu_scan.saved_shape(b, d, L, n))
-    run = subprocess.run([sys.executable, "-c", _NO_OPENMP_SCRIPT, ext.__file__, *map(str, (b, d, L, n, cpu_scan.CHUNK,
-                                                                                          hs_numel))],
+    run = subprocess.run([sys.executable, "-c", _NO_OPENMP_SCRIPT, ext.__file__, ext.__name__,
+                          *map(str, (b, d, L, n, cpu_scan.CHUNK, hs_numel))],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     got = {k: torch.tensor(v) for k, v in json.loads(run.stdout).items()}

@@ -1,4 +1,4 @@
-// ditkernels._C.emu: CUDA device code of csrc/kernels run on the CPU through the SIMT emulation
+// ditkernels._emu: CUDA device code of csrc/kernels run on the CPU through the SIMT emulation
 // (csrc/simt/emu.h). Same source as the nvcc build; launches are synchronous and release the GIL.
 #include <pybind11/pybind11.h>
 

@@ -1,4 +1,4 @@
-// ditkernels._C.emu: the selective-scan CUDA device code (csrc/kernels/selective_scan.cuh) run on the CPU
+// ditkernels._emu: the selective-scan CUDA device code (csrc/kernels/selective_scan.cuh) run on the CPU
 // through the SIMT emulation. Same source and same host launchers as the nvcc build (csrc/cuda/selective_scan.cu);
 // the Python side (ditkernels/backends/cuda_scan.py) fills the same argument dict for both.
 #include <pybind11/pybind11.h>

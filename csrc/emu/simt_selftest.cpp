@@ -1,6 +1,6 @@
 // Small kernels that test the SIMT emulation itself (barrier, warp intrinsics, shared memory,
 // atomics, and that misuse is reported as an error instead of hanging). Written in portable
-// simt.h style; registered into ditkernels._C.emu as selftest_* (used by tests/test_simt_emu.py).
+// simt.h style; registered into ditkernels._emu as selftest_* (used by tests/test_simt_emu.py).
 #include <pybind11/pybind11.h>
 
 #include <chrono>

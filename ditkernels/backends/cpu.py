@@ -1,4 +1,5 @@
-"""The ``cpu`` backend: the flash-attention core as C++ (std::thread pool + SIMD) in ``ditkernels._C``.
+"""The ``cpu`` backend: the flash-attention core as C++ (std::thread pool + SIMD) in ``ditkernels._cpu_<isa>``
+(loaded by ``ditkernels/_ext.py``).
 
 The extension is torch-independent: this launcher validates, allocates outputs, and passes raw
 pointers (``data_ptr()``), sizes and strides in elements. Inputs whose last dimension is not
@@ -8,44 +9,32 @@ contiguous are copied; every other stride is used as it is. The kernels live in
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 import torch
 
-from .. import _alloc
+from .. import _alloc, _ext
 from ..schedule import (EPILOGUE_NONE, EPILOGUE_SCALE_RESIDUAL, MASK_BAND, MASK_LOCAL, MASK_NONE,
                         MASK_THRESHOLD, BlockSchedule, ElementMask, Epilogue, TiledSchedule)
 
 NAME = "cpu"
-_FIX = "Rebuild with: pip install --no-build-isolation -e . (or pip install .)"
-# Storage dtype -> code understood by _C.attention_fwd / attention_bwd (csrc/cpu/simd.h, enum DType).
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_DTYPE_CODES = _ext.DTYPE_CODES  # storage dtype -> code of attention_fwd / attention_bwd
 # Element-mask kinds the C++ mask function implements (csrc/cpu/attention.cpp, ElementMask<KIND>).
 _MASK_KINDS = (MASK_NONE, MASK_LOCAL, MASK_BAND, MASK_THRESHOLD)
 
-_ext: ModuleType | None = None
-_ext_error: str | None = None
-
 
 def _extension() -> ModuleType | None:
-    """``ditkernels._C`` if it imports and has the attention kernels, else None (reason kept)."""
-    global _ext, _ext_error
-    if _ext is None and _ext_error is None:
-        try:
-            mod = importlib.import_module("ditkernels._C")
-            if not hasattr(mod, "attention_fwd"):
-                raise ImportError("it has no attention_fwd (stale build)")
-            _ext = mod
-        except Exception as exc:  # ImportError, or OSError from the dynamic loader
-            _ext_error = f"{type(exc).__name__}: {exc}"
-    return _ext
+    """The CPU kernels module (``ditkernels._ext.cpu()``) if it loads and has the attention kernels, else None."""
+    if _ext.cpu_error() is not None or not hasattr(_ext.cpu(), "attention_fwd"):
+        return None
+    return _ext.cpu()
 
 
 def available() -> tuple[bool, str]:
-    if _extension() is None:
-        return False, f"ditkernels._C failed to import: {_ext_error}. {_FIX}"
-    return True, ""
+    why = _ext.cpu_error()
+    if why is None and not hasattr(_ext.cpu(), "attention_fwd"):
+        why = f"{_ext.cpu().__name__} has no attention_fwd (stale build). {_ext.FIX}"
+    return why is None, why or ""
 
 
 def _require() -> ModuleType:
@@ -286,7 +275,7 @@ def topk_thresholds(q: torch.Tensor, k: torch.Tensor, topks: list[int], scale: f
     """
     ext = _require()
     if not hasattr(ext, "topk_select"):
-        raise RuntimeError(f"ditkernels._C has no topk_select (stale build). {_FIX}")
+        raise RuntimeError(f"{ext.__name__} has no topk_select (stale build). {_ext.FIX}")
     _check_qkv(q, k, k)
     b, h, sq, d = q.shape
     sk = k.shape[2]

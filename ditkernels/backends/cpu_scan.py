@@ -1,4 +1,5 @@
-"""Selective-scan launcher of the ``cpu`` backend: ``csrc/cpu/selective_scan.cpp`` in ``ditkernels._C``.
+"""Selective-scan launcher of the ``cpu`` backend: ``csrc/cpu/selective_scan.cpp`` in ``ditkernels._cpu_<isa>``
+(loaded by ``ditkernels/_ext.py``).
 
 The extension is torch-independent: this launcher allocates outputs and passes raw pointers, dtype
 codes and strides in elements (any strides; ``reverse`` becomes negative L strides, so nothing is
@@ -17,46 +18,36 @@ Launcher contract (every selective-scan backend implements it):
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 import torch
 
-from .. import _alloc
+from .. import _alloc, _ext
 from ..reference.selective_scan import compute_dtype
 
 NAME = "cpu"
 CHUNK = 64  # time steps between saved states
 LANES = 16  # channels per block of the kernel (its vector lanes)
 STATE_BLOCK = 8  # the state dimension is padded to a multiple of this
-_FIX = "Rebuild with: pip install --no-build-isolation -e . (or pip install .)"
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-
-_ext: ModuleType | None = None
-_ext_error: str | None = None
+_DTYPE_CODES = _ext.DTYPE_CODES
 
 
 def _extension() -> ModuleType | None:
-    global _ext, _ext_error
-    if _ext is None and _ext_error is None:
-        try:
-            mod = importlib.import_module("ditkernels._C")
-            if not hasattr(mod, "selective_scan_fwd"):
-                raise ImportError("it has no selective_scan_fwd (stale build)")
-            layout = tuple(getattr(mod, "selective_scan_saved_layout", ()))
-            if layout != (LANES, STATE_BLOCK):
-                raise ImportError(f"its saved-state layout {layout} is not (LANES, STATE_BLOCK) = "
-                                  f"{(LANES, STATE_BLOCK)} (stale build)")
-            _ext = mod
-        except Exception as exc:  # ImportError, or OSError from the dynamic loader
-            _ext_error = f"{type(exc).__name__}: {exc}"
-    return _ext
+    """The CPU kernels module (``ditkernels._ext.cpu()``) if it loads and has this scan, else None."""
+    return _ext.cpu() if available()[0] else None
 
 
 def available() -> tuple[bool, str]:
-    if _extension() is None:
-        return False, f"ditkernels._C failed to import: {_ext_error}. {_FIX}"
-    return True, ""
+    why = _ext.cpu_error()
+    if why is None:
+        mod = _ext.cpu()
+        layout = tuple(getattr(mod, "selective_scan_saved_layout", ()))
+        if not hasattr(mod, "selective_scan_fwd"):
+            why = f"{mod.__name__} has no selective_scan_fwd (stale build). {_ext.FIX}"
+        elif layout != (LANES, STATE_BLOCK):
+            why = (f"{mod.__name__}: its saved-state layout {layout} is not (LANES, STATE_BLOCK) = "
+                   f"{(LANES, STATE_BLOCK)} (stale build). {_ext.FIX}")
+    return why is None, why or ""
 
 
 def _require() -> ModuleType:

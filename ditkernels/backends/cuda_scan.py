@@ -6,7 +6,7 @@ allocates outputs and passes device addresses and element strides (any strides; 
 negative L strides with the address moved to the last step, so nothing is flipped or copied).
 
 :func:`emu_scan_fwd` / :func:`emu_scan_bwd` run the very same argument preparation on CPU tensors
-through ``ditkernels._C.emu`` (the same device code run by the SIMT emulation), so the tests exercise
+through ``ditkernels._emu`` (the same device code run by the SIMT emulation), so the tests exercise
 this launcher as well as the kernels.
 
 Dtypes: u, delta, z (and variable B / C) float32, float16 or bfloat16; math in float32. A variable
@@ -27,11 +27,11 @@ from types import ModuleType
 
 import torch
 
-from .. import _alloc
+from .. import _alloc, _ext
 
 NAME = "cuda"
 _FIX = "reinstall on a machine with the CUDA toolkit (nvcc on PATH or CUDA_HOME set): pip install --no-build-isolation ."
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 3}
+_DTYPE_CODES = {t: c for t, c in _ext.DTYPE_CODES.items() if t is not torch.float64}  # no float64 kernels
 # Workspace cap for variable dB / dC partials (bytes), unless 8x the gradient itself is larger.
 _WORKSPACE_CAP = 64 << 20
 
@@ -75,10 +75,9 @@ def _cuda_ext() -> ModuleType:
 
 
 def _emu_ext() -> ModuleType:
-    mod = importlib.import_module("ditkernels._C").emu
+    mod = _ext.emu()
     if not hasattr(mod, "selective_scan_fwd"):
-        raise RuntimeError("ditkernels._C.emu has no selective_scan_fwd (stale build): "
-                           "pip install --no-build-isolation -e .")
+        raise RuntimeError(f"ditkernels._emu has no selective_scan_fwd (stale build): {_ext.EMU_FIX}")
     return mod
 
 
@@ -323,7 +322,7 @@ def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, sa
 def emu_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus: bool, reverse: bool, *,
                  config: tuple[int, int] | None = None, concurrent_blocks: int = 0, timeout_s: float = 0.0,
                  ext: ModuleType | None = None):
-    """:func:`scan_fwd` on CPU tensors, the kernels run by ``ditkernels._C.emu``; ``config``: (threads, items)."""
+    """:func:`scan_fwd` on CPU tensors, the kernels run by ``ditkernels._emu``; ``config``: (threads, items)."""
     run = _emu_runner(concurrent_blocks, timeout_s) if ext is None else _Runner(ext, True, 4)
     return _fwd(run, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse, config)
 

@@ -21,6 +21,7 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import List  # custom_op signatures: torch 2.6 infers no schema from list[int]
 
 import torch
 
@@ -396,7 +397,7 @@ def _backend(q: torch.Tensor, backend: str):
     return resolve("local_attention", SUPPORTED, q.device, q.dtype, backend or None)
 
 
-def _spec(grid: list[int], window: list[int], shape: str, border: str, tile: list[int], num_prefix: int,
+def _spec(grid: List[int], window: List[int], shape: str, border: str, tile: List[int], num_prefix: int,
           num_suffix: int, num_extra: int) -> LocalSpec:
     return LocalSpec(tuple(grid), tuple(window), shape, border, tuple(tile) if tile else None, num_prefix,
                      num_suffix, num_extra)
@@ -446,8 +447,8 @@ def _keys(k, v, k_extra, v_extra):
 
 @torch.library.custom_op("ditkernels::local_attention_fwd", mutates_args=())
 def local_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_extra: torch.Tensor | None,
-                        v_extra: torch.Tensor | None, grid: list[int], window: list[int], shape: str, border: str,
-                        tile: list[int], num_prefix: int, num_suffix: int, scale: float,
+                        v_extra: torch.Tensor | None, grid: List[int], window: List[int], shape: str, border: str,
+                        tile: List[int], num_prefix: int, num_suffix: int, scale: float,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, H, S, D) in q.dtype and lse (B, H, S) float32 of local-window attention."""
     m = 0 if k_extra is None else k_extra.shape[2]
@@ -472,8 +473,8 @@ def _(q, k, v, k_extra, v_extra, grid, window, shape, border, tile, num_prefix, 
 @torch.library.custom_op("ditkernels::local_attention_bwd", mutates_args=())
 def local_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         k_extra: torch.Tensor | None, v_extra: torch.Tensor | None, out: torch.Tensor,
-                        lse: torch.Tensor, grid: list[int], window: list[int], shape: str, border: str,
-                        tile: list[int], num_prefix: int, num_suffix: int, scale: float,
+                        lse: torch.Tensor, grid: List[int], window: List[int], shape: str, border: str,
+                        tile: List[int], num_prefix: int, num_suffix: int, scale: float,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dk_extra, dv_extra) given ``do``; the extra gradients are (B, H, 0, D) without extra_kv."""
     m = 0 if k_extra is None else k_extra.shape[2]

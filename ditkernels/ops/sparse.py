@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import List  # custom_op signatures: torch 2.6 infers no schema from list[int]
 
 import torch
 
@@ -142,7 +143,7 @@ def _box_shape(grid: tuple[int, ...], block: int) -> tuple[int, ...]:
     return best[1] if best is not None else (1,) * (nd - 1) + (block,)
 
 
-def _factorisations(n: int, parts: int, divs: list[int]):
+def _factorisations(n: int, parts: int, divs: List[int]):
     if parts == 1:
         yield (n,)
         return

@@ -31,6 +31,7 @@ Workspace of pass 1: torch, about ``chunk * seq_k * 13`` bytes plus ``chunk * (t
 """
 
 from __future__ import annotations
+from typing import List  # custom_op signatures: torch 2.6 infers no schema from list[int]
 
 import torch
 
@@ -61,7 +62,7 @@ def _chunk_rows(seq_k: int, kk: int, block_m: int) -> int:
     return rows
 
 
-def topk_thresholds(q: torch.Tensor, k: torch.Tensor, topks: list[int], scale: float,
+def topk_thresholds(q: torch.Tensor, k: torch.Tensor, topks: List[int], scale: float,
                     tiles: tuple[int, int] = (64, 64), *, impl: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1: per-row thresholds and the tile visits of exact top-k attention, for several ``topk``
     values from one score pass (DRSformer's mixture shares it).
@@ -151,7 +152,7 @@ def _schedule(visits: torch.Tensor, tiles: tuple[int, int], sq: int, sk: int) ->
 # The registered ops
 # ================================================================================================
 @torch.library.custom_op("ditkernels::topk_attention_fwd", mutates_args=())
-def topk_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topks: list[int], scale: float,
+def topk_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topks: List[int], scale: float,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact top-k attention for each ``topk`` in ``topks`` (one selection pass): out (T, B, H, Sq, D),
     lse (T, B, H, Sq) float32, thresholds (T, B, H, Sq) float32, visits int8 (T, B*H, nq, nk)."""

@@ -1,0 +1,12 @@
+// The ditkernels._emu module (test-only; setup.py builds it with DITKERNELS_TEST_EXT=1): the CUDA
+// device code of csrc/kernels run on the CPU through the SIMT emulation layer, and its self-test.
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+void register_emu(py::module_& m);  // csrc/emu/scan_pairs_emu.cpp (registers the rest)
+
+PYBIND11_MODULE(_emu, m) {
+  m.doc() = "CUDA device code run on the CPU through the SIMT emulation layer (test-only)";
+  register_emu(m);
+}
