@@ -148,7 +148,6 @@ class _Ring(torch.autograd.Function):
             _comm.exchange([(acc.contiguous(), nxt)], [(mine, prv)], group)
             acc = mine
         p, n = lay.num_prefix, lay.tokens[rank]
-        dk, dv = dk.clone(), dv.clone()
         dk[:, :, p:p + n] = acc[0]
         dv[:, :, p:p + n] = acc[1]
         return dq.to(q.dtype), dk, dv, None, None, None, None
