@@ -148,7 +148,7 @@ def run(args) -> int:
     print(f"ditkernels bench distributed: gloo CPU ranks {ranks}, grid {sizes['grid']}, {sizes['heads']} heads, "
           f"head_dim {sizes['head_dim']}, {sizes['text']} text tokens, {dtype}, {cfg['threads']} thread(s) per rank, "
           f"median of {cfg['reps']}")
-    print(f"{'impl':8} {'P':>2} {'mode':7} {'time ms':>10} {'MB sent/rank (max)':>19} {'formula MB':>11}  note")
+    print(f"{'impl':8} {'P':>2} {'mode':7} {'time ms':>10} {'MiB sent/rank (max)':>19} {'formula MiB':>11}  note")
     record = []
     for p in ranks:
         for everyone in _spawn(p, cfg):
@@ -171,7 +171,7 @@ def run(args) -> int:
             record.append(dict(r0, ms=ms, sent_per_rank=sent, formula_max=formula))
     print(f"\nbytes each rank sends per attention layer, forward (formulas), FLUX 4096 px: grid {REAL['grid']}, "
           f"{REAL['heads']} heads x {REAL['head_dim']}, {REAL['text']} text tokens, bf16, batch 1; halo: circle r=8")
-    print(f"{'P':>2} " + " ".join(f"{i + ' MB':>12}" for i in IMPLS))
+    print(f"{'P':>2} " + " ".join(f"{i + ' MiB':>12}" for i in IMPLS))
     real = []
     for p in (2, 4, 8):
         vals = {i: _formula(i, p, p // 2, REAL["grid"], REAL["heads"], REAL["head_dim"], REAL["text"], REAL["window"],

@@ -4,7 +4,7 @@ through these functions, which count the bytes each rank hands to other ranks.
 API (small on purpose; part of the package's internals, used by every distributed function and the bench):
 
 - :func:`all_to_all` -- ``dist.all_to_all_single`` with split sizes along dim 0.
-- :func:`all_gather` -- ``dist.all_gather_into_tensor``.
+- :func:`all_gather` -- ``dist.all_gather_into_tensor`` (``all_gather_single`` on torch >= 2.13).
 - :func:`all_reduce` -- ``dist.all_reduce``.
 - :func:`exchange` -- point-to-point sends and receives in one ``dist.batch_isend_irecv``; peers are
   ranks *of the group* (converted to global ranks here, as ``P2POp`` needs); returns a :class:`Pending`
@@ -87,7 +87,9 @@ def all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | 
     """``out``: ``P`` copies of ``inp``'s size, concatenated along dim 0 in rank order."""
     _, size = world(group)
     _record("all_gather", nbytes(inp) * (size - 1))
-    dist.all_gather_into_tensor(out, inp, group=group)
+    # all_gather_into_tensor is named all_gather_single from torch 2.13 on (the old name warns)
+    gather_fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather_fn(out, inp, group=group)
 
 
 def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None) -> None:
