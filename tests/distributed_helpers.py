@@ -110,11 +110,19 @@ def run_ranks(world: int, cases: Sequence[CaseFn], *, timeout: float = 60.0,
         missing = ""
         while len(results) < world:
             try:
-                rank, res = out.get(timeout=max(deadline - time.monotonic(), 0.1))
+                rank, res = out.get(timeout=1.0)
                 results[rank] = res
+                continue
             except queue_mod.Empty:
-                missing = f"killed after {total_timeout:.0f} s"
-                break
+                pass
+            if all(procs[r].exitcode is not None for r in range(world) if r not in results):
+                try:  # a result put just before the exit may still be in the pipe
+                    while len(results) < world:
+                        rank, res = out.get(timeout=2.0)
+                        results[rank] = res
+                except queue_mod.Empty:
+                    pass
+                break  # every rank still missing has exited without a result
             if time.monotonic() > deadline:
                 missing = f"killed after {total_timeout:.0f} s"
                 break

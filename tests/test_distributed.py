@@ -135,6 +135,16 @@ def case_ulysses_dense():
                             lambda q, k, v: ditkernels.attention(q, k, v), bands=bands, dtype=dtype)
 
 
+def case_ulysses_lse():
+    """An op that returns (out, lse): the lse comes back to each rank's tokens too."""
+    q, k, v, _ = _full_inputs(PRE + 42 + SUF, seed=9)
+    out_ref, lse_ref = ditkernels.attention(q, k, v, return_lse=True)
+    loc = [shard(t, GRID, num_prefix=PRE, num_suffix=SUF) for t in (q, k, v)]
+    out, lse = ulysses_attention(*loc, grid=GRID, num_prefix=PRE, num_suffix=SUF, return_lse=True)
+    _compare("out", out, shard(out_ref, GRID, num_prefix=PRE, num_suffix=SUF), 1e-12)
+    _compare("lse", lse, shard(lse_ref[..., None], GRID, num_prefix=PRE, num_suffix=SUF)[..., 0], 1e-7)
+
+
 def case_ulysses_plain_sequence():
     """grid=None: each rank's tokens are whatever it holds (97 tokens, unequal shards), no text."""
     rank, p = _rank()
@@ -203,6 +213,10 @@ def case_ring_dense():
     # the reference backend's path, a plain sequence of 97 tokens without text, and the lse
     _check_parallel(lambda q, k, v: ring_attention(q, k, v, backend="reference"),
                     lambda q, k, v: ditkernels.attention(q, k, v), grid=(97,), pre=0, suf=0)
+    # the triton kernels (interpreter): their backward must use the global out and lse it is given
+    _check_parallel(lambda q, k, v: ring_attention(q, k, v, grid=(13,), num_prefix=2, backend="triton"),
+                    lambda q, k, v: ditkernels.attention(q, k, v), grid=(13,), pre=2, suf=0, h=2,
+                    dtype=torch.float32)
     q, k, v, _ = _full_inputs(PRE + 42 + SUF, seed=4)
     _, lse_ref = ditkernels.attention(q, k, v, return_lse=True)
     loc = [shard(t, GRID, num_prefix=PRE, num_suffix=SUF).float() for t in (q, k, v)]
@@ -269,7 +283,8 @@ def case_errors_raise_on_every_rank():
                                       num_suffix=SUF), ValueError, f"rank {bad}")
 
 
-CASES = [case_shard_gather_roundtrip, case_ulysses_roundtrip_bitexact, case_ulysses_dense, case_ulysses_plain_sequence,
+CASES = [case_shard_gather_roundtrip, case_ulysses_roundtrip_bitexact, case_ulysses_dense, case_ulysses_lse,
+         case_ulysses_plain_sequence,
          case_ulysses_local, case_ulysses_block_sparse, case_ulysses_block_topk, case_ulysses_topk,
          case_ulysses_rettention, case_ring_dense, case_bytes_match_formulas, case_errors_raise_on_every_rank]
 
