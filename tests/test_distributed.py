@@ -25,7 +25,7 @@ from ditkernels.distributed.ring import ring_bytes
 from ditkernels.distributed.ulysses import ulysses_bytes
 
 from distributed_helpers import rank_fixture
-from numerics import rel_err
+from numerics import attention_lowp, rel_err
 
 B, H, D = 2, 12, 12          # 12 heads: divisible by 1, 2, 3 and 4 ranks
 GRID = (7, 6)                # 7 rows: the even split is unequal for P = 2, 3, 4
@@ -61,11 +61,11 @@ def _compare(name, got, want, tol):
 
 
 def _check_parallel(parallel, single, *, grid=GRID, bands=None, pre=PRE, suf=SUF, dtype=torch.float64,
-                    seed=0, backward=True, h=H):
+                    seed=0, backward=True, h=H, group=None):
     """Run ``parallel(q, k, v)`` on this rank's shards and ``single(q, k, v)`` on the full sequence (float64),
     compare the output shard and every gradient."""
-    rank, p = _rank()
-    lay = dict(bands=bands, num_prefix=pre, num_suffix=suf)
+    rank, p = dist.get_rank(group), dist.get_world_size(group)
+    lay = dict(bands=bands, num_prefix=pre, num_suffix=suf, group=group)
     seq = pre + math.prod(grid) + suf
     q, k, v, g = _full_inputs(seq, seed=seed, h=h)
     full = [t.clone().requires_grad_(backward) for t in (q, k, v)]
@@ -88,7 +88,7 @@ def _check_parallel(parallel, single, *, grid=GRID, bands=None, pre=PRE, suf=SUF
         n = mine.shape[2] - pre - suf
         _compare(f"d{name} (grid tokens)", x.grad[:, :, pre:pre + n], mine[:, :, pre:pre + n], tol)
         text = torch.cat([x.grad[:, :, :pre], x.grad[:, :, pre + n:]], 2).double()
-        dist.all_reduce(text)
+        dist.all_reduce(text, group=group)
         want = torch.cat([x_ref.grad[:, :, :pre], x_ref.grad[:, :, x_ref.shape[2] - suf:]], 2)
         if text.numel():
             _compare(f"d{name} (text, summed over ranks)", text, want, tol)
@@ -246,6 +246,51 @@ def case_bytes_match_formulas():
         assert c.sent == ring_bytes(tokens, rank, batch=B, heads=H, head_dim=D, element_size=es, backward=True), c.calls
 
 
+def case_bfloat16():
+    """bf16 (docs/verify.md §4): output and gradients within 2x the error of plain PyTorch attention in bf16."""
+    rank, p = _rank()
+    lay = dict(grid=GRID, num_prefix=PRE, num_suffix=SUF)
+    q, k, v, g = _full_inputs(PRE + 42 + SUF, seed=12)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = ditkernels.attention(*full)
+    ref.backward(g)
+    low = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    ref_low = attention_lowp(*low, D ** -0.5)
+    ref_low.backward(g.to(torch.bfloat16))
+    for fn in (ulysses_attention, ring_attention):
+        loc = [shard(t, **lay).to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+        out = fn(*loc, **lay)
+        assert out.dtype == torch.bfloat16
+        gl = shard(g, **lay).clone()
+        gl[:, :, :PRE] *= _text_weight(rank, p)
+        gl[:, :, -SUF:] *= _text_weight(rank, p)
+        out.backward(gl.to(torch.bfloat16))
+        pairs = [("out", out, ref, ref_low)] + [(f"d{n}", x.grad, xr.grad, xl.grad) for n, x, xr, xl in zip("qkv", loc, full, low)]
+        for name, got, want, lowp in pairs:
+            got, want, lowp = (t.detach().double() for t in (got, want, lowp))
+            if name != "out":  # grid tokens only: the text gradients are per-rank parts
+                got = got[:, :, PRE:-SUF]
+                want, lowp = (shard(t, **lay)[:, :, PRE:-SUF] for t in (want, lowp))
+            else:
+                want, lowp = shard(want, **lay), shard(lowp, **lay)
+            bound = 2 * rel_err(lowp, want) + 1e-6
+            err = rel_err(got, want)
+            assert err <= bound, f"{fn.__name__} {name}: bf16 error {err:.3e} > 2 x PyTorch's bf16 error ({bound:.3e})"
+
+
+def case_subgroup():
+    """group=: ranks 1 and 2 of 3 or 4 form a group (its ranks 0 and 1; P2POp needs their global ranks)."""
+    rank, p = _rank()
+    if p < 3:
+        return
+    sub = dist.new_group([1, 2])  # every rank takes part in creating it
+    if rank not in (1, 2):
+        return
+    for fn in (ulysses_attention, ring_attention):
+        _check_parallel(lambda q, k, v: fn(q, k, v, grid=GRID, num_prefix=PRE, num_suffix=SUF, group=sub),
+                        lambda q, k, v: ditkernels.attention(q, k, v), group=sub)
+
+
 def _raises_everywhere(fn, exc, match):
     """``fn`` raises ``exc`` matching ``match`` on this rank, quickly, and the group is still usable after it
     (no rank entered a collective the others skipped)."""
@@ -286,7 +331,8 @@ def case_errors_raise_on_every_rank():
 CASES = [case_shard_gather_roundtrip, case_ulysses_roundtrip_bitexact, case_ulysses_dense, case_ulysses_lse,
          case_ulysses_plain_sequence,
          case_ulysses_local, case_ulysses_block_sparse, case_ulysses_block_topk, case_ulysses_topk,
-         case_ulysses_rettention, case_ring_dense, case_bytes_match_formulas, case_errors_raise_on_every_rank]
+         case_ulysses_rettention, case_ring_dense, case_bfloat16, case_subgroup, case_bytes_match_formulas,
+         case_errors_raise_on_every_rank]
 
 ranks = rank_fixture(CASES, timeout=60)
 

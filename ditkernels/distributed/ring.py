@@ -87,6 +87,10 @@ def _block_bwd(do, q, k, v, out, lse, scale: float, backend: str):
     return attention_bwd(do, q, k, v, out, lse, scale, backend)
 
 
+def _upcast_bwd(dtype: torch.dtype, backend: str) -> bool:
+    return backend == "cpu" and dtype in (torch.float16, torch.bfloat16)
+
+
 class _Ring(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, lay: Layout, scale: float, backend: str, group):
@@ -108,8 +112,12 @@ class _Ring(torch.autograd.Function):
             pending = post(buf, s + 1) if s + 1 < size else None
             o, l = _block_fwd(q, buf[0], buf[1], scale, backend)
             out, lse = merge_attention(out, lse, o, l)
+        # The cpu kernels' fp16/bf16 backward takes delta = rowsum(P dP) over the keys it is given (exact for
+        # one call, wrong for one block of many): ring runs their blocks' backward in float32 instead, with
+        # delta from the unrounded float32 output.
+        keep = out if _upcast_bwd(q.dtype, backend) else out.to(q.dtype)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, keep, lse)
         ctx.lay, ctx.scale, ctx.backend, ctx.group = lay, scale, backend, group
         return out, lse.float()
 
@@ -123,13 +131,18 @@ class _Ring(torch.autograd.Function):
         wide = _wide(q.dtype)
         do = do.contiguous()
         band = torch.stack([lay.split(k, 2)[1], lay.split(v, 2)[1]]).contiguous()
+        up = _upcast_bwd(q.dtype, backend)
+        cq, cdo = (q.float(), do.float()) if up else (q, do)
+
+        def block_bwd(kb, vb):
+            return _block_bwd(cdo, cq, kb.float() if up else kb, vb.float() if up else vb, out, lse, scale, backend)
 
         def post(blk, s):
             buf = blk.new_empty(2, b, h, lay.tokens[(rank - s) % size], d)
             return buf, _comm.exchange([(blk, nxt)], [(buf, prv)], group, wait=False)
 
         pending = post(band, 1) if size > 1 else None
-        dq, dk, dv = _block_bwd(do, q, k, v, out, lse, scale, backend)
+        dq, dk, dv = block_bwd(k, v)
         dq = dq.to(wide)
         acc = torch.stack([lay.split(dk, 2)[1], lay.split(dv, 2)[1]]).to(wide)   # dk/dv of the band we hold
         for s in range(1, size):
@@ -139,7 +152,7 @@ class _Ring(torch.autograd.Function):
             acc_in = acc.new_empty(buf.shape)
             acc_work = _comm.exchange([(acc.contiguous(), nxt)], [(acc_in, prv)], group, wait=False)
             pending = post(buf, s + 1) if s + 1 < size else None
-            dqb, dkb, dvb = _block_bwd(do, q, buf[0], buf[1], out, lse, scale, backend)
+            dqb, dkb, dvb = block_bwd(buf[0], buf[1])
             dq += dqb
             acc_work.wait()
             acc = acc_in + torch.stack([dkb, dvb])
@@ -150,7 +163,7 @@ class _Ring(torch.autograd.Function):
         p, n = lay.num_prefix, lay.tokens[rank]
         dk[:, :, p:p + n] = acc[0]
         dv[:, :, p:p + n] = acc[1]
-        return dq.to(q.dtype), dk, dv, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: Sequence[int] | int | None = None,
