@@ -322,6 +322,9 @@ def case_errors_raise_on_every_rank():
         hd = [t[..., :-1] if rank == bad else t for t in loc]
         for fn in (ulysses_attention, ring_attention):
             _raises_everywhere(lambda: fn(*hd), ValueError, "must be the same on every rank")
+    # an op result that is neither an output nor (output, lse): the same on every rank, so every rank raises
+    _raises_everywhere(lambda: ulysses_attention(*loc, op=ditkernels.block_topk_attention, density=0.5, block_size=(8, 8),
+                                                 return_mask=True, **lay), TypeError, "return_mask")
     # bands that do not add up to the grid
     _raises_everywhere(lambda: ring_attention(*loc, bands=(1,) * p, **lay), ValueError, "add up to")
     _raises_everywhere(lambda: gather(loc[0][:, :, 1:] if rank == bad else loc[0], GRID, num_prefix=PRE,

@@ -152,6 +152,10 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, op: 
             kwargs[name] = val
     res = op(*full, **kwargs)
     out, lse = (res if isinstance(res, tuple) else (res, None))
+    if isinstance(res, tuple) and (len(res) != 2 or not isinstance(lse, torch.Tensor) or lse.shape != out.shape[:3]):
+        # every rank got the same kind of result: all of them raise here
+        raise TypeError(f"op: ulysses_attention takes an output or (output, lse) from {_op_name(op)}, got a tuple of "
+                        f"{[tuple(getattr(t, 'shape', ())) for t in res]} (drop return_mask= or the like)")
     out = _back(out, lay, rank, size, group)
     if lse is None:
         return out
