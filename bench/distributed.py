@@ -178,7 +178,7 @@ def run(args) -> int:
                             REAL["itemsize"]) for i in IMPLS}
         real.append(dict(ranks=p, **{f"{i}_bytes": v for i, v in vals.items()}))
         print(f"{p:>2} " + " ".join(f"{_mb(vals[i]):>12}" for i in IMPLS))
-    print("(an interior rank, p // 2; Ulysses counts q, k, v in and the output back, ring and halo the keys and values)")
+    print("(an interior rank, p // 2; Ulysses: q, k, v in and the output back; ring: the keys and values; halo: the halo rows of keys and values plus the text queries' partial results)")
     os.makedirs(args.out, exist_ok=True)
     tag = args.tag or "bench-distributed-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = os.path.join(args.out, tag + ".json")
