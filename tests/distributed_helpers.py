@@ -152,10 +152,26 @@ def run_ranks(world: int, cases: Sequence[CaseFn], *, timeout: float = 60.0,
 
 def rank_fixture(cases: Sequence[CaseFn], worlds: Sequence[int] = (1, 2, 3, 4), **kwargs):
     """A module-scoped pytest fixture, parametrized by world size, holding the :class:`RankResults` of running
-    ``cases`` on that many ranks (one spawn per world size per module)."""
+    ``cases`` on that many ranks (one spawn per world size per module).
+
+    Under pytest-xdist (``-n 2``) the cases of one world size land on several workers, and each would spawn
+    its own ranks: the first worker runs them and leaves the results in the session's shared temporary
+    folder under a file lock, the others read them (pytest-xdist's recipe for once-per-session work)."""
 
     @pytest.fixture(scope="module", params=list(worlds), ids=[f"P{w}" for w in worlds])
-    def ranks(request) -> RankResults:
-        return run_ranks(request.param, cases, **kwargs)
+    def ranks(request, tmp_path_factory) -> RankResults:
+        if not os.environ.get("PYTEST_XDIST_WORKER"):
+            return run_ranks(request.param, cases, **kwargs)
+        import pickle
+
+        from filelock import FileLock  # a dependency of torch
+
+        path = tmp_path_factory.getbasetemp().parent / f"ranks-{request.module.__name__}-P{request.param}.pkl"
+        with FileLock(str(path) + ".lock"):
+            if path.exists():
+                return pickle.loads(path.read_bytes())
+            res = run_ranks(request.param, cases, **kwargs)
+            path.write_bytes(pickle.dumps(res))
+            return res
 
     return ranks
