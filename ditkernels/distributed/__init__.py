@@ -24,14 +24,9 @@ Importing this module imports ``torch.distributed``; ``import ditkernels`` does 
 from __future__ import annotations
 
 from ._layout import gather, shard
+from .local import local_attention
 from .merge import merge_attention
-from .ulysses import ulysses_attention
 from .ring import ring_attention
+from .ulysses import ulysses_attention
 
-__all__ = ["shard", "gather", "merge_attention", "ulysses_attention", "ring_attention"]
-
-try:  # the halo-exchange local attention lives in its own module
-    from .local import local_attention  # noqa: F401
-    __all__.append("local_attention")
-except ImportError:  # pragma: no cover - while local.py is being written
-    pass
+__all__ = ["shard", "gather", "merge_attention", "ulysses_attention", "ring_attention", "local_attention"]
