@@ -402,9 +402,11 @@ class _HaloLocalAttention(torch.autograd.Function):
             dk, dv = dk[:, :, :n], dv[:, :, :n]
         # text queries: this rank's partial, differentiated with the merged output and lse
         if t:
-            qt = _text(cfg, q)
-            dq_t, dk_t, dv_t = _dense_bwd(do_t, qt, _text_keys(cfg, k), _text_keys(cfg, v), _text(cfg, out),
-                                          _text(cfg, lse), cfg.scale, cfg.backend)
+            # a rank's partial gradient is one term of a sum over ranks that cancels in part: in fp16 / bf16
+            # its rounding would not be that of the single-process op, so the text partial runs in float32
+            up = (lambda x: x.to(acc)) if q.dtype in (torch.float16, torch.bfloat16) else (lambda x: x)
+            dq_t, dk_t, dv_t = _dense_bwd(up(do_t), up(_text(cfg, q)), up(_text_keys(cfg, k)), up(_text_keys(cfg, v)),
+                                          up(_text(cfg, out)), _text(cfg, lse), cfg.scale, cfg.backend)
             pre, _, suf = _split(cfg, dq)
             pre.copy_(dq_t[:, :, :p]), suf.copy_(dq_t[:, :, p:])
             _text_keys(cfg, dk).add_(dk_t)
