@@ -32,6 +32,7 @@ total gradient is their sum over ranks (docs/spec.md §7).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ import torch
 
 from .. import _validate
 from ..ops.local import _check_extra_pair, spec_backward, spec_forward
-from ..reference.local import LocalSpec, shift_start
+from ..reference.local import LocalSpec
 from . import _comm
 from ._check import agree
 from ._layout import check_bands
@@ -65,9 +66,9 @@ def key_rows(spec: LocalSpec, q0: int, q1: int) -> tuple[int, int]:
         k0, k1 = q0 - r, q1 + r
     elif n < 2 * r + 1:  # NATTEN: the whole dimension
         k0, k1 = 0, n
-    else:
-        k0 = int(shift_start(torch.tensor(q0), n, r))
-        k1 = int(shift_start(torch.tensor(q1 - 1), n, r)) + 2 * r + 1
+    else:  # NATTEN's start clamp(p - r, 0, n - k) is monotone in p
+        k0 = min(max(q0 - r, 0), n - 2 * r - 1)
+        k1 = min(max(q1 - 1 - r, 0), n - 2 * r - 1) + 2 * r + 1
     return max(k0, 0), min(k1, n)
 
 
@@ -98,7 +99,8 @@ def _starts(bands: tuple[int, ...]) -> list[int]:
     return out
 
 
-def halo_layout(spec: LocalSpec, bands: tuple[int, ...]) -> list[HaloLayout]:
+@functools.lru_cache(maxsize=64)
+def halo_layout(spec: LocalSpec, bands: tuple[int, ...]) -> tuple[HaloLayout, ...]:
     """The halo exchange of every rank for bands of ``bands[i]`` rows (summing to ``grid[0]``).
 
     Raises ValueError (the same on every rank, before any communication) when a rank's queries see
@@ -125,7 +127,7 @@ def halo_layout(spec: LocalSpec, bands: tuple[int, ...]) -> list[HaloLayout]:
             rank=i, band=(b0, b1), need=need[i], recv_lo=b0 - need[i][0], recv_hi=need[i][1] - b1,
             send_lo=need[i - 1][1] - b0 if i > 0 else 0, send_hi=b1 - need[i + 1][0] if i < p - 1 else 0,
             interior=interior))
-    return out
+    return tuple(out)
 
 
 def halo_bytes(grid: tuple[int, ...], window: int | tuple[int, ...], *, world_size: int, heads: int, head_dim: int,
