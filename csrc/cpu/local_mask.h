@@ -72,7 +72,8 @@ struct LocalGeom {
     if (shape == kCircle) build_circle();
     qcoords.resize(static_cast<size_t>(Sq));
     for (int64_t i = 0; i < Sq; ++i)
-      qcoords[static_cast<size_t>(i)] = i >= qP && i < qP + nq ? grid_coord(q0 + i - qP) : TokCoord{0, 0, 0, kGlobalTok};
+      qcoords[static_cast<size_t>(i)] =
+          i >= qP && i < qP + nq ? grid_coord(q0 + i - qP) : TokCoord{0, 0, 0, kGlobalTok};
     kcoords.resize(static_cast<size_t>(Sk));
     for (int64_t j = 0; j < Sk; ++j) {
       TokCoord c{0, 0, 0, kGlobalTok};

@@ -114,7 +114,8 @@ def halo_layout(spec: LocalSpec, bands: tuple[int, ...]) -> tuple[HaloLayout, ..
         if not (lo_ok and hi_ok):
             raise ValueError(
                 f"bands: rank {i}'s band (rows {st[i]}..{st[i + 1]} of grid[0] = {spec.grid[0]}) sees key rows "
-                f"{need[i][0]}..{need[i][1]}, beyond its neighbours' bands (rows {st[max(i - 1, 0)]}..{st[min(i + 2, p)]}): "
+                f"{need[i][0]}..{need[i][1]}, beyond its neighbours' bands "
+                f"(rows {st[max(i - 1, 0)]}..{st[min(i + 2, p)]}): "
                 f"a band is thinner than the halo of window={spec.window} ({spec.shape}, {spec.border}); "
                 f"use fewer ranks or wider bands (bands={list(bands)})")
     out = []
@@ -139,8 +140,8 @@ def halo_bytes(grid: tuple[int, ...], window: int | tuple[int, ...], *, world_si
     Halo keys and values: ``2 * rows * prod(grid[1:]) * batch * heads * head_dim * itemsize`` for the rows
     sent to both neighbours. With ``T = num_prefix + num_suffix`` text queries, the merge of their
     partials: an all-gather of their lse, ``(P - 1) * batch * heads * T * 4``, and an all-reduce of the
-    weighted outputs, ``2 (P - 1) / P * batch * heads * T * head_dim * 4`` (8 instead of 4 for float64); with ``num_extra`` (extra keys per rank)
-    their keys and values all-gathered, padded to the longest shard:
+    weighted outputs, ``2 (P - 1) / P * batch * heads * T * head_dim * 4`` (8 instead of 4 for float64);
+    with ``num_extra`` (extra keys per rank) their keys and values all-gathered, padded to the longest shard:
     ``(P - 1) * 2 * batch * heads * max(num_extra) * head_dim * itemsize``.
     The backward sends the gradients of the halo rows a rank received back to their owners (the same
     bytes for symmetric windows; NATTEN's shift at the grid's edge is not symmetric), and all-reduces the
@@ -155,8 +156,8 @@ def halo_bytes(grid: tuple[int, ...], window: int | tuple[int, ...], *, world_si
         b = 2 * (lay.send_lo + lay.send_hi) * row
         if t:
             acc = max(itemsize, 4)
-            b += (world_size - 1) * batch * heads * t * acc + batch * heads * t * head_dim * acc * 2 * (world_size - 1) \
-                // world_size
+            b += (world_size - 1) * batch * heads * t * acc  # the lse all-gather
+            b += batch * heads * t * head_dim * acc * 2 * (world_size - 1) // world_size  # the output all-reduce
         if num_extra:  # padded to the longest shard
             b += (world_size - 1) * 2 * batch * heads * max(num_extra) * head_dim * itemsize
         out.append(b)

@@ -220,7 +220,8 @@ def _useful_pairs(spec: LocalSpec) -> int:
                     continue
                 hw = math.isqrt((rem - 1) // cx)  # largest |dx| with dx^2 * cx < rem
                 rows = overlap(0, dt) * overlap(1, dy)
-                cnt = (torch.clamp(px + hw, max=kr[2][1] - 1) - torch.clamp(px - hw, min=kr[2][0]) + 1).clamp(min=0).sum()
+                cnt = (torch.clamp(px + hw, max=kr[2][1] - 1) - torch.clamp(px - hw, min=kr[2][0]) + 1)
+                cnt = cnt.clamp(min=0).sum()
                 pairs += rows * int(cnt)
         return pairs
     per_dim = []
