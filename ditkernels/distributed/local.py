@@ -9,9 +9,10 @@ head_dim)``: the global (text) tokens replicated, then its band in row-major ord
    NATTEN's shifted window up to ``2r`` from the inner neighbour at the grid's edge, whole tiles for
    ``shape="tile"``) and sends its neighbours theirs;
 2. while those are in flight computes what needs no halo: the text queries' partial attention over
-   its own band's keys (plus the text keys, on rank 0 only, so that they count once), the
-   log-sum-exp merge of those partials over the ranks, and the *interior* band rows (those whose windows stay in
-   the band);
+   its own band's keys (plus the text keys, on rank 0 only, so that they count once) and the
+   *interior* band rows (those whose windows stay in the band), then merges the text partials over
+   the ranks by log-sum-exp (on gloo also while the halo travels; on NCCL that collective queues
+   behind the halo);
 3. waits, then computes the band's edge rows against band + halo keys.
 
 Only the band's own queries are computed (never the halo's): the local op runs a sub-problem
@@ -305,25 +306,19 @@ class _HaloLocalAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, ke, ve, cfg: _Config):
         spec, lay = cfg.spec, cfg.lay
         t = spec.num_global
-        # 1. the halo exchange
-        pending, lo, hi = _post_halo(cfg, k, v)
-        # extra keys: gathered once (padded to the longest shard), in rank order
+        # extra keys: gathered once (padded to the longest shard), in rank order, before the halo is posted
+        # (on NCCL a collective queued behind the halo would wait for it)
         ke_all = ve_all = None
         if spec.num_extra:
             ke_all, ve_all = _gather_extra(cfg, ke, ve)
-        # 2a. text queries: partial over this rank's band (+ text keys on rank 0), merged over ranks
+        # 1. the halo exchange
+        pending, lo, hi = _post_halo(cfg, k, v)
         acc = torch.promote_types(q.dtype, torch.float32)  # float32 partials (float64 for float64)
         out = _alloc_empty(q)
         lse = _alloc_empty(q, q.shape[:3], acc)
+        # 2a. text queries: partial over this rank's band (+ text keys on rank 0)
         if t:
-            qt = _text(cfg, q)
-            o_t, l_t = _dense_fwd(qt, _text_keys(cfg, k), _text_keys(cfg, v), cfg.scale, cfg.backend)
-            o_t, l_t = _merge(cfg, o_t, l_t, acc)
-            p = spec.num_prefix
-            pre_o, _, suf_o = _split(cfg, out)
-            pre_o.copy_(o_t[:, :, :p]), suf_o.copy_(o_t[:, :, p:])
-            pre_l, _, suf_l = _split(cfg, lse)
-            pre_l.copy_(l_t[:, :, :p]), suf_l.copy_(l_t[:, :, p:])
+            o_t, l_t = _dense_fwd(_text(cfg, q), _text_keys(cfg, k), _text_keys(cfg, v), cfg.scale, cfg.backend)
         # 2b. the interior rows: keys of the band only
         top, mid, bot = cfg.pieces()
         if mid[0] < mid[1]:
@@ -331,6 +326,14 @@ class _HaloLocalAttention(torch.autograd.Function):
                                 _with_extra(v, ve_all), cfg.scale, cfg.backend)
             _rows(cfg, out, mid).copy_(o)
             _rows(cfg, lse, mid).copy_(l)
+        # 2c. the text partials merged over the ranks
+        if t:
+            o_t, l_t = _merge(cfg, o_t, l_t, acc)
+            p = spec.num_prefix
+            pre_o, _, suf_o = _split(cfg, out)
+            pre_o.copy_(o_t[:, :, :p]), suf_o.copy_(o_t[:, :, p:])
+            pre_l, _, suf_l = _split(cfg, lse)
+            pre_l.copy_(l_t[:, :, :p]), suf_l.copy_(l_t[:, :, p:])
         # 3. the edge rows: band + halo keys
         pending.wait()
         kx = _extended(cfg, k, lo[0], hi[0], ke_all)
@@ -488,8 +491,8 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tup
     (:func:`halo_bytes`), the merge of the text queries' partials (an all-gather of their lse and an
     all-reduce of the weighted outputs), an all-gather of the extra keys, and one small all-gather
     of the validation outcome. No rank holds more than its band plus halo of
-    keys and values. Overlap: the text partial, its merge and the interior rows run while the halo
-    travels; in the backward the interior rows and the text partial run while the halo gradients
+    keys and values. Overlap: the text partial and the interior rows run while the halo travels (the
+    text merge too on gloo; on NCCL it queues behind the halo); in the backward the interior rows and the text partial run while the halo gradients
     travel back. A band thinner than the halo (a rank's window reaching beyond its neighbours) raises
     ValueError on every rank before any data moves.
     """
