@@ -408,8 +408,9 @@ class _HaloLocalAttention(torch.autograd.Function):
             dk, dv = dk[:, :, :n], dv[:, :, :n]
         # text queries: this rank's partial, differentiated with the merged output and lse
         if t:
-            # a rank's partial gradient is one term of a sum over ranks that cancels in part: in fp16 / bf16
-            # its rounding would not be that of the single-process op, so the text partial runs in float32
+            # a partial of a softmax spread over ranks needs delta = rowsum(do * merged out); the cpu kernels'
+            # fp16 / bf16 backward computes delta from the keys it is given (right for a whole softmax only),
+            # so the text partial runs in float32 (as ring_attention does for its blocks)
             up = (lambda x: x.to(acc)) if q.dtype in (torch.float16, torch.bfloat16) else (lambda x: x)
             dq_t, dk_t, dv_t = _dense_bwd(up(do_t), up(_text(cfg, q)), up(_text_keys(cfg, k)), up(_text_keys(cfg, v)),
                                           up(_text(cfg, out)), _text(cfg, lse), cfg.scale, cfg.backend)
