@@ -242,7 +242,7 @@ else:
 
 setup(
     packages=["ditkernels", "ditkernels.backends", "ditkernels.reference", "ditkernels.ops", "ditkernels.nn",
-              "ditkernels.integrations", "ditkernels.triton_kernels", "ditkernels.bench"],
+              "ditkernels.integrations", "ditkernels.distributed", "ditkernels.triton_kernels", "ditkernels.bench"],
     # Triton sources and benchmarks live at the top level of the repository but install inside the
     # ditkernels namespace: other distributions own the top-level name ``triton_kernels``.
     package_dir={"ditkernels": "ditkernels", "ditkernels.triton_kernels": "triton_kernels",

@@ -660,6 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    p.add_argument("--ranks", default=None, metavar="P,P",
+                   help="--filter distributed: numbers of gloo CPU ranks to start (default 2,4; --quick 2)")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when an implementation failed (an unexpected error, not a skip)")
     return p
@@ -678,6 +680,10 @@ def _progress(total: int, disable: bool):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark CLI; returns the exit status (0 ok, 1 --strict failure, 2 usage error)."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if any(f.startswith("distributed") for f in args.filter):  # P rank processes: its own driver
+        from .distributed import run
+
+        return run(args)
 
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -65,8 +65,8 @@ class ElementMask:
             from .reference.local import LocalSpec, local_visible
 
             spec = LocalSpec.from_mask_params(self.params)
-            if (spec.seq, spec.seq_k) != (seq_q, seq_k):
-                raise ValueError(f"mask: local mask built for seq_q={spec.seq}, seq_k={spec.seq_k}, "
+            if (spec.seq_q, spec.seq_k) != (seq_q, seq_k):
+                raise ValueError(f"mask: local mask built for seq_q={spec.seq_q}, seq_k={spec.seq_k}, "
                                  f"asked for ({seq_q}, {seq_k})")
             return local_visible(spec, device)
         if self.kind == MASK_BAND:

@@ -116,10 +116,12 @@ def _local_range(p, n, r, t, shape, border):
 @triton.jit
 def _local_mask(offs_m, offs_n, params):
     """SPEC §1 visibility of (query, key) token pairs from ``LocalSpec.mask_params()``
-    ``[ndim, P, S, M, shape, border, n0, n1, n2, r0, r1, r2, t0, t1, t2]`` (the rule of
-    ``csrc/cpu/local_mask.h`` and ``reference/local.py``): global queries see every non-extra key;
-    grid queries see global and extra keys and the grid keys of their window (circle: the box test
-    per dimension, then ``sum_a d_a^2 prod_{b!=a} r_b^2 < prod r^2`` in int64)."""
+    ``[ndim, P, S, M, shape, border, n0, n1, n2, r0, r1, r2, t0, t1, t2, G, q0, nq, k0, nk]`` (the
+    rule of ``csrc/cpu/local_mask.h`` and ``reference/local.py``): global queries see every non-extra
+    key; grid queries see global and extra keys and the grid keys of their window (circle: the box
+    test per dimension, then ``sum_a d_a^2 prod_{b!=a} r_b^2 < prod r^2`` in int64). Keys are
+    ``[P][grid tokens k0..k0+nk][S][M]``, queries ``[P][grid tokens q0..q0+nq][S]`` (G = 1) or the
+    grid tokens alone (G = 0), in the coordinates of the whole grid."""
     P = tl.load(params + 1)
     S = tl.load(params + 2)
     shape = tl.load(params + 4)
@@ -130,11 +132,14 @@ def _local_mask(offs_m, offs_n, params):
     r0 = tl.load(params + 9)
     r1 = tl.load(params + 10)
     r2 = tl.load(params + 11)
-    N = n0 * n1 * n2
-    seq = P + N + S
+    qP = tl.load(params + 15) * P
+    q0 = tl.load(params + 16)
+    nq = tl.load(params + 17)
+    k0 = tl.load(params + 18)
+    nk = tl.load(params + 19)
     # Row-major grid coordinates (garbage for non-grid tokens, which the class test discards).
-    gq = offs_m - P
-    gk = offs_n - P
+    gq = offs_m - qP + q0
+    gk = offs_n - P + k0
     qx = gq % n2
     qy = (gq // n2) % n1
     qt = gq // (n1 * n2)
@@ -157,9 +162,9 @@ def _local_mask(offs_m, offs_n, params):
         dx = tl.minimum(tl.abs(qx - kx), r2).to(tl.int64)
         acc = dt * dt * (a1 * a2) + dy * dy * (a0 * a2) + dx * dx * (a0 * a1)
         win = win & (acc < a0 * a1 * a2)
-    q_grid = (offs_m >= P) & (offs_m < P + N)
-    k_grid = (offs_n >= P) & (offs_n < P + N)
-    return tl.where(q_grid, tl.where(k_grid, win, True), offs_n < seq)
+    q_grid = (offs_m >= qP) & (offs_m < qP + nq)
+    k_grid = (offs_n >= P) & (offs_n < P + nk)
+    return tl.where(q_grid, tl.where(k_grid, win, True), offs_n < P + nk + S)
 
 
 @triton.jit

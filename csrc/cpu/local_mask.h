@@ -3,9 +3,11 @@
 // exactly in integers, applied to a score tile as two vector compares per row.
 //
 // Geometry. Parameters (int32, ditkernels.reference.local.LocalSpec.mask_params()):
-//   [ndim, P, S, M, shape, border, n0, n1, n2, r0, r1, r2, t0, t1, t2]
-// with the grid padded in front to 3-D (size 1, radius 1, tile 1 change no rule). Tokens are
-// [P global][n0*n1*n2 grid, row-major][S global][M extra keys].
+//   [ndim, P, S, M, shape, border, n0, n1, n2, r0, r1, r2, t0, t1, t2, G, q0, nq, k0, nk]
+// with the grid padded in front to 3-D (size 1, radius 1, tile 1 change no rule). Keys are
+// [P global][grid tokens k0 .. k0+nk, row-major][S global][M extra keys]; queries are
+// [P global][grid tokens q0 .. q0+nq][S global] when G = 1, the grid tokens alone when G = 0 (a
+// sub-problem: rows of a band, ditkernels.distributed.local). Coordinates are those of the whole grid.
 //
 // Tables. A score tile of the kernels has "lanes" (the vector side: the queries of a query tile in
 // the forward and dQ passes, the keys of a KV tile in the dK/dV pass) and "rows" (the tokens it is
@@ -39,36 +41,48 @@ struct TokCoord {
 struct LocalGeom {
   int64_t nd = 0, P = 0, S = 0, M = 0, shape = 0, border = 0;
   int64_t n[3] = {1, 1, 1}, r[3] = {1, 1, 1}, tl[3] = {1, 1, 1};
-  int64_t N = 0, seq = 0;
-  int64_t ht = 0, hy = 0;        // circle: |dt| < ht and |dy| < hy can see anything
-  std::vector<int32_t> hw;       // circle: hw[dt * hy + dy] = largest visible |dx|, -1: none
-  std::vector<TokCoord> coords;  // every token of [0, seq + M)
+  int64_t N = 0;
+  int64_t ht = 0, hy = 0;         // circle: |dt| < ht and |dy| < hy can see anything
+  std::vector<int32_t> hw;        // circle: hw[dt * hy + dy] = largest visible |dx|, -1: none
+  std::vector<TokCoord> qcoords;  // every query token of [0, Sq)
+  std::vector<TokCoord> kcoords;  // every key token of [0, Sk)
+
+  TokCoord grid_coord(int64_t g) const {
+    return TokCoord{static_cast<int32_t>(g / (n[1] * n[2])), static_cast<int32_t>((g / n[2]) % n[1]),
+                    static_cast<int32_t>(g % n[2]), kGridTok};
+  }
 
   void init(const int32_t* params, int64_t Sq, int64_t Sk) {
     nd = params[0], P = params[1], S = params[2], M = params[3], shape = params[4], border = params[5];
     for (int a = 0; a < 3; ++a) n[a] = params[6 + a], r[a] = params[9 + a], tl[a] = params[12 + a];
-    if (nd < 1 || nd > 3 || P < 0 || S < 0 || M < 0 || shape < 0 || shape > 2 || border < 0 || border > 1)
+    const int64_t G = params[15], q0 = params[16], nq = params[17], k0 = params[18], nk = params[19];
+    if (nd < 1 || nd > 3 || P < 0 || S < 0 || M < 0 || shape < 0 || shape > 2 || border < 0 || border > 1 ||
+        G < 0 || G > 1)
       throw std::invalid_argument("cpu attention: bad local mask parameters");
     for (int a = 0; a < 3; ++a)
       if (n[a] < 1 || r[a] < 0 || tl[a] < 1) throw std::invalid_argument("cpu attention: bad local mask grid");
     N = n[0] * n[1] * n[2];
-    seq = P + N + S;
-    if (Sq != seq || Sk != seq + M)
-      throw std::invalid_argument("cpu attention: local mask built for seq_q=" + std::to_string(seq) +
-                                  ", seq_k=" + std::to_string(seq + M) + ", got " + std::to_string(Sq) + ", " +
+    if (q0 < 0 || nq < 0 || q0 + nq > N || k0 < 0 || nk < 0 || k0 + nk > N)
+      throw std::invalid_argument("cpu attention: bad local mask sub-grid");
+    const int64_t qP = G ? P : 0, seq_q = qP + nq + (G ? S : 0), seq_k = P + nk + S + M;
+    if (Sq != seq_q || Sk != seq_k)
+      throw std::invalid_argument("cpu attention: local mask built for seq_q=" + std::to_string(seq_q) +
+                                  ", seq_k=" + std::to_string(seq_k) + ", got " + std::to_string(Sq) + ", " +
                                   std::to_string(Sk));
     if (shape == kCircle) build_circle();
-    coords.resize(static_cast<size_t>(Sk));
+    qcoords.resize(static_cast<size_t>(Sq));
+    for (int64_t i = 0; i < Sq; ++i)
+      qcoords[static_cast<size_t>(i)] =
+          i >= qP && i < qP + nq ? grid_coord(q0 + i - qP) : TokCoord{0, 0, 0, kGlobalTok};
+    kcoords.resize(static_cast<size_t>(Sk));
     for (int64_t j = 0; j < Sk; ++j) {
       TokCoord c{0, 0, 0, kGlobalTok};
-      if (j >= seq) {
+      if (j >= P + nk + S) {
         c.cls = kExtraTok;
-      } else if (j >= P && j < P + N) {
-        const int64_t g = j - P;
-        c = TokCoord{static_cast<int32_t>(g / (n[1] * n[2])), static_cast<int32_t>((g / n[2]) % n[1]),
-                     static_cast<int32_t>(g % n[2]), kGridTok};
+      } else if (j >= P && j < P + nk) {
+        c = grid_coord(k0 + j - P);
       }
-      coords[static_cast<size_t>(j)] = c;
+      kcoords[static_cast<size_t>(j)] = c;
     }
   }
 
@@ -148,6 +162,7 @@ template <typename T>
 struct LocalTable {
   int64_t lo0 = 0, lo1 = 0, n0r = 0, n1r = 0, nrows = 0, ld = 0;
   int64_t cached = -1;  // id of the lane tile the table was built for
+  bool lanes_q = true;  // lanes are queries (rows keys), else keys (rows queries)
   T* lo = nullptr;
   T* hi = nullptr;
   std::vector<T> store;
@@ -155,7 +170,9 @@ struct LocalTable {
   // lanes: tokens tok[0, nl) (tok == nullptr: tok0 + i), padded to ld. fwd: lanes are queries.
   void build(const LocalGeom& g, bool fwd, const int32_t* tok, int64_t tok0, int64_t nl, int64_t ld_) {
     ld = ld_;
-    auto lane = [&](int64_t i) -> const TokCoord& { return g.coords[static_cast<size_t>(tok ? tok[i] : tok0 + i)]; };
+    lanes_q = fwd;
+    const std::vector<TokCoord>& lc = fwd ? g.qcoords : g.kcoords;
+    auto lane = [&](int64_t i) -> const TokCoord& { return lc[static_cast<size_t>(tok ? tok[i] : tok0 + i)]; };
     int64_t l0 = std::numeric_limits<int64_t>::max(), h0 = -1, l1 = l0, h1 = -1;
     for (int64_t i = 0; i < nl; ++i) {
       const TokCoord& c = lane(i);
@@ -207,7 +224,7 @@ struct LocalTable {
 
   // Row of the table and x coordinate of row token j.
   void row_of(const LocalGeom& g, int64_t j, int64_t& row, T& x) const {
-    const TokCoord& c = g.coords[static_cast<size_t>(j)];
+    const TokCoord& c = (lanes_q ? g.kcoords : g.qcoords)[static_cast<size_t>(j)];
     x = T(0);
     if (c.cls == kGlobalTok) {
       row = nrows + 1;

@@ -86,9 +86,28 @@ class LocalPlan(TiledSchedule):
                 "computed_over_useful": self.computed_pairs / max(self.useful_pairs, 1)}
 
 
-def _intervals(n: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    lo = torch.arange(0, n, t, dtype=torch.int64)
-    return lo, torch.clamp(lo + t, max=n) - 1
+def _intervals(lo: int, hi: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[first, last] coordinates of the tiles of t along [lo, hi)."""
+    a = torch.arange(lo, hi, t, dtype=torch.int64)
+    return a, torch.clamp(a + t, max=hi) - 1
+
+
+def _ranges3(spec: LocalSpec) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+    """Per padded dimension, the [lo, hi) coordinates of the query and of the key grid tokens
+    (the whole grid but along the first axis of a q_rows / k_rows sub-problem)."""
+    grid = spec.padded()[0]
+    ax = 3 - spec.ndim
+    q, k = [(0, n) for n in grid], [(0, n) for n in grid]
+    if spec.q_rows is not None:
+        q[ax] = spec.q_rows
+    if spec.k_rows is not None:
+        k[ax] = spec.k_rows
+    return tuple(q), tuple(k)
+
+
+def _spec3(spec: LocalSpec):
+    grid, window, tile = spec.padded()
+    return (grid, window, tile, spec.shape, spec.border, *_ranges3(spec))
 
 
 def _dim_relation(spec3, a: int, tq: int, tk: int):
@@ -96,10 +115,10 @@ def _dim_relation(spec3, a: int, tq: int, tk: int):
     tk) of dimension ``a`` of the padded grid. Returns (exists, full, dmin2, dmax2): (na, nb) tensors;
     for separable shapes ``exists``/``full`` are final along this dimension; for the circle, the
     squared min / max offsets feed the joint test."""
-    (grid, window, tile, shape, border) = spec3
+    (grid, window, tile, shape, border, qr, kr) = spec3
     n, r = grid[a], window[a]
-    alo, ahi = (x[:, None] for x in _intervals(n, tq))
-    blo, bhi = (x[None, :] for x in _intervals(n, tk))
+    alo, ahi = (x[:, None] for x in _intervals(*qr[a], tq))
+    blo, bhi = (x[None, :] for x in _intervals(*kr[a], tk))
     if shape == "tile":
         t = tile[a]
         alo, ahi, blo, bhi = alo // t, ahi // t, blo // t, bhi // t
@@ -120,8 +139,8 @@ def _dim_relation(spec3, a: int, tq: int, tk: int):
 
 def _grid_visits(spec: LocalSpec, q_tile, kv_tile):
     """Visits between grid tiles: (q_id, kv_id, partial), ids in row-major tile order."""
-    grid, window, tile = spec.padded()
-    spec3 = (grid, window, tile, spec.shape, spec.border)
+    spec3 = _spec3(spec)
+    window, qr, kr = spec3[1], spec3[5], spec3[6]
     rels = [_dim_relation(spec3, a, q_tile[a], kv_tile[a]) for a in range(3)]
     if spec.shape == "circle":
         r2 = [r * r for r in window]
@@ -145,22 +164,26 @@ def _grid_visits(spec: LocalSpec, q_tile, kv_tile):
     else:
         keep = torch.ones(idx.shape[0], dtype=torch.bool)
         full = rels[0][1][qa[0], kb[0]] & rels[1][1][qa[1], kb[1]] & rels[2][1][qa[2], kb[2]]
-    na = [-(-grid[a] // q_tile[a]) for a in range(3)]
-    nb = [-(-grid[a] // kv_tile[a]) for a in range(3)]
+    na = [-(-(qr[a][1] - qr[a][0]) // q_tile[a]) for a in range(3)]
+    nb = [-(-(kr[a][1] - kr[a][0]) // kv_tile[a]) for a in range(3)]
     q_id = (qa[0] * na[1] + qa[1]) * na[2] + qa[2]
     kv_id = (kb[0] * nb[1] + kb[1]) * nb[2] + kb[2]
     return q_id[keep], kv_id[keep], ~full[keep]
 
 
-def _grid_tile_tokens(spec: LocalSpec, shape3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens ``(num_tiles, prod(shape3))`` of the grid tiles (valid first, sentinel -1) and counts."""
+def _grid_tile_tokens(spec: LocalSpec, shape3, rng3, base: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens ``(num_tiles, prod(shape3))`` of the tiles of the grid region ``rng3`` (per dimension
+    [lo, hi), the whole grid but along the first axis; its tokens are numbered row-major from ``base``),
+    valid first, sentinel -1, and their counts."""
     grid, _, _ = spec.padded()
-    nt = [-(-grid[a] // shape3[a]) for a in range(3)]
+    lo, hi = torch.tensor([r[0] for r in rng3]), torch.tensor([r[1] for r in rng3])
+    nt = [-(-(rng3[a][1] - rng3[a][0]) // shape3[a]) for a in range(3)]
     tiles = torch.cartesian_prod(*(torch.arange(n) for n in nt)).reshape(-1, 3)  # row-major tile order
     offs = torch.cartesian_prod(*(torch.arange(s) for s in shape3)).reshape(-1, 3)
-    c = tiles[:, None, :] * torch.tensor(shape3) + offs[None, :, :]  # (T, B, 3)
-    valid = (c < torch.tensor(grid)).all(-1)
-    tok = spec.num_prefix + (c[..., 0] * grid[1] + c[..., 1]) * grid[2] + c[..., 2]
+    c = lo + tiles[:, None, :] * torch.tensor(shape3) + offs[None, :, :]  # (T, B, 3)
+    valid = (c < hi).all(-1)
+    first = (rng3[0][0] * grid[1] + rng3[1][0]) * grid[2] + rng3[2][0]
+    tok = base - first + (c[..., 0] * grid[1] + c[..., 1]) * grid[2] + c[..., 2]
     tok = torch.where(valid, tok, torch.full_like(tok, -1))
     order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # valid tokens first
     return torch.gather(tok, 1, order), valid.sum(1)
@@ -177,30 +200,35 @@ def _chunks(tokens: torch.Tensor, block: int, sentinel: int) -> torch.Tensor:
 def _useful_pairs(spec: LocalSpec) -> int:
     """Exact number of visible (query, key) pairs, without enumerating them."""
     grid, window, tile = spec.padded()
-    g, n, seq = spec.num_global, spec.num_grid, spec.seq
-    pairs = g * seq + n * (g + spec.num_extra)
+    qr, kr = _ranges3(spec)
+    g, nq, nk = spec.num_global, spec.q_grid_range()[1], spec.k_grid_range()[1]
+    pairs = spec.num_global_q * (g + nk) + nq * (g + spec.num_extra)
+
+    def overlap(a: int, d: int) -> int:  # query coordinates p of dimension a with a key at p + d
+        return max(0, min(qr[a][1], kr[a][1] - d) - max(qr[a][0], kr[a][0] - d))
+
     if spec.shape == "circle":
         r2 = [r * r for r in window]
         big = math.prod(r2)
         if big == 0:
             return pairs
         cx = r2[0] * r2[1]
-        nx = grid[2]
-        px = torch.arange(nx)
+        px = torch.arange(*qr[2])
         for dt in range(-min(window[0] - 1, grid[0] - 1), min(window[0] - 1, grid[0] - 1) + 1):
             for dy in range(-min(window[1] - 1, grid[1] - 1), min(window[1] - 1, grid[1] - 1) + 1):
                 rem = big - dt * dt * r2[1] * r2[2] - dy * dy * r2[0] * r2[2]
                 if rem <= 0:
                     continue
                 hw = math.isqrt((rem - 1) // cx)  # largest |dx| with dx^2 * cx < rem
-                rows = (grid[0] - abs(dt)) * (grid[1] - abs(dy))
-                cnt = (torch.clamp(px + hw, max=nx - 1) - torch.clamp(px - hw, min=0) + 1).sum()
+                rows = overlap(0, dt) * overlap(1, dy)
+                cnt = (torch.clamp(px + hw, max=kr[2][1] - 1) - torch.clamp(px - hw, min=kr[2][0]) + 1)
+                cnt = cnt.clamp(min=0).sum()
                 pairs += rows * int(cnt)
         return pairs
     per_dim = []
     for a in range(3):  # separable: a product of per-dimension counts
         nn, r = grid[a], window[a]
-        p = torch.arange(nn)
+        p = torch.arange(*qr[a])
         if spec.shape == "tile":
             t = tile[a]
             tp, ntile = p // t, -(-nn // t)
@@ -213,15 +241,16 @@ def _useful_pairs(spec: LocalSpec) -> int:
             lo, hi = torch.zeros_like(p), torch.full_like(p, nn - 1)
         else:
             lo, hi = torch.clamp(p - r, min=0), torch.clamp(p + r, max=nn - 1)
-        per_dim.append(int((hi - lo + 1).sum()))
+        lo, hi = lo.clamp(min=kr[a][0]), hi.clamp(max=kr[a][1] - 1)
+        per_dim.append(int((hi - lo + 1).clamp(min=0).sum()))
     return pairs + math.prod(per_dim)
 
 
 def _count_grid_visits(spec: LocalSpec, q_tile, kv_tile) -> tuple[int, int]:
     """(visits, partial visits) between grid tiles, as :func:`_grid_visits` would list them, counted
     from per-dimension histograms (fast enough to score many candidate tile shapes)."""
-    grid, window, tile = spec.padded()
-    spec3 = (grid, window, tile, spec.shape, spec.border)
+    spec3 = _spec3(spec)
+    window = spec3[1]
     rels = [_dim_relation(spec3, a, q_tile[a], kv_tile[a]) for a in range(3)]
     if spec.shape != "circle":
         visits = math.prod(int(rel[0].sum()) for rel in rels)
@@ -287,16 +316,18 @@ def _plan(spec: LocalSpec, block_m: int, block_n: int, q_tile: tuple[int, int, i
         cq, ck = _choose_tiles(spec, block_m, block_n)
         q_tile = q_tile or cq
         kv_tile = kv_tile or ck
-    p, n, seq = spec.num_prefix, spec.num_grid, spec.seq
-    glob = torch.cat([torch.arange(p), torch.arange(p + n, seq)])
-    # query tiles: grid boxes, then the global tail
-    q_grid, _ = _grid_tile_tokens(spec, q_tile)
-    q_glob = _chunks(glob, block_m, -1)
+    p, s, seq_q, seq_k = spec.num_prefix, spec.num_suffix, spec.seq_q, spec.seq_k
+    nq, nk = spec.q_grid_range()[1], spec.k_grid_range()[1]
+    qr, kr = _ranges3(spec)
+    # query tiles: grid boxes, then the global tail (none with q_rows)
+    qp = p if spec.q_rows is None else 0
+    q_grid, _ = _grid_tile_tokens(spec, q_tile, qr, qp)
+    q_glob = _chunks(torch.cat([torch.arange(qp), torch.arange(qp + nq, seq_q)]), block_m, -1)
     q_tok = torch.cat([q_grid, q_glob])
     # KV tiles: grid boxes, then the global tail, then the extra keys
-    k_grid, _ = _grid_tile_tokens(spec, kv_tile)
-    k_glob = _chunks(glob, block_n, -1)
-    k_extra = _chunks(torch.arange(seq, spec.seq_k), block_n, -1)
+    k_grid, _ = _grid_tile_tokens(spec, kv_tile, kr, p)
+    k_glob = _chunks(torch.cat([torch.arange(p), torch.arange(p + nk, p + nk + s)]), block_n, -1)
+    k_extra = _chunks(torch.arange(p + nk + s, seq_k), block_n, -1)
     kv_tok = torch.cat([k_grid, k_glob, k_extra])
     nqg, nkg, nkgl, nke = q_grid.shape[0], k_grid.shape[0], k_glob.shape[0], k_extra.shape[0]
     nqgl = q_glob.shape[0]
@@ -317,10 +348,10 @@ def _plan(spec: LocalSpec, block_m: int, block_n: int, q_tile: tuple[int, int, i
         parts_q.append(gq)
         parts_k.append(keys.repeat(nqgl))
         parts_p.append(torch.zeros(gq.numel(), dtype=torch.bool))
-    q_tok = torch.where(q_tok < 0, torch.full_like(q_tok, seq), q_tok)
-    kv_tok = torch.where(kv_tok < 0, torch.full_like(kv_tok, spec.seq_k), kv_tok)
+    q_tok = torch.where(q_tok < 0, torch.full_like(q_tok, seq_q), q_tok)
+    kv_tok = torch.where(kv_tok < 0, torch.full_like(kv_tok, seq_k), kv_tok)
     return LocalPlan.from_visits(
-        q_tok, kv_tok, seq, spec.seq_k, torch.cat(parts_q), torch.cat(parts_k), torch.cat(parts_p),
+        q_tok, kv_tok, seq_q, seq_k, torch.cat(parts_q), torch.cat(parts_k), torch.cat(parts_p),
         spec=spec, q_tile=tuple(q_tile), kv_tile=tuple(kv_tile), num_grid_q_tiles=nqg, num_grid_kv_tiles=nkg,
         useful_pairs=_useful_pairs(spec), mask=ElementMask(MASK_LOCAL, spec.mask_params()))
 
@@ -445,16 +476,12 @@ def _keys(k, v, k_extra, v_extra):
     return torch.cat([k, k_extra], 2), torch.cat([v, v_extra], 2)
 
 
-@torch.library.custom_op("ditkernels::local_attention_fwd", mutates_args=())
-def local_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_extra: torch.Tensor | None,
-                        v_extra: torch.Tensor | None, grid: List[int], window: List[int], shape: str, border: str,
-                        tile: List[int], num_prefix: int, num_suffix: int, scale: float,
-                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, H, S, D) in q.dtype and lse (B, H, S) float32 of local-window attention."""
-    m = 0 if k_extra is None else k_extra.shape[2]
-    spec = _spec(grid, window, shape, border, tile, num_prefix, num_suffix, m)
+def spec_forward(spec: LocalSpec, q: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, scale: float,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels of one problem, including q_rows / k_rows sub-problems (no validation): q
+    (B, H, spec.seq_q, D), kk / vv (B, H, spec.seq_k, D) with the extra keys appended. Returns out and
+    lse (float32). The registered op and ``ditkernels.distributed.local`` run this."""
     mod = _backend(q, backend)
-    kk, vv = _keys(k, v, k_extra, v_extra)
     if mod.NAME == "reference":
         from ..reference.attention import attention_ref
         from ..reference.local import local_visible
@@ -463,6 +490,34 @@ def local_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ext
         return out.contiguous(), lse.to(torch.float32)
     plan = kernel_plan(spec, mod, q.shape[-1], q.dtype).on(q.device)
     return mod.flash_fwd(q, kk, vv, scale=scale, schedule=plan, mask=plan.mask)
+
+
+def spec_backward(spec: LocalSpec, do: torch.Tensor, q: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor,
+                  out: torch.Tensor, lse: torch.Tensor, scale: float,
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dkk, dvv) of :func:`spec_forward` given ``do``, its ``out`` and ``lse`` (which may be those
+    of a larger softmax that this problem is a part of, e.g. merged across ranks)."""
+    mod = _backend(q, backend)
+    do = do.contiguous()
+    if mod.NAME == "reference":
+        from ..reference.attention import attention_ref_backward
+        from ..reference.local import local_visible
+
+        return attention_ref_backward(do, q, kk, vv, scale, local_visible(spec, q.device))
+    plan = kernel_plan(spec, mod, q.shape[-1], q.dtype, backward=True).on(q.device)
+    return mod.flash_bwd(do, q, kk, vv, out, lse, scale=scale, schedule=plan, mask=plan.mask)
+
+
+@torch.library.custom_op("ditkernels::local_attention_fwd", mutates_args=())
+def local_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_extra: torch.Tensor | None,
+                        v_extra: torch.Tensor | None, grid: List[int], window: List[int], shape: str, border: str,
+                        tile: List[int], num_prefix: int, num_suffix: int, scale: float,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, H, S, D) in q.dtype and lse (B, H, S) float32 of local-window attention."""
+    m = 0 if k_extra is None else k_extra.shape[2]
+    spec = _spec(grid, window, shape, border, tile, num_prefix, num_suffix, m)
+    kk, vv = _keys(k, v, k_extra, v_extra)
+    return spec_forward(spec, q, kk, vv, scale, backend)
 
 
 @local_attention_fwd.register_fake
@@ -479,21 +534,12 @@ def local_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     """(dq, dk, dv, dk_extra, dv_extra) given ``do``; the extra gradients are (B, H, 0, D) without extra_kv."""
     m = 0 if k_extra is None else k_extra.shape[2]
     spec = _spec(grid, window, shape, border, tile, num_prefix, num_suffix, m)
-    mod = _backend(q, backend)
     kk, vv = _keys(k, v, k_extra, v_extra)
-    do = do.contiguous()
-    if mod.NAME == "reference":
-        from ..reference.attention import attention_ref_backward
-        from ..reference.local import local_visible
-
-        dq, dk, dv = attention_ref_backward(do, q, kk, vv, scale, local_visible(spec, q.device))
-    else:
-        plan = kernel_plan(spec, mod, q.shape[-1], q.dtype, backward=True).on(q.device)
-        dq, dk, dv = mod.flash_bwd(do, q, kk, vv, out, lse, scale=scale, schedule=plan, mask=plan.mask)
+    dq, dk, dv = spec_backward(spec, do, q, kk, vv, out, lse, scale, backend)
     if k_extra is None:
         b, h, _, d = k.shape
         return dq, dk, dv, k.new_zeros(b, h, 0, d), v.new_zeros(b, h, 0, d)
-    s = spec.seq
+    s = spec.seq_k - spec.num_extra
     return dq, dk[:, :, :s].clone(), dv[:, :, :s].clone(), dk[:, :, s:].clone(), dv[:, :, s:].clone()
 
 

@@ -7,6 +7,11 @@ are written independently of it and are tested against it.
 
 Sequence layout: ``[num_prefix global][grid tokens, row-major][num_suffix global]`` for queries
 and keys, then (keys only) ``num_extra`` extra keys from ``extra_kv``.
+
+Sub-problems (sequence parallelism, ``ditkernels.distributed.local``): ``q_rows=(a, b)`` makes the
+queries the grid tokens of rows ``[a, b)`` of the grid's first axis only (no global queries);
+``k_rows=(a, b)`` makes the keys ``[num_prefix][grid rows a..b][num_suffix][extra]``. Visibility is
+always that of the whole grid (windows, clipping, NATTEN's shift and tiles in global coordinates).
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ class LocalSpec:
     grid: 1-3 positive sizes; window: radius per dimension; shape: circle / square / tile;
     border: clip / shift; tile: STA tile per dimension (shape="tile" only, else None);
     num_prefix / num_suffix: global tokens before / after the grid; num_extra: extra keys.
+    q_rows / k_rows: None (the whole sequence), or ``(start, stop)`` rows of the grid's first axis:
+    queries = those rows' grid tokens only, keys = global tokens + those rows + extra keys.
     """
 
     grid: tuple[int, ...]
@@ -62,11 +69,13 @@ class LocalSpec:
     num_prefix: int = 0
     num_suffix: int = 0
     num_extra: int = 0
+    q_rows: tuple[int, int] | None = None
+    k_rows: tuple[int, int] | None = None
 
     @classmethod
     def make(cls, grid: object, window: object, *, shape: object = "circle", border: object = "clip",
              tile: object = None, num_prefix: object = 0, num_suffix: object = 0,
-             num_extra: object = 0) -> "LocalSpec":
+             num_extra: object = 0, q_rows: object = None, k_rows: object = None) -> "LocalSpec":
         """Validate the user's arguments (errors name the argument) and normalise them."""
         if isinstance(grid, (tuple, list, torch.Size)):
             if not 1 <= len(grid) <= 3:
@@ -94,8 +103,19 @@ class LocalSpec:
         if shape == "circle" and math.prod([r * r for r in w]) >= MAX_RADII_PRODUCT:
             raise ValueError(f"window: the exact integer circle test needs prod(r^2) < 2^60, got radii {w}; "
                              "use shape='square' for windows that cover the whole grid")
+        rows = []
+        for name, r in (("q_rows", q_rows), ("k_rows", k_rows)):
+            if r is not None:
+                if not isinstance(r, (tuple, list)) or len(r) != 2:
+                    raise TypeError(f"{name}: expected (start, stop) rows of the grid's first axis, got {r!r}")
+                r = (_int(f"{name}[0]", r[0], 0), _int(f"{name}[1]", r[1], 0))
+                if not r[0] < r[1] <= g[0]:
+                    raise ValueError(f"{name}: expected 0 <= start < stop <= grid[0] = {g[0]}, got {r}")
+            rows.append(r)
+        if rows[1] == (0, g[0]):
+            rows[1] = None  # every key row: the plain layout
         return cls(g, w, shape, border, t, _int("num_prefix", num_prefix, 0), _int("num_suffix", num_suffix, 0),
-                   _int("num_extra", num_extra, 0))
+                   _int("num_extra", num_extra, 0), rows[0], rows[1])
 
     @property
     def ndim(self) -> int:
@@ -111,12 +131,49 @@ class LocalSpec:
 
     @property
     def seq(self) -> int:
-        """Query length = key length without the extra keys."""
+        """Length of the whole sequence (queries and keys without the extra keys, without q_rows / k_rows)."""
         return self.num_prefix + self.num_grid + self.num_suffix
 
     @property
+    def row_tokens(self) -> int:
+        """Tokens per row of the grid's first axis (``prod(grid[1:])``)."""
+        return math.prod(self.grid[1:])
+
+    def q_grid_range(self) -> tuple[int, int]:
+        """(first, count) of the grid tokens that are queries (row-major grid indices)."""
+        a, b = self.q_rows or (0, self.grid[0])
+        return a * self.row_tokens, (b - a) * self.row_tokens
+
+    def k_grid_range(self) -> tuple[int, int]:
+        """(first, count) of the grid tokens that are keys."""
+        a, b = self.k_rows or (0, self.grid[0])
+        return a * self.row_tokens, (b - a) * self.row_tokens
+
+    @property
+    def num_global_q(self) -> int:
+        """Global queries (none with q_rows)."""
+        return 0 if self.q_rows is not None else self.num_global
+
+    @property
+    def seq_q(self) -> int:
+        return self.q_grid_range()[1] + self.num_global_q
+
+    @property
     def seq_k(self) -> int:
-        return self.seq + self.num_extra
+        return self.num_global + self.k_grid_range()[1] + self.num_extra
+
+    def q_index(self) -> torch.Tensor:
+        """Positions of the queries in the whole sequence ``[prefix][grid][suffix]`` (int64)."""
+        p, (a, n) = self.num_prefix, self.q_grid_range()
+        if self.q_rows is not None:
+            return torch.arange(p + a, p + a + n)
+        return torch.arange(self.seq)
+
+    def k_index(self) -> torch.Tensor:
+        """Positions of the keys in the whole key sequence ``[prefix][grid][suffix][extra]`` (int64)."""
+        p, (a, n) = self.num_prefix, self.k_grid_range()
+        return torch.cat([torch.arange(p), torch.arange(p + a, p + a + n),
+                          torch.arange(p + self.num_grid, self.seq + self.num_extra)])
 
     def padded(self) -> tuple[tuple[int, int, int], tuple[int, int, int], tuple[int, int, int]]:
         """(grid, window, tile) padded in front to 3 dimensions with size 1, radius 1, tile 1
@@ -127,19 +184,28 @@ class LocalSpec:
 
     def mask_params(self) -> tuple[int, ...]:
         """int32 parameters of the ``MASK_LOCAL`` element mask:
-        ``[ndim, P, S, M, shape, border, n0, n1, n2, r0, r1, r2, t0, t1, t2]`` (3-D padded)."""
+        ``[ndim, P, S, M, shape, border, n0, n1, n2, r0, r1, r2, t0, t1, t2, G, q0, nq, k0, nk]``
+        (3-D padded). Queries are ``[P global][grid tokens q0 .. q0+nq][S global]`` when G = 1, the grid
+        tokens alone when G = 0 (q_rows); keys ``[P global][grid tokens k0 .. k0+nk][S global][M extra]``."""
         g, w, t = self.padded()
+        q0, nq = self.q_grid_range()
+        k0, nk = self.k_grid_range()
         return (self.ndim, self.num_prefix, self.num_suffix, self.num_extra, SHAPE_CODES[self.shape],
-                BORDER_CODES[self.border], *g, *w, *t)
+                BORDER_CODES[self.border], *g, *w, *t, int(self.q_rows is None), q0, nq, k0, nk)
 
     @classmethod
     def from_mask_params(cls, params: tuple[int, ...]) -> "LocalSpec":
         nd, p, s, m, sh, bo = params[:6]
         g, w, t = params[6:9], params[9:12], params[12:15]
+        q_global, q0, nq, k0, nk = params[15:20]
         shape = {v: k for k, v in SHAPE_CODES.items()}[sh]
         border = {v: k for k, v in BORDER_CODES.items()}[bo]
-        return cls(tuple(g[3 - nd:]), tuple(w[3 - nd:]), shape, border, tuple(t[3 - nd:]) if shape == "tile" else None,
-                   p, s, m)
+        grid = tuple(g[3 - nd:])
+        stride = math.prod(grid[1:])
+        q_rows = None if q_global else (q0 // stride, (q0 + nq) // stride)
+        k_rows = None if nk == math.prod(grid) else (k0 // stride, (k0 + nk) // stride)
+        return cls(grid, tuple(w[3 - nd:]), shape, border, tuple(t[3 - nd:]) if shape == "tile" else None,
+                   p, s, m, q_rows, k_rows)
 
 
 def grid_coords(grid: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -187,7 +253,8 @@ def grid_visible(spec: LocalSpec, device: torch.device | str = "cpu") -> torch.T
 
 
 def local_visible(spec: LocalSpec, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The full visibility mask, bool ``(seq, seq + num_extra)``: rows are queries, columns keys.
+    """The full visibility mask, bool ``(seq_q, seq_k)`` (``(seq, seq + num_extra)`` without q_rows /
+    k_rows): rows are queries, columns keys.
 
     Global queries see every key except the extra keys; grid queries see every global key, every
     extra key, and the grid keys of their window.
@@ -200,4 +267,6 @@ def local_visible(spec: LocalSpec, device: torch.device | str = "cpu") -> torch.
     vis[p:p + n, :p] = True  # grid queries: global and extra keys
     vis[p:p + n, p + n:] = True
     vis[p:p + n, p:p + n] = grid_visible(spec, device)
-    return vis
+    if spec.q_rows is None and spec.k_rows is None:
+        return vis
+    return vis[spec.q_index().to(device)][:, spec.k_index().to(device)]
