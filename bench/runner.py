@@ -549,11 +549,16 @@ def _plot_panels(rows: list[dict[str, Any]]) -> list[tuple[str, list[tuple[str, 
 
 
 def _group_label(case: str, family: str, mode: str, width: int) -> str:
-    import textwrap
+    """The case name without its family, wrapped after '-' or '/' into lines of at most ``width`` characters."""
+    import re
 
     name = case[len(family) + 1:] if case.startswith(family + "/") else case
-    return "\n".join(textwrap.wrap(name.replace("-", "-\u200b"), width)[:3]).replace("\u200b", "") + \
-        f"\n{'fwd+bwd' if mode == 'fwdbwd' else mode}"
+    lines = [""]
+    for part in re.findall(r"[^-/]+[-/]?", name):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines) + f"\n{'fwd+bwd' if mode == 'fwdbwd' else mode}"
 
 
 def write_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -563,11 +568,12 @@ def write_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ``PLOT_MAX_PX`` pixels wide, labels in 9-11 pt at ``PLOT_DPI`` (readable at 100 % zoom)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     ok = {(r["case"], r["mode"], r["impl"]): r for r in rows if r["status"] == "ok" and r.get("speedup_vs_ref")}
     panels = _plot_panels(rows)
     widest = max((len(g) * (22 * len(i) + 30) + 200 for _, g, i in panels), default=600)
-    width_in = min(PLOT_MAX_PX, max(800, widest)) / PLOT_DPI
+    width_in = min(PLOT_MAX_PX, max(1000, widest)) / PLOT_DPI
     fig = Figure(figsize=(width_in, 1.0 + 3.6 * max(1, len(panels))), dpi=PLOT_DPI)
     FigureCanvasAgg(fig)
     fig.suptitle(title, fontsize=10)
@@ -587,20 +593,17 @@ def write_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
                                 transform=ax.get_xaxis_transform())
                     continue
                 sp = r["speedup_vs_ref"]
-                ax.bar(x, sp, width=width, color=f"C{j % 10}", label=impl)
+                ax.bar(x, sp, width=width, color=f"C{j % 10}")
                 ax.text(x, sp, f"{sp:.2g}x" if sp < 10 else f"{sp:.0f}x", ha="center", va="bottom", fontsize=8,
                         rotation=90 if len(impls) > 4 else 0)
-        handles, labels = ax.get_legend_handles_labels()
-        seen = dict(zip(labels, handles))
-        if seen:
-            ax.legend(seen.values(), seen.keys(), fontsize=9, ncols=min(len(seen), 6), loc="upper left",
-                      bbox_to_anchor=(0, -0.32 if len(groups) > 1 else -0.22), frameon=False)
+        ax.legend([Patch(color=f"C{j % 10}") for j in range(len(impls))], impls, fontsize=9, loc="upper left",
+                  bbox_to_anchor=(1.005, 1.0), frameon=False)
         if log:
             ax.set_yscale("log")
         ax.margins(y=0.25)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xticks(range(len(groups)))
-        chars = max(12, int(width_in * PLOT_DPI / max(1, len(groups)) / 7))
+        chars = max(10, int((width_in * PLOT_DPI - 260) / max(1, len(groups)) / 7))
         ax.set_xticklabels([_group_label(c, fam, m, chars) for c, m in groups], fontsize=9)
         ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.grid(axis="y", alpha=0.3, which="both")

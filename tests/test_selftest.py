@@ -1,0 +1,61 @@
+"""``python -m ditkernels selftest``: the CPU path in full, the GPU path's Triton kernels under the interpreter
+(a subset: the interpreter is slow), and that a wrong kernel is reported as a failure."""
+
+from __future__ import annotations
+
+import torch
+
+import ditkernels
+from ditkernels import selftest
+from ditkernels.__main__ import main as cli_main
+
+
+def test_cpu_selftest_passes_and_writes_one_report(tmp_path, capsys):
+    rc, path = selftest.run(device="cpu", bench=False, out=tmp_path, quiet=True)
+    text = path.read_text()
+    assert rc == 0, text
+    assert list(tmp_path.iterdir()) == [path]
+    results = {(line.split(" | ")[0][2:], line.split(" | ")[3]) for line in text.splitlines() if line.startswith("| ")
+               and " | pass | " in line}
+    for op in ("attention", "local_attention", "block_sparse_attention", "block_topk_attention", "topk_attention",
+               "rettention", "selective_scan"):
+        for dt in ("fp32", "fp16", "bf16"):
+            assert (op, dt) in results, (op, dt)
+    assert "| cpu |" in text and "0 failed" in text and "## bench" not in text
+
+
+def test_gpu_path_triton_under_the_interpreter(tmp_path):
+    """The backends a GPU machine checks, on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py sets it)."""
+    results = selftest.run_checks(torch.device("cpu"), backends=["triton"], dtypes=["fp32", "bf16"],
+                                  ops=["attention", "rettention"])
+    checked = [r for r in results if r.status != "skip"]
+    assert {(r.op, r.dtype) for r in checked} == {(o, d) for o in ("attention", "rettention") for d in ("fp32", "bf16")}
+    assert all(r.status == "pass" and r.backend == "triton" for r in checked), [(r.case, r.reason, r.errs) for r in checked]
+
+
+def test_a_wrong_kernel_fails_the_selftest(tmp_path, monkeypatch):
+    def wrong(backend, q, k, v):
+        out = ditkernels.attention(q, k, v, backend=backend)
+        return out if backend == "reference" else out * 1.001
+
+    bad = selftest.Case("attention", "wrong-by-0.1%", lambda s: selftest._qkv(1, 2, 33, 33, 16, s), wrong)
+    monkeypatch.setattr(selftest, "cases", lambda: [bad])
+    rc, path = selftest.run(device="cpu", dtypes=["fp32"], bench=False, out=tmp_path, quiet=True)
+    text = path.read_text()
+    assert rc == 1
+    assert "| attention | wrong-by-0.1% | cpu | fp32 | fail | out: 1.00e-03 / 1.00e-05 |" in text
+    assert "### fail: attention wrong-by-0.1% cpu fp32" in text
+
+
+def test_cli(tmp_path, capsys):
+    assert cli_main(["selftest", "--ops", "attention", "--dtypes", "fp32", "--no-bench", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "pass  attention" in out and "1/1 checks passed" in out
+    for bad in (["--dtypes", "fp8"], ["--ops", "nope"], ["--backends", "tpu"]):
+        try:
+            cli_main(["selftest", *bad])
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(f"{bad} was accepted")
+        assert bad[1] in capsys.readouterr().err
