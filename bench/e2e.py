@@ -87,13 +87,16 @@ class E2EModel:
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))
             h = w = side // 2
-            ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h), torch.arange(w), indexing="ij"), -1)
+            ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(), indexing="ij"), -1)
             kw = dict(hidden_states=rnd(1, h * w, 64), encoder_hidden_states=rnd(1, self.text, 4096),
                       pooled_projections=rnd(1, 768), timestep=torch.tensor([0.5], device=device),
                       guidance=torch.tensor([3.5], device=device), img_ids=ids.reshape(-1, 3).to(device),
                       txt_ids=torch.zeros(self.text, 3, device=device))
             grid = (h, w)
-        return model.to(device=device, dtype=dtype).eval(), kw, grid
+        model = model.to(device)
+        if dtype != torch.float32:
+            model = model.to(dtype)
+        return model.eval(), kw, grid
 
 
 E2E_MODELS = {m.name: m for m in [
@@ -259,7 +262,7 @@ def _attn_flops(spec: E2EModel, grid: tuple[int, int]) -> float:
     return 4.0 * spec.heads * n * n * spec.head_dim * layers
 
 
-@register("e2e")
+@register("e2e", opt_in=True)
 def e2e_cases(cfg: SweepConfig) -> Iterator[Case]:
     pxs = tuple(cfg.sizes) if cfg.sizes is not None else (CUDA_PX if cfg.is_cuda else CPU_PX)
     for spec in E2E_MODELS.values():

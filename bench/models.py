@@ -382,7 +382,7 @@ def preset_for(cfg: SweepConfig, name: str) -> tuple[Preset, list[str], str]:
     return p, changes, arg
 
 
-@register("model")
+@register("model", opt_in=True)
 def model_cases(cfg: SweepConfig) -> Iterator[Case]:
     """The presets named by ``--model`` (none without it: full-size presets are not a default sweep)."""
     for name in cfg.models or ():

@@ -139,16 +139,22 @@ class Case:
 
 _GENERATORS: dict[str, Callable[[SweepConfig], Iterable[Case]]] = {}
 _LOAD_ERRORS: dict[str, str] = {}
+_OPT_IN: set[str] = set()
 
 
-def register(family: str) -> Callable[[Callable[[SweepConfig], Iterable[Case]]], Callable[[SweepConfig], Iterable[Case]]]:
+def register(family: str, *, opt_in: bool = False) -> Callable[[Callable[[SweepConfig], Iterable[Case]]], Callable[[SweepConfig], Iterable[Case]]]:
     """Decorator: register ``fn(cfg) -> Iterable[Case]`` as the case generator of ``family``.
 
-    Registering a family again replaces its generator (modules may be re-imported).
+    opt_in: the family runs only when a ``--filter`` names it (``e2e``: whole models, minutes on CPU),
+    never in a default or ``--quick`` sweep. Registering a family again replaces its generator.
     """
 
     def deco(fn: Callable[[SweepConfig], Iterable[Case]]) -> Callable[[SweepConfig], Iterable[Case]]:
         _GENERATORS[family] = fn
+        if opt_in:
+            _OPT_IN.add(family)
+        else:
+            _OPT_IN.discard(family)
         return fn
 
     return deco
@@ -190,15 +196,17 @@ def _families(filters: Sequence[str]) -> list[str]:
     """The families whose cases the filters can select. A filter that starts a family name (``sparse``,
     ``sparse.topk``, ``scan/``, ``rettention.speed/band``) selects within those families only, so the
     others do not build their cases (another family's ``--sizes`` can mean a huge problem); any other
-    filter (``S4096``, ``topk``) is matched against the case ids of every family."""
+    filter (``S4096``, ``topk``) is matched against the case ids of every family. Opt-in families
+    (``register(..., opt_in=True)``) are selected only by a filter that starts their name."""
     fams = registered_families()
+    default = [fam for fam in fams if fam not in _OPT_IN]
     if not filters:
-        return fams
+        return default
     wanted: set[str] = set()
     for f in filters:
         head = f.split("/")[0]
         named = [fam for fam in fams if fam.startswith(head) and ("/" not in f or fam == head)]
-        wanted.update(named or fams)
+        wanted.update(named or default)
     return [fam for fam in fams if fam in wanted]
 
 

@@ -251,8 +251,10 @@ def _targets(device: torch.device, backends: Sequence[str] | None) -> list[str]:
 
 
 def run_checks(device: torch.device, backends: Sequence[str] | None = None, dtypes: Sequence[str] = tuple(DTYPES),
-               ops: Sequence[str] | None = None, progress: Callable[[Result], None] | None = None) -> list[Result]:
-    """Every case of :func:`cases` (``ops``: only those ops) on each backend that the op has, in each dtype."""
+               ops: Sequence[str] | None = None, progress: Callable[[Result], None] | None = None,
+               only: Callable[[Case, str], bool] | None = None) -> list[Result]:
+    """Every case of :func:`cases` (``ops``: only those ops; ``only(case, dtype)``: only where it is true) on
+    each backend that the op has, in each dtype."""
     from ditkernels import backends as registry
 
     results = []
@@ -262,7 +264,7 @@ def run_checks(device: torch.device, backends: Sequence[str] | None = None, dtyp
         supported = _supported(case.op)
         for be in _targets(device, backends):
             for dt in dtypes:
-                if dt not in case.dtypes:
+                if dt not in case.dtypes or (only is not None and not only(case, dt)):
                     continue
                 if be not in supported:
                     continue  # e.g. cuda has only the scan: not a finding

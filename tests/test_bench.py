@@ -206,7 +206,10 @@ def test_a_family_filter_builds_only_that_family(monkeypatch):
     assert built == ["sparse.topk"] and cases and all(c.id.startswith("sparse.topk/") for c in cases)
     assert runner._families(["scan/"]) == ["scan"]
     assert runner._families(["rettention.speed/band"]) == ["rettention.speed"]
-    assert runner._families(["S4096"]) == runner._families(["topk"]) == runner.registered_families()
+    default = [f for f in runner.registered_families() if f not in ("e2e", "model")]
+    assert runner._families(["S4096"]) == runner._families(["topk"]) == runner._families([]) == default
+    # whole-model families run only when named
+    assert runner._families(["e2e"]) == ["e2e"] and runner._families(["model/"]) == ["model"]
 
 
 # ----------------------------------------------------------------------------------------------
