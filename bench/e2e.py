@@ -11,8 +11,8 @@ for one step at the chosen resolution (``--sizes`` in pixels; default 1024), bat
   single-stream ones, 512 text tokens (joint attention).
 
 Implementations: ``stock`` (diffusers' own processors: SDPA), ``local-r16`` (CLEAR's circle of
-radius 16, the middle of its radii at 1024 px, text tokens global), ``block-topk-10%`` (64x64 image
-tiles) and ``re-sparse`` (Re-ttention's sparse step, band mask at 3.1 %, drift 0: its refresh step
+radius 16, the middle of its radii at 1024 px, text tokens global), ``block-topk-10%`` (64-token
+blocks that are 8x8 image tiles) and ``re-sparse`` (Re-ttention's sparse step, band mask at 3.1 %, drift 0: its refresh step
 ran on the previous step's inputs, i.e. the latents with 5 % fresh noise and the timestep 1/50 of the
 schedule later). Ours go through :class:`ditkernels.integrations.diffusers.GridAttnProcessor`.
 
@@ -251,7 +251,7 @@ def _builders(spec: E2EModel, state: dict[str, Any]) -> dict[str, Callable]:
 
 
 def _name(kind: str) -> str:
-    return {"local": f"CLEAR circle r={WINDOW}", "topk": f"{BLOCK}x{BLOCK}-token tiles, {int(DENSITY * 100)}% of blocks",
+    return {"local": f"CLEAR circle r={WINDOW}", "topk": f"{BLOCK}-token image tiles, {int(DENSITY * 100)}% of blocks",
             "re-sparse": "band 3.1%, refresh on the previous step"}[kind]
 
 

@@ -12,8 +12,8 @@ One case per preset, family ``model``, with every implementation on the same q, 
 (CLEAR's circles; its paper uses r = 8, 16, 32 on FLUX at 1024 px, a 64x64 token grid; a radius
 whose window covers the whole grid is left out), ``local-sq-r8`` with ``natten-r8`` (NATTEN's
 shifted square window, no global tokens), ``flex-local-r16`` (compiled FlexAttention with CLEAR's
-mask_mod, at the middle radius), ``block-topk-10%`` (64x64 image-tile blocks, top 10 % of the key
-blocks) and ``re-sparse`` (Re-ttention's sparse step with the band mask of its released code at
+mask_mod, at the middle radius), ``block-topk-10%`` (blocks of 64 tokens that are image tiles, 8x8 on a 2-D grid; top 10 % of
+the key blocks) and ``re-sparse`` (Re-ttention's sparse step with the band mask of its released code at
 3.1 % density; inference only). Text tokens are global tokens of every sparse op. Video grids use
 the same radii in space and ``max(1, r // 4)`` latent frames in time (our choice: CLEAR has no video
 setting).
@@ -254,17 +254,19 @@ def _builders(p: Preset, scale_note: str) -> dict[str, Callable]:
 
     def dense(inputs):
         q, k, v = _qkv(inputs)
+        detail = _backend("attention", q)
         fn = lambda: ditkernels.attention(q, k, v)  # noqa: E731
-        fn.detail = _backend("attention", q)
+        fn.detail = detail
         return fn
 
     def local(r: int, shape: str = "circle", border: str = "clip"):
         def build(inputs):
             q, k, v = _qkv(inputs)
+            backend = _backend("local_attention", q)
             win = window(p, r)
             plan = ditkernels.local_attention_plan(grid, win, shape=shape, border=border, **kw)
             fn = lambda: ditkernels.local_attention(q, k, v, grid, win, shape=shape, border=border, **kw)  # noqa: E731
-            fn.detail = f"{_backend('local_attention', q)}, window {win} {shape}, density " \
+            fn.detail = f"{backend}, window {win} {shape}, density " \
                         f"{plan.useful_pairs / p.seq ** 2:.3f}"
             return fn
 
@@ -320,15 +322,17 @@ def _builders(p: Preset, scale_note: str) -> dict[str, Callable]:
 
     def block_topk(inputs):
         q, k, v = _qkv(inputs)
+        backend = _backend("block_sparse_attention", q)
         fn = lambda: ditkernels.block_topk_attention(q, k, v, density=TOPK_DENSITY, block_size=(BLOCK, BLOCK),  # noqa: E731
                                                      grid=grid, **kw)
-        fn.detail = f"{_backend('block_sparse_attention', q)}, {BLOCK}-token image tiles, selection included"
+        fn.detail = f"{backend}, {BLOCK}-token image tiles, selection included"
         return fn
 
     def re_sparse(inputs):
         q, k, v = _qkv(inputs)
         if q.requires_grad:
             raise SkipImpl("Re-ttention's sparse step is inference only (no backward)")
+        backend = _backend("rettention", q)
         frames = grid[0] if len(grid) == 3 else 1
         mask = ditkernels.Band(frames=frames, **kw)
         state = ditkernels.ReCache()
@@ -338,7 +342,7 @@ def _builders(p: Preset, scale_note: str) -> dict[str, Callable]:
             state.n = 0
             return ditkernels.rettention(q, k, v, state, "sparse")
 
-        fn.detail = f"{_backend('rettention', q)}, band 3.1 %{f' per frame ({frames})' if frames > 1 else ''}, " \
+        fn.detail = f"{backend}, band 3.1 %{f' per frame ({frames})' if frames > 1 else ''}, " \
                     "one sparse pass + epilogue"
         return fn
 
@@ -346,8 +350,10 @@ def _builders(p: Preset, scale_note: str) -> dict[str, Callable]:
     impls: dict[str, Callable] = {"sdpa": sdpa, "ditkernels": dense}
     impls.update({f"local-r{r}": local(r) for r in rs})
     if rs:
-        impls["local-sq-r8"] = local(8, "square", "shift")
-        impls["natten-r8"] = natten(8)
+        win8 = window(p, 8)
+        if all(2 * w + 1 <= g for w, g in zip(win8 if isinstance(win8, tuple) else (8,) * len(p.grid), p.grid)):
+            impls["local-sq-r8"] = local(8, "square", "shift")  # NATTEN's window: its kernel must fit the grid
+            impls["natten-r8"] = natten(8)
         mid = rs[len(rs) // 2]
         impls[f"flex-local-r{mid}"] = flex(mid)
     impls["block-topk-10%"] = block_topk
@@ -356,17 +362,23 @@ def _builders(p: Preset, scale_note: str) -> dict[str, Callable]:
 
 
 def _backend(op: str, q: torch.Tensor) -> str:
+    """``"backend=NAME"`` of ``op`` for ``q``; a SkipImpl when only the reference would run (its score
+    matrix at a model's sequence length is not a measurement, and may not fit in memory)."""
+    import importlib
+
+    from ditkernels.backends import resolve
+
+    mod = {"attention": "attention", "local_attention": "local", "block_sparse_attention": "sparse",
+           "rettention": "rettention"}[op]
+    supported = importlib.import_module(f"ditkernels.ops.{mod}").SUPPORTED
     try:
-        import importlib
-
-        from ditkernels.backends import resolve
-
-        mod = {"attention": "attention", "local_attention": "local", "block_sparse_attention": "sparse",
-               "rettention": "rettention"}[op]
-        supported = importlib.import_module(f"ditkernels.ops.{mod}").SUPPORTED
-        return "backend=" + resolve(op, supported, q.device, q.dtype, None).NAME
-    except Exception as e:  # noqa: BLE001 - the call itself reports a real failure
-        return f"backend=? ({type(e).__name__})"
+        name = resolve(op, supported, q.device, q.dtype, None).NAME
+    except Exception as e:  # noqa: BLE001 - the reason is the skip
+        raise SkipImpl(f"no ditkernels backend for {op} here: {type(e).__name__}: {e}") from None
+    if name == "reference":
+        raise SkipImpl(f"no fast ditkernels backend for {op} on {q.device.type} {q.dtype} here (only the dense "
+                       "reference, which is not measured); see python -m ditkernels info")
+    return f"backend={name}"
 
 
 def resolve_preset(name: str) -> Preset:
