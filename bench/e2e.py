@@ -149,9 +149,10 @@ class _PeakMemory:
     @staticmethod
     def _rss(field: str) -> int | None:
         try:
-            for line in open("/proc/self/status"):
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1]) * 1024
         except OSError:
             pass
         return None
