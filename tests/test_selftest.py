@@ -68,3 +68,23 @@ def test_cli(tmp_path, capsys):
         else:
             raise AssertionError(f"{bad} was accepted")
         assert bad[1] in capsys.readouterr().err
+
+
+def test_bench_section_of_the_report(tmp_path, monkeypatch):
+    """On a GPU the selftest runs ``bench --quick`` on that device into the same folder (stubbed here: the
+    real sweep takes minutes on CPU) and puts its table in the report."""
+    from ditkernels.bench import runner
+
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        print("case  mode  impl  time ms\nattention.dense/B1-H8-S4096-D64-fp32  fwd  sdpa  1.0")
+        return 0
+
+    monkeypatch.setattr(runner, "main", fake_main)
+    rc, path = selftest.run(device="cpu", ops=["attention"], dtypes=["fp32"], bench=True, out=tmp_path, quiet=True)
+    assert rc == 0
+    assert calls and calls[0][:4] == ["--quick", "--device", "cpu", "--out"] and calls[0][4] == str(tmp_path)
+    text = path.read_text()
+    assert "## bench --quick (exit status 0)" in text and "attention.dense/B1-H8-S4096-D64-fp32" in text
