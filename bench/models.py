@@ -281,6 +281,9 @@ def _builders(p: Preset, scale_note: str) -> dict[str, Callable]:
             except ImportError as e:
                 raise SkipImpl(f"natten is not installed ({e}); pip install natten") from None
             q, k, v = _qkv(inputs)
+            d = q.shape[-1]
+            if q.device.type == "cpu" and d & (d - 1):
+                raise SkipImpl(f"NATTEN's CPU path (FlexAttention) takes a power-of-two head_dim only, got {d}")
             win = window(p, r)
             ks = tuple(2 * w + 1 for w in win) if isinstance(win, tuple) else 2 * win + 1
             op = nat.functional.na3d if len(grid) == 3 else nat.functional.na2d
