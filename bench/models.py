@@ -19,8 +19,9 @@ the same radii in space and ``max(1, r // 4)`` latent frames in time (our choice
 setting).
 
 ``--scale`` (default ``auto`` on CPU, ``none`` on CUDA) shrinks the call so that a dense forward is
-about ``CPU_DENSE_FLOPS`` (a preset then runs in about a minute on 2 CPU cores): first the batch
-(to 1), then the heads, then the latent frames of a video (to 2), then the rows of the token grid
+at most ``CPU_DENSE_FLOPS`` (a preset then runs in about a minute on 2 CPU cores): first the batch
+(to 1), then the heads (to one per thread: SDPA's CPU backward parallelises over batch x heads), then
+the latent frames of a video (to 2), then the rows of the token grid
 (the last resort, for FLUX / PixArt at 2048-4096 px: the window of a local op keeps its size but
 the dense cost shrinks with the grid, so speed-ups are lower than at the full grid). ``--scale
 heads=2,frames=3`` sets them by hand. The table's header and the ``sdpa`` row say what was scaled.
@@ -39,7 +40,7 @@ from .attention import _make_inputs, _qkv, build_sdpa, flex_call
 from .runner import Case, SkipImpl, SweepConfig, dtype_name, register
 
 CLEAR_RADII = (8, 16, 32)
-CPU_DENSE_FLOPS = 12e9  # dense forward FLOPs of one scaled preset call on CPU (about 0.1 s on 2 cores)
+CPU_DENSE_FLOPS = 24e9  # dense forward FLOPs of one scaled preset call on CPU (about 0.2 s on 2 cores)
 TOPK_DENSITY = 0.1
 BLOCK = 64
 
@@ -175,7 +176,10 @@ def scaled(p: Preset, scale: str | dict[str, int], budget: float = CPU_DENSE_FLO
             q = with_(q, key, n)
     else:
         q = with_(q, "batch", 1)
-        for key, floor in (("heads", 1), ("frames", 2), ("rows", 1)):
+        # keep a head per thread: SDPA's CPU backward parallelises over batch x heads (at one head its
+        # fwd+bwd runs on one thread and takes 30-40x its forward, which would inflate every speed-up)
+        heads_floor = min(q.heads, max(1, torch.get_num_threads()))
+        for key, floor in (("heads", heads_floor), ("frames", 2), ("rows", 1)):
             if key == "frames" and not video:
                 continue
             dim = {"heads": q.heads, "frames": q.grid[0], "rows": q.grid[-2]}[key]

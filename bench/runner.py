@@ -667,8 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "every op that fits, at the model's shape; repeatable")
     p.add_argument("--list-models", action="store_true", help="list the model presets and exit")
     p.add_argument("--scale", default=None, metavar="auto|none|KEY=N,...",
-                   help="shrink a --model preset: auto (default on CPU: batch, then heads, then video frames, then "
-                        "grid rows, until a dense forward is ~12 GFLOP), none (default on CUDA), or e.g. "
+                   help="shrink a --model preset: auto (default on CPU: batch, then heads down to one per thread, then "
+                        "video frames, then grid rows, until a dense forward is <= 24 GFLOP), none (default on CUDA), or e.g. "
                         "heads=2,frames=3 (keys batch, heads, frames, rows)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")

@@ -236,6 +236,7 @@ def test_model_presets_list_and_auto_scale(capsys):
         assert p.dense_flops() <= models.CPU_DENSE_FLOPS, name
         assert (p.head_dim, p.text, p.grid[-1]) == (full.head_dim, full.text, full.grid[-1]), name  # never shrunk
         assert bool(changes) == (p != full), name
+        assert p.heads >= min(full.heads, torch.get_num_threads()), name  # a head per thread at least
         if len(full.grid) == 3:
             assert p.grid[0] >= 2, name  # a video keeps 2 frames at least
     p, changes = models.scaled(models.PRESETS["cogvideox-5b"], models.parse_scale("heads=2,frames=3"))
