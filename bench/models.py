@@ -20,7 +20,7 @@ setting).
 
 ``--scale`` (default ``auto`` on CPU, ``none`` on CUDA) shrinks the call so that a dense forward is
 at most ``CPU_DENSE_FLOPS`` (a preset then runs in about a minute on 2 CPU cores): first the batch
-(to 1), then the heads (to one per thread: SDPA's CPU backward parallelises over batch x heads), then
+(to 1), then the heads (to one per thread: at one head SDPA's CPU backward is 30-40x its forward), then
 the latent frames of a video (to 2), then the rows of the token grid
 (the last resort, for FLUX / PixArt at 2048-4096 px: the window of a local op keeps its size but
 the dense cost shrinks with the grid, so speed-ups are lower than at the full grid). ``--scale
@@ -176,8 +176,8 @@ def scaled(p: Preset, scale: str | dict[str, int], budget: float = CPU_DENSE_FLO
             q = with_(q, key, n)
     else:
         q = with_(q, "batch", 1)
-        # keep a head per thread: SDPA's CPU backward parallelises over batch x heads (at one head its
-        # fwd+bwd runs on one thread and takes 30-40x its forward, which would inflate every speed-up)
+        # keep a head per thread: at one head, SDPA's CPU fwd+bwd took 30-40x its forward here (2 threads;
+        # 3-6x with a head per thread), which would inflate every fwd+bwd speed-up
         heads_floor = min(q.heads, max(1, torch.get_num_threads()))
         for key, floor in (("heads", heads_floor), ("frames", 2), ("rows", 1)):
             if key == "frames" and not video:
