@@ -27,8 +27,8 @@ triton is absent); on CPU the median wall time (``time.perf_counter``) of ``--re
 ``--warmup`` runs, the implementations of a case timed round-robin.
 
 Output in ``--out`` (default ``bench_results/``): ``<tag>.json`` (device, versions, git commit,
-timestamp, threads, config and one row per case x mode x impl), ``<tag>.png`` (time and speed-up
-bars) and ``history.jsonl`` (every row of every run, each with device, versions, commit and
+timestamp, threads, config and one row per case x mode x impl), ``<tag>.png`` (speed-up bars, one
+panel per family) and ``history.jsonl`` (every row of every run, each with device, versions, commit and
 timestamp, like Liger's benchmark records), plus the table on stdout.
 """
 
@@ -94,6 +94,8 @@ class SweepConfig:
     dtype: torch.dtype
     quick: bool = False
     sizes: list[int] | None = None
+    models: list[str] | None = None  # --model: presets of the ``model`` family (bench/models.py)
+    scale: str | None = None  # --scale of the model presets (None: auto on CPU, none on CUDA)
 
     @property
     def is_cuda(self) -> bool:
@@ -137,16 +139,22 @@ class Case:
 
 _GENERATORS: dict[str, Callable[[SweepConfig], Iterable[Case]]] = {}
 _LOAD_ERRORS: dict[str, str] = {}
+_OPT_IN: set[str] = set()
 
 
-def register(family: str) -> Callable[[Callable[[SweepConfig], Iterable[Case]]], Callable[[SweepConfig], Iterable[Case]]]:
+def register(family: str, *, opt_in: bool = False) -> Callable[[Callable[[SweepConfig], Iterable[Case]]], Callable[[SweepConfig], Iterable[Case]]]:
     """Decorator: register ``fn(cfg) -> Iterable[Case]`` as the case generator of ``family``.
 
-    Registering a family again replaces its generator (modules may be re-imported).
+    opt_in: the family runs only when a ``--filter`` names it (``e2e``: whole models, minutes on CPU),
+    never in a default or ``--quick`` sweep. Registering a family again replaces its generator.
     """
 
     def deco(fn: Callable[[SweepConfig], Iterable[Case]]) -> Callable[[SweepConfig], Iterable[Case]]:
         _GENERATORS[family] = fn
+        if opt_in:
+            _OPT_IN.add(family)
+        else:
+            _OPT_IN.discard(family)
         return fn
 
     return deco
@@ -188,15 +196,17 @@ def _families(filters: Sequence[str]) -> list[str]:
     """The families whose cases the filters can select. A filter that starts a family name (``sparse``,
     ``sparse.topk``, ``scan/``, ``rettention.speed/band``) selects within those families only, so the
     others do not build their cases (another family's ``--sizes`` can mean a huge problem); any other
-    filter (``S4096``, ``topk``) is matched against the case ids of every family."""
+    filter (``S4096``, ``topk``) is matched against the case ids of every family. Opt-in families
+    (``register(..., opt_in=True)``) are selected only by a filter that starts their name."""
     fams = registered_families()
+    default = [fam for fam in fams if fam not in _OPT_IN]
     if not filters:
-        return fams
+        return default
     wanted: set[str] = set()
     for f in filters:
         head = f.split("/")[0]
         named = [fam for fam in fams if fam.startswith(head) and ("/" not in f or fam == head)]
-        wanted.update(named or fams)
+        wanted.update(named or default)
     return [fam for fam in fams if fam in wanted]
 
 
@@ -567,51 +577,91 @@ def format_table(rows: list[dict[str, Any]], device: torch.device) -> str:
     return "\n".join([fmt_line(header), sep, *(fmt_line(l) for l in lines)])
 
 
-def write_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Two panels per (case, mode) group, one bar per impl: time (ms, log) and speed-up vs the reference."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+PLOT_MAX_PX = 2000  # the plot's width limit (pixels at PLOT_DPI)
+PLOT_DPI = 100
 
-    groups: list[tuple[str, str]] = []
-    impls: list[str] = []
+
+def _plot_panels(rows: list[dict[str, Any]]) -> list[tuple[str, list[tuple[str, str]], list[str]]]:
+    """(family, [(case, mode)], [impl]) per panel: one family per panel, in the rows' order; a family with
+    more groups than fit in PLOT_MAX_PX (bars >= 22 px) continues on the next panel."""
+    families: dict[str, tuple[list[tuple[str, str]], list[str]]] = {}
     for r in rows:
+        groups, impls = families.setdefault(r["family"] or r["case"].split("/")[0], ([], []))
         if (r["case"], r["mode"]) not in groups:
             groups.append((r["case"], r["mode"]))
         if r["impl"] not in impls:
             impls.append(r["impl"])
-    ok = {(r["case"], r["mode"], r["impl"]): r for r in rows if r["status"] == "ok"}
+    panels = []
+    for fam, (groups, impls) in families.items():
+        per_panel = max(1, (PLOT_MAX_PX - 200) // (22 * len(impls) + 30))
+        for i in range(0, len(groups), per_panel):
+            panels.append((fam, groups[i:i + per_panel], impls))
+    return panels
 
-    fig = Figure(figsize=(max(6.0, 1.5 + 0.4 * len(groups) * max(1, len(impls))), 7.5), dpi=110)
+
+def _group_label(case: str, family: str, mode: str, width: int) -> str:
+    """The case name without its family, wrapped after '-' or '/' into lines of at most ``width`` characters."""
+    import re
+
+    name = case[len(family) + 1:] if case.startswith(family + "/") else case
+    lines = [""]
+    for part in re.findall(r"[^-/]+[-/]?", name):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines) + f"\n{'fwd+bwd' if mode == 'fwdbwd' else mode}"
+
+
+def write_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """One panel per op family: for each (case, mode) a group of bars, one per implementation, the
+    speed-up against the case's reference (higher is better; log scale when the range is wide), each
+    bar labelled with its value; skipped / failed implementations are marked ``n/a``. At most
+    ``PLOT_MAX_PX`` pixels wide, labels in 9-11 pt at ``PLOT_DPI`` (readable at 100 % zoom)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    ok = {(r["case"], r["mode"], r["impl"]): r for r in rows if r["status"] == "ok" and r.get("speedup_vs_ref")}
+    panels = _plot_panels(rows)
+    widest = max((len(g) * (22 * len(i) + 30) + 200 for _, g, i in panels), default=600)
+    width_in = min(PLOT_MAX_PX, max(1000, widest)) / PLOT_DPI
+    fig = Figure(figsize=(width_in, 1.0 + 3.6 * max(1, len(panels))), dpi=PLOT_DPI)
     FigureCanvasAgg(fig)
-    ax_t, ax_s = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
-    width = 0.8 / max(1, len(impls))
-    for j, impl in enumerate(impls):
-        xs, ts, sps = [], [], []
-        for i, (case, mode) in enumerate(groups):
-            r = ok.get((case, mode, impl))
-            if r is not None:
-                xs.append(i - 0.4 + width * (j + 0.5))
-                ts.append(r["time_ms"])
-                sps.append(r.get("speedup_vs_ref") or 0.0)
-        color = f"C{j}"
-        if xs:
-            ax_t.bar(xs, ts, width=width, label=impl, color=color)
-            ax_s.bar(xs, sps, width=width, label=impl, color=color)
-    labels = [f"{c.split('/', 1)[-1]}\n{c.split('/', 1)[0]} {m}" for c, m in groups]
-    for ax in (ax_t, ax_s):
+    fig.suptitle(title, fontsize=10)
+    refs = {r["family"] or r["case"].split("/")[0]: r["reference"] for r in rows}
+    for p, (fam, groups, impls) in enumerate(panels):
+        ax = fig.add_subplot(len(panels) or 1, 1, p + 1)
+        width = 0.8 / max(1, len(impls))
+        vals = [ok[c, m, i]["speedup_vs_ref"] for c, m in groups for i in impls if (c, m, i) in ok]
+        log = bool(vals) and max(vals) / min(vals) > 30
+        for j, impl in enumerate(impls):
+            for g, (case, mode) in enumerate(groups):
+                x = g - 0.4 + width * (j + 0.5)
+                r = ok.get((case, mode, impl))
+                if r is None:
+                    if any(q["case"] == case and q["mode"] == mode and q["impl"] == impl for q in rows):
+                        ax.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=8, color="0.45",
+                                transform=ax.get_xaxis_transform())
+                    continue
+                sp = r["speedup_vs_ref"]
+                ax.bar(x, sp, width=width, color=f"C{j % 10}")
+                ax.text(x, sp, f"{sp:.2g}x" if sp < 10 else f"{sp:.0f}x", ha="center", va="bottom", fontsize=8,
+                        rotation=90 if len(impls) > 4 else 0)
+        ax.legend([Patch(color=f"C{j % 10}") for j in range(len(impls))], impls, fontsize=9, loc="upper left",
+                  bbox_to_anchor=(1.005, 1.0), frameon=False)
+        if log:
+            ax.set_yscale("log")
+        ax.margins(y=0.25)
+        ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xticks(range(len(groups)))
+        chars = max(10, int((width_in * PLOT_DPI - 260) / max(1, len(groups)) / 7))
+        ax.set_xticklabels([_group_label(c, fam, m, chars) for c, m in groups], fontsize=9)
+        ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.grid(axis="y", alpha=0.3, which="both")
-    ax_t.set_xticklabels([])
-    ax_s.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
-    if ok:
-        ax_t.set_yscale("log")
-        ax_t.legend(fontsize=8)
-    else:
-        ax_t.text(0.5, 0.5, "no implementation ran", ha="center", va="center", transform=ax_t.transAxes)
-    ax_s.axhline(1.0, color="black", lw=0.8)
-    ax_t.set_ylabel("time (ms, lower is better)")
-    ax_s.set_ylabel("speed-up vs reference\n(higher is better)")
-    ax_t.set_title(title, fontsize=9)
+        ax.set_ylabel(f"speed-up vs {refs.get(fam)}", fontsize=10)
+        ax.set_title(f"{fam}: speed-up vs {refs.get(fam)} (higher is better)", fontsize=11, loc="left")
+        if not vals:
+            ax.text(0.5, 0.5, "no implementation ran", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -658,6 +708,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench_results", metavar="DIR", help="output folder (default bench_results/)")
     p.add_argument("--tag", default=None, help="file name stem of the JSON/PNG (default bench-<timestamp>)")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    p.add_argument("--model", action="append", default=[], metavar="NAME",
+                   help="run the attention call of a real DiT (a preset of --list-models): dense SDPA and "
+                        "every op that fits, at the model's shape; repeatable")
+    p.add_argument("--list-models", action="store_true", help="list the model presets and exit")
+    p.add_argument("--scale", default=None, metavar="auto|none|KEY=N,...",
+                   help="shrink a --model preset: auto (default on CPU: batch, then heads down to one per thread, then "
+                        "video frames, then grid rows, until a dense forward is <= 24 GFLOP), none (default on CUDA), or e.g. "
+                        "heads=2,frames=3 (keys batch, heads, frames, rows)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     p.add_argument("--ranks", default=None, metavar="P,P",
@@ -698,9 +756,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         torch.set_num_threads(args.threads)
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    cfg = SweepConfig(device=device, dtype=dtype, quick=args.quick, sizes=args.sizes)
+    cfg = SweepConfig(device=device, dtype=dtype, quick=args.quick, sizes=args.sizes, models=args.model or None,
+                      scale=args.scale)
 
     load_errors = discover()
+    headers: list[str] = []
+    if args.model or args.list_models or args.scale:
+        from . import models
+
+        try:
+            models.parse_scale(args.scale)
+            for name in args.model:
+                models.resolve_preset(name)
+        except ValueError as e:
+            print(f"ditkernels bench: {e}", file=sys.stderr)
+            return 2
+        if args.list_models:
+            print(models.list_models(cfg))
+            return 0
+        if not args.filter:
+            args.filter = ["model/"]
+        headers = [models.describe(*models.preset_for(cfg, name)) for name in args.model]
     cases = build_cases(cfg, args.filter)
     if not cases:
         print(f"ditkernels bench: no case matches --filter {args.filter} "
@@ -752,7 +828,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": versions(),
         "git": git_info(),
         "config": {"device": device.type, "dtype": dtype_name(dtype), "mode": args.mode, "quick": args.quick,
-                   "filter": args.filter, "impl": wanted, "sizes": args.sizes, "threads": torch.get_num_threads(),
+                   "filter": args.filter, "impl": wanted, "sizes": args.sizes, "model": args.model,
+                   "scale": args.scale, "threads": torch.get_num_threads(),
                    "reps": opts.reps if device.type == "cpu" else None,
                    "warmup": opts.warmup if device.type == "cpu" else None,
                    "load": opts.load if device.type == "cpu" else None},
@@ -782,6 +859,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cpu" and load is not None and load > 0.5:
         print(f"note: the 1-minute load average was {load:.2f} before the run: other processes share the "
               "CPU, so timings are noisy (implementations were timed round-robin to share the noise)")
+    for h in headers:
+        print(h)
     print(format_table(rows, device))
     print(f"wrote {json_path}")
     if not args.no_plot:

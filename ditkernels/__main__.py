@@ -1,4 +1,4 @@
-"""Command line: ``python -m ditkernels {info, compile-report, bench}``."""
+"""Command line: ``python -m ditkernels {info, compile-report, bench, selftest}``."""
 
 from __future__ import annotations
 
@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"info": "backends, versions and compiled archs",
                 "compile-report": "compile every shipped kernel for GPU archs without a GPU",
-                "bench": "benchmark the kernels against their peers"}
+                "bench": "benchmark the kernels against their peers",
+                "selftest": "check every op on this machine's fast backends against the reference (+ bench on GPU)"}
     if not argv or argv[0] not in commands:
-        print("usage: python -m ditkernels {info,compile-report,bench} [options]\n" +
+        print("usage: python -m ditkernels {info,compile-report,bench,selftest} [options]\n" +
               "\n".join(f"  {k:<15} {v}" for k, v in commands.items()), file=sys.stderr)
         return 2
     cmd, rest = argv[0], argv[1:]
@@ -74,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         from ditkernels.compile_report import main as report_main
 
         return report_main(rest)
+    if cmd == "selftest":
+        from ditkernels.selftest import main as selftest_main
+
+        return selftest_main(rest)
     from ditkernels.bench.runner import main as bench_main
 
     return bench_main(rest)

@@ -229,4 +229,142 @@ def test_a_family_filter_builds_only_that_family(monkeypatch):
     assert built == ["sparse.topk"] and cases and all(c.id.startswith("sparse.topk/") for c in cases)
     assert runner._families(["scan/"]) == ["scan"]
     assert runner._families(["rettention.speed/band"]) == ["rettention.speed"]
-    assert runner._families(["S4096"]) == runner._families(["topk"]) == runner.registered_families()
+    default = [f for f in runner.registered_families() if f not in ("e2e", "model")]
+    assert runner._families(["S4096"]) == runner._families(["topk"]) == runner._families([]) == default
+    # whole-model families run only when named
+    assert runner._families(["e2e"]) == ["e2e"] and runner._families(["model/"]) == ["model"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model presets (bench/models.py), the end-to-end family (bench/e2e.py) and the plot
+
+
+def test_model_presets_list_and_auto_scale(capsys):
+    from ditkernels.bench import models
+
+    assert main(["--device", "cpu", "--list-models"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("dit-xl-256", "dit-xl-512", "pixart-sigma-1024", "pixart-sigma-2048", "sd35-large", "flux-dev-1024",
+                 "flux-dev-2048", "flux-dev-4096", "cogvideox-5b", "hunyuanvideo-720p", "wan2.1-14b-720p"):
+        assert name in listed and name in models.PRESETS
+    assert "transformer/config.json" in listed
+    # the published shapes the issue names: joint text + image at head_dim 128, 75k-120k video tokens
+    flux = models.PRESETS["flux-dev-4096"]
+    assert (flux.heads, flux.head_dim, flux.grid, flux.text, flux.seq) == (24, 128, (256, 256), 512, 66048)
+    assert models.PRESETS["pixart-sigma-1024"].head_dim == 72
+    assert models.PRESETS["hunyuanvideo-720p"].seq == 33 * 45 * 80 + 256
+    assert models.PRESETS["wan2.1-14b-720p"].seq == 21 * 45 * 80
+    for name, full in models.PRESETS.items():
+        p, changes = models.scaled(full, "auto")
+        assert p.dense_flops() <= models.CPU_DENSE_FLOPS, name
+        assert (p.head_dim, p.text, p.grid[-1]) == (full.head_dim, full.text, full.grid[-1]), name  # never shrunk
+        assert bool(changes) == (p != full), name
+        assert p.heads >= min(full.heads, torch.get_num_threads()), name  # a head per thread at least
+        if len(full.grid) == 3:
+            assert p.grid[0] >= 2, name  # a video keeps 2 frames at least
+    p, changes = models.scaled(models.PRESETS["cogvideox-5b"], models.parse_scale("heads=2,frames=3"))
+    assert (p.heads, p.grid, changes) == (2, (3, 30, 45), ["heads 48->2", "frames 13->3"])
+    assert models.scaled(flux, "none") == (flux, [])
+
+
+def test_model_usage_errors(capsys):
+    assert main(["--device", "cpu", "--model", "no-such-model", "--list"]) == 2
+    assert "unknown preset 'no-such-model'" in capsys.readouterr().err
+    assert main(["--device", "cpu", "--model", "dit-xl-256", "--scale", "heads=0", "--list"]) == 2
+    assert "--scale" in capsys.readouterr().err
+
+
+def test_clear_mask_mod_matches_the_local_reference():
+    """FlexAttention's mask_mod of a preset (3-D grid, text after the grid) selects CLEAR's window exactly."""
+    import ditkernels
+    from ditkernels.bench import models
+    from ditkernels.ops.rettention import dense_visible
+
+    for p, win in ((models.Preset("t", "m", "c", "r", 1, 1, 8, (3, 5, 7), 4, False), (1, 2, 3)),
+                   (models.Preset("t", "m", "c", "r", 1, 1, 8, (7, 13), 5, True), 3)):
+        idx = torch.arange(p.seq)
+        got = models._clear_mask_mod(p, win)(0, 0, idx[:, None], idx[None, :])
+        q = torch.zeros(1, 1, p.seq, 8)
+        want = dense_visible(ditkernels.LocalWindow(p.grid, win, num_prefix=p.num_prefix, num_suffix=p.num_suffix),
+                             q, q, 1.0)
+        assert torch.equal(got, want.reshape(p.seq, p.seq))
+
+
+def test_model_preset_rows(tmp_path, capsys):
+    """Two presets scaled to tiny calls: image-only (DiT, NATTEN runs) and joint text after the grid (SD3.5)."""
+    impls = "sdpa,ditkernels,local-r8,local-sq-r8,natten-r8,block-topk-10%,re-sparse"
+    rc, record, out = _run(tmp_path, capsys, "--model", "dit-xl-512", "--model", "sd35-large", "--scale",
+                           "batch=1,heads=1,rows=20", "--impl", impls, "--no-plot", "--mode", "both", "--reps", "1")
+    assert rc == 0
+    assert "dit-xl-512: DiT-XL/2 at 512x512 px" in out and "facebook/DiT-XL-2-512 transformer/config.json" in out
+    assert "run scaled (--scale batch=1,heads=1,rows=20): batch 2->1, heads 16->1, grid rows 32->20" in out
+    rows = {(r["case"].split("/")[1], r["mode"], r["impl"]): r for r in record["rows"]}
+    dit, sd3 = "dit-xl-512", "sd35-large"
+    assert rows[dit, "fwd", "sdpa"]["case"] == "model/dit-xl-512/B1-H1-20x32-D72-fp32"
+    assert rows[sd3, "fwd", "sdpa"]["params"]["seq"] == 20 * 64 + 333
+    assert rows[sd3, "fwd", "sdpa"]["params"]["scaled"] == ["batch 2->1", "heads 38->1", "grid rows 64->20"]
+    assert "scaled: batch 2->1" in rows[sd3, "fwd", "sdpa"]["detail"]
+    for (preset, mode, impl), r in rows.items():
+        if impl == "re-sparse" and mode == "fwdbwd":
+            assert r["status"] == "skipped" and "inference only" in r["reason"]
+        elif impl == "natten-r8":
+            assert r["status"] == "skipped"
+            assert ("text" if preset == sd3 else "power-of-two head_dim only, got 72") in r["reason"]
+        else:
+            assert r["status"] == "ok", (preset, mode, impl, r["reason"])
+    for preset in (dit, sd3):
+        for mode in ("fwd", "fwdbwd"):
+            assert rows[preset, mode, "ditkernels"]["rel_err_vs_ref"] < 1e-5
+    assert rows[dit, "fwd", "local-r8"]["detail"].startswith("backend=cpu, window 8 circle")
+
+
+def test_model_natten_impl_computes_our_square_window():
+    """The preset's NATTEN implementation (layout in and out) and our shifted square window agree."""
+    pytest.importorskip("natten")
+    from ditkernels.bench import models
+
+    p = models.Preset("t", "m", "c", "r", 1, 2, 16, (17, 19))
+    impls = models._builders(p, "")
+    torch.manual_seed(0)
+    inputs = {n: torch.randn(1, 2, p.seq, 16) for n in "qkv"}
+    ours, theirs = impls["local-sq-r8"](inputs)(), impls["natten-r8"](inputs)()
+    assert (ours - theirs).norm() / ours.norm() < 1e-5
+
+
+def test_e2e_pixart_step_rows(tmp_path, capsys):
+    """The end-to-end family on the real PixArt class at its real width, at 64 px (4x4 tokens)."""
+    rc, record, out = _run(tmp_path, capsys, "--filter", "e2e/pixart", "--sizes", "64", "--mode", "fwd", "--reps", "1",
+                           "--no-plot")
+    assert rc == 0
+    rows = {r["impl"]: r for r in record["rows"]}
+    assert set(rows) == {"stock", "local-r16", "block-topk-10%", "re-sparse"}
+    for impl, r in rows.items():
+        assert r["status"] == "ok", (impl, r["reason"])
+        assert r["case"] == "e2e/pixart-sigma-64px-B1-4x4+T300-H16-D72-2L-fp32"
+        assert "% of the step" in r["detail"] and "peak +" in r["detail"]
+    # the 4x4 grid lies inside the radius-16 window: the local step is the stock step
+    assert rows["local-r16"]["rel_err_vs_ref"] < 1e-5
+    assert rows["re-sparse"]["rel_err_vs_ref"] < 1.0
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_plot_one_panel_per_family_at_most_2000_px(tmp_path):
+    rows = []
+    for fam, n_cases in (("attention.local", 3), ("sparse.block_topk", 40)):
+        for c in range(n_cases):
+            for mode in ("fwd", "fwdbwd"):
+                for impl, t in (("sdpa", 10.0), ("ditkernels", 2.0), ("flex", None)):
+                    rows.append(dict(case=f"{fam}/B1-H8-S4096-D64-case{c}", family=fam, mode=mode, impl=impl,
+                                     reference="sdpa", status="ok" if t else "skipped", time_ms=t,
+                                     speedup_vs_ref=10.0 / t if t else None))
+    panels = runner._plot_panels(rows)
+    assert [p[0] for p in panels][:1] == ["attention.local"] and len({p[0] for p in panels}) == 2
+    assert all(len(g) * (22 * len(i) + 30) + 200 <= runner.PLOT_MAX_PX for _, g, i in panels)
+    runner.write_plot(rows, tmp_path / "p.png", "title")
+    width, height = _png_size(tmp_path / "p.png")
+    assert width <= 2000 and height > 360 * len(panels)
