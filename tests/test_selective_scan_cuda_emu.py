@@ -180,5 +180,7 @@ def test_cuda_module_has_the_same_configs():
     except ImportError as e:
         pytest.skip(f"ditkernels._cuda not built ({e})")
     assert [tuple(c) for c in cu.selective_scan_configs()] == [tuple(c) for c in emu.selective_scan_configs()]
-    ok, why = cuda_scan.available()
+    from ditkernels.backends import cuda
+
+    ok, why = cuda.available()
     assert ok == torch.cuda.is_available() and (ok or why)
