@@ -202,8 +202,7 @@ class BlockSchedule:
         dev = self.kv_ptr.device
         for name, t, shape in self._index_tensors():
             if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or not t.is_contiguous() or t.dim() != 2 \
-                    or t.device != dev or (shape is not None and tuple(t.shape) != shape) \
-                    or t.shape[0] != self.kv_ptr.shape[0]:
+                    or t.device != dev or tuple(t.shape) != (shape or (self.kv_ptr.shape[0], t.shape[1])):
                 want = shape if shape is not None else (self.kv_ptr.shape[0], "n")
                 raise ValueError(f"schedule.{name}: expected a contiguous int32 tensor {want} on {dev}, got "
                                  f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))} on "

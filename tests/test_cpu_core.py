@@ -289,8 +289,10 @@ def test_validation_errors():
     q, k, v = make_qkv(1, 1, 8, 8, 4, torch.float32, strided=False, seed=0)
     with pytest.raises(TypeError, match="k: expected dtype"):
         cpu.flash_fwd(q, k.double(), v, scale=1.0)
-    with pytest.raises(ValueError, match="v: expected shape"):
+    with pytest.raises(ValueError, match="v: expected seq_k = 8"):
         cpu.flash_fwd(q, k, v[:, :, :4], scale=1.0)
+    with pytest.raises(ValueError, match="q: the cpu backend takes CPU tensors"):
+        cpu.flash_fwd(q.to("meta"), k.to("meta"), v.to("meta"), scale=1.0)
     bad = BlockSchedule.from_tile_mask(torch.ones(1, 1, dtype=torch.bool), 16, 16, 16, 16)
     with pytest.raises(ValueError, match="schedule: built for"):
         cpu.flash_fwd(q, k, v, scale=1.0, schedule=bad)

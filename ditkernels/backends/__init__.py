@@ -145,9 +145,9 @@ def why_not(name: str, op: str, call: Call) -> str | None:
     if op not in OPS:
         raise ValueError(f"op: expected one of {tuple(OPS)}, got {op!r}")
     mod = get(name)
-    if OPS[op] not in mod.CAPABILITIES:
-        return f"{op} has no {name} backend (it has: {', '.join(supporting(op))})"
     reasons = []
+    if OPS[op] not in mod.CAPABILITIES:
+        reasons.append(f"{op} has no {name} backend (it has: {', '.join(supporting(op))})")
     device = mod.device_reason(call.device)
     if device:
         reasons.append(device)
