@@ -164,9 +164,7 @@ class BlockSchedule:
             kv_idx[nz[:, 0], slot] = nz[:, 2].to(torch.int32)
             if partial_mask is not None:
                 partial[nz[:, 0], slot] = partial_mask.to(torch.bool)[nz[:, 0], nz[:, 1], nz[:, 2]].to(torch.int32)
-        sched = cls(block_m, block_n, seq_q, seq_k, kv_ptr.contiguous(), kv_idx.contiguous(), partial.contiguous())
-        sched.__dict__["_valid"] = True  # CSR of a tile mask: valid by construction
-        return sched
+        return cls(block_m, block_n, seq_q, seq_k, kv_ptr.contiguous(), kv_idx.contiguous(), partial.contiguous())
 
     def validate(self, seq_q: int, seq_k: int, batch_heads: int, device: torch.device | None = None) -> None:
         """Check this schedule for a launch on ``seq_q`` queries, ``seq_k`` keys, ``batch_heads``
@@ -176,7 +174,9 @@ class BlockSchedule:
         depend on the launch (int32 contiguous index tensors of the right shapes on one device,
         non-decreasing ``kv_ptr`` offsets within ``kv_idx``, ``kv_idx`` in ``[0, num_kv_tiles)``, and
         for token tables: each row's tokens first, the tiles together a permutation of the sequence)
-        run once per schedule object, with one device synchronisation."""
+        run once per schedule object, with one device synchronisation (a schedule is not modified in
+        place after its first launch). The transposed schedule of the backward is derived from a
+        validated one and needs no check of its own."""
         if (self.seq_q, self.seq_k) != (seq_q, seq_k):
             raise ValueError(f"schedule: built for seq_q={self.seq_q}, seq_k={self.seq_k}; "
                              f"the inputs have seq_q={seq_q}, seq_k={seq_k}")

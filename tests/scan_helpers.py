@@ -13,6 +13,15 @@ ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 GRAD_NAMES = tuple(f"d{k}" for k in ORDER)
 
+# make_case options of the per-option launcher tests (each file adds its own grouped case).
+OPTION_CASES = {
+    "const_BC": dict(b_kind="const", c_kind="const"),
+    "constB_varC": dict(b_kind="const", c_kind="group2"),
+    "varB_constC": dict(b_kind="var", c_kind="const"),
+    "plain": dict(D=False, z=False, bias=False, init=False, dlast=False),
+    "no_z_no_init": dict(z=False, init=False),
+}
+
 
 def make_case(batch=2, dim=12, L=97, N=16, *, dtype=torch.float32, b_kind="group2", c_kind="var", D=True, z=True,
               bias=True, init=True, dlast=True, seed=0):
@@ -46,6 +55,20 @@ def make_case(batch=2, dim=12, L=97, N=16, *, dtype=torch.float32, b_kind="group
     )
     grads = dict(dout=rnd(batch, dim, L).to(dtype), dlast=rnd(batch, dim, N).float() if dlast else None)
     return x, grads
+
+
+def strided_case(N: int):
+    """A make_case whose u, delta, z and dout are transposes of (batch, L, dim) buffers and whose B is a
+    slice of a wider buffer (batch 2, dim 4, L 90, variable B, grouped C)."""
+    x, gr = make_case(batch=2, dim=4, L=90, N=N, b_kind="var", c_kind="group2", seed=8)
+    for k in ("u", "delta", "z"):
+        x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
+        assert not x[k].is_contiguous()
+    wide = torch.zeros(2, N + 3, 90)
+    wide[:, 1:N + 1] = x["B"]
+    x["B"] = wide[:, 1:N + 1]
+    gr["dout"] = gr["dout"].transpose(1, 2).contiguous().transpose(1, 2)
+    return x, gr
 
 
 def args_of(x: dict, to: torch.dtype | None = None) -> list:

@@ -65,14 +65,7 @@ def test_all_options_default_config(L, reverse):
     check(x, gr, softplus=True, reverse=reverse)
 
 
-OPTION_CASES = {
-    "const_BC": dict(b_kind="const", c_kind="const"),
-    "constB_varC": dict(b_kind="const", c_kind="group2"),
-    "varB_constC": dict(b_kind="var", c_kind="const"),
-    "group4_B_group2_C": dict(b_kind="group4", c_kind="group2"),
-    "plain": dict(D=False, z=False, bias=False, init=False, dlast=False),
-    "no_z_no_init": dict(z=False, init=False),
-}
+OPTION_CASES = {**scan_helpers.OPTION_CASES, "group4_B_group2_C": dict(b_kind="group4", c_kind="group2")}
 
 
 @pytest.mark.parametrize("softplus", [False, True], ids=["linear", "softplus"])
@@ -113,16 +106,8 @@ def test_backward_is_deterministic():
 
 
 def test_strided_inputs():
-    """u, delta, z as transposes of (batch, L, dim) buffers; B as a slice of a wider buffer."""
-    x, gr = make_case(batch=2, dim=4, L=90, b_kind="var", c_kind="group2", seed=8)
-    for k in ("u", "delta", "z"):
-        x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
-        assert not x[k].is_contiguous()
-    wide = torch.zeros(2, 4 + 3, 90)
-    wide[:, 1:5] = x["B"]
-    x["B"] = wide[:, 1:5]
-    gr["dout"] = gr["dout"].transpose(1, 2).contiguous().transpose(1, 2)
-    check(x, gr, softplus=True, reverse=True)
+    """u, delta, z, dout as transposes of (batch, L, dim) buffers; B as a slice of a wider buffer."""
+    check(*scan_helpers.strided_case(N=4), softplus=True, reverse=True)
 
 
 # --------------------------------------------------------------------------------------- fp16 / bf16

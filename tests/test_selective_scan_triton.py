@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from numerics import assert_matches
+import scan_helpers
 from scan_helpers import GRAD_NAMES, ORDER, args_of, make_case, run_ref64, run_ref_low
 
 pytest.importorskip("triton")
@@ -63,14 +64,7 @@ def test_all_options(L, reverse):
     check(x, gr, softplus=True, reverse=reverse)
 
 
-OPTION_CASES = {
-    "const_BC": dict(b_kind="const", c_kind="const"),
-    "constB_varC": dict(b_kind="const", c_kind="group2"),
-    "varB_constC": dict(b_kind="var", c_kind="const"),
-    "group4_B_group3_C": dict(b_kind="group4", c_kind="group3"),
-    "plain": dict(D=False, z=False, bias=False, init=False, dlast=False),
-    "no_z_no_init": dict(z=False, init=False),
-}
+OPTION_CASES = {**scan_helpers.OPTION_CASES, "group4_B_group3_C": dict(b_kind="group4", c_kind="group3")}
 
 
 @pytest.mark.parametrize("softplus", [False, True], ids=["linear", "softplus"])
@@ -107,15 +101,7 @@ def test_backward_is_deterministic():
 
 def test_strided_inputs():
     """u, delta, z, dout as transposes of (batch, L, dim) buffers; B as a slice of a wider buffer."""
-    x, gr = make_case(batch=2, dim=4, L=90, N=8, b_kind="var", c_kind="group2", seed=8)
-    for k in ("u", "delta", "z"):
-        x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
-        assert not x[k].is_contiguous()
-    wide = torch.zeros(2, 8 + 3, 90)
-    wide[:, 1:9] = x["B"]
-    x["B"] = wide[:, 1:9]
-    gr["dout"] = gr["dout"].transpose(1, 2).contiguous().transpose(1, 2)
-    check(x, gr, softplus=True, reverse=True)
+    check(*scan_helpers.strided_case(N=8), softplus=True, reverse=True)
 
 
 # --------------------------------------------------------------------------------------- fp16 / bf16

@@ -109,6 +109,18 @@ class Backend(Protocol):
     def limits(self, op: str, call: Call) -> list[str]: ...
 
 
+def device_only(name: str, device_type: str, device: torch.device) -> str | None:
+    """``device_reason`` of backend ``name`` that takes ``device_type`` tensors only."""
+    if device.type != device_type:
+        return f"the {name} backend takes {device_type.upper()} tensors, got {device.type} tensors"
+    return None
+
+
+def no_limits(op: str, call: Call) -> list[str]:
+    """``limits`` of a backend that takes every size its capabilities name."""
+    return []
+
+
 _warned: set[str] = set()
 
 

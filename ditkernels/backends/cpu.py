@@ -14,7 +14,8 @@ from types import ModuleType
 
 import torch
 
-from . import ATTENTION, FWD_COUNTERS, LOCAL_TILING, SELECTIVE_SCAN, TOPK_THRESHOLDS, Call
+from . import ATTENTION, FWD_COUNTERS, LOCAL_TILING, SELECTIVE_SCAN, TOPK_THRESHOLDS, device_only
+from . import no_limits as limits  # noqa: F401 (the contract's limits: none)
 from .. import _alloc, _validate
 from .cpu_scan import saved_shape, scan_bwd, scan_fwd  # noqa: F401 (SELECTIVE_SCAN)
 from ..schedule import (EPILOGUE_NONE, EPILOGUE_SCALE_RESIDUAL, MASK_BAND, MASK_LOCAL, MASK_NONE,
@@ -54,13 +55,7 @@ def available() -> tuple[bool, str]:
 
 
 def device_reason(device: torch.device) -> str | None:
-    if device.type != "cpu":
-        return f"the cpu backend takes CPU tensors, got {device.type} tensors"
-    return None
-
-
-def limits(op: str, call: Call) -> list[str]:
-    return []
+    return device_only(NAME, "cpu", device)
 
 
 def _require() -> ModuleType:

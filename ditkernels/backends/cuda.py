@@ -11,7 +11,8 @@ import importlib
 
 import torch
 
-from . import SELECTIVE_SCAN, Call
+from . import SELECTIVE_SCAN, device_only
+from . import no_limits as limits  # noqa: F401 (the contract's limits: none)
 from .cuda_scan import saved_shape, scan_bwd, scan_fwd  # noqa: F401 (SELECTIVE_SCAN)
 
 NAME = "cuda"
@@ -50,10 +51,4 @@ def available() -> tuple[bool, str]:
 
 
 def device_reason(device: torch.device) -> str | None:
-    if device.type != "cuda":
-        return f"the cuda backend takes CUDA tensors, got {device.type} tensors"
-    return None
-
-
-def limits(op: str, call: Call) -> list[str]:
-    return []
+    return device_only(NAME, "cuda", device)

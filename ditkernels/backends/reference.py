@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from . import ATTENTION, DENSE_REFERENCE, SELECTIVE_SCAN, Call
+from . import ATTENTION, DENSE_REFERENCE, SELECTIVE_SCAN
+from . import no_limits as limits  # noqa: F401 (the contract's limits: none)
 from ..reference.attention import attention_ref, attention_ref_backward
 from ..schedule import MASK_THRESHOLD, BlockSchedule, ElementMask, Epilogue
 from .reference_scan import saved_shape, scan_bwd, scan_fwd  # noqa: F401 (SELECTIVE_SCAN)
@@ -25,10 +26,6 @@ def available() -> tuple[bool, str]:
 
 def device_reason(device: torch.device) -> str | None:
     return None  # plain PyTorch: any device
-
-
-def limits(op: str, call: Call) -> list[str]:
-    return []
 
 
 def block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
