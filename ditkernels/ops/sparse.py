@@ -31,12 +31,13 @@ import math
 
 import torch
 
-from .. import _validate
-from .. import backends
+from .. import _validate, backends
 from ..backends import BLOCK_TOPK_SELECT, POW2_TILES, has, resolve_for
 from ..schedule import BlockSchedule, TiledSchedule
 
 DEFAULT_BLOCK = (64, 64)
+# Backends with the POW2_TILES capability (a constant, so torch.compile traces the check without a break).
+_POW2_TILES_BACKENDS = frozenset(name for name in backends.NAMES if has(backends.get(name), POW2_TILES))
 
 
 @contextlib.contextmanager
@@ -469,7 +470,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     scale = _validate.check_scale(scale, q.shape[-1])
     backend = _validate.check_backend(backend)
     _check_flag("return_lse", return_lse)
-    if backend and has(backends.get(backend), POW2_TILES):  # the reason as a ValueError naming the argument
+    if backend in _POW2_TILES_BACKENDS:  # a requested backend's block-size limit, as a ValueError
         _pow2_tile(bq, "block_size[0]"), _pow2_tile(bk, "block_size[1]")
     out, lse = block_sparse_attention_fwd(q, k, v, block_mask, bq, bk, scale, backend)
     return (out, lse.detach()) if return_lse else out

@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _validate
-from .. import backends
+from .. import _validate, backends
 from ..backends import TOPK_THRESHOLDS, has, resolve_for
 from ..reference.topk import TIE_TOL
 from ..schedule import MASK_THRESHOLD, BlockSchedule, ElementMask
