@@ -62,10 +62,10 @@ def test_why_not_names_every_reason():
 
 def test_requested_backend_error_lists_the_reasons():
     q = torch.randn(1, 1, 20, 8, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="cannot run this call: block_sparse_attention has no cuda backend.*"
-                                           "CUDA tensors.*float64"):
-        ditkernels.block_sparse_attention(q, q, q, torch.ones(1, 1, 1, 1, dtype=torch.bool), block_size=(24, 24),
-                                          backend="cuda")
+    with pytest.raises(RuntimeError, match="block_sparse_attention: backend 'cuda' cannot run this call: "
+                                           "block_sparse_attention has no cuda backend.*CUDA tensors.*float64"):
+        backends.resolve_for("block_sparse_attention", q, "cuda", head_dim=8, block_size=(24, 24))
+    assert backends.resolve_for("block_sparse_attention", q, "reference", block_size=(24, 24)).NAME == "reference"
 
 
 def test_ops_never_name_a_backend():
