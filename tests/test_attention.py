@@ -89,6 +89,7 @@ def test_default_scale_and_explicit_scale():
     assert torch.allclose(out, attention_ref(q, k, v, 0.1)[0])
 
 
+@pytest.mark.slow  # inductor compiles C++ for the graph around the op
 def test_torch_compile_fullgraph():
     q, k, v = make_qkv(1, 2, 50, 50, 32, torch.float32, seed=2)
 

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("triton")
 
 
+@pytest.mark.slow  # compiles the shipped Triton kernels for sm_80 and sm_90
 def test_compile_report_quick(tmp_path):
     out_json = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

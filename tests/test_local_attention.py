@@ -399,6 +399,7 @@ def test_parity_with_natten_na2d(backend):
 
 
 # ---- API ----------------------------------------------------------------------------------------
+@pytest.mark.slow  # traces forward and backward through AOTAutograd
 def test_compile_fullgraph_forward_and_backward():
     opts = dict(grid=(6, 7), window=2, num_prefix=2)
     spec = _spec(opts, 3)

@@ -346,6 +346,7 @@ def test_attn_drop_is_accepted_in_eval_mode():
 
 
 # ---- torch.compile -----------------------------------------------------------------------------------
+@pytest.mark.slow  # traces a whole module's forward and backward through AOTAutograd
 @pytest.mark.parametrize("pool", [None, 2], ids=["plain", "pool2"])
 def test_compile_fullgraph_forward_and_backward(pool):
     torch.manual_seed(0)
