@@ -1,4 +1,4 @@
-"""Test-suite setup: environment flags, the ``slow`` marker, and the ``backend`` fixture.
+"""Test-suite setup: environment flags, torch threads under xdist, and the ``backend`` fixture.
 
 ``backend`` runs a test once per backend of :data:`numerics.ATTENTION_BACKENDS`, or of the test
 module's own ``BACKENDS`` (imported from ``numerics``) when it defines one; a test that parametrizes
@@ -14,8 +14,18 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("DITKERNELS_POISON", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from numerics import ATTENTION_BACKENDS  # noqa: E402
+
+# Under pytest-xdist every worker would run one torch (and ditkernels cpu) thread per core: with -n 2 on
+# two cores, four threads on two cores, and each small ATen op then pays an OpenMP fork/join against the
+# other worker (measured on a loaded 2-core machine: a tiny reference attention call 18-22 ms with one
+# thread, 220-310 ms with two). Share the cores instead. Thread-count behaviour is tested explicitly
+# (test_cpu_core.py::test_deterministic_across_thread_counts sets 1, 2 and 3 threads).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _WORKERS > 0:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 def _parametrizes(metafunc, name: str) -> bool:
