@@ -86,6 +86,7 @@ def test_block_sparse_any_block_size_cpu(blocks):
            q, k, v, block_sparse_visible(mask, (bq, bk), 257, 200), 24 ** -0.5, do)
 
 
+@pytest.mark.slow  # thousands of op calls (the numerical Jacobian)
 @pytest.mark.parametrize("backend_name", ["reference", "cpu"])
 def test_block_sparse_gradcheck_float64(backend_name):
     q, k, v = make_qkv(1, 2, 37, 29, 8, torch.float64, seed=9)
@@ -258,6 +259,7 @@ def test_triton_selection_ties_take_the_lowest_block():
     assert torch.equal(_triton_select(q, k, 3, 16, 16), want)
 
 
+@pytest.mark.slow  # interpreted selection over rows of 2100 key blocks
 @pytest.mark.parametrize("sk,bk", [(600, 1), (2100, 1)], ids=["nk600", "nk2100"])
 def test_triton_selection_long_rows_are_a_top_k(sk, bk):
     # rows of 1024 / 4096 padded key blocks (8 warps, head-dim chunks of 16 / 4): a valid top-k in float64

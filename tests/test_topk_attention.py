@@ -64,6 +64,7 @@ def test_topk_at_least_seq_is_dense(backend):
     assert_matches("out", out2, ref)
 
 
+@pytest.mark.slow  # thousands of op calls (the numerical Jacobian)
 @pytest.mark.parametrize("backend_name", ["reference", "cpu"])
 def test_topk_gradcheck_float64(backend_name):
     q, k, v = make_qkv(1, 2, 21, 26, 8, torch.float64, seed=2)
@@ -254,6 +255,7 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(q, k, v), f(q, k, v))
 
 
+@pytest.mark.slow  # a 32768-token selection pass in a subprocess
 def test_seq_32768_within_1gb_extra_memory():
     """Exact top-k at seq 32768, 1 head, head_dim 64 on the cpu backend: peak RSS grows by < 1 GB (the
     whole score matrix alone would be 4 GB). Measured in a fresh process (peak RSS is per process)."""
