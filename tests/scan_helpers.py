@@ -71,6 +71,15 @@ def strided_case(N: int):
     return x, gr
 
 
+def assert_deterministic(run, x: dict, gr: dict) -> None:
+    """Two backward runs of a launcher (``run(x, gr, softplus, reverse) -> (out, last, grads)``) give
+    bit-identical gradients."""
+    _, _, g1 = run(x, gr, True, False)
+    _, _, g2 = run(x, gr, True, False)
+    for name, a, b in zip(GRAD_NAMES, g1, g2):
+        assert torch.equal(a, b), name
+
+
 def args_of(x: dict, to: torch.dtype | None = None) -> list:
     return [None if x[k] is None else (x[k] if to is None else x[k].to(to)) for k in ORDER]
 

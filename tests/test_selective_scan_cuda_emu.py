@@ -98,11 +98,7 @@ def test_channels_per_block(cpb):
 
 
 def test_backward_is_deterministic():
-    x, gr = make_case(L=150, seed=3)
-    _, _, g1 = run_emu(x, gr, True, False)
-    _, _, g2 = run_emu(x, gr, True, False)
-    for name, a, b in zip(GRAD_NAMES, g1, g2):
-        assert torch.equal(a, b), name
+    scan_helpers.assert_deterministic(run_emu, *make_case(L=150, seed=3))
 
 
 def test_strided_inputs():
