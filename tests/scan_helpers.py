@@ -71,6 +71,29 @@ def strided_case(N: int):
     return x, gr
 
 
+def check_against_reference(result, x: dict, gr: dict, softplus: bool, reverse: bool):
+    """Compare a launcher's ``result = (out, last_state, grads)`` for ``x, gr`` with the float64 reference
+    (docs/verify.md §4: fp16/bf16 outputs and gradients against twice the reference's own error in
+    that dtype; float32 ones, e.g. dA, dD or a float32 B, against the fp32 bound). Returns ``result``."""
+    from numerics import assert_matches
+
+    out, last, grads = result
+    lowp = (torch.float16, torch.bfloat16)
+    r_out, r_last, r_grads = run_ref64(x, gr, softplus, reverse)
+    low = x["u"].dtype in lowp
+    l_out, l_last, l_grads = run_ref_low(x, gr, softplus, reverse) if low else (None, None, [None] * 9)
+    assert out.dtype == x["u"].dtype and last.dtype == torch.float32
+    assert_matches("out", out, r_out, l_out)
+    assert_matches("last_state", last, r_last, l_last)
+    for name, g, r, lo, key in zip(GRAD_NAMES, grads, r_grads, l_grads, ORDER):
+        if x[key] is None:
+            assert g is None, name
+            continue
+        assert g.dtype == x[key].dtype and g.shape == x[key].shape, name
+        assert_matches(name, g, r, lo if g.dtype in lowp else None)
+    return result
+
+
 def assert_deterministic(run, x: dict, gr: dict) -> None:
     """Two backward runs of a launcher (``run(x, gr, softplus, reverse) -> (out, last, grads)``) give
     bit-identical gradients."""

@@ -14,9 +14,8 @@ import os
 import pytest
 import torch
 
-from numerics import assert_matches
 import scan_helpers
-from scan_helpers import GRAD_NAMES, ORDER, args_of, run_ref64, run_ref_low
+from scan_helpers import args_of
 
 os.environ.setdefault("DITKERNELS_EMU_TIMEOUT", "20")
 
@@ -40,20 +39,8 @@ def run_emu(x, gr, softplus, reverse, config=None, cpb=None):
 
 
 def check(x, gr, softplus, reverse, config=None, cpb=None):
-    out, last, grads = run_emu(x, gr, softplus, reverse, config, cpb)
-    r_out, r_last, r_grads = run_ref64(x, gr, softplus, reverse)
-    low = x["u"].dtype in (torch.float16, torch.bfloat16)
-    l_out, l_last, l_grads = run_ref_low(x, gr, softplus, reverse) if low else (None, None, [None] * 9)
-    assert out.dtype == x["u"].dtype and last.dtype == torch.float32
-    assert_matches("out", out, r_out, l_out)
-    assert_matches("last_state", last, r_last, l_last)
-    for name, g, r, lo, key in zip(GRAD_NAMES, grads, r_grads, l_grads, ORDER):
-        if x[key] is None:
-            assert g is None, name
-            continue
-        assert g.dtype == x[key].dtype and g.shape == x[key].shape, name
-        assert_matches(name, g, r, lo if (lo is None or g.dtype in (torch.float16, torch.bfloat16)) else None)
-    return out, last, grads
+    result = run_emu(x, gr, softplus, reverse, config, cpb)
+    return scan_helpers.check_against_reference(result, x, gr, softplus, reverse)
 
 
 # ------------------------------------------------------------------------------------------------ fp32

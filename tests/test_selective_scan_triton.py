@@ -16,7 +16,7 @@ import torch
 
 from numerics import assert_matches
 import scan_helpers
-from scan_helpers import GRAD_NAMES, ORDER, args_of, make_case, run_ref64, run_ref_low
+from scan_helpers import ORDER, args_of, make_case, run_ref64
 
 pytest.importorskip("triton")
 
@@ -37,21 +37,7 @@ def run_triton(x, gr, softplus, reverse, n_sub=None):
 
 
 def check(x, gr, softplus, reverse, n_sub=None):
-    out, last, grads = run_triton(x, gr, softplus, reverse, n_sub)
-    r_out, r_last, r_grads = run_ref64(x, gr, softplus, reverse)
-    low = x["u"].dtype in LOW
-    l_out, l_last, l_grads = run_ref_low(x, gr, softplus, reverse) if low else (None, None, [None] * 9)
-    assert out.dtype == x["u"].dtype and last.dtype == torch.float32
-    assert_matches("out", out, r_out, l_out)
-    assert_matches("last_state", last, r_last, l_last)
-    for name, g, r, lo, key in zip(GRAD_NAMES, grads, r_grads, l_grads, ORDER):
-        if x[key] is None:
-            assert g is None, name
-            continue
-        assert g.dtype == x[key].dtype and g.shape == x[key].shape, name
-        # fp32 gradients (A, D, delta_bias, constant or float32 B / C, initial_state) get the fp32 bound.
-        assert_matches(name, g, r, lo if g.dtype in LOW else None)
-    return out, last, grads
+    return scan_helpers.check_against_reference(run_triton(x, gr, softplus, reverse, n_sub), x, gr, softplus, reverse)
 
 
 # ------------------------------------------------------------------------------------------------ fp32
