@@ -43,10 +43,9 @@ def build_ditkernels(inputs: dict[str, torch.Tensor]) -> Callable[[], torch.Tens
 def _ditkernels_backend(q: torch.Tensor) -> str | None:
     """Which backend ``ditkernels.attention`` dispatches ``q`` to (recorded with the row)."""
     try:
-        from ditkernels.backends import resolve
-        from ditkernels.ops.attention import SUPPORTED
+        from ditkernels.backends import resolve_for
 
-        return "backend=" + resolve("attention", SUPPORTED, q.device, q.dtype, None).__name__.rpartition(".")[2]
+        return "backend=" + resolve_for("attention", q, head_dim=q.shape[-1]).NAME
     except Exception as e:  # noqa: BLE001 - the call itself will report a real failure
         return f"backend=? ({type(e).__name__})"
 

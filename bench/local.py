@@ -59,22 +59,22 @@ def _builders(side: int, r: int, shape: str, border: str, text: int) -> dict[str
 
     def build_ditkernels(inputs):
         import ditkernels
-        from ditkernels.backends import resolve
-        from ditkernels.ops.local import SUPPORTED, kernel_plan
+        from ditkernels.backends import DENSE_REFERENCE, FWD_COUNTERS, has, resolve_for
+        from ditkernels.ops.local import kernel_plan
         from ditkernels.reference.local import LocalSpec
 
         q, k, v = _qkv(inputs)
-        mod = resolve("local_attention", SUPPORTED, q.device, q.dtype, None)
-        if mod.NAME == "reference":
-            raise SkipImpl(f"no fast ditkernels backend for {q.device.type} tensors yet (the Triton local "
-                           "kernel is not written): the dense reference would be measured")
+        mod = resolve_for("local_attention", q)
+        if has(mod, DENSE_REFERENCE):
+            raise SkipImpl(f"no fast ditkernels backend runs {q.device.type} tensors in this process: the dense "
+                           "reference would be measured")
         plan = kernel_plan(LocalSpec.make(grid, r, shape=shape, border=border, num_prefix=text), mod,
                            q.shape[-1], q.dtype)
         fn = lambda: ditkernels.local_attention(q, k, v, grid, r, shape=shape, border=border,  # noqa: E731
                                                 num_prefix=text)
         fn.detail = (f"backend={mod.NAME} tiles q{plan.q_tile[1:]} kv{plan.kv_tile[1:]} "
                      f"plan computed/useful={plan.computed_pairs / plan.useful_pairs:.2f}")
-        if mod.NAME == "cpu" and hasattr(mod, "last_fwd_pairs"):
+        if has(mod, FWD_COUNTERS):
             fn()  # the kernel's own count of the pairs it computed after trimming partial visits
             kernel_pairs = mod.last_fwd_pairs() / (q.shape[0] * q.shape[1])
             fn.detail += f", kernel computed/useful={kernel_pairs / plan.useful_pairs:.2f}"

@@ -130,11 +130,10 @@ def _speed_builders(mask) -> dict[str, Any]:
 
 
 def _fast_backend(q: torch.Tensor) -> str:
-    from ditkernels.backends import resolve
-    from ditkernels.ops.rettention import SUPPORTED
+    from ditkernels.backends import DENSE_REFERENCE, has, resolve_for
 
-    mod = resolve("rettention", SUPPORTED, q.device, q.dtype, None)
-    if mod.NAME == "reference":
+    mod = resolve_for("rettention", q)
+    if has(mod, DENSE_REFERENCE):
         raise SkipImpl(f"no fast ditkernels backend for {q.device.type} tensors here: the dense reference would "
                        "be measured")
     return mod.NAME
@@ -154,11 +153,6 @@ def speed_cases(cfg: SweepConfig) -> Iterator[Case]:
     for side in sides:
         seq = side * side
         for kind in kinds:
-            if kind == "local" and cfg.is_cuda:
-                from ditkernels.ops.local import SUPPORTED as LOCAL
-
-                if "triton" not in LOCAL:
-                    continue
             mask = make_mask(kind, side, 1 / 32)
             pairs = _mask_pairs(mask, seq)
             params = {"B": BATCH, "H": HEADS, "D": HEAD_DIM, "seq": seq, "grid": [side, side], "mask": repr(mask),

@@ -133,19 +133,19 @@ def _ditkernels_builder(backend: str | None) -> Callable[[dict[str, torch.Tensor
     def build(inputs: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
         try:
             from ditkernels import backends
-            from ditkernels.ops.selective_scan import SUPPORTED, selective_scan
+            from ditkernels.ops.selective_scan import selective_scan
         except (ImportError, AttributeError) as e:
             raise SkipImpl(f"ditkernels.selective_scan is not available ({type(e).__name__}: {e}); "
                            "pip install --no-build-isolation -e .") from None
         u = inputs["u"]
         if backend is not None:
-            why = backends.why_not(backend, "selective_scan", SUPPORTED, u.device, u.dtype)
+            why = backends.why_not(backend, "selective_scan", backends.Call(u.device, u.dtype))
             if why:
                 raise SkipImpl(why)
         u, delta, A, B, C, D, z, bias = _args(inputs)
         fn = lambda: selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True,  # noqa: E731
                                     backend=backend)
-        name = backend or backends.resolve("selective_scan", SUPPORTED, u.device, u.dtype, None).NAME
+        name = backend or backends.resolve_for("selective_scan", u).NAME
         fn.detail = f"backend={name}"
         return fn
 

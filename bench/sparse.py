@@ -79,10 +79,9 @@ def _block_topk_builders(density: float) -> dict[str, Callable]:
 
 def _backend(q: torch.Tensor) -> str:
     try:
-        from ditkernels.backends import resolve
-        from ditkernels.ops.sparse import SUPPORTED
+        from ditkernels.backends import resolve_for
 
-        return "backend=" + resolve("block_sparse_attention", SUPPORTED, q.device, q.dtype, None).NAME
+        return "backend=" + resolve_for("block_sparse_attention", q, head_dim=q.shape[-1]).NAME
     except Exception as e:  # noqa: BLE001 - the call itself will report a real failure
         return f"backend=? ({type(e).__name__})"
 

@@ -54,6 +54,26 @@ def check_scale(scale: object, head_dim: int) -> float:
     return float(scale)
 
 
+def check_token_grid(grid: object, name: str = "grid") -> tuple[int, ...] | None:
+    """A token grid of attention: None, or ``(L,)``, ``(H, W)`` or ``(T, H, W)`` positive ints."""
+    if grid is None:
+        return None
+    if not isinstance(grid, (tuple, list, torch.Size)) or not 1 <= len(grid) <= 3 or any(
+            isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
+        raise ValueError(f"{name}: expected a tuple of 1, 2 or 3 positive ints, got {grid!r}")
+    return tuple(int(g) for g in grid)
+
+
+def check_grid_hw(grid: object, name: str = "grid") -> tuple[int, int]:
+    """The 2-D grid of a multi-direction scan: ``(H, W)``, both positive ints."""
+    if (not isinstance(grid, (tuple, list, torch.Size)) or len(grid) != 2
+            or not all(isinstance(g, int) and not isinstance(g, bool) for g in grid)):
+        raise TypeError(f"{name}: expected a tuple of two ints (H, W), got {grid!r}")
+    if grid[0] < 1 or grid[1] < 1:
+        raise ValueError(f"{name}: expected positive sizes (H, W), got {tuple(grid)}")
+    return int(grid[0]), int(grid[1])
+
+
 def check_backend(backend: object) -> str:
     if backend is None:
         return ""

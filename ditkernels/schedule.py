@@ -166,6 +166,63 @@ class BlockSchedule:
                 partial[nz[:, 0], slot] = partial_mask.to(torch.bool)[nz[:, 0], nz[:, 1], nz[:, 2]].to(torch.int32)
         return cls(block_m, block_n, seq_q, seq_k, kv_ptr.contiguous(), kv_idx.contiguous(), partial.contiguous())
 
+    def validate(self, seq_q: int, seq_k: int, batch_heads: int, device: torch.device | None = None) -> None:
+        """Check this schedule for a launch on ``seq_q`` queries, ``seq_k`` keys, ``batch_heads``
+        batch*head slices and (if given) tensors on ``device``; raise ValueError naming the field.
+
+        The kernels of every backend trust the indices with raw pointers, so the checks that do not
+        depend on the launch (int32 contiguous index tensors of the right shapes on one device,
+        non-decreasing ``kv_ptr`` offsets within ``kv_idx``, ``kv_idx`` in ``[0, num_kv_tiles)``, and
+        for token tables: each row's tokens first, the tiles together a permutation of the sequence)
+        run once per schedule object, with one device synchronisation (a schedule is not modified in
+        place after its first launch). The transposed schedule of the backward is derived from a
+        validated one and needs no check of its own."""
+        if (self.seq_q, self.seq_k) != (seq_q, seq_k):
+            raise ValueError(f"schedule: built for seq_q={self.seq_q}, seq_k={self.seq_k}; "
+                             f"the inputs have seq_q={seq_q}, seq_k={seq_k}")
+        if self.num_heads_sched not in (1, batch_heads):
+            raise ValueError(f"schedule: expected 1 or batch*heads={batch_heads} head slices, "
+                             f"got {self.num_heads_sched}")
+        if device is not None and self.kv_ptr.device != torch.device(device):
+            raise ValueError(f"schedule.kv_ptr: expected tensors on {device} (that of q), got {self.kv_ptr.device}")
+        if not self.__dict__.get("_valid"):
+            self._validate_structure()
+            self.__dict__["_valid"] = True
+
+    def _index_tensors(self) -> list[tuple[str, torch.Tensor, tuple[int, int] | None]]:
+        """(name, tensor, expected shape or None: any (head slices, n)) of the index tensors."""
+        return [("kv_ptr", self.kv_ptr, (self.num_heads_sched, self.num_q_tiles + 1)),
+                ("kv_idx", self.kv_idx, None), ("partial", self.partial, (self.num_heads_sched, self.kv_idx.shape[-1]))]
+
+    def _validate_structure(self) -> None:
+        for name in ("block_m", "block_n"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"schedule.{name}: expected a positive int, got {val!r}")
+        dev = self.kv_ptr.device
+        for name, t, shape in self._index_tensors():
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or not t.is_contiguous() or t.dim() != 2 \
+                    or t.device != dev or tuple(t.shape) != (shape or (self.kv_ptr.shape[0], t.shape[1])):
+                want = shape if shape is not None else (self.kv_ptr.shape[0], "n")
+                raise ValueError(f"schedule.{name}: expected a contiguous int32 tensor {want} on {dev}, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))} on "
+                                 f"{getattr(t, 'device', '?')}")
+        ptr, idx, nkv = self.kv_ptr, self.kv_idx, max(self.num_kv_tiles, 1)
+        bad = torch.stack([(ptr[:, 0] < 0).any(), (ptr[:, -1] > idx.shape[1]).any(), (ptr[:, 1:] < ptr[:, :-1]).any(),
+                           ((idx < 0) | (idx >= nkv)).any(), *self._token_flags()]).tolist()
+        if any(bad[:3]):
+            raise ValueError("schedule.kv_ptr: expected non-decreasing offsets within kv_idx")
+        if bad[3]:
+            raise ValueError(f"schedule.kv_idx: expected KV tile indices in [0, {self.num_kv_tiles}), got "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        self._check_token_flags(bad[4:])
+
+    def _token_flags(self) -> list[torch.Tensor]:
+        return []
+
+    def _check_token_flags(self, flags: list[bool]) -> None:
+        pass
+
     def tile_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(visited, partial): bool ``(H_s, num_q_tiles, num_kv_tiles)``."""
         hs, nq, nk = self.num_heads_sched, self.num_q_tiles, self.num_kv_tiles
@@ -240,6 +297,35 @@ class TiledSchedule(BlockSchedule):
 
     q_tokens: torch.Tensor | None = None
     kv_tokens: torch.Tensor | None = None
+
+    def _index_tensors(self) -> list[tuple[str, torch.Tensor, tuple[int, int] | None]]:
+        if self.num_heads_sched != 1:
+            raise ValueError(f"schedule: a TiledSchedule must be shared by every batch*head (1 head slice), got "
+                             f"{self.num_heads_sched} head slices")
+        for name in ("q_tokens", "kv_tokens"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                raise ValueError(f"schedule.{name}: expected a contiguous int32 tensor (tiles, block), got "
+                                 f"{tuple(getattr(t, 'shape', ()))}")
+        return super()._index_tensors() + [("q_tokens", self.q_tokens, (self.num_q_tiles, self.block_m)),
+                                           ("kv_tokens", self.kv_tokens, (self.num_kv_tiles, self.block_n))]
+
+    def _token_flags(self) -> list[torch.Tensor]:
+        """Per table: a valid token after padding, and the valid tokens not a permutation of [0, seq).
+        The kernels write each output row from the one tile that holds it."""
+        flags = []
+        for tok, seq in ((self.q_tokens, self.seq_q), (self.kv_tokens, self.seq_k)):
+            valid = tok < seq
+            counts = torch.bincount(torch.where(valid, tok, seq).clamp(min=0).reshape(-1).long(), minlength=seq + 1)
+            flags += [(valid[:, 1:] & ~valid[:, :-1]).any() | (tok < 0).any() | (tok > seq).any(),
+                      (counts[:seq] != 1).any()]
+        return flags
+
+    def _check_token_flags(self, flags: list[bool]) -> None:
+        for i, (name, seq) in enumerate((("q_tokens", self.seq_q), ("kv_tokens", self.seq_k))):
+            if flags[2 * i] or flags[2 * i + 1]:
+                raise ValueError(f"schedule.{name}: expected each row to list its tokens first, padded with {seq}, "
+                                 f"and the tiles to hold every token of [0, {seq}) exactly once")
 
     @property
     def num_q_tiles(self) -> int:

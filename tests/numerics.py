@@ -1,8 +1,15 @@
-"""The comparison rule of VERIFY.md §4, shared by the test files."""
+"""What the test files share: the backends they run, the comparison rule of docs/verify.md §4, inputs."""
 
 from __future__ import annotations
 
 import torch
+
+# The backends the suite runs on CPU tensors (triton under TRITON_INTERPRET=1; the cuda backend's device
+# code runs under the SIMT emulation in test_selective_scan_cuda_emu.py).
+ATTENTION_BACKENDS = ("reference", "cpu", "triton")
+# Modules, integrations and the scan's own tests: reference and cpu (the triton scan is
+# test_selective_scan_triton.py; the interpreter is too slow for whole modules).
+MODULE_BACKENDS = ("reference", "cpu")
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -13,6 +13,15 @@ ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 GRAD_NAMES = tuple(f"d{k}" for k in ORDER)
 
+# make_case options of the per-option launcher tests (each file adds its own grouped case).
+OPTION_CASES = {
+    "const_BC": dict(b_kind="const", c_kind="const"),
+    "constB_varC": dict(b_kind="const", c_kind="group2"),
+    "varB_constC": dict(b_kind="var", c_kind="const"),
+    "plain": dict(D=False, z=False, bias=False, init=False, dlast=False),
+    "no_z_no_init": dict(z=False, init=False),
+}
+
 
 def make_case(batch=2, dim=12, L=97, N=16, *, dtype=torch.float32, b_kind="group2", c_kind="var", D=True, z=True,
               bias=True, init=True, dlast=True, seed=0):
@@ -46,6 +55,52 @@ def make_case(batch=2, dim=12, L=97, N=16, *, dtype=torch.float32, b_kind="group
     )
     grads = dict(dout=rnd(batch, dim, L).to(dtype), dlast=rnd(batch, dim, N).float() if dlast else None)
     return x, grads
+
+
+def strided_case(N: int):
+    """A make_case whose u, delta, z and dout are transposes of (batch, L, dim) buffers and whose B is a
+    slice of a wider buffer (batch 2, dim 4, L 90, variable B, grouped C)."""
+    x, gr = make_case(batch=2, dim=4, L=90, N=N, b_kind="var", c_kind="group2", seed=8)
+    for k in ("u", "delta", "z"):
+        x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
+        assert not x[k].is_contiguous()
+    wide = torch.zeros(2, N + 3, 90)
+    wide[:, 1:N + 1] = x["B"]
+    x["B"] = wide[:, 1:N + 1]
+    gr["dout"] = gr["dout"].transpose(1, 2).contiguous().transpose(1, 2)
+    return x, gr
+
+
+def check_against_reference(result, x: dict, gr: dict, softplus: bool, reverse: bool):
+    """Compare a launcher's ``result = (out, last_state, grads)`` for ``x, gr`` with the float64 reference
+    (docs/verify.md §4: fp16/bf16 outputs and gradients against twice the reference's own error in
+    that dtype; float32 ones, e.g. dA, dD or a float32 B, against the fp32 bound). Returns ``result``."""
+    from numerics import assert_matches
+
+    out, last, grads = result
+    lowp = (torch.float16, torch.bfloat16)
+    r_out, r_last, r_grads = run_ref64(x, gr, softplus, reverse)
+    low = x["u"].dtype in lowp
+    l_out, l_last, l_grads = run_ref_low(x, gr, softplus, reverse) if low else (None, None, [None] * 9)
+    assert out.dtype == x["u"].dtype and last.dtype == torch.float32
+    assert_matches("out", out, r_out, l_out)
+    assert_matches("last_state", last, r_last, l_last)
+    for name, g, r, lo, key in zip(GRAD_NAMES, grads, r_grads, l_grads, ORDER):
+        if x[key] is None:
+            assert g is None, name
+            continue
+        assert g.dtype == x[key].dtype and g.shape == x[key].shape, name
+        assert_matches(name, g, r, lo if g.dtype in lowp else None)
+    return result
+
+
+def assert_deterministic(run, x: dict, gr: dict) -> None:
+    """Two backward runs of a launcher (``run(x, gr, softplus, reverse) -> (out, last, grads)``) give
+    bit-identical gradients."""
+    _, _, g1 = run(x, gr, True, False)
+    _, _, g2 = run(x, gr, True, False)
+    for name, a, b in zip(GRAD_NAMES, g1, g2):
+        assert torch.equal(a, b), name
 
 
 def args_of(x: dict, to: torch.dtype | None = None) -> list:

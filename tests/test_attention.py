@@ -11,7 +11,6 @@ from ditkernels.reference.attention import attention_ref
 
 from numerics import assert_matches, attention_lowp, make_qkv
 
-BACKENDS = ("reference", "cpu", "triton")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHAPES = [  # (batch, heads, seq_q, seq_k, head_dim)
     (1, 2, 97, 97, 16),
@@ -23,13 +22,6 @@ SHAPES = [  # (batch, heads, seq_q, seq_k, head_dim)
 
 def _ids(shape):
     return "B{}-H{}-Sq{}-Sk{}-D{}".format(*shape)
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    ok, why = backends.availability(request.param)
-    assert ok, f"backend {request.param} must be available in the test environment: {why}"
-    return request.param
 
 
 def _reference(q, k, v, scale, do, lowp=False):
@@ -97,6 +89,7 @@ def test_default_scale_and_explicit_scale():
     assert torch.allclose(out, attention_ref(q, k, v, 0.1)[0])
 
 
+@pytest.mark.slow  # inductor compiles C++ for the graph around the op
 def test_torch_compile_fullgraph():
     q, k, v = make_qkv(1, 2, 50, 50, 32, torch.float32, seed=2)
 
@@ -157,7 +150,7 @@ def test_requested_backend_that_cannot_run_says_why(monkeypatch):
 def test_env_override(monkeypatch):
     q, k, v = make_qkv(1, 1, 8, 8, 8, torch.float32, seed=1)
     monkeypatch.setenv("DITKERNELS_BACKEND", "reference")
-    assert backends.resolve("attention", ("reference", "cpu"), q.device, q.dtype).NAME == "reference"
+    assert backends.resolve_for("attention", q).NAME == "reference"
     monkeypatch.setenv("DITKERNELS_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="attention has no cuda backend"):
         ditkernels.attention(q, k, v)
@@ -168,5 +161,4 @@ def test_env_override(monkeypatch):
 
 def test_cpu_tensors_default_to_cpu_backend(monkeypatch):
     monkeypatch.delenv("DITKERNELS_BACKEND", raising=False)
-    assert backends.resolve("attention", ("reference", "cpu", "triton"), torch.device("cpu"),
-                            torch.float32).NAME == "cpu"
+    assert backends.resolve("attention", backends.Call(torch.device("cpu"), torch.float32)).NAME == "cpu"

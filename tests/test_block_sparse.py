@@ -8,24 +8,16 @@ import pytest
 import torch
 
 import ditkernels
-from ditkernels import backends
 from ditkernels.ops.sparse import block_sparse_schedule, block_topk_mask, grid_permutation
 from ditkernels.reference.attention import attention_ref
+from ditkernels.reference.sparse import block_sparse_visible, block_topk_mask_ref
 from ditkernels.schedule import BlockSchedule, TiledSchedule
 
 from numerics import assert_matches, attention_lowp, make_qkv
 
-BACKENDS = ("reference", "cpu", "triton")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SEQS = (97, 200, 257)
 BLOCKS = (16, 32, 64, 128)
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    ok, why = backends.availability(request.param)
-    assert ok, f"backend {request.param} must be available in the test environment: {why}"
-    return request.param
 
 
 def _random_block_mask(b, h, nq, nk, density=0.4, seed=0):
@@ -35,11 +27,6 @@ def _random_block_mask(b, h, nq, nk, density=0.4, seed=0):
     if nq > 1:
         m[..., 1, -1] = True  # the ragged last key block
     return m
-
-
-def _visible(block_mask, bq, bk, sq, sk):
-    """Element visibility (B, H, Sq, Sk) of a block mask."""
-    return block_mask.repeat_interleave(bq, 2).repeat_interleave(bk, 3)[:, :, :sq, :sk]
 
 
 def _grads(fn, q, k, v, do):
@@ -71,7 +58,7 @@ def test_block_sparse_matches_float64(backend, seq, block, dtype):
     mask = _random_block_mask(b, h, nq, nk, seed=block)
     scale = d ** -0.5
     do = torch.randn(b, h, seq, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
-    vis = _visible(mask, block, block, seq, seq)
+    vis = block_sparse_visible(mask, (block, block), seq, seq)
     _check(lambda a, b_, c: ditkernels.block_sparse_attention(a, b_, c, mask, block_size=(block, block),
                                                               backend=backend), q, k, v, vis, scale, do)
 
@@ -84,7 +71,7 @@ def test_block_sparse_rectangular_and_non_pow2_blocks(backend, blocks):
     q, k, v = make_qkv(b, h, sq, sk, d, torch.float32, seed=5)
     mask = _random_block_mask(1, h, -(-sq // bq), -(-sk // bk), density=0.5, seed=3)  # shared by the batch
     do = torch.randn(b, h, sq, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64).float()
-    vis = _visible(mask, bq, bk, sq, sk)
+    vis = block_sparse_visible(mask, (bq, bk), sq, sk)
     _check(lambda a, b_, c: ditkernels.block_sparse_attention(a, b_, c, mask, block_size=blocks, backend=backend),
            q, k, v, vis, d ** -0.5, do)
 
@@ -96,9 +83,10 @@ def test_block_sparse_any_block_size_cpu(blocks):
     mask = _random_block_mask(1, 2, -(-257 // bq), -(-200 // bk), seed=4)
     do = torch.randn(1, 2, 257, 24, generator=torch.Generator().manual_seed(3), dtype=torch.float64).float()
     _check(lambda a, b_, c: ditkernels.block_sparse_attention(a, b_, c, mask, block_size=blocks, backend="cpu"),
-           q, k, v, _visible(mask, bq, bk, 257, 200), 24 ** -0.5, do)
+           q, k, v, block_sparse_visible(mask, (bq, bk), 257, 200), 24 ** -0.5, do)
 
 
+@pytest.mark.slow  # thousands of op calls (the numerical Jacobian)
 @pytest.mark.parametrize("backend_name", ["reference", "cpu"])
 def test_block_sparse_gradcheck_float64(backend_name):
     q, k, v = make_qkv(1, 2, 37, 29, 8, torch.float64, seed=9)
@@ -150,41 +138,17 @@ def test_block_sparse_schedule_retiles_for_triton():
     s = block_sparse_schedule(mask, (48, 96), 230, 380, "triton")
     assert (s.block_m, s.block_n) == (16, 32)
     vis = s.element_mask()[0]
-    assert torch.equal(vis, _visible(mask, 48, 96, 230, 380)[0, 0])
+    assert torch.equal(vis, block_sparse_visible(mask, (48, 96), 230, 380)[0, 0])
 
 
 # ---- block top-k ---------------------------------------------------------------------------------------
-def _selection_loop(q, k, topk, bq, bk, num_prefix, num_suffix, scale):
-    """Plain-loop reference of the block selection."""
-    b, h, sq, _ = q.shape
-    sk = k.shape[2]
-    nq, nk = -(-sq // bq), -(-sk // bk)
-    out = torch.zeros(b, h, nq, nk, dtype=torch.bool)
-    for bi in range(b):
-        for hi in range(h):
-            qm = torch.stack([q[bi, hi, m * bq:(m + 1) * bq].double().mean(0) for m in range(nq)])
-            km = torch.stack([k[bi, hi, n * bk:(n + 1) * bk].double().mean(0) for n in range(nk)])
-            s = qm @ km.T * scale
-            for m in range(nq):
-                forced = set()
-                for tok in range(m * bq, min((m + 1) * bq, sq)):
-                    forced.add(min(tok // bk, nk - 1))
-                forced |= {t // bk for t in range(min(num_prefix, sk))}
-                forced |= {t // bk for t in range(sk - num_suffix, sk)}
-                order = sorted(range(nk), key=lambda n: (-float(s[m, n]), n))  # ties: lowest index first
-                rest = [n for n in order if n not in forced]
-                keep = forced | set(rest[:max(topk - len(forced), 0)])
-                out[bi, hi, m, sorted(keep)] = True
-    return out
-
-
 @pytest.mark.parametrize("case", [(97, 16, 3, 0, 0), (200, 32, 2, 5, 0), (257, 64, 1, 0, 9), (200, 16, 4, 20, 3)],
                          ids=lambda c: "S{}-blk{}-k{}-pre{}-suf{}".format(*c))
 def test_block_topk_selection_matches_loop(case):
     seq, blk, topk, pre, suf = case
     q, k, _ = make_qkv(2, 2, seq, seq, 16, torch.float32, seed=seq)
     got = block_topk_mask(q, k, topk=topk, block_size=(blk, blk), num_prefix=pre, num_suffix=suf)
-    want = _selection_loop(q, k, topk, blk, blk, pre, suf, 16 ** -0.5)
+    want = block_topk_mask_ref(q, k, topk, (blk, blk), pre, suf, 16 ** -0.5)
     assert torch.equal(got, want)
 
 
@@ -207,7 +171,7 @@ def test_block_topk_attention_matches_float64(backend, dtype):
     do = torch.randn(b, h, seq, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
     _check(lambda a, b_, c: ditkernels.block_topk_attention(a, b_, c, topk=2, block_size=(blk, blk), num_prefix=3,
                                                             backend=backend),
-           q, k, v, _visible(mask, blk, blk, seq, seq), d ** -0.5, do)
+           q, k, v, block_sparse_visible(mask, (blk, blk), seq, seq), d ** -0.5, do)
 
 
 def test_block_topk_default_backend_dispatch():
@@ -242,7 +206,7 @@ def test_block_topk_grid_attention(backend):
     out, mask = ditkernels.block_topk_attention(q, k, v, topk=2, block_size=(blk, blk), num_prefix=pre, grid=grid,
                                                 return_mask=True, backend=backend)
     perm = grid_permutation(seq, grid, blk, pre, 0)
-    vis_perm = _visible(mask, blk, blk, seq, seq)
+    vis_perm = block_sparse_visible(mask, (blk, blk), seq, seq)
     inv = torch.argsort(perm)
     vis = vis_perm[:, :, inv][:, :, :, inv]  # back to the original token order
     ref, _ = attention_ref(q.double(), k.double(), v.double(), d ** -0.5, vis)
@@ -277,7 +241,7 @@ def test_triton_selection_matches_torch(case, dtype):
     q, k, _ = make_qkv(2, 2, sq, sk, 40, dtype, strided=True, seed=sq + sk)
     want = block_topk_mask(q, k, topk=topk, block_size=(bq, bk), num_prefix=pre, num_suffix=suf)
     assert torch.equal(_triton_select(q, k, topk, bq, bk, pre, suf), want)
-    assert torch.equal(want, _selection_loop(q, k, min(topk, want.shape[-1]), bq, bk, pre, suf, 40 ** -0.5))
+    assert torch.equal(want, block_topk_mask_ref(q, k, min(topk, want.shape[-1]), (bq, bk), pre, suf, 40 ** -0.5))
 
 
 def test_triton_selection_ties_take_the_lowest_block():
@@ -295,6 +259,7 @@ def test_triton_selection_ties_take_the_lowest_block():
     assert torch.equal(_triton_select(q, k, 3, 16, 16), want)
 
 
+@pytest.mark.slow  # interpreted selection over rows of 2100 key blocks
 @pytest.mark.parametrize("sk,bk", [(600, 1), (2100, 1)], ids=["nk600", "nk2100"])
 def test_triton_selection_long_rows_are_a_top_k(sk, bk):
     # rows of 1024 / 4096 padded key blocks (8 warps, head-dim chunks of 16 / 4): a valid top-k in float64

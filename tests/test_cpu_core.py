@@ -14,6 +14,8 @@ from ditkernels.backends import reference as ref_backend
 from ditkernels.reference.attention import attention_ref
 from ditkernels.schedule import BlockSchedule, Epilogue, TiledSchedule
 
+from numerics import make_qkv, rel_err
+
 pytestmark = pytest.mark.skipif(not cpu.available()[0], reason=cpu.available()[1])
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -27,25 +29,6 @@ SHAPES = {
 }
 # name -> None (dense) or (block_m, block_n, shared by all heads)
 SCHEDULES = {"dense": None, "sched64": (64, 64, True), "sched80x48-perhead": (80, 48, False)}
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    den = ref.norm().item()
-    num = (x - ref).norm().item()
-    return num / den if den > 0 else num
-
-
-def make_qkv(shape, dtype, strided: bool, seed: int, logit_scale: float = 1.0):
-    b, h, sq, sk, d = shape
-    g = torch.Generator().manual_seed(seed)
-
-    def one(s, mult):
-        if strided:  # (B, S, H, D) transposed to (B, H, S, D): non-contiguous seq/head strides
-            return (torch.randn(b, s, h, d, generator=g, dtype=torch.float64) * mult).to(dtype).transpose(1, 2)
-        return (torch.randn(b, h, s, d, generator=g, dtype=torch.float64) * mult).to(dtype)
-
-    return one(sq, logit_scale), one(sk, logit_scale), one(sk, 1.0)
 
 
 def make_schedule(spec, shape, seed: int) -> BlockSchedule | None:
@@ -110,7 +93,7 @@ def assert_lse(lse, lse_ref, dtype, lse_low=None):
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_forward_backward(dtype, shape, strided, sched):
     b, h, sq, sk, d = shape
-    q, k, v = make_qkv(shape, dtype, strided, seed=sq * 1000 + sk + d)
+    q, k, v = make_qkv(*shape, dtype, strided=strided, seed=sq * 1000 + sk + d)
     schedule = make_schedule(SCHEDULES[sched], shape, seed=d)
     vis = visible_of(schedule, b, h)
     scale = d ** -0.5
@@ -140,7 +123,7 @@ def test_forward_backward(dtype, shape, strided, sched):
 def test_epilogue(dtype, sched):
     shape = (2, 2, 97, 130, 40)
     b, h, sq, sk, d = shape
-    q, k, v = make_qkv(shape, dtype, False, seed=3)
+    q, k, v = make_qkv(*shape, dtype, strided=False, seed=3)
     schedule = make_schedule(SCHEDULES[sched], shape, seed=5)
     g = torch.Generator().manual_seed(11)
     ep = Epilogue(torch.rand(b, h, sq, generator=g) + 0.5,
@@ -164,7 +147,7 @@ def test_large_logits(dtype, sched):
     (fp32 rounding of a 1e3 score alone is a 1e-4 relative error of its exponential)."""
     shape = (1, 2, 97, 150, 16)
     b, h, sq, sk, d = shape
-    q, k, v = make_qkv(shape, dtype, True, seed=21, logit_scale=11.0)
+    q, k, v = make_qkv(*shape, dtype, strided=True, seed=21, logit_scale=11.0)
     scale = d ** -0.5
     schedule = make_schedule(SCHEDULES[sched], shape, seed=2)
     vis = visible_of(schedule, b, h)
@@ -207,7 +190,7 @@ class _CpuAttention(torch.autograd.Function):
 def test_gradcheck(sched):
     shape = (1, 2, 9, 7, 3)
     b, h, sq, sk, d = shape
-    q, k, v = (t.requires_grad_(True) for t in make_qkv(shape, torch.float64, False, seed=9))
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(*shape, torch.float64, strided=False, seed=9))
     schedule = None
     if sched == "sched4x3":
         tiles = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0]], dtype=torch.bool)
@@ -217,7 +200,7 @@ def test_gradcheck(sched):
 
 def test_deterministic_across_thread_counts():
     shape = (1, 3, 150, 170, 40)
-    q, k, v = make_qkv(shape, torch.float32, True, seed=4)
+    q, k, v = make_qkv(*shape, torch.float32, strided=True, seed=4)
     schedule = make_schedule((64, 64, False), shape, seed=4)
     do = torch.randn(1, 3, 150, 40, generator=torch.Generator().manual_seed(4))
     before = torch.get_num_threads()
@@ -260,7 +243,7 @@ def test_token_mapped_tiles(dtype, blocks):
     """Tiles as arbitrary token sets (TiledSchedule): the kernels gather them and match the reference."""
     shape = (2, 2, 97, 130, 24)
     b, h, sq, sk, d = shape
-    q, k, v = make_qkv(shape, dtype, True, seed=blocks[0])
+    q, k, v = make_qkv(*shape, dtype, strided=True, seed=blocks[0])
     schedule = _random_tiled(sq, sk, *blocks, seed=blocks[1])
     vis = schedule.element_mask()[None]
     scale = d ** -0.5
@@ -277,7 +260,7 @@ def test_token_mapped_tiles(dtype, blocks):
 
 
 def test_token_mapped_tiles_must_cover_every_token():
-    q, k, v = make_qkv((1, 1, 20, 20, 8), torch.float32, False, seed=0)
+    q, k, v = make_qkv(1, 1, 20, 20, 8, torch.float32, strided=False, seed=0)
     qt = torch.arange(16).reshape(2, 8)  # tokens 16..19 in no query tile
     kt = torch.arange(20).reshape(2, 10)
     s = TiledSchedule.from_visits(qt, kt, 20, 20, torch.tensor([0]), torch.tensor([0]), torch.tensor([False]))
@@ -288,7 +271,7 @@ def test_token_mapped_tiles_must_cover_every_token():
 def test_schedule_block_sizes_are_honoured():
     """The same visible set expressed with two block sizes gives the same result."""
     shape = (1, 1, 100, 100, 16)
-    q, k, v = make_qkv(shape, torch.float64, False, seed=8)
+    q, k, v = make_qkv(*shape, torch.float64, strided=False, seed=8)
     tiles20 = torch.zeros(5, 5, dtype=torch.bool)
     tiles20[:, :2] = True  # keys [0, 40)
     s20 = BlockSchedule.from_tile_mask(tiles20, 20, 20, 100, 100)
@@ -303,11 +286,13 @@ def test_schedule_block_sizes_are_honoured():
 
 
 def test_validation_errors():
-    q, k, v = make_qkv((1, 1, 8, 8, 4), torch.float32, False, seed=0)
+    q, k, v = make_qkv(1, 1, 8, 8, 4, torch.float32, strided=False, seed=0)
     with pytest.raises(TypeError, match="k: expected dtype"):
         cpu.flash_fwd(q, k.double(), v, scale=1.0)
-    with pytest.raises(ValueError, match="v: expected shape"):
+    with pytest.raises(ValueError, match="v: expected seq_k = 8"):
         cpu.flash_fwd(q, k, v[:, :, :4], scale=1.0)
+    with pytest.raises(ValueError, match="q: the cpu backend takes CPU tensors"):
+        cpu.flash_fwd(q.to("meta"), k.to("meta"), v.to("meta"), scale=1.0)
     bad = BlockSchedule.from_tile_mask(torch.ones(1, 1, dtype=torch.bool), 16, 16, 16, 16)
     with pytest.raises(ValueError, match="schedule: built for"):
         cpu.flash_fwd(q, k, v, scale=1.0, schedule=bad)
@@ -334,11 +319,11 @@ def test_unavailable_extension_is_explained(monkeypatch):
     assert why.startswith("the CPU kernels failed to import: ImportError: simulated: no such file.")
     assert "pip install --no-build-isolation -e ." in why
     with pytest.raises(RuntimeError, match="failed to import"):
-        cpu.flash_fwd(*make_qkv((1, 1, 2, 2, 2), torch.float32, False, seed=0), scale=1.0)
+        cpu.flash_fwd(*make_qkv(1, 1, 2, 2, 2, torch.float32, strided=False, seed=0), scale=1.0)
 
 
 def test_schedule_out_of_range_index_is_rejected():
-    q, k, v = make_qkv((1, 1, 8, 8, 4), torch.float32, False, seed=0)
+    q, k, v = make_qkv(1, 1, 8, 8, 4, torch.float32, strided=False, seed=0)
     s = BlockSchedule.from_tile_mask(torch.ones(1, 1, dtype=torch.bool), 8, 8, 8, 8)
     s.kv_idx[0, 0] = 3
     with pytest.raises(ValueError, match="schedule.kv_idx"):

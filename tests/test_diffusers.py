@@ -19,12 +19,10 @@ from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTrans
 from ditkernels import Band, ReSchedule, ReStepper
 from ditkernels.integrations.diffusers import GridAttnProcessor, LocalAttnProcessor, set_grid, set_processors
 from ditkernels.nn import BlockTopKAttnFn
-from ditkernels.reference.local import LocalSpec, local_visible
+from ditkernels.reference.local import LocalSpec, kv_pool_ref, local_visible
 
-from numerics import rel_err
-from test_nn_local import _manual_pool
+from numerics import MODULE_BACKENDS, rel_err
 
-BACKENDS = ("reference", "cpu")
 LATENT = (8, 12)  # latent height, width: a 4x6 token grid with patch 2 (FLUX: packed 2x2 -> 4x6)
 GRID = (4, 6)
 COVER = 8  # circle radius covering every offset of a 4x6 grid (max d^2 = 9 + 25 < 64)
@@ -51,8 +49,8 @@ class MaskedSDPA:
     def __call__(self, q, k, v, *, grid, num_prefix, num_suffix, scale):
         m = 0
         if self.pool_weight is not None:
-            ke = _manual_pool(k, grid, num_prefix, self.pool_weight)
-            ve = _manual_pool(v, grid, num_prefix, self.pool_weight)
+            ke = kv_pool_ref(k, grid, num_prefix, self.pool_weight)
+            ve = kv_pool_ref(v, grid, num_prefix, self.pool_weight)
             m = ke.shape[2]
             k, v = torch.cat([k, ke], 2), torch.cat([v, ve], 2)
         spec = LocalSpec.make(grid, self.window, num_prefix=num_prefix, num_suffix=num_suffix, num_extra=m, **self.opts)
@@ -140,7 +138,7 @@ def _stock_output(name):
 
 
 # ---- the tests -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_full_window_reproduces_the_stock_processor(name, backend):
     model, inputs, stock = _stock_output(name)

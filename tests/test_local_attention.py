@@ -16,9 +16,8 @@ from ditkernels.ops.local import kernel_plan
 from ditkernels.reference.attention import attention_ref
 from ditkernels.reference.local import LocalSpec, local_visible
 
-from numerics import assert_matches, attention_lowp, rel_err
+from numerics import ATTENTION_BACKENDS, assert_matches, attention_lowp, rel_err
 
-BACKENDS = ("reference", "cpu", "triton")
 
 # id -> (options of local_attention with grid/window, number of extra keys, head_dim)
 CASES = {
@@ -47,13 +46,6 @@ TRITON_CASES = ("2d-7x13-circle-r3-P3-S2-D40", "1d-97-circle-r5-P3-M5-D40", "3d-
 
 def _bh(backend: str) -> dict:
     return dict(b=1, h=1) if backend == "triton" else {}
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    ok, why = backends.availability(request.param)
-    assert ok, f"backend {request.param} must be available in the test environment: {why}"
-    return request.param
 
 
 def _spec(opts: dict, m: int) -> LocalSpec:
@@ -102,7 +94,7 @@ def _run(q, k, v, ke, ve, do, opts, backend):
 NAMES = ("out", "lse", "dq", "dk", "dv", "dk_extra", "dv_extra")
 
 
-@pytest.mark.parametrize("backend,case", [pytest.param(b, c, id=f"{b}-{c}") for b in BACKENDS for c in CASES
+@pytest.mark.parametrize("backend,case", [pytest.param(b, c, id=f"{b}-{c}") for b in ATTENTION_BACKENDS for c in CASES
                                           if b != "triton" or c in TRITON_CASES], indirect=["backend"])
 def test_fp32_matches_float64(backend, case):
     """float32 inputs vs the float64 reference: ~1e-6 relative (<= 1e-5) on every backend, triton
@@ -310,14 +302,12 @@ def test_triton_plan_and_dispatch():
     """The triton backward runs the default GPU plan (64 x 64 tokens); CUDA tensors dispatch to the
     triton backend by default, CPU tensors only when asked for (here under TRITON_INTERPRET=1)."""
     from ditkernels.backends import triton as tb
-    from ditkernels.ops import local
-
     plan = kernel_plan(LocalSpec.make((16, 16), 3), tb, 64, torch.float16, backward=True)
     assert (plan.block_m, plan.block_n) == (64, 64)
-    assert backends.resolve("local_attention", local.SUPPORTED, torch.device("cuda"), torch.float16).NAME == "triton"
-    assert backends.resolve("local_attention", local.SUPPORTED, torch.device("cpu"), torch.float32).NAME == "cpu"
-    assert backends.resolve("local_attention", local.SUPPORTED, torch.device("cpu"), torch.float32,
-                            "triton").NAME == "triton"
+    cuda, cpu_ = backends.Call(torch.device("cuda"), torch.float16), backends.Call(torch.device("cpu"), torch.float32)
+    assert backends.resolve("local_attention", cuda).NAME == "triton"
+    assert backends.resolve("local_attention", cpu_).NAME == "cpu"
+    assert backends.resolve("local_attention", cpu_, "triton").NAME == "triton"
     q = torch.randn(1, 1, 20, 8, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float64"):
         ditkernels.local_attention(q, q, q, (4, 5), 2, backend="triton")
@@ -409,6 +399,7 @@ def test_parity_with_natten_na2d(backend):
 
 
 # ---- API ----------------------------------------------------------------------------------------
+@pytest.mark.slow  # traces forward and backward through AOTAutograd
 def test_compile_fullgraph_forward_and_backward():
     opts = dict(grid=(6, 7), window=2, num_prefix=2)
     spec = _spec(opts, 3)

@@ -15,11 +15,10 @@ import torch.nn.functional as F
 import ditkernels
 from ditkernels.nn import DenseAttnFn, GridAttention, KVPool, LocalAttention, LocalAttnFn, swap_attention
 from ditkernels.reference.attention import attention_ref
-from ditkernels.reference.local import LocalSpec, local_visible
+from ditkernels.reference.local import LocalSpec, kv_pool_ref, local_visible
 
-from numerics import assert_matches, attention_lowp, rel_err
+from numerics import MODULE_BACKENDS, assert_matches, attention_lowp, rel_err
 
-BACKENDS = ("reference", "cpu")
 
 
 class DiTAttention(nn.Module):
@@ -74,17 +73,6 @@ def _x(b: int, n: int, dim: int, dtype=torch.float64, seed: int = 0) -> torch.Te
     return torch.randn(b, n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
 
 
-def _manual_pool(x: torch.Tensor, grid: tuple[int, ...], p: int, weight: torch.Tensor) -> torch.Tensor:
-    """CLEAR's pooling written as a sum of strided slices (independent of KVPool's reshape)."""
-    b, h, _, d = x.shape
-    xg = x[:, :, p:p + math.prod(grid)].reshape(b, h, *grid, d)
-    out = 0
-    for idx in torch.cartesian_prod(*(torch.arange(f) for f in weight.shape)).reshape(-1, weight.dim()).tolist():
-        sl = tuple(slice(i, None, f) for i, f in zip(idx, weight.shape))
-        out = out + weight[tuple(idx)].to(x.dtype) * xg[(slice(None), slice(None)) + sl]
-    return out.reshape(b, h, -1, d)
-
-
 def reference_forward(m: GridAttention, x: torch.Tensor, spec: LocalSpec, lowp: bool = False) -> torch.Tensor:
     """The module's math in plain PyTorch: timm's projections + attention with SPEC §1's visibility mask
     (``lowp``: the attention evaluated in the inputs' low dtype, VERIFY.md §4's "reference in the same dtype")."""
@@ -94,8 +82,8 @@ def reference_forward(m: GridAttention, x: torch.Tensor, spec: LocalSpec, lowp: 
     q, k, v = qkv.unbind(0)
     q, k = m.q_norm(q), m.k_norm(k)
     if isinstance(fn, LocalAttnFn) and fn.pool is not None:
-        k = torch.cat([k, _manual_pool(k, spec.grid, spec.num_prefix, fn.pool.weight)], 2)
-        v = torch.cat([v, _manual_pool(v, spec.grid, spec.num_prefix, fn.pool.weight)], 2)
+        k = torch.cat([k, kv_pool_ref(k, spec.grid, spec.num_prefix, fn.pool.weight)], 2)
+        v = torch.cat([v, kv_pool_ref(v, spec.grid, spec.num_prefix, fn.pool.weight)], 2)
     if lowp:
         out = attention_lowp(q, k, v, m.scale, local_visible(spec))
     else:
@@ -107,7 +95,7 @@ def reference_forward(m: GridAttention, x: torch.Tensor, spec: LocalSpec, lowp: 
 
 
 # ---- state dicts and equality with dense attention -------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("grid,prefix,window,shape", [
     ((7, 13), 0, 14, "circle"),          # a circle of radius 14 covers every offset of a 7x13 grid
@@ -126,7 +114,7 @@ def test_dit_attention_state_dict_loads_and_full_window_equals_dense(backend, dt
     assert rel_err(m(x), src(x)) <= tol
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
 @pytest.mark.parametrize("opts", [
     dict(grid=(7, 13), window=3, num_prefix=2, num_suffix=1),
     dict(grid=(6, 8), window=2, shape="square", border="shift", qk_norm=True, scale_norm=True, gated=True),
@@ -212,7 +200,7 @@ def test_kv_pool_starts_as_average_pooling_and_follows_its_weights(grid, factor)
     assert rel_err(got, want) <= 1e-14
     with torch.no_grad():
         pool.weight.copy_(torch.randn(factor, generator=torch.Generator().manual_seed(6), dtype=torch.float64))
-    assert rel_err(pool.pool(k, grid, 3), _manual_pool(k, grid, 3, pool.weight)) <= 1e-14
+    assert rel_err(pool.pool(k, grid, 3), kv_pool_ref(k, grid, 3, pool.weight)) <= 1e-14
 
 
 def test_pool_weight_is_learnable_and_global_queries_do_not_see_pooled_keys():
@@ -239,7 +227,7 @@ def _dit(depth: int = 2, dim: int = 48, heads: int = 3, seed: int = 0) -> nn.Mod
     return _randomize(nn.Sequential(*(DiTBlock(dim, heads) for _ in range(depth))), seed).double()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
 def test_swap_attention_keeps_weights_and_matches(backend):
     model = _dit()
     params = {n: p for n, p in model.named_parameters()}
@@ -358,6 +346,7 @@ def test_attn_drop_is_accepted_in_eval_mode():
 
 
 # ---- torch.compile -----------------------------------------------------------------------------------
+@pytest.mark.slow  # traces a whole module's forward and backward through AOTAutograd
 @pytest.mark.parametrize("pool", [None, 2], ids=["plain", "pool2"])
 def test_compile_fullgraph_forward_and_backward(pool):
     torch.manual_seed(0)
@@ -383,7 +372,7 @@ def _timm():
     return pytest.importorskip("timm", reason="timm (with a torchvision matching torch) is not installed")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
 @pytest.mark.parametrize("kw", [dict(qkv_bias=True), dict(qk_norm=True, scale_norm=True, norm_layer=nn.LayerNorm)],
                          ids=["dit", "qknorm-scalenorm"])
 def test_real_timm_attention_state_dict_and_outputs(backend, kw):

@@ -14,10 +14,9 @@ import ditkernels
 from ditkernels.nn import SS2D, Mamba
 from ditkernels.reference.selective_scan import selective_scan_ref
 
-from numerics import assert_matches, rel_err
+from numerics import MODULE_BACKENDS, assert_matches, rel_err
 from scan_helpers import explicit_order
 
-BACKENDS = ("reference", "cpu")
 
 # --------------------------------------------------------------------------------------------------
 # Mamba: parameter names and shapes, from mamba_ssm/modules/mamba_simple.py's definition
@@ -122,7 +121,7 @@ MAMBA_FWD = [("d16-L19", dict(d_model=16), 2, 19), ("d40-L9-bias", MAMBA_CONFIGS
                                                       1, 9), ("d33-L2", dict(d_model=33, expand=3), 3, 2)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
 @pytest.mark.parametrize("cfg", MAMBA_FWD, ids=lambda c: c[0])
 def test_mamba_forward_backward_float64(cfg, backend):
     _, kwargs, batch, L = cfg
@@ -262,7 +261,7 @@ SS2D_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
 @pytest.mark.parametrize("case", SS2D_CASES, ids=lambda c: c[0])
 def test_ss2d_matches_direction_loop_float64(case, backend):
     _, kwargs, (H, W), flat = case

@@ -1,4 +1,4 @@
-"""ditkernels.nn.BlockSparseAttention / TopKAttention: timm's Attention layout, outputs, gradients, compile."""
+"""ditkernels.nn.BlockTopKAttention / TopKAttention: timm's Attention layout, outputs, gradients, compile."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import ditkernels
-from ditkernels.nn import BlockSparseAttention, BlockTopKAttnFn, GridAttention, TopKAttention, TopKAttnFn
+from ditkernels.nn import BlockTopKAttention, BlockTopKAttnFn, GridAttention, TopKAttention, TopKAttnFn
 from ditkernels.ops.sparse import block_topk_mask
 from ditkernels.reference.attention import attention_ref
 
@@ -45,10 +45,10 @@ def _x(n, seed=0, dtype=torch.float32):
     return torch.randn(2, n, DIM, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-@pytest.mark.parametrize("cls", [BlockSparseAttention, TopKAttention], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [BlockTopKAttention, TopKAttention], ids=lambda c: c.__name__)
 def test_timm_state_dict_loads_unchanged(cls):
     timm_like = TimmAttention(DIM, HEADS, qkv_bias=True)
-    kwargs = {"topk": 2} if cls is BlockSparseAttention else {}
+    kwargs = {"topk": 2} if cls is BlockTopKAttention else {}
     mod = cls(DIM, HEADS, qkv_bias=True, **kwargs)
     sd = timm_like.state_dict()
     missing, unexpected = mod.load_state_dict(sd, strict=False)
@@ -60,7 +60,7 @@ def test_timm_state_dict_loads_unchanged(cls):
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_block_sparse_module_matches_reference(backend):
     torch.manual_seed(0)
-    mod = BlockSparseAttention(DIM, HEADS, qkv_bias=True, density=0.5, block_size=(32, 32), num_prefix=3,
+    mod = BlockTopKAttention(DIM, HEADS, qkv_bias=True, density=0.5, block_size=(32, 32), num_prefix=3,
                                backend=backend)
     x = _x(150).requires_grad_(True)
     y = mod(x)
@@ -78,10 +78,10 @@ def test_block_sparse_module_matches_reference(backend):
 
 
 def test_block_sparse_module_with_block_mask():
-    mod = BlockSparseAttention(DIM, HEADS, block_size=(16, 16), backend="cpu")
+    mod = BlockTopKAttention(DIM, HEADS, block_size=(16, 16), backend="cpu")
     x = _x(64)
     mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
-    dense = ditkernels.nn.BlockSparseAttention(DIM, HEADS, topk=4, block_size=(16, 16), backend="cpu")
+    dense = ditkernels.nn.BlockTopKAttention(DIM, HEADS, topk=4, block_size=(16, 16), backend="cpu")
     dense.load_state_dict(mod.state_dict())
     torch.testing.assert_close(mod(x, block_mask=mask), dense(x), rtol=1e-5, atol=1e-6)
 
@@ -126,7 +126,7 @@ def test_topk_module_single_k_and_errors():
     with pytest.raises(ValueError, match="num_heads"):
         TopKAttention(DIM, 5)
     with pytest.raises(ValueError, match="attn_drop"):  # accepted for checkpoints, not run in training
-        BlockSparseAttention(DIM, HEADS, attn_drop=0.1, topk=1).train()(_x(16))
+        BlockTopKAttention(DIM, HEADS, attn_drop=0.1, topk=1).train()(_x(16))
     with pytest.raises(ValueError, match="topk, ratios"):
         TopKAttention(DIM, HEADS, topk=3, ratios=(0.5,))
     with pytest.raises(ValueError, match="x: expected"):
@@ -135,7 +135,7 @@ def test_topk_module_single_k_and_errors():
 
 def test_modules_compile_fullgraph():
     x = _x(64)
-    for mod in (TopKAttention(DIM, HEADS, backend="cpu"), BlockSparseAttention(DIM, HEADS, topk=2, block_size=(16, 16),
+    for mod in (TopKAttention(DIM, HEADS, backend="cpu"), BlockTopKAttention(DIM, HEADS, topk=2, block_size=(16, 16),
                                                                               backend="cpu")):
         got = torch.compile(mod, fullgraph=True, backend="eager")(x)
         torch.testing.assert_close(got, mod(x))
@@ -170,9 +170,9 @@ def test_swap_attention_sparse_callables(how):
             density=1.0, block_size=(16, 16), backend="cpu"))
         assert type(model[0]) is GridAttention and model[0].attn_fn is not model[1].attn_fn
     else:
-        names = ditkernels.swap_attention(model, grid=(7, 9), module_cls=BlockSparseAttention, density=1.0,
+        names = ditkernels.swap_attention(model, grid=(7, 9), module_cls=BlockTopKAttention, density=1.0,
                                           block_size=(16, 16), backend="cpu")
-        assert isinstance(model[1], BlockSparseAttention) and model[1].grid == (7, 9)
+        assert isinstance(model[1], BlockTopKAttention) and model[1].grid == (7, 9)
     assert names == ["0", "1"] and dict(model.named_parameters()) == params
     with torch.no_grad():
         torch.testing.assert_close(model(x), dense, rtol=1e-5, atol=1e-6)
@@ -186,3 +186,13 @@ def test_swap_attention_sparse_callables(how):
         ditkernels.swap_attention(model, make_attn_fn=lambda name, old: TopKAttnFn(topk=10 ** 6, backend="cpu"))
         with torch.no_grad():
             torch.testing.assert_close(model(x), dense, rtol=1e-5, atol=1e-6)
+
+
+def test_block_sparse_attention_is_a_deprecated_alias():
+    with pytest.warns(DeprecationWarning, match="BlockTopKAttention"):
+        old = ditkernels.nn.BlockSparseAttention(DIM, HEADS, topk=2, block_size=(16, 16), backend="cpu")
+    assert isinstance(old, BlockTopKAttention)
+    new = BlockTopKAttention(DIM, HEADS, topk=2, block_size=(16, 16), backend="cpu")
+    new.load_state_dict(old.state_dict())
+    x = _x(40)
+    assert torch.equal(old(x), new(x))

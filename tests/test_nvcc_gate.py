@@ -77,6 +77,7 @@ def test_there_are_cuda_sources():
     assert CU_FILES, "no csrc/cuda/*.cu found"
 
 
+@pytest.mark.slow  # nvcc compiles every .cu file for sm_80 and sm_90a (the module fixture)
 @pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
 def test_compiles_without_spills(cu, ptxas_reports):
     rc, log = ptxas_reports[cu]

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import ditkernels
+from ditkernels import backends
 from ditkernels import Band, BlockTopK, LocalWindow, ReCache, ReSchedule, ReStepper, rettention
 from ditkernels.ops.rettention import band_schedule, dense_visible
 from ditkernels.reference.attention import attention_ref
 from ditkernels.reference.rettention import band_visible
 from ditkernels.schedule import MASK_BAND, ElementMask
-from numerics import assert_matches, attention_lowp, rel_err
+from numerics import ATTENTION_BACKENDS, assert_matches, attention_lowp, rel_err
 
-BACKENDS = ("reference", "cpu", "triton")
 
 
 def _backend_dtypes(backend: str):
@@ -86,7 +86,7 @@ def released_pixart(steps, mask, *, drift=0.04, clamp=False):
 
 
 @pytest.mark.parametrize("clamp", [False, True], ids=["released-noclamp", "clamped"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_equals_released_algorithm_pixart(backend, clamp):
     dtype = torch.float32 if backend == "triton" else torch.float64
     # the interpreter is slow: a smaller problem for triton
@@ -115,9 +115,7 @@ def _masks(backend: str):
              pytest.param(Band(width=21, num_prefix=70, num_suffix=5), 75, id="band21-p70-s5"),
              pytest.param(BlockTopK(topk=2, block_size=(32, 32)), 0, id="topk2-b32"),
              pytest.param(BlockTopK(density=0.3, block_size=(16, 32), num_prefix=3), 0, id="topk-d0.3-b16x32-p3")]
-    from ditkernels.ops.local import SUPPORTED as LOCAL
-
-    if backend in LOCAL:
+    if backend in backends.supporting("local_attention"):
         masks.append(pytest.param(LocalWindow((7, 13), 3, num_prefix=2), 2, id="local7x13-r3-p2"))
         masks.append(pytest.param(LocalWindow((7, 13), (2, 4), shape="square", num_suffix=5), 5,
                                   id="local7x13-sq-s5"))
@@ -125,7 +123,7 @@ def _masks(backend: str):
 
 
 def _cases():
-    for backend in BACKENDS:
+    for backend in ATTENTION_BACKENDS:
         for dtype in _backend_dtypes(backend):
             for mask in _masks(backend):
                 yield pytest.param(backend, dtype, *mask.values, id=f"{backend}-{str(dtype)[6:]}-{mask.id}")
@@ -179,7 +177,7 @@ def test_backend_matches_reference(backend, dtype, mask, extra):
     assert state.n == 3
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("mask,extra", [pytest.param(Band(), 0, id="band-default"),
                                         pytest.param(Band(width=10, frames=3, num_prefix=4), 7, id="band-frames"),
                                         pytest.param(BlockTopK(density=0.1, block_size=(32, 16)), 0, id="topk")])

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditkernels import backends
 from ditkernels.ops.selective_scan import selective_scan, selective_scan_fn
 from ditkernels.reference.selective_scan import selective_scan_ref
 
-from numerics import assert_matches
+from numerics import MODULE_BACKENDS, assert_matches
 
-BACKENDS = ("reference", "cpu")
+BACKENDS = MODULE_BACKENDS  # the ``backend`` fixture (conftest.py); the triton scan: test_selective_scan_triton.py
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -97,13 +97,6 @@ def _douts(case: Case, seed: int = 1):
     dout = torch.randn(case.batch, case.dim, case.seqlen, generator=g, dtype=torch.float64)
     dlast = torch.randn(case.batch, case.dim, case.dstate, generator=g, dtype=torch.float64)
     return dout, dlast
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    ok, why = backends.availability(request.param)
-    assert ok, f"backend {request.param} must be available in the test environment: {why}"
-    return request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -14,9 +14,8 @@ import os
 import pytest
 import torch
 
-from numerics import assert_matches
 import scan_helpers
-from scan_helpers import GRAD_NAMES, ORDER, args_of, run_ref64, run_ref_low
+from scan_helpers import args_of
 
 os.environ.setdefault("DITKERNELS_EMU_TIMEOUT", "20")
 
@@ -42,20 +41,8 @@ def run_emu(x, gr, softplus, reverse, config=None, cpb=None):
 
 
 def check(x, gr, softplus, reverse, config=None, cpb=None):
-    out, last, grads = run_emu(x, gr, softplus, reverse, config, cpb)
-    r_out, r_last, r_grads = run_ref64(x, gr, softplus, reverse)
-    low = x["u"].dtype in (torch.float16, torch.bfloat16)
-    l_out, l_last, l_grads = run_ref_low(x, gr, softplus, reverse) if low else (None, None, [None] * 9)
-    assert out.dtype == x["u"].dtype and last.dtype == torch.float32
-    assert_matches("out", out, r_out, l_out)
-    assert_matches("last_state", last, r_last, l_last)
-    for name, g, r, lo, key in zip(GRAD_NAMES, grads, r_grads, l_grads, ORDER):
-        if x[key] is None:
-            assert g is None, name
-            continue
-        assert g.dtype == x[key].dtype and g.shape == x[key].shape, name
-        assert_matches(name, g, r, lo if (lo is None or g.dtype in (torch.float16, torch.bfloat16)) else None)
-    return out, last, grads
+    result = run_emu(x, gr, softplus, reverse, config, cpb)
+    return scan_helpers.check_against_reference(result, x, gr, softplus, reverse)
 
 
 # ------------------------------------------------------------------------------------------------ fp32
@@ -67,14 +54,7 @@ def test_all_options_default_config(L, reverse):
     check(x, gr, softplus=True, reverse=reverse)
 
 
-OPTION_CASES = {
-    "const_BC": dict(b_kind="const", c_kind="const"),
-    "constB_varC": dict(b_kind="const", c_kind="group2"),
-    "varB_constC": dict(b_kind="var", c_kind="const"),
-    "group4_B_group2_C": dict(b_kind="group4", c_kind="group2"),
-    "plain": dict(D=False, z=False, bias=False, init=False, dlast=False),
-    "no_z_no_init": dict(z=False, init=False),
-}
+OPTION_CASES = {**scan_helpers.OPTION_CASES, "group4_B_group2_C": dict(b_kind="group4", c_kind="group2")}
 
 
 @pytest.mark.parametrize("softplus", [False, True], ids=["linear", "softplus"])
@@ -107,24 +87,12 @@ def test_channels_per_block(cpb):
 
 
 def test_backward_is_deterministic():
-    x, gr = make_case(L=150, seed=3)
-    _, _, g1 = run_emu(x, gr, True, False)
-    _, _, g2 = run_emu(x, gr, True, False)
-    for name, a, b in zip(GRAD_NAMES, g1, g2):
-        assert torch.equal(a, b), name
+    scan_helpers.assert_deterministic(run_emu, *make_case(L=150, seed=3))
 
 
 def test_strided_inputs():
-    """u, delta, z as transposes of (batch, L, dim) buffers; B as a slice of a wider buffer."""
-    x, gr = make_case(batch=2, dim=4, L=90, b_kind="var", c_kind="group2", seed=8)
-    for k in ("u", "delta", "z"):
-        x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
-        assert not x[k].is_contiguous()
-    wide = torch.zeros(2, 4 + 3, 90)
-    wide[:, 1:5] = x["B"]
-    x["B"] = wide[:, 1:5]
-    gr["dout"] = gr["dout"].transpose(1, 2).contiguous().transpose(1, 2)
-    check(x, gr, softplus=True, reverse=True)
+    """u, delta, z, dout as transposes of (batch, L, dim) buffers; B as a slice of a wider buffer."""
+    check(*scan_helpers.strided_case(N=4), softplus=True, reverse=True)
 
 
 # --------------------------------------------------------------------------------------- fp16 / bf16
@@ -182,5 +150,7 @@ def test_cuda_module_has_the_same_configs():
     except ImportError as e:
         pytest.skip(f"ditkernels._cuda not built ({e})")
     assert [tuple(c) for c in cu.selective_scan_configs()] == [tuple(c) for c in emu.selective_scan_configs()]
-    ok, why = cuda_scan.available()
+    from ditkernels.backends import cuda
+
+    ok, why = cuda.available()
     assert ok == torch.cuda.is_available() and (ok or why)

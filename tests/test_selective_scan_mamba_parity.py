@@ -79,20 +79,18 @@ def test_selective_scan(is_variable_B, is_variable_C, varBC_groups, has_D, has_z
     dim = 4
     dstate = 8
     A = (-0.5 * torch.rand(dim, dstate, device=device, dtype=wtype)).requires_grad_()
-    if not is_variable_B:
-        B_shape = (dim, dstate)
-    elif varBC_groups == 1:
-        B_shape = (batch_size, dstate, seqlen)
-    else:
-        B_shape = (batch_size, varBC_groups, dstate, seqlen)
-    B = torch.randn(*B_shape, device=device, dtype=wtype if not is_variable_B else itype, requires_grad=True)
-    if not is_variable_C:
-        C_shape = (dim, dstate)
-    elif varBC_groups == 1:
-        C_shape = (batch_size, dstate, seqlen)
-    else:
-        C_shape = (batch_size, varBC_groups, dstate, seqlen)
-    C = torch.randn(*C_shape, device=device, dtype=wtype if not is_variable_C else itype, requires_grad=True)
+
+    def bc(is_variable):
+        if not is_variable:
+            shape = (dim, dstate)
+        elif varBC_groups == 1:
+            shape = (batch_size, dstate, seqlen)
+        else:
+            shape = (batch_size, varBC_groups, dstate, seqlen)
+        return torch.randn(*shape, device=device, dtype=itype if is_variable else wtype, requires_grad=True)
+
+    B = bc(is_variable_B)
+    C = bc(is_variable_C)
     D = torch.randn(dim, device=device, dtype=torch.float32, requires_grad=True) if has_D else None
     z = torch.randn(batch_size, dim, seqlen, device=device, dtype=itype, requires_grad=True) if has_z else None
     delta_bias = (0.5 * torch.rand(dim, device=device, dtype=torch.float32)).requires_grad_() if has_delta_bias else None

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from numerics import assert_matches
-from scan_helpers import GRAD_NAMES, ORDER, args_of, make_case, run_ref64, run_ref_low
+import scan_helpers
+from scan_helpers import ORDER, args_of, make_case, run_ref64
 
 pytest.importorskip("triton")
 
@@ -36,21 +37,7 @@ def run_triton(x, gr, softplus, reverse, n_sub=None):
 
 
 def check(x, gr, softplus, reverse, n_sub=None):
-    out, last, grads = run_triton(x, gr, softplus, reverse, n_sub)
-    r_out, r_last, r_grads = run_ref64(x, gr, softplus, reverse)
-    low = x["u"].dtype in LOW
-    l_out, l_last, l_grads = run_ref_low(x, gr, softplus, reverse) if low else (None, None, [None] * 9)
-    assert out.dtype == x["u"].dtype and last.dtype == torch.float32
-    assert_matches("out", out, r_out, l_out)
-    assert_matches("last_state", last, r_last, l_last)
-    for name, g, r, lo, key in zip(GRAD_NAMES, grads, r_grads, l_grads, ORDER):
-        if x[key] is None:
-            assert g is None, name
-            continue
-        assert g.dtype == x[key].dtype and g.shape == x[key].shape, name
-        # fp32 gradients (A, D, delta_bias, constant or float32 B / C, initial_state) get the fp32 bound.
-        assert_matches(name, g, r, lo if g.dtype in LOW else None)
-    return out, last, grads
+    return scan_helpers.check_against_reference(run_triton(x, gr, softplus, reverse, n_sub), x, gr, softplus, reverse)
 
 
 # ------------------------------------------------------------------------------------------------ fp32
@@ -63,14 +50,7 @@ def test_all_options(L, reverse):
     check(x, gr, softplus=True, reverse=reverse)
 
 
-OPTION_CASES = {
-    "const_BC": dict(b_kind="const", c_kind="const"),
-    "constB_varC": dict(b_kind="const", c_kind="group2"),
-    "varB_constC": dict(b_kind="var", c_kind="const"),
-    "group4_B_group3_C": dict(b_kind="group4", c_kind="group3"),
-    "plain": dict(D=False, z=False, bias=False, init=False, dlast=False),
-    "no_z_no_init": dict(z=False, init=False),
-}
+OPTION_CASES = {**scan_helpers.OPTION_CASES, "group4_B_group3_C": dict(b_kind="group4", c_kind="group3")}
 
 
 @pytest.mark.parametrize("softplus", [False, True], ids=["linear", "softplus"])
@@ -98,24 +78,12 @@ def test_channel_blocks_per_backward_program(n_sub):
 
 
 def test_backward_is_deterministic():
-    x, gr = make_case(batch=1, dim=6, L=70, seed=3)
-    _, _, g1 = run_triton(x, gr, True, False)
-    _, _, g2 = run_triton(x, gr, True, False)
-    for name, a, b in zip(GRAD_NAMES, g1, g2):
-        assert torch.equal(a, b), name
+    scan_helpers.assert_deterministic(run_triton, *make_case(batch=1, dim=6, L=70, seed=3))
 
 
 def test_strided_inputs():
     """u, delta, z, dout as transposes of (batch, L, dim) buffers; B as a slice of a wider buffer."""
-    x, gr = make_case(batch=2, dim=4, L=90, N=8, b_kind="var", c_kind="group2", seed=8)
-    for k in ("u", "delta", "z"):
-        x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
-        assert not x[k].is_contiguous()
-    wide = torch.zeros(2, 8 + 3, 90)
-    wide[:, 1:9] = x["B"]
-    x["B"] = wide[:, 1:9]
-    gr["dout"] = gr["dout"].transpose(1, 2).contiguous().transpose(1, 2)
-    check(x, gr, softplus=True, reverse=True)
+    check(*scan_helpers.strided_case(N=8), softplus=True, reverse=True)
 
 
 # --------------------------------------------------------------------------------------- fp16 / bf16

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from numerics import rel_err
+
 # Every barrier wait of a correct launch here lasts milliseconds; a broken barrier (one that deadlocks
 # in a way the exact deadlock detector misses) fails after this many seconds instead of 60 (read per launch).
 os.environ.setdefault("DITKERNELS_EMU_TIMEOUT", "20")
@@ -50,10 +52,6 @@ def run_emu(a, b, h0=None, out=None, h0_stride=1, **kw):
     emu.scan_pairs(a.data_ptr(), b.data_ptr(), out.data_ptr(), 0 if h0 is None else h0.data_ptr(), rows, L,
                    a.stride(), b.stride(), out.stride(), h0_stride, **kw)
     return out
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref).norm() / ref.norm()).item()
 
 
 @pytest.mark.parametrize("with_h0", [False, True], ids=["h0=0", "h0"])

@@ -11,35 +11,13 @@ import pytest
 import torch
 
 import ditkernels
-from ditkernels import backends
 from ditkernels.ops import topk as topk_mod
 from ditkernels.reference.attention import attention_ref
+from ditkernels.reference.topk import topk_visible
 
 from numerics import assert_matches, attention_lowp, make_qkv
 
-BACKENDS = ("reference", "cpu", "triton")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    ok, why = backends.availability(request.param)
-    assert ok, f"backend {request.param} must be available in the test environment: {why}"
-    return request.param
-
-
-def _topk_visible(q, k, topk, scale):
-    """float64 selection by the documented rule (ditkernels.ops.topk): the ``topk`` largest scores of
-    each row, plus the keys within ``tol = 1e-5 * max|s|`` of the k-th when the k-th and (k+1)-th are
-    that close (ties)."""
-    s = (q.double() @ k.double().transpose(-1, -2)) * scale
-    if topk >= s.shape[-1]:
-        return torch.ones(s.shape, dtype=torch.bool)
-    top = torch.topk(s, topk + 1, dim=-1).values
-    t_k, t_k1 = top[..., topk - 1], top[..., topk]
-    tol = 1e-5 * s.abs().amax(-1)
-    thr = torch.where(t_k - t_k1 >= 2 * tol, (t_k + t_k1) / 2, t_k - tol)
-    return s >= thr[..., None]
 
 
 def _grads(fn, q, k, v, do):
@@ -57,7 +35,7 @@ def test_topk_matches_float64(backend, case, dtype):
     b, h, sq, sk, d, topk = case
     q, k, v = make_qkv(b, h, sq, sk, d, dtype, strided=True, seed=sq + topk)
     scale = d ** -0.5
-    vis = _topk_visible(q, k, topk, scale)
+    vis = topk_visible(q, k, topk, scale)
     do = torch.randn(b, h, sq, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
     ref64 = _grads(lambda a, b_, c: attention_ref(a, b_, c, scale, vis)[0], q.double(), k.double(), v.double(),
                    do.double())
@@ -72,7 +50,7 @@ def test_topk_selection_and_lse(backend):
     q, k, v = make_qkv(1, 2, 130, 150, 32, torch.float32, seed=4)
     scale = 32 ** -0.5
     out, lse = ditkernels.topk_attention(q, k, v, 7, return_lse=True, backend=backend)
-    ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), scale, _topk_visible(q, k, 7, scale))
+    ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), scale, topk_visible(q, k, 7, scale))
     assert_matches("out", out, ref_out)
     assert_matches("lse", lse, ref_lse, fp32_tol=1e-6)
 
@@ -86,6 +64,7 @@ def test_topk_at_least_seq_is_dense(backend):
     assert_matches("out", out2, ref)
 
 
+@pytest.mark.slow  # thousands of op calls (the numerical Jacobian)
 @pytest.mark.parametrize("backend_name", ["reference", "cpu"])
 def test_topk_gradcheck_float64(backend_name):
     q, k, v = make_qkv(1, 2, 21, 26, 8, torch.float64, seed=2)
@@ -276,6 +255,7 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(q, k, v), f(q, k, v))
 
 
+@pytest.mark.slow  # a 32768-token selection pass in a subprocess
 def test_seq_32768_within_1gb_extra_memory():
     """Exact top-k at seq 32768, 1 head, head_dim 64 on the cpu backend: peak RSS grows by < 1 GB (the
     whole score matrix alone would be 4 GB). Measured in a fresh process (peak RSS is per process)."""

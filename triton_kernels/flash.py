@@ -962,32 +962,12 @@ def _is_pow2(x: int) -> bool:
 
 
 def _check_schedule(schedule, batch: int, heads: int, seq_q: int, seq_k: int, device: torch.device) -> None:
+    """The schedule's own checks (BlockSchedule.validate), plus this backend's tile rule."""
     for name in ("block_m", "block_n"):
         val = getattr(schedule, name)
         if not (_is_pow2(val) and val >= 16):
             raise ValueError(f"schedule.{name}: the triton backend needs a power of two >= 16, got {val}")
-    if schedule.seq_q != seq_q or schedule.seq_k != seq_k:
-        raise ValueError(f"schedule: built for seq_q={schedule.seq_q}, seq_k={schedule.seq_k}, "
-                         f"got q/k with seq_q={seq_q}, seq_k={seq_k}")
-    if schedule.num_heads_sched not in (1, batch * heads):
-        raise ValueError(f"schedule: expected 1 or batch*heads={batch * heads} head slices, "
-                         f"got {schedule.num_heads_sched}")
-    if schedule.kv_ptr.shape[1] != schedule.num_q_tiles + 1:
-        raise ValueError(f"schedule.kv_ptr: expected {schedule.num_q_tiles + 1} columns, got {schedule.kv_ptr.shape[1]}")
-    for name in ("kv_ptr", "kv_idx", "partial"):
-        t = getattr(schedule, name)
-        if t.dtype != torch.int32 or t.device != device or not t.is_contiguous():
-            raise ValueError(f"schedule.{name}: expected contiguous int32 on {device}, got {t.dtype} on {t.device}")
-    if _tiled(schedule):
-        for name, rows, cols in (("q_tokens", schedule.num_q_tiles, schedule.block_m),
-                                 ("kv_tokens", schedule.num_kv_tiles, schedule.block_n)):
-            t = getattr(schedule, name)
-            if t.dtype != torch.int32 or t.device != device or not t.is_contiguous() or t.shape != (rows, cols):
-                raise ValueError(f"schedule.{name}: expected contiguous int32 ({rows}, {cols}) on {device}, "
-                                 f"got {t.dtype} {tuple(t.shape)} on {t.device}")
-        if schedule.num_heads_sched != 1:
-            raise ValueError(f"schedule: a token-table schedule is shared by every head (1 head slice), "
-                             f"got {schedule.num_heads_sched}")
+    schedule.validate(seq_q, seq_k, batch * heads, device)
 
 
 def _tiled(schedule) -> bool:

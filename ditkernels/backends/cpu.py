@@ -4,7 +4,8 @@
 The extension is torch-independent: this launcher validates, allocates outputs, and passes raw
 pointers (``data_ptr()``), sizes and strides in elements. Inputs whose last dimension is not
 contiguous are copied; every other stride is used as it is. The kernels live in
-``csrc/cpu/attention.cpp``; importing this module never needs the extension.
+``csrc/cpu/attention.cpp``; importing this module never needs the extension. Its selective scan is
+:mod:`ditkernels.backends.cpu_scan`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ from types import ModuleType
 
 import torch
 
-from .. import _alloc, _ext
+from . import ATTENTION, FWD_COUNTERS, LOCAL_TILING, SELECTIVE_SCAN, TOPK_THRESHOLDS, device_only
+from . import no_limits as limits  # noqa: F401 (the contract's limits: none)
+from .. import _alloc, _ext, _validate
+from .cpu_scan import saved_shape, scan_bwd, scan_fwd  # noqa: F401 (SELECTIVE_SCAN)
 from ..schedule import (EPILOGUE_NONE, EPILOGUE_SCALE_RESIDUAL, MASK_BAND, MASK_LOCAL, MASK_NONE,
                         MASK_THRESHOLD, BlockSchedule, ElementMask, Epilogue, TiledSchedule)
 
 NAME = "cpu"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CAPABILITIES = frozenset({ATTENTION, SELECTIVE_SCAN, LOCAL_TILING, TOPK_THRESHOLDS, FWD_COUNTERS})
 _DTYPE_CODES = _ext.DTYPE_CODES  # storage dtype -> code of attention_fwd / attention_bwd
 # Element-mask kinds the C++ mask function implements (csrc/cpu/attention.cpp, ElementMask<KIND>).
 _MASK_KINDS = (MASK_NONE, MASK_LOCAL, MASK_BAND, MASK_THRESHOLD)
@@ -35,6 +41,10 @@ def available() -> tuple[bool, str]:
     if why is None and not hasattr(_ext.cpu(), "attention_fwd"):
         why = f"{_ext.cpu().__name__} has no attention_fwd (stale build). {_ext.FIX}"
     return why is None, why or ""
+
+
+def device_reason(device: torch.device) -> str | None:
+    return device_only(NAME, "cpu", device)
 
 
 def _require() -> ModuleType:
@@ -65,6 +75,10 @@ def local_tiles(grid: tuple[int, ...]) -> tuple[tuple[int, ...] | None, tuple[in
     return None, None
 
 
+# One forward block_n (local_block_sizes'): the kernels trim each visit to its visible rows instead.
+local_fwd_block_n: tuple[int, ...] = ()
+
+
 def last_fwd_visits() -> int:
     """Tiles visited by the last forward launch, summed over batch*head (a kernel-side counter)."""
     return int(_require().attention_fwd_visits())
@@ -78,25 +92,9 @@ def last_fwd_pairs() -> int:
 
 # ---- validation -------------------------------------------------------------------------------
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.device.type != "cpu":
-            raise ValueError(f"{name}: the cpu backend takes CPU tensors, got device {t.device}")
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected 4 dims (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
-    if q.dtype not in _DTYPE_CODES:
-        raise TypeError(f"q: expected one of {tuple(_DTYPE_CODES)}, got {q.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name}: expected dtype {q.dtype} (that of q), got {t.dtype}")
-    b, h, _, d = q.shape
-    if k.shape[:2] != (b, h) or k.shape[3] != d:
-        raise ValueError(f"k: expected shape ({b}, {h}, seq_k, {d}), got {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
-    if d < 1:
-        raise ValueError(f"q: head_dim must be >= 1, got {d}")
+    _validate.check_qkv(q, k, v)
+    if q.device.type != "cpu":
+        raise ValueError(f"q: the cpu backend takes CPU tensors, got device {q.device}")
 
 
 def _check_like(name: str, t: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None = None) -> None:
@@ -115,73 +113,30 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _csr(schedule: BlockSchedule | None, bh: int) -> tuple[int, int, int, int, int]:
-    """(kv_ptr, kv_idx, partial, ptr_stride, idx_stride) pointers/strides; zeros for dense."""
+def _csr(schedule: BlockSchedule | None) -> tuple[int, int, int, int, int]:
+    """(kv_ptr, kv_idx, partial, ptr_stride, idx_stride) pointers/strides of a validated schedule; zeros
+    for dense."""
     if schedule is None:
         return 0, 0, 0, 0, 0
-    hs = schedule.num_heads_sched
-    if hs not in (1, bh):
-        raise ValueError(f"schedule: expected 1 or batch*heads={bh} head slices, got {hs}")
-    for name in ("kv_ptr", "kv_idx", "partial"):
-        t = getattr(schedule, name)
-        if t.dtype != torch.int32 or t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 2 \
-                or t.shape[0] != hs:
-            raise ValueError(f"schedule.{name}: expected a contiguous int32 CPU tensor ({hs}, n), got "
-                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
-    if schedule.kv_ptr.shape[1] != schedule.num_q_tiles + 1:
-        raise ValueError(f"schedule.kv_ptr: expected {schedule.num_q_tiles + 1} columns, got {schedule.kv_ptr.shape[1]}")
-    # The kernel trusts these indices with raw pointers: check them (cheap next to the attention).
-    ptr = schedule.kv_ptr
-    if int(ptr[:, 0].min()) < 0 or int(ptr[:, -1].max()) > schedule.kv_idx.shape[1] \
-            or bool((ptr[:, 1:] < ptr[:, :-1]).any()):
-        raise ValueError("schedule.kv_ptr: expected non-decreasing offsets within kv_idx")
-    if schedule.kv_idx.numel() and (int(schedule.kv_idx.min()) < 0
-                                    or int(schedule.kv_idx.max()) >= max(schedule.num_kv_tiles, 1)):
-        raise ValueError(f"schedule.kv_idx: expected KV tile indices in [0, {schedule.num_kv_tiles}), got "
-                         f"[{int(schedule.kv_idx.min())}, {int(schedule.kv_idx.max())}]")
-    shared = hs == 1
+    shared = schedule.num_heads_sched == 1
     return (schedule.kv_ptr.data_ptr(), schedule.kv_idx.data_ptr(), schedule.partial.data_ptr(),
             0 if shared else schedule.kv_ptr.stride(0), 0 if shared else schedule.kv_idx.stride(0))
 
 
 def _tokens(schedule: BlockSchedule | None) -> dict:
-    """Token-map arguments of the kernels: q_tokens / kv_tokens pointers and tile counts (0: none).
-
-    The kernels write each output row from the one tile that holds it, so a TiledSchedule's valid
-    tokens must be a permutation of the queries (resp. keys); checked once per schedule object."""
+    """Token-map arguments of the kernels: q_tokens / kv_tokens pointers and tile counts (0: none)."""
     if not isinstance(schedule, TiledSchedule):
         return {}
-    if schedule.num_heads_sched != 1:
-        raise ValueError(f"schedule: a TiledSchedule must be shared by every batch*head, got "
-                         f"{schedule.num_heads_sched} head slices")
-    if not getattr(schedule, "_cpu_tokens_ok", False):
-        for name, tok, block, seq in (("q_tokens", schedule.q_tokens, schedule.block_m, schedule.seq_q),
-                                      ("kv_tokens", schedule.kv_tokens, schedule.block_n, schedule.seq_k)):
-            if tok.dtype != torch.int32 or tok.device.type != "cpu" or not tok.is_contiguous() or tok.dim() != 2 \
-                    or tok.shape[1] != block:
-                raise ValueError(f"schedule.{name}: expected a contiguous int32 CPU tensor (tiles, {block}), got "
-                                 f"{tok.dtype} {tuple(tok.shape)} on {tok.device}")
-            valid = tok < seq
-            # valid tokens first in each row, and together a permutation of [0, seq)
-            if bool((valid[:, 1:] & ~valid[:, :-1]).any()) or int(tok.min()) < 0 or int(tok.max()) > seq or \
-                    not torch.equal(torch.sort(tok[valid]).values, torch.arange(seq, dtype=torch.int32)):
-                raise ValueError(f"schedule.{name}: expected each row to list its tokens first, padded with {seq}, "
-                                 f"and the tiles to hold every token of [0, {seq}) exactly once")
-        schedule._cpu_tokens_ok = True
     return {"q_tokens": schedule.q_tokens.data_ptr(), "kv_tokens": schedule.kv_tokens.data_ptr(),
             "n_q_tiles": schedule.num_q_tiles, "n_kv_tiles": schedule.num_kv_tiles}
 
 
-def _check_schedule(schedule: BlockSchedule | None, sq: int, sk: int) -> None:
+def _check_schedule(schedule: BlockSchedule | None, q: torch.Tensor, sk: int) -> None:
     if schedule is None:
         return
     if not isinstance(schedule, BlockSchedule):
         raise TypeError(f"schedule: expected a BlockSchedule or None, got {type(schedule).__name__}")
-    if schedule.block_m < 1 or schedule.block_n < 1:
-        raise ValueError(f"schedule: block sizes must be positive, got ({schedule.block_m}, {schedule.block_n})")
-    if (schedule.seq_q, schedule.seq_k) != (sq, sk):
-        raise ValueError(f"schedule: built for seq_q={schedule.seq_q}, seq_k={schedule.seq_k}; "
-                         f"the inputs have seq_q={sq}, seq_k={sk}")
+    schedule.validate(q.shape[2], sk, q.shape[0] * q.shape[1], q.device)
 
 
 def _mask_args(mask: ElementMask | None) -> tuple[int, int, torch.Tensor | None]:
@@ -223,7 +178,7 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     _check_qkv(q, k, v)
     b, h, sq, d = q.shape
     sk = k.shape[2]
-    _check_schedule(schedule, sq, sk)
+    _check_schedule(schedule, q, sk)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = _alloc.empty(b, h, sq, d, dtype=q.dtype, device=q.device)
     lse = _alloc.empty(b, h, sq, dtype=torch.float32, device=q.device)
@@ -246,7 +201,7 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     mask_kind, mask_ptr, _keep = _mask_args(mask)
     rows_arg, _keep_rows = _mask_rows(mask, b, h, sq)
     bm, bn = _blocks(schedule, d, q.dtype)
-    kv_ptr, kv_idx, partial, ps, is_ = _csr(schedule, b * h)
+    kv_ptr, kv_idx, partial, ps, is_ = _csr(schedule)
     ext.attention_fwd(
         _DTYPE_CODES[q.dtype], b, h, sq, sk, d, float(scale),
         q.data_ptr(), q.stride(), k.data_ptr(), k.stride(), v.data_ptr(), v.stride(),
@@ -305,7 +260,7 @@ def _lse64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sche
     b, h, sq, d = q.shape
     lse = _alloc.empty(b, h, sq, dtype=torch.float64, device=q.device)
     bm, bn = _blocks(schedule, d, q.dtype)
-    kv_ptr, kv_idx, partial, ps, is_ = _csr(schedule, b * h)
+    kv_ptr, kv_idx, partial, ps, is_ = _csr(schedule)
     ext.attention_fwd(
         _DTYPE_CODES[q.dtype], b, h, sq, k.shape[2], d, float(scale),
         q.data_ptr(), q.stride(), k.data_ptr(), k.stride(), v.data_ptr(), v.stride(),
@@ -333,7 +288,7 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             lse.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"lse: expected a float32 tensor of shape {(b, h, sq)}, got "
                          f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")
-    _check_schedule(schedule, sq, sk)
+    _check_schedule(schedule, q, sk)
     do, q, k, v, out = (_unit_last(t) for t in (do, q, k, v, out))
     mask_kind, mask_ptr, _keep = _mask_args(mask)
     rows_arg, _keep_rows = _mask_rows(mask, b, h, sq)
@@ -346,8 +301,8 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if dq.numel() == 0 or dk.numel() == 0:  # nothing to compute; no key at all: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_()
     bm, bn = _blocks(schedule, d, q.dtype)
-    kv_ptr, kv_idx, partial, ps, is_ = _csr(schedule, b * h)
-    t_ptr, t_idx, t_partial, tps, tis = _csr(schedule.transposed() if schedule is not None else None, b * h)
+    kv_ptr, kv_idx, partial, ps, is_ = _csr(schedule)
+    t_ptr, t_idx, t_partial, tps, tis = _csr(schedule.transposed() if schedule is not None else None)
     ext.attention_bwd(
         _DTYPE_CODES[q.dtype], b, h, sq, sk, d, float(scale),
         do.data_ptr(), do.stride(), q.data_ptr(), q.stride(), k.data_ptr(), k.stride(), v.data_ptr(), v.stride(),

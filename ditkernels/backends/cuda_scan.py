@@ -1,8 +1,8 @@
 """Selective-scan launcher of the ``cuda`` backend: ``csrc/kernels/selective_scan.cuh`` in ``ditkernels._cuda``.
 
 Same launcher contract as :mod:`ditkernels.backends.cpu_scan` (``scan_fwd`` / ``scan_bwd`` /
-``saved_shape`` / ``available``), on CUDA tensors. The kernels are torch-independent: this module
-allocates outputs and passes device addresses and element strides (any strides; ``reverse`` becomes
+``saved_shape``), on CUDA tensors; the backend's availability is :mod:`ditkernels.backends.cuda`.
+The kernels are torch-independent: this module allocates outputs and passes device addresses and element strides (any strides; ``reverse`` becomes
 negative L strides with the address moved to the last step, so nothing is flipped or copied).
 
 :func:`emu_scan_fwd` / :func:`emu_scan_bwd` run the very same argument preparation on CPU tensors
@@ -29,8 +29,6 @@ import torch
 
 from .. import _alloc, _ext
 
-NAME = "cuda"
-_FIX = "reinstall on a machine with the CUDA toolkit (nvcc on PATH or CUDA_HOME set): pip install --no-build-isolation ."
 _DTYPE_CODES = {t: c for t, c in _ext.DTYPE_CODES.items() if t is not torch.float64}  # no float64 kernels
 # Workspace cap for variable dB / dC partials (bytes), unless 8x the gradient itself is larger.
 _WORKSPACE_CAP = 64 << 20
@@ -65,13 +63,12 @@ def saved_shape(batch: int, dim: int, seqlen: int, dstate: int, config: tuple[in
 # Extensions.
 
 def _cuda_ext() -> ModuleType:
+    from .cuda import extension
+
     try:
-        mod = importlib.import_module("ditkernels._cuda")
+        return extension()
     except ImportError as exc:
-        raise RuntimeError(f"ditkernels._cuda is not built ({exc}); {_FIX}") from exc
-    if not hasattr(mod, "selective_scan_fwd"):
-        raise RuntimeError(f"ditkernels._cuda has no selective_scan_fwd (stale build); {_FIX}")
-    return mod
+        raise RuntimeError(str(exc)) from exc
 
 
 def _emu_ext() -> ModuleType:
@@ -79,17 +76,6 @@ def _emu_ext() -> ModuleType:
     if not hasattr(mod, "selective_scan_fwd"):
         raise RuntimeError(f"ditkernels._emu has no selective_scan_fwd (stale build): {_ext.EMU_FIX}")
     return mod
-
-
-def available() -> tuple[bool, str]:
-    try:
-        ext = _cuda_ext()
-    except RuntimeError as exc:
-        return False, str(exc)
-    if not torch.cuda.is_available():
-        return False, (f"built for {', '.join(ext.archs())} but torch sees no CUDA device "
-                       f"(torch {torch.__version__}, cudaGetDeviceCount: {ext.device_count()})")
-    return True, ""
 
 
 class _Runner:

@@ -1,20 +1,31 @@
 """The ``reference`` backend: plain PyTorch on any device, float64-capable.
 
-It materialises the (seq_q, seq_k) score matrix, so it is for testing and as a last resort.
+It materialises the (seq_q, seq_k) score matrix, so it is for testing and as a last resort. The
+ops evaluate it on each family's dense visibility (``DENSE_REFERENCE``), not on the kernel plans.
+Its selective scan is :mod:`ditkernels.backends.reference_scan`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import ATTENTION, DENSE_REFERENCE, SELECTIVE_SCAN
+from . import no_limits as limits  # noqa: F401 (the contract's limits: none)
 from ..reference.attention import attention_ref, attention_ref_backward
 from ..schedule import MASK_THRESHOLD, BlockSchedule, ElementMask, Epilogue
+from .reference_scan import saved_shape, scan_bwd, scan_fwd  # noqa: F401 (SELECTIVE_SCAN)
 
 NAME = "reference"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CAPABILITIES = frozenset({ATTENTION, SELECTIVE_SCAN, DENSE_REFERENCE})
 
 
 def available() -> tuple[bool, str]:
     return True, ""
+
+
+def device_reason(device: torch.device) -> str | None:
+    return None  # plain PyTorch: any device
 
 
 def block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:

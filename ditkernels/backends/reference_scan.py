@@ -6,14 +6,7 @@ The backward is the hand-written :func:`selective_scan_ref_backward` (autograd i
 
 from __future__ import annotations
 
-
 from ..reference.selective_scan import compute_dtype, selective_scan_ref, selective_scan_ref_backward
-
-NAME = "reference"
-
-
-def available() -> tuple[bool, str]:
-    return True, ""
 
 
 def saved_shape(batch: int, dim: int, seqlen: int, dstate: int) -> tuple[int, ...]:

@@ -2,6 +2,7 @@
 
 Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
 imported (the test suite does). triton is imported on first use, so this module always imports.
+Its selective scan is :mod:`ditkernels.backends.triton_scan`.
 """
 
 from __future__ import annotations
@@ -13,19 +14,28 @@ from types import ModuleType
 
 import torch
 
+from . import ATTENTION, BLOCK_TOPK_SELECT, LOCAL_TILING, POW2_TILES, SELECTIVE_SCAN, Call
 from ..schedule import BlockSchedule, ElementMask, Epilogue
+from .triton_scan import saved_shape, scan_bwd, scan_fwd  # noqa: F401 (SELECTIVE_SCAN)
 
 NAME = "triton"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CAPABILITIES = frozenset({ATTENTION, SELECTIVE_SCAN, LOCAL_TILING, POW2_TILES, BLOCK_TOPK_SELECT})
 
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _flash() -> ModuleType:
+def require() -> None:
+    """Raise RuntimeError with the reason and the fix when the backend is not available."""
     ok, why = available()
     if not ok:
         raise RuntimeError(f"the triton backend is not available: {why}")
+
+
+def _flash() -> ModuleType:
+    require()
     return importlib.import_module("ditkernels.triton_kernels.flash")
 
 
@@ -43,13 +53,26 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+def device_reason(device: torch.device) -> str | None:
+    if device.type == "cuda" or (device.type == "cpu" and _interpret()):
+        return None
+    return (f"the triton backend takes CUDA tensors, got {device.type} tensors "
+            "(set TRITON_INTERPRET=1 before importing triton to run it on the CPU for tests)")
+
+
+def limits(op: str, call: Call) -> list[str]:
+    """Block-sparse blocks must cut into power-of-two tiles >= 16 (``POW2_TILES``)."""
+    if op != "block_sparse_attention" or call.block_size is None:
+        return []
+    from ..ops.sparse import pow2_tile_reason
+
+    return [r for r in (pow2_tile_reason(b, f"block_size[{i}]") for i, b in enumerate(call.block_size)) if r]
+
+
 def _check_device(t: torch.Tensor) -> None:
-    if t.device.type == "cuda":
-        return
-    if t.device.type == "cpu" and _interpret():
-        return
-    raise RuntimeError(f"the triton backend takes CUDA tensors, got {t.device.type} tensors "
-                       "(set TRITON_INTERPRET=1 before importing triton to run it on the CPU for tests)")
+    reason = device_reason(t.device)
+    if reason:
+        raise RuntimeError(reason)
 
 
 def block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -62,6 +85,11 @@ def local_block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     (the default GPU plan); each kernel walks them in sub-tiles of its own config. The backward keeps
     64-key tiles (a dK/dV program owns one: 64 rows for sm_90's warpgroup MMA)."""
     return 64, 64
+
+
+def local_tiles(grid: tuple[int, ...]) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """No preferred box shapes: the plan picks those that minimise the computed pairs."""
+    return None, None
 
 
 # block_n choices of the forward plan (ditkernels.ops.local.kernel_plan picks one per problem).

@@ -1,6 +1,7 @@
 """Selective-scan launcher of the ``triton`` backend: ``ditkernels.triton_kernels.selective_scan``.
 
-Same contract as :mod:`ditkernels.backends.cpu_scan` (``saved_shape`` / ``scan_fwd`` / ``scan_bwd``).
+Same contract as :mod:`ditkernels.backends.cpu_scan` (``saved_shape`` / ``scan_fwd`` / ``scan_bwd``);
+the backend's availability and device rule are :mod:`ditkernels.backends.triton`'s.
 Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
 imported (the test suite does). triton is imported on first use, so this module always imports.
 Math is fp32 for fp32 / fp16 / bf16 inputs; ``saved`` holds the states at chunk boundaries,
@@ -16,19 +17,10 @@ import torch
 
 from . import triton as _triton_backend
 
-NAME = "triton"
-
 
 def _kernels() -> ModuleType:
-    ok, why = available()
-    if not ok:
-        raise RuntimeError(f"the triton backend is not available: {why}")
+    _triton_backend.require()
     return importlib.import_module("ditkernels.triton_kernels.selective_scan")
-
-
-def available() -> tuple[bool, str]:
-    """(ok, reason and fix when not ok): the triton backend's availability."""
-    return _triton_backend.available()
 
 
 def saved_shape(batch: int, dim: int, seqlen: int, dstate: int) -> tuple[int, ...]:

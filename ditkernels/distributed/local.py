@@ -168,11 +168,12 @@ def halo_bytes(grid: tuple[int, ...], window: int | tuple[int, ...], *, world_si
 def _dense_fwd(q, k, v, scale, backend):
     """(out, lse) of dense attention (a text-query partial); the reference keeps a float64 lse for
     float64 inputs (the kernels' lse is float32)."""
+    from ..backends import DENSE_REFERENCE, has
     from ..ops.attention import _backend
     from ..reference.attention import attention_ref
 
     mod = _backend(q, backend)
-    if mod.NAME == "reference":
+    if has(mod, DENSE_REFERENCE):
         return attention_ref(q, k, v, scale)
     return mod.flash_fwd(q, k, v, scale=scale)
 
@@ -180,10 +181,11 @@ def _dense_fwd(q, k, v, scale, backend):
 def _dense_bwd(do, q, k, v, out, lse, scale, backend):
     """(dq, dk, dv) of a partial of a larger softmax whose merged ``out`` and ``lse`` are given:
     ``p = exp(s - lse)``, ``ds = p (do vᵀ - rowsum(do ∘ out))`` (the flash backward)."""
+    from ..backends import DENSE_REFERENCE, has
     from ..ops.attention import _backend
 
     mod = _backend(q, backend)
-    if mod.NAME != "reference":
+    if not has(mod, DENSE_REFERENCE):
         return mod.flash_bwd(do.contiguous(), q, k, v, out, lse, scale=scale)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale

@@ -45,7 +45,8 @@ import torch.nn as nn
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
-from ..nn.attention import AttnFn, check_grid
+from .._validate import check_token_grid
+from ..nn.attention import AttnFn
 from ..nn.local import LocalAttnFn
 
 try:  # diffusers >= 0.35: FLUX has its own attention class
@@ -87,7 +88,7 @@ class GridAttnProcessor(nn.Module):
         if not callable(attn_fn):
             raise TypeError(f"attn_fn: expected an attention callable, got {type(attn_fn).__name__}")
         self.attn_fn = attn_fn
-        self.grid = check_grid(grid)
+        self.grid = check_token_grid(grid)
         for name, val in (("num_prefix", num_prefix), ("num_suffix", num_suffix)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 0:
                 raise ValueError(f"{name}: expected an int >= 0, got {val!r}")
@@ -261,7 +262,7 @@ class LocalAttnProcessor(GridAttnProcessor):
                  pool: int | Sequence[int] | None = None, num_prefix: int = 0, num_suffix: int = 0,
                  backend: str | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
-        g = check_grid(grid)
+        g = check_token_grid(grid)
         fn = LocalAttnFn(window, shape=shape, border=border, tile=tile, pool=pool,
                          pool_ndim=len(g) if g is not None else 2, backend=backend, device=device, dtype=dtype)
         super().__init__(fn, g, num_prefix=num_prefix, num_suffix=num_suffix)
@@ -305,7 +306,7 @@ def set_processors(model: nn.Module, processor: GridAttnProcessor | Callable[[st
 def set_grid(model: nn.Module, grid: Sequence[int]) -> int:
     """Set the image-token grid of every :class:`GridAttnProcessor` of ``model`` (for a new resolution).
     Returns how many processors were updated."""
-    g = check_grid(grid)
+    g = check_token_grid(grid)
     count = 0
     for _, mod in _attention_modules(model):
         if isinstance(mod.processor, GridAttnProcessor):

@@ -6,8 +6,9 @@
   :class:`LocalAttention`: the same with local-window attention (CLEAR's pooled keys with ``pool=``);
   :func:`swap_attention`: replace a model's timm-style attention modules in place.
 - :class:`ReAttention`: a GridAttention running Re-ttention (``ReStepper``) over a denoising schedule.
-- :class:`BlockSparseAttention`, :class:`TopKAttention`: GridAttentions with block top-k / exact
-  top-k attention (callables :class:`BlockTopKAttnFn`, :class:`TopKAttnFn`).
+- :class:`BlockTopKAttention`, :class:`TopKAttention`: GridAttentions with block top-k / exact
+  top-k attention (callables :class:`BlockTopKAttnFn`, :class:`TopKAttnFn`); ``BlockSparseAttention``
+  is the deprecated old name of ``BlockTopKAttention``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from .attention import AttnFn, DenseAttnFn, GridAttention, is_timm_attention, sw
 from .local import KVPool, LocalAttention, LocalAttnFn
 from .mamba import Mamba
 from .rettention import ReAttention
-from .sparse import BlockSparseAttention, BlockTopKAttnFn, TopKAttention, TopKAttnFn
+from .sparse import BlockSparseAttention, BlockTopKAttention, BlockTopKAttnFn, TopKAttention, TopKAttnFn
 from .ss2d import SS2D
 
 __all__ = ["Mamba", "SS2D", "GridAttention", "LocalAttention", "LocalAttnFn", "DenseAttnFn", "KVPool", "AttnFn",
-           "swap_attention", "is_timm_attention", "BlockSparseAttention", "TopKAttention", "ReAttention",
+           "swap_attention", "is_timm_attention", "BlockTopKAttention", "BlockSparseAttention", "TopKAttention",
+           "ReAttention",
            "BlockTopKAttnFn", "TopKAttnFn"]

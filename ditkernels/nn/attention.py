@@ -42,6 +42,7 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 
+from .._validate import check_token_grid
 from ..ops.attention import attention
 
 # The children of timm's Attention (all versions up to 1.0.x) that a swap moves over.
@@ -72,16 +73,6 @@ class DenseAttnFn(nn.Module):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
-
-
-def check_grid(grid: object, name: str = "grid") -> tuple[int, ...] | None:
-    """None, or a tuple of 1-3 positive ints."""
-    if grid is None:
-        return None
-    if not isinstance(grid, (tuple, list, torch.Size)) or not 1 <= len(grid) <= 3 or any(
-            isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
-        raise ValueError(f"{name}: expected a tuple of 1, 2 or 3 positive ints, got {grid!r}")
-    return tuple(int(g) for g in grid)
 
 
 def _count(name: str, x: object) -> int:
@@ -126,7 +117,7 @@ class GridAttention(nn.Module):
         self.head_dim = attn_head_dim
         self.attn_dim = num_heads * attn_head_dim
         self.scale = attn_head_dim ** -0.5 if scale is None else float(scale)
-        self.grid = check_grid(grid)
+        self.grid = check_token_grid(grid)
         self.num_prefix = _count("num_prefix", num_prefix)
         self.num_suffix = _count("num_suffix", num_suffix)
 
@@ -148,7 +139,7 @@ class GridAttention(nn.Module):
                num_suffix: int | None = None) -> tuple[tuple[int, ...] | None, int, int]:
         """(grid, num_prefix, num_suffix) of a call: the arguments, else the module's; checked against
         the token count when a grid is known."""
-        g = check_grid(grid) if grid is not None else self.grid
+        g = check_token_grid(grid) if grid is not None else self.grid
         p = self.num_prefix if num_prefix is None else _count("num_prefix", num_prefix)
         s = self.num_suffix if num_suffix is None else _count("num_suffix", num_suffix)
         if g is not None and p + math.prod(g) + s != tokens:

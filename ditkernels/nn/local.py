@@ -21,9 +21,10 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from .._validate import check_token_grid
 from ..ops.local import local_attention
 from ..reference.local import BORDERS, SHAPES
-from .attention import GridAttention, check_grid
+from .attention import GridAttention
 
 
 def _factors(pool: object, ndim: int) -> tuple[int, ...]:
@@ -152,7 +153,7 @@ class LocalAttention(GridAttention):
                  attn_drop: float = 0.0, proj_drop: float = 0.0, norm_layer: Callable[..., nn.Module] | None = None,
                  scale: float | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
-        g = check_grid(grid)
+        g = check_token_grid(grid)
         fn = LocalAttnFn(window, shape=shape, border=border, tile=tile, pool=pool,
                          pool_ndim=len(g) if g is not None else 2, backend=backend, device=device, dtype=dtype)
         super().__init__(dim, num_heads, attn_fn=fn, grid=g, num_prefix=num_prefix, num_suffix=num_suffix,

@@ -7,14 +7,15 @@
   (:func:`ditkernels.topk_attention`), optionally DRSformer's mixture:
   ``sum_i w_i * attention_topk(k_i = int(tokens * r_i))`` over the ratios 1/2, 2/3, 3/4, 4/5 with
   learnable weights ``mix_weight`` initialised to 0.2, all selections made from one shared score pass.
-- :class:`BlockSparseAttention`, :class:`TopKAttention`: :class:`~ditkernels.nn.GridAttention`
+- :class:`BlockTopKAttention`, :class:`TopKAttention`: :class:`~ditkernels.nn.GridAttention`
   (timm's ``Attention`` parameters, so a DiT / ViT attention state dict loads unchanged) with those
-  callables. The mixture weights are ``attn_fn.mix_weight`` in the state dict (an old checkpoint's
+  callables (``BlockSparseAttention`` is the deprecated old name of ``BlockTopKAttention``). The mixture weights are ``attn_fn.mix_weight`` in the state dict (an old checkpoint's
   top-level ``mix_weight`` still loads).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -112,7 +113,7 @@ class TopKAttnFn(nn.Module):
         return (outs * self.mix_weight.to(outs.dtype)[:, None, None, None, None]).sum(0)
 
 
-class BlockSparseAttention(GridAttention):
+class BlockTopKAttention(GridAttention):
     """Block top-k (or given block-mask) attention in timm's ``Attention`` layout.
 
     x: (batch, tokens, dim) -> (batch, tokens, dim_out).
@@ -137,12 +138,12 @@ class BlockSparseAttention(GridAttention):
                          proj_drop=proj_drop, norm_layer=norm_layer, **kwargs)
 
     @classmethod
-    def from_module(cls, module: nn.Module, **kwargs) -> "BlockSparseAttention":
-        """A :class:`BlockSparseAttention` reusing ``module``'s projections (see
+    def from_module(cls, module: nn.Module, **kwargs) -> "BlockTopKAttention":
+        """A :class:`BlockTopKAttention` reusing ``module``'s projections (see
         :meth:`GridAttention.from_module`); ``kwargs``: topk, density, block_size, grid, num_prefix,
         num_suffix, backend, scale."""
         if "attn_fn" in kwargs:
-            raise TypeError("attn_fn: BlockSparseAttention builds its own; use GridAttention.from_module(module, "
+            raise TypeError(f"attn_fn: {cls.__name__} builds its own; use GridAttention.from_module(module, "
                             "attn_fn=BlockTopKAttnFn(...))")
         return super().from_module(module, **kwargs)
 
@@ -151,6 +152,16 @@ class BlockSparseAttention(GridAttention):
         if block_mask is not None:
             kwargs["block_mask"] = block_mask
         return super().forward(x, **kwargs)
+
+
+class BlockSparseAttention(BlockTopKAttention):
+    """Deprecated name of :class:`BlockTopKAttention` (it selects blocks by top-k; the op
+    ``block_sparse_attention`` takes a user's block mask). Same arguments and state dict."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        warnings.warn("ditkernels.nn.BlockSparseAttention is renamed BlockTopKAttention (same arguments); the old "
+                      "name will be removed", DeprecationWarning, stacklevel=2)
+        super().__init__(*args, **kwargs)
 
 
 class TopKAttention(GridAttention):

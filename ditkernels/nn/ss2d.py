@@ -33,7 +33,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from ..ops.scan2d import VMAMBA_DIRECTIONS, check_directions, check_grid, merge_directions, split_directions
+from .._validate import check_grid_hw
+from ..ops.scan2d import VMAMBA_DIRECTIONS, check_directions, merge_directions, split_directions
 from ..ops.selective_scan import selective_scan
 from .mamba import a_log_init, compute_dtype, dt_bias_init, dt_weight_init_, resolve_dt_rank
 
@@ -109,12 +110,12 @@ class SS2D(nn.Module):
             raise ValueError(f"x: expected (batch, H, W, d_model={self.d_model}) or (batch, H*W, d_model), got "
                              f"{tuple(getattr(x, 'shape', ()))}")
         if x.dim() == 4:
-            if grid is not None and check_grid(grid) != tuple(x.shape[1:3]):
+            if grid is not None and check_grid_hw(grid) != tuple(x.shape[1:3]):
                 raise ValueError(f"grid: {tuple(grid)} does not match x of shape {tuple(x.shape)}")
             return x.shape[1], x.shape[2]
         if grid is None:
             raise ValueError(f"grid: required for a (batch, H*W, d_model) input, got x of shape {tuple(x.shape)}")
-        H, W = check_grid(grid)
+        H, W = check_grid_hw(grid)
         if x.shape[1] != H * W:
             raise ValueError(f"x: expected H*W = {H * W} tokens for grid {(H, W)}, got shape {tuple(x.shape)}")
         return H, W

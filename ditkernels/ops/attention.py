@@ -10,13 +10,11 @@ from __future__ import annotations
 import torch
 
 from .. import _validate
-from ..backends import resolve
-
-SUPPORTED = ("reference", "cpu", "triton")
+from ..backends import resolve_for
 
 
 def _backend(q: torch.Tensor, backend: str):
-    return resolve("attention", SUPPORTED, q.device, q.dtype, backend or None)
+    return resolve_for("attention", q, backend, head_dim=q.shape[-1])
 
 
 @torch.library.custom_op("ditkernels::attention_fwd", mutates_args=())

@@ -26,11 +26,11 @@ from typing import List  # custom_op signatures: torch 2.6 infers no schema from
 import torch
 
 from .. import _validate
-from ..backends import resolve
-from ..reference.local import LocalSpec, shift_start
+from ..backends import DENSE_REFERENCE, LOCAL_TILING, has, resolve_for
+from ..reference.attention import attention_ref, attention_ref_backward
+from ..reference.local import LocalSpec, local_visible, shift_start
 from ..schedule import MASK_LOCAL, ElementMask, TiledSchedule
 
-SUPPORTED = ("reference", "cpu", "triton")
 DEFAULT_BLOCK = (64, 64)
 
 
@@ -425,7 +425,7 @@ def _check_extra_pair(extra_kv: object) -> tuple[torch.Tensor, torch.Tensor]:
 # The registered ops
 # ================================================================================================
 def _backend(q: torch.Tensor, backend: str):
-    return resolve("local_attention", SUPPORTED, q.device, q.dtype, backend or None)
+    return resolve_for("local_attention", q, backend, head_dim=q.shape[-1])
 
 
 def _spec(grid: List[int], window: List[int], shape: str, border: str, tile: List[int], num_prefix: int,
@@ -455,17 +455,18 @@ def _fwd_block_n(spec: LocalSpec, block_m: int, choices: tuple[int, ...]) -> int
 
 
 def kernel_plan(spec: LocalSpec, mod, head_dim: int, dtype: torch.dtype, backward: bool = False) -> LocalPlan:
-    """The plan a backend module executes: its ``local_block_sizes`` (else :data:`DEFAULT_BLOCK`) and
-    its ``local_tiles`` preference (else the tile shapes that minimise the computed pairs). A backend
-    with ``local_fwd_block_n`` (choices of block_n) runs its forward on the best of them
-    (:func:`_fwd_block_n`) and its backward (``backward=True``) on ``local_block_sizes``."""
-    bs = getattr(mod, "local_block_sizes", None)
-    bm, bn = bs(head_dim, dtype) if bs is not None else DEFAULT_BLOCK
-    choices = getattr(mod, "local_fwd_block_n", None)
-    if choices and not backward:
-        bn = _fwd_block_n(spec, bm, tuple(choices))
-    tiles = getattr(mod, "local_tiles", None)
-    qt, kt = tiles(spec.grid) if tiles is not None else (None, None)
+    """The plan a backend module executes. With the ``LOCAL_TILING`` capability: its
+    ``local_block_sizes`` and ``local_tiles`` preference (None: the tile shapes that minimise the
+    computed pairs); with ``local_fwd_block_n`` choices of block_n its forward runs on the best of
+    them (:func:`_fwd_block_n`) and its backward (``backward=True``) on ``local_block_sizes``.
+    Without it: :data:`DEFAULT_BLOCK` and the tile shapes that minimise the computed pairs."""
+    bm, bn = DEFAULT_BLOCK
+    qt = kt = None
+    if has(mod, LOCAL_TILING):
+        bm, bn = mod.local_block_sizes(head_dim, dtype)
+        if mod.local_fwd_block_n and not backward:
+            bn = _fwd_block_n(spec, bm, tuple(mod.local_fwd_block_n))
+        qt, kt = mod.local_tiles(spec.grid)
     pad = (1,) * (3 - spec.ndim)
     return _plan(spec, bm, bn, pad + tuple(qt) if qt else None, pad + tuple(kt) if kt else None)
 
@@ -482,10 +483,7 @@ def spec_forward(spec: LocalSpec, q: torch.Tensor, kk: torch.Tensor, vv: torch.T
     (B, H, spec.seq_q, D), kk / vv (B, H, spec.seq_k, D) with the extra keys appended. Returns out and
     lse (float32). The registered op and ``ditkernels.distributed.local`` run this."""
     mod = _backend(q, backend)
-    if mod.NAME == "reference":
-        from ..reference.attention import attention_ref
-        from ..reference.local import local_visible
-
+    if has(mod, DENSE_REFERENCE):
         out, lse = attention_ref(q, kk, vv, scale, local_visible(spec, q.device))
         return out.contiguous(), lse.to(torch.float32)
     plan = kernel_plan(spec, mod, q.shape[-1], q.dtype).on(q.device)
@@ -499,10 +497,7 @@ def spec_backward(spec: LocalSpec, do: torch.Tensor, q: torch.Tensor, kk: torch.
     of a larger softmax that this problem is a part of, e.g. merged across ranks)."""
     mod = _backend(q, backend)
     do = do.contiguous()
-    if mod.NAME == "reference":
-        from ..reference.attention import attention_ref_backward
-        from ..reference.local import local_visible
-
+    if has(mod, DENSE_REFERENCE):
         return attention_ref_backward(do, q, kk, vv, scale, local_visible(spec, q.device))
     plan = kernel_plan(spec, mod, q.shape[-1], q.dtype, backward=True).on(q.device)
     return mod.flash_bwd(do, q, kk, vv, out, lse, scale=scale, schedule=plan, mask=plan.mask)

@@ -28,12 +28,11 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from .. import _validate
-from ..backends import resolve
+from ..backends import DENSE_REFERENCE, has, resolve_for
 from ..reference.rettention import (band_visible, rettention_refresh_ref, rettention_sparse_ref, rho_from_lse,
                                     rho_hat as _rho_hat)
 from ..schedule import MASK_BAND, BlockSchedule, ElementMask, Epilogue
 
-SUPPORTED = ("reference", "cpu", "triton")
 MODES = ("full", "refresh", "sparse")
 DEFAULT_DRIFT = 0.04
 
@@ -227,15 +226,6 @@ def _check_self(q: torch.Tensor, k: torch.Tensor, what: str) -> None:
                          f"seq_k={k.shape[2]}")
 
 
-def _local_supported(mod) -> None:
-    from .local import SUPPORTED as LOCAL_SUPPORTED
-
-    if mod.NAME not in LOCAL_SUPPORTED:
-        raise NotImplementedError(f"LocalWindow: local windows run on the backends of local_attention "
-                                  f"({', '.join(LOCAL_SUPPORTED)}); the {mod.NAME} backend has no local-window kernel "
-                                  "in this build")
-
-
 def _block_topk(mask: BlockTopK, q: torch.Tensor, k: torch.Tensor, scale: float, backend: str) -> BlockSchedule:
     from .sparse import block_topk_schedule
 
@@ -256,12 +246,11 @@ def sparse_plan(mask: Mask, q: torch.Tensor, k: torch.Tensor, scale: float,
     if isinstance(mask, LocalWindow):
         from .local import kernel_plan
 
-        _local_supported(mod)
         spec = mask.spec()
         _check_local_seq(spec, q, k)
         plan = kernel_plan(spec, mod, q.shape[-1], q.dtype)
         return plan.on(q.device), plan.mask
-    return _block_topk(mask, q, k, scale, mod.NAME), None
+    return _block_topk(mask, q, k, scale, mod.NAME), None  # the selection runs on the same backend
 
 
 def dense_visible(mask: Mask, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -291,7 +280,7 @@ def _check_local_seq(spec, q: torch.Tensor, k: torch.Tensor) -> None:
 # Registered ops
 # ================================================================================================
 def _backend(q: torch.Tensor, backend: str):
-    return resolve("rettention", SUPPORTED, q.device, q.dtype, backend or None)
+    return resolve_for("rettention", q, backend, head_dim=q.shape[-1])
 
 
 @torch.library.custom_op("ditkernels::rettention_refresh", mutates_args=())
@@ -300,7 +289,7 @@ def rettention_refresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     """(out_full (B, H, Sq, D) q.dtype, rho (B, H, Sq) float32, residual (B, H, Sq, D) q.dtype)."""
     m = _decode(mask)
     mod = _backend(q, backend)
-    if mod.NAME == "reference":
+    if has(mod, DENSE_REFERENCE):
         return rettention_refresh_ref(q, k, v, dense_visible(m, q, k, scale), scale)
     sched, emask = sparse_plan(m, q, k, scale, mod)
     out, lse_full = mod.flash_fwd(q, k, v, scale=scale)
@@ -322,7 +311,7 @@ def rettention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_sca
     """``row_scale * out_S + residual`` (B, H, Sq, D) in q.dtype: one sparse pass with the epilogue."""
     m = _decode(mask)
     mod = _backend(q, backend)
-    if mod.NAME == "reference":
+    if has(mod, DENSE_REFERENCE):
         return rettention_sparse_ref(q, k, v, dense_visible(m, q, k, scale), scale, row_scale, residual)
     sched, emask = sparse_plan(m, q, k, scale, mod)
     out, _ = mod.flash_fwd(q, k, v, scale=scale, schedule=sched, mask=emask,

@@ -50,6 +50,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._validate import check_grid_hw
 from .selective_scan import selective_scan
 
 DIRECTIONS = ("raster", "raster_rev", "transpose", "transpose_rev",
@@ -61,16 +62,6 @@ MERGES = ("sum", "stack")
 
 # --------------------------------------------------------------------------------------------------
 # Validation.
-
-def check_grid(grid: object, name: str = "grid") -> tuple[int, int]:
-    """``grid`` as ``(H, W)`` with both positive ints."""
-    if (not isinstance(grid, (tuple, list, torch.Size)) or len(grid) != 2
-            or not all(isinstance(g, int) and not isinstance(g, bool) for g in grid)):
-        raise TypeError(f"{name}: expected a tuple of two ints (H, W), got {grid!r}")
-    if grid[0] < 1 or grid[1] < 1:
-        raise ValueError(f"{name}: expected positive sizes (H, W), got {tuple(grid)}")
-    return int(grid[0]), int(grid[1])
-
 
 def check_directions(directions: object) -> tuple[str, ...]:
     """``directions`` (one name or a non-empty sequence of names from :data:`DIRECTIONS`) as a tuple."""
@@ -130,7 +121,7 @@ def scan_orders(grid: tuple[int, int], directions: Sequence[str] | str = VMAMBA_
 
     Returns a cached (K, H*W) int64 tensor on ``device`` (default CPU); treat it as read-only.
     """
-    H, W = check_grid(grid)
+    H, W = check_grid_hw(grid)
     return _orders(H, W, check_directions(directions), torch.device(device or "cpu"))[0]
 
 
@@ -164,12 +155,12 @@ def _spatial(name: str, x: torch.Tensor, grid: tuple[int, int] | None, lead: int
     spatial = tuple(x.shape[lead:])
     if len(spatial) == 2:
         hw = spatial
-        if grid is not None and check_grid(grid) != hw:
+        if grid is not None and check_grid_hw(grid) != hw:
             raise ValueError(f"grid: {tuple(grid)} does not match the (H, W) = {hw} of {name} (shape {tuple(x.shape)})")
         return hw
     if grid is None:
         raise ValueError(f"grid: required when {name} is flattened over the grid (shape {tuple(x.shape)})")
-    H, W = check_grid(grid)
+    H, W = check_grid_hw(grid)
     if spatial[0] != H * W:
         raise ValueError(f"{name}: expected L = H*W = {H * W} tokens for grid {(H, W)}, got shape {tuple(x.shape)}")
     return H, W
@@ -209,7 +200,7 @@ def merge_directions(y: torch.Tensor, grid: tuple[int, int],
     Returns (batch, C, L) summed over directions for ``merge="sum"``, (batch, K, C, L) per direction for
     ``merge="stack"``; row-major over ``grid``. One gather (+ the sum); differentiable.
     """
-    H, W = check_grid(grid)
+    H, W = check_grid_hw(grid)
     directions = check_directions(directions)
     merge = _check_merge(merge)
     K, L = len(directions), H * W

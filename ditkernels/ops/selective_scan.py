@@ -1,7 +1,7 @@
 """Selective scan (Mamba, SPEC §4).
 
-Layers: kernels (``csrc/cpu/selective_scan.cpp``, ...) -> launchers (``ditkernels.backends.<name>_scan``:
-``scan_fwd`` / ``scan_bwd``) -> registered ops ``ditkernels::selective_scan_fwd`` /
+Layers: kernels (``csrc/cpu/selective_scan.cpp``, ...) -> launchers (``ditkernels.backends.<name>_scan``,
+the ``SELECTIVE_SCAN`` capability of each backend: ``scan_fwd`` / ``scan_bwd``) -> registered ops ``ditkernels::selective_scan_fwd`` /
 ``ditkernels::selective_scan_bwd`` (fake impls + autograd) -> :func:`selective_scan` and mamba-ssm's
 positional alias :func:`selective_scan_fn`.
 """
@@ -13,20 +13,16 @@ from types import ModuleType
 import torch
 
 from .. import _validate
-from ..backends import cpu_scan, cuda_scan, reference_scan, resolve, triton_scan
+from ..backends import resolve_for
 from ..reference.selective_scan import compute_dtype
 
-SUPPORTED = ("reference", "cpu", "cuda", "triton")
-# Backend name (as resolved by ditkernels.backends.resolve) -> its selective-scan launcher module.
-LAUNCHERS: dict[str, ModuleType] = {"reference": reference_scan, "cpu": cpu_scan, "cuda": cuda_scan,
-                                    "triton": triton_scan}
 MAX_DSTATE = 256
 
 _SAVED = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state", "saved")
 
 
 def _launcher(u: torch.Tensor, backend: str) -> ModuleType:
-    return LAUNCHERS[resolve("selective_scan", SUPPORTED, u.device, u.dtype, backend or None).NAME]
+    return resolve_for("selective_scan", u, backend)
 
 
 @torch.library.custom_op("ditkernels::selective_scan_fwd", mutates_args=())
@@ -198,7 +194,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     D, delta_bias: (dim,) float32. initial_state: (batch, dim, N) float32 (h before the first step).
     delta_softplus: ``delta' = softplus(delta + delta_bias)`` instead of ``delta + delta_bias``.
     reverse: run t from L-1 down to 0 (the same as flipping every L-axis input and the output).
-    backend: ``"reference"`` or ``"cpu"``; default: by device, or ``DITKERNELS_BACKEND``.
+    backend: ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``; default: by device, or ``DITKERNELS_BACKEND``.
 
     Math is float32 (float64 for float64 u). Returns out (batch, dim, L) in u.dtype (times silu(z) when
     z is given), and with ``return_last_state`` also last_state (batch, dim, N) float32 (float64 for

@@ -31,12 +31,13 @@ from typing import List  # custom_op signatures: torch 2.6 infers no schema from
 
 import torch
 
-from .. import _validate
-from ..backends import resolve
+from .. import _validate, backends
+from ..backends import BLOCK_TOPK_SELECT, POW2_TILES, has, resolve_for
 from ..schedule import BlockSchedule, TiledSchedule
 
-SUPPORTED = ("reference", "cpu", "triton")
 DEFAULT_BLOCK = (64, 64)
+# Backends with the POW2_TILES capability (a constant, so torch.compile traces the check without a break).
+_POW2_TILES_BACKENDS = frozenset(name for name in backends.NAMES if has(backends.get(name), POW2_TILES))
 
 
 # ================================================================================================
@@ -68,16 +69,21 @@ def _check_block_mask(block_mask: object, q: torch.Tensor, k: torch.Tensor, bq: 
     return block_mask
 
 
+def pow2_tile_reason(b: int, name: str) -> str | None:
+    """Why a backend with ``POW2_TILES`` cannot run user blocks of ``b`` tokens (None when it can)."""
+    if b >= 16 and (b & (b - 1) == 0 or b % 16 == 0):
+        return None
+    return (f"{name}: the triton backend runs blocks that are powers of two >= 16 or multiples of 16, "
+            f"got {b}; use the cpu or reference backend, or another block size")
+
+
 def _pow2_tile(b: int, name: str) -> int:
-    """Triton tile for a user block of ``b`` tokens: ``b`` itself (power of two >= 16) or the largest
-    power of two >= 16 dividing it."""
-    if b >= 16 and b & (b - 1) == 0:
-        return b
-    g = b & -b
-    if b % 16 or g < 16:
-        raise ValueError(f"{name}: the triton backend runs blocks that are powers of two >= 16 or multiples of 16, "
-                         f"got {b}; use the cpu or reference backend, or another block size")
-    return g
+    """``POW2_TILES`` tile for a user block of ``b`` tokens: ``b`` itself (power of two >= 16) or the
+    largest power of two >= 16 dividing it."""
+    reason = pow2_tile_reason(b, name)
+    if reason:
+        raise ValueError(reason)
+    return b if b & (b - 1) == 0 else b & -b
 
 
 # ================================================================================================
@@ -89,14 +95,14 @@ def block_sparse_schedule(block_mask: torch.Tensor, block_size: tuple[int, int],
 
     block_mask: bool (batch or 1, heads or 1, ceil(seq_q/bq), ceil(seq_k/bk)). Returns a
     :class:`BlockSchedule` with one head slice when the mask has batch = heads = 1, else batch*heads
-    slices; its tiles are the user's blocks, re-tiled for ``backend="triton"`` into powers of two of
-    at most ``max_tile`` (the forward config's tile, so every launch runs a shipped, compile-checked
-    tile size or a smaller one).
+    slices; its tiles are the user's blocks, re-tiled for a backend with ``POW2_TILES`` (triton) into
+    powers of two of at most ``max_tile`` (the forward config's tile, so every launch runs a shipped,
+    compile-checked tile size or a smaller one).
     """
     bq, bk = block_size
     b, h, nq, nk = block_mask.shape
     tm = block_mask.reshape(b * h, nq, nk)
-    if backend == "triton":
+    if backend is not None and has(backends.get(backend), POW2_TILES):
         tq, tk = _pow2_tile(bq, "block_size[0]"), _pow2_tile(bk, "block_size[1]")
         if max_tile is not None:
             tq, tk = min(tq, max_tile[0]), min(tk, max_tile[1])
@@ -330,8 +336,8 @@ def block_topk_schedule(q: torch.Tensor, k: torch.Tensor, *, topk: int | None = 
 # ================================================================================================
 # The registered ops
 # ================================================================================================
-def _backend(q: torch.Tensor, backend: str):
-    return resolve("block_sparse_attention", SUPPORTED, q.device, q.dtype, backend or None)
+def _backend(q: torch.Tensor, backend: str, block_size: tuple[int, int] | None = None):
+    return resolve_for("block_sparse_attention", q, backend, head_dim=q.shape[-1], block_size=block_size)
 
 
 def _select(q: torch.Tensor, k: torch.Tensor, topk: int, bq: int, bk: int, num_prefix: int, num_suffix: int,
@@ -341,7 +347,7 @@ def _select(q: torch.Tensor, k: torch.Tensor, topk: int, bq: int, bk: int, num_p
     mod = _backend(q, backend)
     nk = -(-k.shape[2] // bk)
     kk = min(topk, nk)
-    if mod.NAME == "triton" and mod.block_topk_supported(nk):
+    if has(mod, BLOCK_TOPK_SELECT) and mod.block_topk_supported(nk):
         return mod.block_topk_mask(q, k, kk, bq, bk, num_prefix, num_suffix, scale)
     return block_topk_mask(q, k, topk=kk, block_size=(bq, bk), num_prefix=num_prefix, num_suffix=num_suffix,
                            scale=scale)
@@ -362,8 +368,8 @@ def _(q, k, topk, block_q, block_k, num_prefix, num_suffix, scale, backend):
 
 def _schedule(mod, block_mask: torch.Tensor, bq: int, bk: int, q: torch.Tensor, k: torch.Tensor) -> BlockSchedule:
     bm = _expand_heads(block_mask, q.shape[0], q.shape[1])
-    max_tile = tuple(mod.block_sizes(q.shape[-1], q.dtype)) if mod.NAME == "triton" else None
-    return block_sparse_schedule(bm, (bq, bk), q.shape[2], k.shape[2], mod.NAME, max_tile)
+    return block_sparse_schedule(bm, (bq, bk), q.shape[2], k.shape[2], mod.NAME,
+                                 tuple(mod.block_sizes(q.shape[-1], q.dtype)))
 
 
 @torch.library.custom_op("ditkernels::block_sparse_attention_fwd", mutates_args=())
@@ -371,7 +377,7 @@ def block_sparse_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                block_q: int, block_k: int, scale: float,
                                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, H, Sq, D) in q.dtype and lse (B, H, Sq) float32 over the selected key blocks."""
-    mod = _backend(q, backend)
+    mod = _backend(q, backend, (block_q, block_k))
     return mod.flash_fwd(q, k, v, scale=scale, schedule=_schedule(mod, block_mask, block_q, block_k, q, k))
 
 
@@ -386,7 +392,7 @@ def block_sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                                block_k: int, scale: float,
                                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of block-sparse attention given ``do``."""
-    mod = _backend(q, backend)
+    mod = _backend(q, backend, (block_q, block_k))
     return mod.flash_bwd(do.contiguous(), q, k, v, out, lse, scale=scale,
                          schedule=_schedule(mod, block_mask, block_q, block_k, q, k))
 
@@ -445,7 +451,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     scale = _validate.check_scale(scale, q.shape[-1])
     backend = _validate.check_backend(backend)
     _check_flag("return_lse", return_lse)
-    if backend == "triton":
+    if backend in _POW2_TILES_BACKENDS:  # a requested backend's block-size limit, as a ValueError
         _pow2_tile(bq, "block_size[0]"), _pow2_tile(bk, "block_size[1]")
     out, lse = block_sparse_attention_fwd(q, k, v, block_mask, bq, bk, scale, backend)
     return (out, lse.detach()) if return_lse else out

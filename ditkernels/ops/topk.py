@@ -1,4 +1,5 @@
 """Exact per-query top-k attention (SPEC §2; DRSformer's top-k operator along tokens) on the flash core.
+Its reference (the selection rule in float64) is :mod:`ditkernels.reference.topk`.
 
 Two passes with workspace bounded by a query chunk, never the whole ``seq_q x seq_k`` score matrix:
 
@@ -35,20 +36,19 @@ from typing import List  # custom_op signatures: torch 2.6 infers no schema from
 
 import torch
 
-from .. import _validate
-from ..backends import resolve
+from .. import _validate, backends
+from ..backends import TOPK_THRESHOLDS, has, resolve_for
+from ..reference.topk import TIE_TOL
 from ..schedule import MASK_THRESHOLD, BlockSchedule, ElementMask
 
-SUPPORTED = ("reference", "cpu", "triton")
 WORKSPACE_BYTES = 64 << 20
-TIE_TOL = 1e-5
 
 # Tile-visit codes of the selection pass (int8 (B*H, num_q_tiles, num_kv_tiles)).
 _SKIP, _FULL, _PARTIAL = 0, 1, 2
 
 
 def _backend(q: torch.Tensor, backend: str):
-    return resolve("topk_attention", SUPPORTED, q.device, q.dtype, backend or None)
+    return resolve_for("topk_attention", q, backend, head_dim=q.shape[-1])
 
 
 def kernel_tiles(mod, head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -72,10 +72,12 @@ def topk_thresholds(q: torch.Tensor, k: torch.Tensor, topks: List[int], scale: f
     units (``-inf`` for ``topk == seq_k``: dense) and int8 visits (len(topks), batch*heads,
     ceil(seq_q/bm), ceil(seq_k/bn)): 0 no selected pair, 1 every pair selected, 2 some (the element
     mask runs there). See the module docstring for the threshold rule. impl: ``"torch"`` (plain torch
-    per query chunk, any device) or ``"cpu"`` (the cpu backend's C++ pass, CPU tensors).
+    per query chunk, any device) or the name of a backend with the ``TOPK_THRESHOLDS`` capability
+    (``"cpu"``: its C++ pass, CPU tensors).
     """
-    if impl not in ("torch", "cpu"):
-        raise ValueError(f"impl: expected 'torch' or 'cpu', got {impl!r}")
+    own = [name for name in backends.NAMES if has(backends.get(name), TOPK_THRESHOLDS)]
+    if impl != "torch" and impl not in own:
+        raise ValueError(f"impl: expected 'torch' or one of {own}, got {impl!r}")
     b, h, sq, _ = q.shape
     sk = k.shape[2]
     bm, bn = tiles
@@ -90,10 +92,9 @@ def topk_thresholds(q: torch.Tensor, k: torch.Tensor, topks: List[int], scale: f
             visits[i].fill_(_FULL)
     if not sparse:
         return thr, visits
-    if impl == "cpu":
-        from ..backends import cpu
-
-        t_s, v_s = cpu.topk_thresholds(q.detach(), k.detach(), [topks[i] for i in sparse], scale, tiles, TIE_TOL)
+    if impl != "torch":
+        t_s, v_s = backends.get(impl).topk_thresholds(q.detach(), k.detach(), [topks[i] for i in sparse], scale,
+                                                      tiles, TIE_TOL)
         if len(sparse) == nt:
             return t_s, v_s
         for j, i in enumerate(sparse):
@@ -158,7 +159,8 @@ def topk_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topks:
     lse (T, B, H, Sq) float32, thresholds (T, B, H, Sq) float32, visits int8 (T, B*H, nq, nk)."""
     mod = _backend(q, backend)
     tiles = kernel_tiles(mod, q.shape[-1], q.dtype)
-    thr, visits = topk_thresholds(q, k, list(topks), scale, tiles, impl="cpu" if mod.NAME == "cpu" else "torch")
+    impl = mod.NAME if has(mod, TOPK_THRESHOLDS) else "torch"
+    thr, visits = topk_thresholds(q, k, list(topks), scale, tiles, impl=impl)
     outs, lses = [], []
     for i in range(len(topks)):
         o, l_ = mod.flash_fwd(q, k, v, scale=scale, schedule=_schedule(visits[i], tiles, q.shape[2], k.shape[2]),

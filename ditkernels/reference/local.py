@@ -270,3 +270,18 @@ def local_visible(spec: LocalSpec, device: torch.device | str = "cpu") -> torch.
     if spec.q_rows is None and spec.k_rows is None:
         return vis
     return vis[spec.q_index().to(device)][:, spec.k_index().to(device)]
+
+
+def kv_pool_ref(x: torch.Tensor, grid: tuple[int, ...], num_prefix: int, weight: torch.Tensor) -> torch.Tensor:
+    """CLEAR's down-sampled keys (``ditkernels.nn.KVPool``) written as a sum of strided slices.
+
+    x: (batch, heads, seq, head_dim) with the grid tokens at ``[num_prefix, num_prefix + prod(grid))``;
+    weight: the pooling factors' weights, one dimension per grid dimension (shape = the factors).
+    Returns (batch, heads, prod(grid // factors), head_dim) in x.dtype."""
+    b, h, _, d = x.shape
+    xg = x[:, :, num_prefix:num_prefix + math.prod(grid)].reshape(b, h, *grid, d)
+    out = 0
+    for idx in torch.cartesian_prod(*(torch.arange(f) for f in weight.shape)).reshape(-1, weight.dim()).tolist():
+        sl = tuple(slice(i, None, f) for i, f in zip(idx, weight.shape))
+        out = out + weight[tuple(idx)].to(x.dtype) * xg[(slice(None), slice(None)) + sl]
+    return out.reshape(b, h, -1, d)
