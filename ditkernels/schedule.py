@@ -23,11 +23,11 @@ import torch
 # Element-mask kinds understood by every backend. New masks add an id here, a case in each
 # backend's mask function, and a torch version in :func:`ElementMask.dense`.
 MASK_NONE = 0
-# Local windows (SPEC §1): params = ditkernels.reference.local.LocalSpec.mask_params().
+# Local windows (docs/spec.md §1): params = ditkernels.reference.local.LocalSpec.mask_params().
 MASK_LOCAL = 1
-# Re-ttention's band (SPEC §3): params = (half, lo, hi, frame), see ditkernels.reference.rettention.band_visible.
+# Re-ttention's band (docs/spec.md §3): params = (half, lo, hi, frame), see ditkernels.reference.rettention.band_visible.
 MASK_BAND = 2
-# Exact top-k (SPEC §2, ditkernels.ops.topk): a pair is visible iff its scaled score
+# Exact top-k (docs/spec.md §2, ditkernels.ops.topk): a pair is visible iff its scaled score
 # ``scale * q.k`` is >= the query row's threshold ``ElementMask.rows[b, h, i]`` (float32, natural
 # units). It depends on the scores, so it has no dense form without q and k (see :meth:`ElementMask.visible`).
 MASK_THRESHOLD = 3

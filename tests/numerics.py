@@ -36,7 +36,7 @@ def assert_matches(name: str, x: torch.Tensor, ref64: torch.Tensor, ref_low: tor
 
 def attention_lowp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                    visible: torch.Tensor | None = None) -> torch.Tensor:
-    """"The reference run in the same low dtype" of VERIFY.md §4 for attention: plain PyTorch attention
+    """"The reference run in the same low dtype" of docs/verify.md §4 for attention: plain PyTorch attention
     evaluated in the inputs' dtype, as a model without a fused kernel computes it (flash-attention's
     tests call this ``attention_ref(upcast=False)``): scores ``q @ kᵀ`` in the low dtype, softmax in
     float32 rounded back to the low dtype, ``p @ v`` in the low dtype. Differentiable (autograd runs in

@@ -26,7 +26,7 @@ def _ids(shape):
 
 def _reference(q, k, v, scale, do, lowp=False):
     """(out, lse, dq, dk, dv) of the reference on these exact tensors (autograd for gradients);
-    ``lowp``: plain PyTorch attention in the inputs' low dtype (VERIFY.md §4's low-precision yardstick)."""
+    ``lowp``: plain PyTorch attention in the inputs' low dtype (docs/verify.md §4's low-precision yardstick)."""
     qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     if lowp:
         out, lse = attention_lowp(qq, kk, vv, scale), None

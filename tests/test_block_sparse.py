@@ -1,4 +1,4 @@
-"""Block-sparse and block top-k attention (SPEC §2) on every backend, FlexAttention parity, errors, compile."""
+"""Block-sparse and block top-k attention (docs/spec.md §2) on every backend, FlexAttention parity, errors, compile."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _grads(fn, q, k, v, do):
 
 
 def _check(fn, q, k, v, visible, scale, do):
-    """fn's output and gradients against the float64 reference (VERIFY.md §4)."""
+    """fn's output and gradients against the float64 reference (docs/verify.md §4)."""
     ref64 = _grads(lambda a, b_, c: attention_ref(a, b_, c, scale, visible)[0], q.double(), k.double(), v.double(),
                    do.double())
     ref_low = _grads(lambda a, b_, c: attention_lowp(a, b_, c, scale, visible), q, k, v, do) \

@@ -1,5 +1,5 @@
 """The CPU flash-attention core (csrc/cpu/attention.cpp via ditkernels/backends/cpu.py) against the
-float64 reference, following VERIFY.md §4: fp32 within 1e-5, fp64 at float64 accuracy, fp16/bf16
+float64 reference, following docs/verify.md §4: fp32 within 1e-5, fp64 at float64 accuracy, fp16/bf16
 within twice the error of the reference run in the same low dtype (+1e-6), outputs and gradients."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""ditkernels.integrations.diffusers (SPEC §5): the processors on real diffusers models (DiT, PixArt, FLUX,
+"""ditkernels.integrations.diffusers (docs/spec.md §5): the processors on real diffusers models (DiT, PixArt, FLUX,
 SD3) with tiny random configs. A window covering the whole grid reproduces the stock processors; a real
-window equals the same processor math with an independent masked-SDPA attention (SPEC §1's mask), with
+window equals the same processor math with an independent masked-SDPA attention (docs/spec.md §1's mask), with
 CLEAR's pooled keys too; the token layouts (FLUX text first, SD3 context last) are checked directly."""
 
 from __future__ import annotations

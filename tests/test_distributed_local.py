@@ -254,7 +254,7 @@ def test_case(ranks, case):
 
 
 # ---- single process --------------------------------------------------------------------------------------------
-SUB_SPECS = [  # (options, q_rows, k_rows, extra keys)
+SUB_CASES = [  # (options, q_rows, k_rows, extra keys)
     (dict(grid=(9, 5), window=2, num_prefix=2, num_suffix=1), (3, 6), (2, 7), 2),
     (dict(grid=(13, 4), window=2, shape="square", border="shift", num_prefix=1), (0, 2), (0, 5), 0),
     (dict(grid=(13, 4), window=2, shape="square", border="shift"), (11, 13), (8, 13), 0),
@@ -288,7 +288,7 @@ def _sub_truth(opts, q_rows, k_rows, m, seed):
 def test_subproblem_kernels_match_full_problem(backend):
     """The q_rows / k_rows sub-problems (the pieces of a band) on every backend, float32, forward and
     backward: the mask is evaluated in the whole grid's coordinates (shift and tiles at the grid's edge)."""
-    for i, (opts, q_rows, k_rows, m) in enumerate(SUB_SPECS):
+    for i, (opts, q_rows, k_rows, m) in enumerate(SUB_CASES):
         if backend == "triton" and i not in (0, 2, 3):  # the interpreter is slow: text + extra, shift, tile
             continue
         spec, q, kk, vv, do, out, lse, dq, dkk, dvv = _sub_truth(opts, q_rows, k_rows, m, seed=i)
@@ -308,7 +308,7 @@ def test_subproblem_plan_lists_exactly_the_visible_tiles():
     tiles only hold visible pairs, and useful_pairs is exact."""
     from ditkernels.ops.local import _plan
 
-    for opts, q_rows, k_rows, m in SUB_SPECS:
+    for opts, q_rows, k_rows, m in SUB_CASES:
         spec = LocalSpec.make(**opts, num_extra=m, q_rows=q_rows, k_rows=k_rows)
         assert LocalSpec.from_mask_params(spec.mask_params()) == spec
         ref = local_visible(spec)

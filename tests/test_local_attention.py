@@ -1,5 +1,5 @@
-"""ditkernels.local_attention (SPEC §1) and its plan: numerics against the float64 reference on the
-reference, cpu and triton backends (VERIFY.md §4; triton under TRITON_INTERPRET=1 on CPU tensors,
+"""ditkernels.local_attention (docs/spec.md §1) and its plan: numerics against the float64 reference on the
+reference, cpu and triton backends (docs/verify.md §4; triton under TRITON_INTERPRET=1 on CPU tensors,
 see conftest.py), float64 gradcheck, the block schedule (efficiency bars, element visibility, the
 tiles the kernels visit), parity with FlexAttention (CLEAR's mask_mod) and NATTEN, errors and
 torch.compile."""
@@ -162,7 +162,7 @@ def test_backends_agree_on_a_larger_grid(name):
 
 
 # ---- the plan -------------------------------------------------------------------------------
-PLAN_SPECS = {
+PLAN_CASES = {
     "2d-7x13-circle-r3-P3-S2": (dict(grid=(7, 13), window=3, num_prefix=3, num_suffix=2), 0, (64, 64)),
     "2d-7x13-square-shift-r(2,4)": (dict(grid=(7, 13), window=(2, 4), shape="square", border="shift"), 0, (16, 32)),
     "2d-10x10-square-shift-r6": (dict(grid=(10, 10), window=6, shape="square", border="shift"), 0, (16, 16)),
@@ -181,11 +181,11 @@ def _plan(opts, m, block):
     return ditkernels.local_attention_plan(o.pop("grid"), o.pop("window"), num_extra=m, block=block, **o)
 
 
-@pytest.mark.parametrize("name", list(PLAN_SPECS))
+@pytest.mark.parametrize("name", list(PLAN_CASES))
 def test_plan_visibility_equals_reference(name):
     """The plan's tiles + element mask imply exactly the reference visibility; every visited tile
     holds a visible pair; non-partial tiles are fully visible; useful_pairs is exact."""
-    opts, m, block = PLAN_SPECS[name]
+    opts, m, block = PLAN_CASES[name]
     plan = _plan(opts, m, block)
     ref = local_visible(plan.spec)
     assert torch.equal(plan.element_mask(plan.mask)[0], ref)

@@ -1,4 +1,4 @@
-"""ditkernels.nn.LocalAttention / GridAttention / KVPool and ditkernels.swap_attention (SPEC §5): timm's
+"""ditkernels.nn.LocalAttention / GridAttention / KVPool and ditkernels.swap_attention (docs/spec.md §5): timm's
 parameter layout (state dicts load unchanged), equality with timm / DiT attention when the window covers
 the grid, the float64 masked reference with a real window (forward and every gradient), CLEAR's pooled
 keys, swapping a model's attention in place, errors and torch.compile."""
@@ -74,8 +74,8 @@ def _x(b: int, n: int, dim: int, dtype=torch.float64, seed: int = 0) -> torch.Te
 
 
 def reference_forward(m: GridAttention, x: torch.Tensor, spec: LocalSpec, lowp: bool = False) -> torch.Tensor:
-    """The module's math in plain PyTorch: timm's projections + attention with SPEC §1's visibility mask
-    (``lowp``: the attention evaluated in the inputs' low dtype, VERIFY.md §4's "reference in the same dtype")."""
+    """The module's math in plain PyTorch: timm's projections + attention with docs/spec.md §1's visibility mask
+    (``lowp``: the attention evaluated in the inputs' low dtype, docs/verify.md §4's "reference in the same dtype")."""
     b, n, _ = x.shape
     fn = m.attn_fn
     qkv = F.linear(x, m.qkv.weight, m.qkv.bias).reshape(b, n, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)

@@ -162,7 +162,7 @@ def test_mamba_float32_cpu_vs_float64_slow_path():
 
 
 def test_mamba_bfloat16_vs_slow_path_in_bfloat16():
-    """VERIFY.md §4: err(module in bf16) <= 2 * err(mamba-ssm's slow path run in bf16) + 1e-6."""
+    """docs/verify.md §4: err(module in bf16) <= 2 * err(mamba-ssm's slow path run in bf16) + 1e-6."""
     torch.manual_seed(0)
     m = randomized(Mamba(32, d_state=8, dtype=torch.bfloat16, backend="cpu"))
     x = torch.randn(2, 40, 32).to(torch.bfloat16)

@@ -1,4 +1,4 @@
-"""Compile gate for the CUDA C++ kernels (VERIFY.md section 3): every csrc/cuda/*.cu must compile with nvcc
+"""Compile gate for the CUDA C++ kernels (docs/verify.md §3): every csrc/cuda/*.cu must compile with nvcc
 for sm_80 and sm_90a, and ptxas must report no spills and no stack frame for every kernel on every arch.
 No GPU is needed; the test is skipped only when nvcc is absent.
 """

@@ -1,4 +1,4 @@
-"""Re-ttention (SPEC §3): reference vs the released algorithm, every backend vs the float64 reference,
+"""Re-ttention (docs/spec.md §3): reference vs the released algorithm, every backend vs the float64 reference,
 the band mask's schedule, ReCache / ReSchedule / ReStepper, nn.ReAttention."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _released_probs(q, k, scale, mask=None, ratio=None):
 
 def released_pixart(steps, mask, *, drift=0.04, clamp=False):
     """Outputs of the released PixArt schedule (attention space; the output projection is linear, so
-    caching the residual before or after it is the same). ``clamp``: the SPEC's clamped variant."""
+    caching the residual before or after it is the same). ``clamp``: the clamped variant of docs/spec.md §3."""
     outs, cached_ratio, cached_residual = [], None, None
     for stepi, (q, k, v) in enumerate(steps):
         q, k, v = q.double(), k.double(), v.double()
@@ -74,7 +74,7 @@ def released_pixart(steps, mask, *, drift=0.04, clamp=False):
         if stepi < 5:
             out, cached_ratio = full, ratio
         elif stepi in (5, 10, 15):
-            cached_ratio = ratio.float().double()  # ditkernels caches rho in float32 (SPEC §3)
+            cached_ratio = ratio.float().double()  # ditkernels caches rho in float32 (docs/spec.md §3)
             w = torch.matmul(_released_probs(q, k, scale, mask, cached_ratio), v)
             out, cached_residual = full, full - w
         else:
@@ -102,7 +102,7 @@ def test_equals_released_algorithm_pixart(backend, clamp):
             saw_clamp |= bool((stepper.cache.rho + 0.04 * stepper.cache.n > 1).any())
         out = stepper(q.to(dtype), k.to(dtype), v.to(dtype))
         err = rel_err(out, expected[t])
-        # rho and rho_hat are float32 (SPEC §3), so float64 inputs agree to ~1e-7, not to 1e-15
+        # rho and rho_hat are float32 (docs/spec.md §3), so float64 inputs agree to ~1e-7, not to 1e-15
         assert err <= (2e-5 if dtype == torch.float32 else 1e-6), f"step {t}: relative error {err:.3e}"
     assert saw_clamp, "the inputs never pushed rho + drift * n over 1: the clamp was not exercised"
     assert stepper.step == 20
@@ -136,7 +136,7 @@ def _seq(mask, extra: int) -> int:
 
 
 def _lowp_steps(steps, visible, scale, drift, clamp):
-    """The reference run in the inputs' low dtype (VERIFY.md §4): plain attention in that dtype."""
+    """The reference run in the inputs' low dtype (docs/verify.md §4): plain attention in that dtype."""
     outs, rho, res = [], None, None
     for i, (q, k, v) in enumerate(steps):
         if i == 0:

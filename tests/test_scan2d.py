@@ -1,4 +1,4 @@
-"""Multi-direction 2-D scans (SPEC §4): orders, the split/merge gathers, and multi_direction_scan against an
+"""Multi-direction 2-D scans (docs/spec.md §4): orders, the split/merge gathers, and multi_direction_scan against an
 explicit loop of float64 reference scans, one per direction (forward and every gradient)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ditkernels.selective_scan (SPEC §4): every backend against the float64 reference, gradcheck,
+"""ditkernels.selective_scan (docs/spec.md §4): every backend against the float64 reference, gradcheck,
 torch.compile, determinism and argument errors."""
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The device code nvcc compiles (tests/test_nvcc_gate.py) runs here one OS thread per CUDA thread, driven by
 the cuda backend's own launcher (``ditkernels.backends.cuda_scan.emu_scan_fwd / emu_scan_bwd``: the same
 argument preparation as on a GPU), against the float64 reference on the same (rounded) inputs, with the
-rule of VERIFY.md §4: fp32 err <= 1e-5; fp16/bf16 err <= 2 * err(reference in that dtype) + 1e-6, for the
+rule of docs/verify.md §4: fp32 err <= 1e-5; fp16/bf16 err <= 2 * err(reference in that dtype) + 1e-6, for the
 output, last_state and every gradient. Outputs start as NaN (conftest sets DITKERNELS_POISON=1).
 """
 

@@ -4,7 +4,7 @@ Same parametrisation names, input construction and tolerances (``selective_scan_
 reference ``selective_scan_ref`` recomputed in float32 from the same inputs, outputs and gradients).
 Differences: the grid is trimmed for CPU run time (every flag combination at L=128 in float32, the
 extreme flag settings in float16/bfloat16, and the sequence-length sweep on one full configuration);
-complex ``A`` (mamba's ``wtype=complex64``) is not supported by SPEC §4 and must raise ``TypeError``.
+complex ``A`` (mamba's ``wtype=complex64``) is not supported by docs/spec.md §4 and must raise ``TypeError``.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def test_selective_scan(is_variable_B, is_variable_C, varBC_groups, has_D, has_z
 
 
 def test_complex_A_raises_type_error():
-    """mamba-ssm's wtype=complex64 rows: SPEC §4 rejects complex A with a TypeError naming A."""
+    """mamba-ssm's wtype=complex64 rows: docs/spec.md §4 rejects complex A with a TypeError naming A."""
     torch.random.manual_seed(0)
     A = -0.5 * torch.rand(4, 8, dtype=torch.complex64)
     B = torch.randn(2, 8, 64)

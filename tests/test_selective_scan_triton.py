@@ -1,7 +1,7 @@
 """The Triton selective-scan kernels (triton_kernels/selective_scan.py) under TRITON_INTERPRET=1.
 
 Forward and backward through the triton launcher (and through the registered op with autograd)
-against the float64 reference on the same (rounded) inputs, with the rule of VERIFY.md §4: fp32
+against the float64 reference on the same (rounded) inputs, with the rule of docs/verify.md §4: fp32
 err <= 1e-5; fp16/bf16 err <= 2 * err(reference in that dtype) + 1e-6 for the output, last_state
 and every gradient. Outputs start as NaN (conftest sets DITKERNELS_POISON=1). The kernels run with
 the shipped configs (chunks of BLOCK_L steps, BLOCK_D channels per forward / backward program):

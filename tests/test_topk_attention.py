@@ -1,4 +1,4 @@
-"""Exact per-query top-k attention (SPEC §2) on every backend: numerics, selection, ties, memory, compile."""
+"""Exact per-query top-k attention (docs/spec.md §2) on every backend: numerics, selection, ties, memory, compile."""
 
 from __future__ import annotations
 

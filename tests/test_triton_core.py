@@ -1,5 +1,5 @@
 """The Triton flash-attention core (forward + backward, schedules, epilogue) under TRITON_INTERPRET=1,
-against the float64 reference (VERIFY.md §4 numerics rule)."""
+against the float64 reference (docs/verify.md §4 numerics rule)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def _ref(q, k, v, do, scale, visible, epilogue):
 
 def _ref_lowp(q, k, v, do, scale, visible, epilogue):
     """(out, None, dq, dk, dv) of plain PyTorch attention in the inputs' low dtype (the yardstick of
-    VERIFY.md §4; see numerics.attention_lowp), epilogue applied to out."""
+    docs/verify.md §4; see numerics.attention_lowp), epilogue applied to out."""
     qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     out = attention_lowp(qq, kk, vv, scale, visible)
     grads = torch.autograd.grad(out, (qq, kk, vv), do.to(out.dtype))

@@ -115,7 +115,7 @@ def _local_range(p, n, r, t, shape, border):
 
 @triton.jit
 def _local_mask(offs_m, offs_n, params):
-    """SPEC §1 visibility of (query, key) token pairs from ``LocalSpec.mask_params()``
+    """docs/spec.md §1 visibility of (query, key) token pairs from ``LocalSpec.mask_params()``
     ``[ndim, P, S, M, shape, border, n0, n1, n2, r0, r1, r2, t0, t1, t2, G, q0, nq, k0, nk]`` (the
     rule of ``csrc/cpu/local_mask.h`` and ``reference/local.py``): global queries see every non-extra
     key; grid queries see global and extra keys and the grid keys of their window (circle: the box

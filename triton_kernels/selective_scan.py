@@ -1,4 +1,4 @@
-"""Selective scan (Mamba, SPEC §4) in Triton: chunked forward and recomputing backward.
+"""Selective scan (Mamba, docs/spec.md §4) in Triton: chunked forward and recomputing backward.
 
 ``h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t``, ``y_t = <h_t, C_t> + D u_t``, ``out = y * silu(z)``.
 

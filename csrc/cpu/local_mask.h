@@ -1,4 +1,4 @@
-// The local-window element mask (MASK_LOCAL) of the CPU attention kernels: SPEC §1 visibility
+// The local-window element mask (MASK_LOCAL) of the CPU attention kernels: docs/spec.md §1 visibility
 // (circle / square / tile windows, clip / shift borders, global tokens, extra keys) evaluated
 // exactly in integers, applied to a score tile as two vector compares per row.
 //

@@ -1,4 +1,4 @@
-// Selective scan (Mamba, SPEC §4) on the CPU: forward and backward.
+// Selective scan (Mamba, docs/spec.md §4) on the CPU: forward and backward.
 //
 //   delta'_t = softplus(delta_t + delta_bias) (or delta_t + delta_bias)
 //   h_t = exp(delta'_t * A) * h_{t-1} + delta'_t * B_t * u_t,   y_t = <h_t, C_t> + D * u_t,

@@ -1,4 +1,4 @@
-// Pass 1 of exact per-query top-k attention (ditkernels/ops/topk.py, SPEC §2) on the CPU, in one
+// Pass 1 of exact per-query top-k attention (ditkernels/ops/topk.py, docs/spec.md §2) on the CPU, in one
 // parallel region: per (batch*head, query tile) work item and group of its query rows,
 //   S = (scale * Q_rows) K^T      (rows x keys, the forward kernel's products in its order: the same
 //                                  float bits as the scores the MASK_THRESHOLD kernel compares)

@@ -1,4 +1,4 @@
-// selective_scan.cuh - Mamba's selective scan (SPEC §4), forward and backward, as CUDA device code.
+// selective_scan.cuh - Mamba's selective scan (docs/spec.md §4), forward and backward, as CUDA device code.
 //
 // Written once against simt/simt.h: compiled by nvcc (csrc/cuda/selective_scan.cu) and by g++ against the
 // SIMT emulation (csrc/emu/selective_scan_emu.cpp), where the tests run it against the float64 reference.

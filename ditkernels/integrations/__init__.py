@@ -1,4 +1,4 @@
-"""Integrations with model libraries (SPEC §5). Each submodule imports its library, so import it
+"""Integrations with model libraries (docs/spec.md §5). Each submodule imports its library, so import it
 explicitly; ``import ditkernels`` imports none of them.
 
 - :mod:`ditkernels.integrations.diffusers`: attention processors for diffusers' DiT, PixArt, FLUX and

@@ -1,4 +1,4 @@
-"""diffusers attention processors that swap only the attention call (SPEC §5).
+"""diffusers attention processors that swap only the attention call (docs/spec.md §5).
 
 Requires ``diffusers`` (``pip install diffusers``); ``import ditkernels`` never imports this module.
 

@@ -1,4 +1,4 @@
-"""Drop-in ``torch.nn`` modules over ditkernels' ops (SPEC §5). Imports only torch.
+"""Drop-in ``torch.nn`` modules over ditkernels' ops (docs/spec.md §5). Imports only torch.
 
 - :class:`Mamba`: mamba-ssm's ``Mamba`` (v1) mixer; its state dicts load unchanged.
 - :class:`SS2D`: VMamba's 2-D multi-direction selective-scan mixer for token grids.

@@ -1,4 +1,4 @@
-"""Drop-in attention modules with timm's ``Attention`` layout, around any attention callable (SPEC §5).
+"""Drop-in attention modules with timm's ``Attention`` layout, around any attention callable (docs/spec.md §5).
 
 :class:`GridAttention` owns the projections of ``timm.models.vision_transformer.Attention`` (the
 attention of the DiT reference code), with the same names and shapes, so a timm / DiT state dict loads
@@ -20,7 +20,7 @@ proj              Linear(attn_dim, dim_out)       always (bias with ``proj_bias`
     out = attn_fn(q, k, v, *, grid, num_prefix, num_suffix, scale)
 
 with ``q, k, v, out: (batch, heads, seq, head_dim)``, the sequence laid out
-``[num_prefix global][prod(grid) grid tokens, row-major][num_suffix global]`` (SPEC §0) and ``grid``
+``[num_prefix global][prod(grid) grid tokens, row-major][num_suffix global]`` (docs/spec.md §0) and ``grid``
 a tuple, or None when neither the module nor the call gave one (callables that need it raise). Any
 callable with that signature plugs in: :class:`ditkernels.nn.LocalAttnFn` (local windows, optional
 CLEAR pooled keys), :class:`DenseAttnFn` (plain attention), :class:`ditkernels.nn.BlockTopKAttnFn` /

@@ -1,4 +1,4 @@
-"""Local-window attention modules (SPEC §1, §5): CLEAR / NATTEN / sliding-tile windows in timm's layout.
+"""Local-window attention modules (docs/spec.md §1, §5): CLEAR / NATTEN / sliding-tile windows in timm's layout.
 
 - :class:`LocalAttnFn`: the attention callable (see :mod:`ditkernels.nn.attention`) over
   :func:`ditkernels.local_attention`, optionally with CLEAR's down-sampled keys (:class:`KVPool`).

@@ -1,4 +1,4 @@
-"""``ReAttention``: timm's ``Attention`` layout with Re-ttention inside (SPEC §3, §5).
+"""``ReAttention``: timm's ``Attention`` layout with Re-ttention inside (docs/spec.md §3, §5).
 
 The attention callable is :class:`ditkernels.ops.rettention.ReStepper` (one per layer: it caches the
 layer's rho and R); :class:`ReAttention` is a :class:`~ditkernels.nn.GridAttention` around one.

@@ -1,4 +1,4 @@
-"""Sparse attention in timm's ``Attention`` layout (SPEC §5): attention callables and their modules.
+"""Sparse attention in timm's ``Attention`` layout (docs/spec.md §5): attention callables and their modules.
 
 - :class:`BlockTopKAttnFn`: the attention callable (see :mod:`ditkernels.nn.attention`) over
   :func:`ditkernels.block_topk_attention`, or :func:`ditkernels.block_sparse_attention` when a call

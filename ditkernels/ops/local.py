@@ -1,4 +1,4 @@
-"""Local-window attention (SPEC §1: CLEAR circles, NATTEN squares, sliding tiles) on the flash core.
+"""Local-window attention (docs/spec.md §1: CLEAR circles, NATTEN squares, sliding tiles) on the flash core.
 
 Layers: the plan (:func:`local_attention_plan`, a :class:`LocalPlan` = the block schedule the kernels
 execute) -> backend kernels (``flash_fwd/flash_bwd`` with that schedule and the ``MASK_LOCAL``
@@ -58,7 +58,7 @@ class LocalPlan(TiledSchedule):
     - on a visit with ``partial == 1`` it applies ``mask`` (``MASK_LOCAL``, 15 int32 parameters:
       ``LocalSpec.mask_params``) to the (query token, key token) pairs: decode each token into
       (class, t, y, x) once per tile (global / grid / extra from the prefix, grid and suffix counts),
-      then the rule of SPEC §1 in int64 (circle: ``sum_a d_a^2 prod_{b!=a} r_b^2 < prod r^2``);
+      then the rule of docs/spec.md §1 in int64 (circle: ``sum_a d_a^2 prod_{b!=a} r_b^2 < prod r^2``);
       non-partial visits need no mask at all;
     - the dK/dV pass runs ``plan.transposed()`` (CSR over KV tiles, ``q_tokens``/``kv_tokens``
       swapped) the same way. K and V may be gathered per visit or permuted once into tile order.
@@ -580,7 +580,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tup
                     tile: int | tuple[int, ...] | None = None, num_prefix: int = 0, num_suffix: int = 0,
                     extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None, scale: float | None = None,
                     return_lse: bool = False, backend: str | None = None):
-    """Local-window attention over image / video tokens (SPEC §1): CLEAR circles, NATTEN squares,
+    """Local-window attention over image / video tokens (docs/spec.md §1): CLEAR circles, NATTEN squares,
     sliding tiles, with global (text) tokens and extra keys.
 
     q, k, v: (batch, heads, seq, head_dim) with seq = num_prefix + prod(grid) + num_suffix, tokens laid

@@ -1,4 +1,4 @@
-"""Re-ttention: re-normalised sparse attention for diffusion sampling (SPEC §3), on the flash core.
+"""Re-ttention: re-normalised sparse attention for diffusion sampling (docs/spec.md §3), on the flash core.
 
 For a sparse key set ``S_i`` (a mask object: :class:`Band`, :class:`LocalWindow`, :class:`BlockTopK`),
 ``rho_i = sum_{j in S_i} exp(s_ij) / sum_j exp(s_ij) = exp(lse_S - lse_full)``.
@@ -86,7 +86,7 @@ class Band:
 
 @dataclass(frozen=True)
 class LocalWindow:
-    """A 2-D/3-D local window (SPEC §1) as the sparse set: ``LocalWindow(grid, window, **kwargs)`` with
+    """A 2-D/3-D local window (docs/spec.md §1) as the sparse set: ``LocalWindow(grid, window, **kwargs)`` with
     the options of :func:`ditkernels.local_attention` (``shape``, ``border``, ``tile``, ``num_prefix``,
     ``num_suffix``). Runs on the backends that run ``local_attention``."""
 
@@ -116,7 +116,7 @@ class LocalWindow:
 
 @dataclass(frozen=True)
 class BlockTopK:
-    """Block top-k (SPEC §2) as the sparse set, selected from the q, k of each step: each query block
+    """Block top-k (docs/spec.md §2) as the sparse set, selected from the q, k of each step: each query block
     keeps its ``topk`` best key blocks (``ceil(density * num_key_blocks)``), its diagonal block and the
     blocks of global tokens."""
 
@@ -370,7 +370,7 @@ class ReCache:
 def rettention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: ReCache, mode: str, *,
                mask: Mask | None = None, drift: float = DEFAULT_DRIFT, clamp: bool = True,
                scale: float | None = None, backend: str | None = None) -> torch.Tensor:
-    """One attention call of a Re-ttention sampler (SPEC §3).
+    """One attention call of a Re-ttention sampler (docs/spec.md §3).
 
     q, k, v: (batch, heads, seq, head_dim), any strides; float16 / bfloat16 / float32 (float64 on the
     reference and cpu backends).

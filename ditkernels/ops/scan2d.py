@@ -1,4 +1,4 @@
-"""Multi-direction selective scans over 2-D token grids (SPEC §4), for VMamba / LaMamba-style blocks.
+"""Multi-direction selective scans over 2-D token grids (docs/spec.md §4), for VMamba / LaMamba-style blocks.
 
 A *direction* is an order in which a scan visits the ``H*W`` tokens of a grid stored row-major
 (token ``y*W + x``). ``K`` directions run as ONE :func:`~ditkernels.selective_scan` call through its

@@ -1,4 +1,4 @@
-"""Selective scan (Mamba, SPEC §4).
+"""Selective scan (Mamba, docs/spec.md §4).
 
 Layers: kernels (``csrc/cpu/selective_scan.cpp``, ...) -> launchers (``ditkernels.backends.<name>_scan``,
 the ``SELECTIVE_SCAN`` capability of each backend: ``scan_fwd`` / ``scan_bwd``) -> registered ops ``ditkernels::selective_scan_fwd`` /
@@ -85,7 +85,7 @@ selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
-# Validation (SPEC §0: raise before any kernel runs, naming the argument).
+# Validation (docs/spec.md §0: raise before any kernel runs, naming the argument).
 
 def _tensor(name: str, t: object, ndims: tuple[int, ...]) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
@@ -118,7 +118,7 @@ def _check_bool(name: str, v: object) -> bool:
 
 
 def check_selective_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
-    """Shapes, dtypes and devices of SPEC §4; raises ValueError / TypeError naming the argument."""
+    """Shapes, dtypes and devices of docs/spec.md §4; raises ValueError / TypeError naming the argument."""
     _tensor("u", u, (3,))
     batch, dim, seqlen = u.shape
     if batch < 1 or dim < 1 or seqlen < 1:

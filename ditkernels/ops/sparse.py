@@ -1,4 +1,4 @@
-"""Block-sparse and block top-k attention (SPEC §2) on the flash core.
+"""Block-sparse and block top-k attention (docs/spec.md §2) on the flash core.
 
 Layers: the block schedule (:func:`block_sparse_schedule` = ``BlockSchedule.from_tile_mask`` of the
 user's block mask, re-tiled for the backend; :func:`block_topk_schedule` = pooled block scores and a
@@ -430,7 +430,7 @@ def _check_flag(name: str, val: object) -> bool:
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor, *,
                            block_size: tuple[int, int] = DEFAULT_BLOCK, scale: float | None = None,
                            return_lse: bool = False, backend: str | None = None):
-    """Exact softmax attention over the union of the selected key blocks (SPEC §2).
+    """Exact softmax attention over the union of the selected key blocks (docs/spec.md §2).
 
     q: (batch, heads, seq_q, head_dim); k, v: (batch, heads, seq_k, head_dim); any strides; float16 /
     bfloat16 / float32 (float64 on the reference and cpu backends); head_dim 1..256.
@@ -462,7 +462,7 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, t
                          num_prefix: int = 0, num_suffix: int = 0, grid: tuple[int, ...] | None = None,
                          scale: float | None = None, return_lse: bool = False, return_mask: bool = False,
                          backend: str | None = None):
-    """Block top-k attention (SPEC §2): pooled block scores select key blocks, then block-sparse attention.
+    """Block top-k attention (docs/spec.md §2): pooled block scores select key blocks, then block-sparse attention.
 
     q: (batch, heads, seq_q, head_dim); k, v: (batch, heads, seq_k, head_dim).
     Block scores are ``mean(q over query block) . mean(k over key block) * scale`` (float32); each

@@ -1,4 +1,4 @@
-"""Exact per-query top-k attention (SPEC §2; DRSformer's top-k operator along tokens) on the flash core.
+"""Exact per-query top-k attention (docs/spec.md §2; DRSformer's top-k operator along tokens) on the flash core.
 Its reference (the selection rule in float64) is :mod:`ditkernels.reference.topk`.
 
 Two passes with workspace bounded by a query chunk, never the whole ``seq_q x seq_k`` score matrix:
@@ -226,7 +226,7 @@ topk_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ================================================================================================
 def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, *, scale: float | None = None,
                    return_lse: bool = False, backend: str | None = None):
-    """Exact per-query top-k attention (SPEC §2): query ``i`` softmaxes over its ``topk`` best keys only.
+    """Exact per-query top-k attention (docs/spec.md §2): query ``i`` softmaxes over its ``topk`` best keys only.
 
     q: (batch, heads, seq_q, head_dim); k, v: (batch, heads, seq_k, head_dim); any strides; float16 /
     bfloat16 / float32 (float64 on the reference and cpu backends); head_dim 1..256.

@@ -1,4 +1,4 @@
-"""Local-window visibility (SPEC §1): the geometry of a local-attention problem and its exact
+"""Local-window visibility (docs/spec.md §1): the geometry of a local-attention problem and its exact
 dense visibility mask, in plain PyTorch integers.
 
 This is the ground truth of the local-attention tests and of the ``reference`` backend. The block

@@ -1,4 +1,4 @@
-"""Re-ttention reference (SPEC §3): re-normalised sparse attention with dense masks, in plain PyTorch.
+"""Re-ttention reference (docs/spec.md §3): re-normalised sparse attention with dense masks, in plain PyTorch.
 
 For a sparse key set ``S_i`` (a bool ``visible`` matrix):
 

@@ -1,4 +1,4 @@
-"""Selective scan (Mamba, SPEC §4): the plain sequential recurrence, readable and float64-capable.
+"""Selective scan (Mamba, docs/spec.md §4): the plain sequential recurrence, readable and float64-capable.
 
 ``selective_scan_ref`` is mamba-ssm's ``selective_scan_ref`` (a loop over L with einsums) extended with
 ``initial_state``, ``reverse`` and a differentiable ``last_state``; it is built from differentiable torch
