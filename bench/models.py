@@ -371,15 +371,10 @@ def _builders(p: Preset, scale_note: str) -> dict[str, Callable]:
 def _backend(op: str, q: torch.Tensor) -> str:
     """``"backend=NAME"`` of ``op`` for ``q``; a SkipImpl when only the reference would run (its score
     matrix at a model's sequence length is not a measurement, and may not fit in memory)."""
-    import importlib
+    from ditkernels.backends import resolve_for
 
-    from ditkernels.backends import resolve
-
-    mod = {"attention": "attention", "local_attention": "local", "block_sparse_attention": "sparse",
-           "rettention": "rettention"}[op]
-    supported = importlib.import_module(f"ditkernels.ops.{mod}").SUPPORTED
     try:
-        name = resolve(op, supported, q.device, q.dtype, None).NAME
+        name = resolve_for(op, q, head_dim=q.shape[-1]).NAME
     except Exception as e:  # noqa: BLE001 - the reason is the skip
         raise SkipImpl(f"no ditkernels backend for {op} here: {type(e).__name__}: {e}") from None
     if name == "reference":

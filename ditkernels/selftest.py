@@ -268,7 +268,7 @@ def run_checks(device: torch.device, backends: Sequence[str] | None = None, dtyp
                     continue
                 if be not in supported:
                     continue  # e.g. cuda has only the scan: not a finding
-                why = registry.why_not(be, case.op, supported, device, DTYPES[dt])
+                why = registry.why_not(be, _dispatch_op(case.op), registry.Call(device, DTYPES[dt]))
                 if why:
                     r = Result(case.op, case.name, be, dt, status="skip", reason=why)
                 else:
@@ -279,13 +279,15 @@ def run_checks(device: torch.device, backends: Sequence[str] | None = None, dtyp
     return results
 
 
-def _supported(op: str) -> tuple[str, ...]:
-    import importlib
+def _dispatch_op(op: str) -> str:
+    """The op name dispatch knows (``ditkernels.backends.OPS``): block top-k runs block-sparse attention."""
+    return "block_sparse_attention" if op == "block_topk_attention" else op
 
-    mod = {"attention": "attention", "local_attention": "local", "block_sparse_attention": "sparse",
-           "block_topk_attention": "sparse", "topk_attention": "topk", "rettention": "rettention",
-           "selective_scan": "selective_scan"}[op]
-    return importlib.import_module(f"ditkernels.ops.{mod}").SUPPORTED
+
+def _supported(op: str) -> tuple[str, ...]:
+    from ditkernels import backends as registry
+
+    return registry.supporting(_dispatch_op(op))
 
 
 def _environment(device: torch.device) -> list[str]:
