@@ -107,8 +107,9 @@ DK_GLOBAL misuse_kernel(int kind, float* sink) {
         __syncthreads();
       }
       break;
-    case 3:  // lanes disagree on the mask
-      v = __shfl_down_sync(lane < 8 ? 0xffffffffu : 0x0000ffffu, v, 1);
+    case 3:  // lanes disagree on the mask (every lane is in its own mask, so this is the only misuse;
+             // with 0x0000ffff lanes 16-31 were also outside their mask and either error could win the race)
+      v = __shfl_down_sync(lane < 8 ? 0xffffffffu : 0xfffffffeu, v, 1);
       break;
     case 4:  // calling lane not in the mask
       v = __shfl_sync(0x1u, v, 0);
