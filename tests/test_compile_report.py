@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("triton")
 
 
-@pytest.mark.slow  # compiles the shipped Triton kernels for sm_80 and sm_90
+@pytest.mark.slow  # compiles a subset of the shipped Triton kernels for each of the six shipped archs
 def test_compile_report_quick(tmp_path):
     from ditkernels.triton_kernels.archs import ARCHS
 

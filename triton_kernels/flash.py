@@ -913,16 +913,6 @@ def chunk_d(cfg: Config, block_d: int) -> int:
     return min(cfg.block_dk, block_d) if cfg.block_dk else block_d
 
 
-def shipped_configs(arch: int) -> list[tuple[str, str, int, Config]]:
-    """Every (kernel, dtype name, block_d, config) shipped for ``arch`` (what compile-report checks)."""
-    out = []
-    for kernel in KERNELS:
-        for dname, dt in DTYPES.items():
-            for d in BLOCK_D_BUCKETS:
-                out.append((kernel, dname, d, config_for(kernel, arch, dt, d)))
-    return out
-
-
 def interpreting() -> bool:
     return _interpreter.interpreting()
 
