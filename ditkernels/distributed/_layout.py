@@ -110,6 +110,23 @@ class Layout:
             x.narrow(dim, self.num_prefix + n, self.num_suffix)
 
 
+def check_local_tokens(q: torch.Tensor, grid: object, bands: object, world: int, rank: int, num_prefix: int,
+                       num_suffix: int) -> tuple[int, "Layout | None"]:
+    """Rank ``rank``'s q holds grid tokens, and, with a ``grid``, exactly its band's (ValueError naming q).
+    Returns (its number of grid tokens, the Layout of ``grid`` or None)."""
+    local_tokens = q.shape[2] - num_prefix - num_suffix
+    if local_tokens < 1:
+        raise ValueError(f"q: rank {rank} holds {q.shape[2]} tokens, not more than num_prefix + num_suffix = "
+                         f"{num_prefix + num_suffix}: every rank needs grid tokens")
+    if grid is not None:
+        lay = Layout.make(grid, bands, world, num_prefix, num_suffix)
+        if q.shape[2] != lay.local_len(rank):
+            raise ValueError(f"q: rank {rank} expected num_prefix + {lay.bands[rank]} grid rows x {lay.row} + "
+                             f"num_suffix = {lay.local_len(rank)} tokens, got shape {tuple(q.shape)}")
+        return local_tokens, lay
+    return local_tokens, None
+
+
 def _dim(x: torch.Tensor, dim: int) -> int:
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim: {dim} is out of range for a tensor of shape {tuple(x.shape)}")

@@ -26,7 +26,7 @@ from .. import _validate
 from ..ops.attention import attention_bwd, attention_fwd
 from . import _comm
 from ._check import agree
-from ._layout import Layout, check_globals
+from ._layout import Layout, check_globals, check_local_tokens
 from .merge import merge_attention
 
 __all__ = ["ring_attention", "ring_bytes"]
@@ -195,15 +195,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: S
         scale = _validate.check_scale(scale, q.shape[-1])
         backend = _validate.check_backend(backend)
         backend = _backend(q, backend).__name__.rsplit(".", 1)[-1]   # the concrete name: "cpu", "triton", ...
-        local_tokens = q.shape[2] - num_prefix - num_suffix
-        if local_tokens < 1:
-            raise ValueError(f"q: rank {rank} holds {q.shape[2]} tokens, not more than num_prefix + num_suffix = "
-                             f"{num_prefix + num_suffix}: every rank needs grid tokens")
-        if grid is not None:
-            lay = Layout.make(grid, bands, size, num_prefix, num_suffix)
-            if q.shape[2] != lay.local_len(rank):
-                raise ValueError(f"q: rank {rank} expected num_prefix + {lay.bands[rank]} grid rows x {lay.row} + "
-                                 f"num_suffix = {lay.local_len(rank)} tokens, got shape {tuple(q.shape)}")
+        local_tokens, lay = check_local_tokens(q, grid, bands, size, rank, num_prefix, num_suffix)
     except (TypeError, ValueError, RuntimeError) as e:
         err = e
     same = {"(batch, heads, head_dim)": (tuple(q.shape[:2]) + tuple(q.shape[3:])) if isinstance(q, torch.Tensor) else None,

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from .. import _validate
 from . import _comm
 from ._check import agree
-from ._layout import Layout, check_globals
+from ._layout import Layout, check_globals, check_local_tokens
 
 __all__ = ["ulysses_attention", "ulysses_bytes"]
 
@@ -109,15 +109,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, op: 
         if q.shape[1] % size:
             raise ValueError(f"q: heads ({q.shape[1]}) must be divisible by the number of ranks ({size}) for "
                              f"Ulysses attention, got shape {tuple(q.shape)}")
-        local_tokens = q.shape[2] - num_prefix - num_suffix
-        if local_tokens < 1:
-            raise ValueError(f"q: rank {rank} holds {q.shape[2]} tokens, not more than num_prefix + num_suffix = "
-                             f"{num_prefix + num_suffix}: every rank needs grid tokens")
-        if grid is not None:
-            lay = Layout.make(grid, bands, size, num_prefix, num_suffix)
-            if q.shape[2] != lay.local_len(rank):
-                raise ValueError(f"q: rank {rank} expected num_prefix + {lay.bands[rank]} grid rows x {lay.row} + "
-                                 f"num_suffix = {lay.local_len(rank)} tokens, got shape {tuple(q.shape)}")
+        local_tokens, lay = check_local_tokens(q, grid, bands, size, rank, num_prefix, num_suffix)
     except (TypeError, ValueError) as e:
         err = e
     same = {"(batch, heads, head_dim)": (tuple(q.shape[:2]) + tuple(q.shape[3:])) if isinstance(q, torch.Tensor) else None,
