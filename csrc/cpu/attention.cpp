@@ -35,7 +35,7 @@
 
 namespace py = pybind11;
 
-namespace ditk {
+namespace dk {
 namespace {
 
 // Ids shared with ditkernels/schedule.py.
@@ -46,15 +46,15 @@ constexpr int MASK_THRESHOLD = 3;  // exact top-k: score >= a per-row threshold 
 constexpr int EPILOGUE_NONE = 0;
 constexpr int EPILOGUE_SCALE_RESIDUAL = 1;
 
-#ifndef DITK_ROW_GROUP
-#define DITK_ROW_GROUP 64
+#ifndef DK_ROW_GROUP
+#define DK_ROW_GROUP 64
 #endif
-#ifndef DITK_CHUNK
-#define DITK_CHUNK 64
+#ifndef DK_CHUNK
+#define DK_CHUNK 64
 #endif
-// Tuning knobs (-DDITK_ROW_GROUP=..., -DDITK_CHUNK=...): any positive values are correct.
-constexpr int kRowGroup = DITK_ROW_GROUP;  // rows of the vector side per work item
-constexpr int kChunk = DITK_CHUNK;         // rows of the streamed side per inner step
+// Tuning knobs (-DDK_ROW_GROUP=..., -DDK_CHUNK=...): any positive values are correct.
+constexpr int kRowGroup = DK_ROW_GROUP;  // rows of the vector side per work item
+constexpr int kChunk = DK_CHUNK;         // rows of the streamed side per inner step
 constexpr double kLog2e = 1.4426950408889634;
 
 // ---- element masks: the one place where new mask kinds plug in ---------------------------------
@@ -1331,19 +1331,19 @@ void attention_bwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int6
 }
 
 }  // namespace
-}  // namespace ditk
+}  // namespace dk
 
 void register_topk_select_cpu(py::module_& m);  // csrc/cpu/topk_select.cpp (pass 1 of exact top-k)
 
 void register_attention_cpu(py::module_& m) {
   using namespace pybind11::literals;
   register_topk_select_cpu(m);
-  m.attr("DTYPE_FLOAT32") = static_cast<int>(ditk::kFloat32);
-  m.attr("DTYPE_FLOAT64") = static_cast<int>(ditk::kFloat64);
-  m.attr("DTYPE_FLOAT16") = static_cast<int>(ditk::kFloat16);
-  m.attr("DTYPE_BFLOAT16") = static_cast<int>(ditk::kBFloat16);
-  m.attr("SIMD_BYTES") = ditk::kVecBytes;
-  m.def("attention_fwd", &ditk::attention_fwd,
+  m.attr("DTYPE_FLOAT32") = static_cast<int>(dk::kFloat32);
+  m.attr("DTYPE_FLOAT64") = static_cast<int>(dk::kFloat64);
+  m.attr("DTYPE_FLOAT16") = static_cast<int>(dk::kFloat16);
+  m.attr("DTYPE_BFLOAT16") = static_cast<int>(dk::kBFloat16);
+  m.attr("SIMD_BYTES") = dk::kVecBytes;
+  m.def("attention_fwd", &dk::attention_fwd,
         "Flash-attention forward on the CPU. Pointers are data_ptr() integers; strides are in elements.\n"
         "q: (B, H, Sq, D); k, v: (B, H, Sk, D); out: (B, H, Sq, D) (0: compute lse only);\n"
         "lse: (B, H, Sq) contiguous float32 (float64 if lse_f64). kv_ptr == 0 means dense.\n"
@@ -1355,7 +1355,7 @@ void register_attention_cpu(py::module_& m) {
         "mask_params"_a, "epilogue_kind"_a, "row_scale"_a, "row_scale_strides"_a, "residual"_a,
         "residual_strides"_a, "num_threads"_a, "q_tokens"_a = 0, "kv_tokens"_a = 0, "n_q_tiles"_a = 0,
         "n_kv_tiles"_a = 0, "mask_rows"_a = 0);
-  m.def("attention_bwd", &ditk::attention_bwd,
+  m.def("attention_bwd", &dk::attention_bwd,
         "Flash-attention backward on the CPU (FA2, deterministic). do, out: (B, H, Sq, D); lse as from\n"
         "attention_fwd; writes dq, dk, dv. The t_* CSR is the transposed schedule (over KV tiles).",
         "dtype"_a, "B"_a, "H"_a, "Sq"_a, "Sk"_a, "D"_a, "scale"_a, "dout"_a, "dout_strides"_a, "q"_a,
@@ -1365,8 +1365,8 @@ void register_attention_cpu(py::module_& m) {
         "t_kv_idx"_a, "t_partial"_a, "t_sched_ptr_stride"_a, "t_sched_idx_stride"_a, "mask_kind"_a,
         "mask_params"_a, "num_threads"_a, "q_tokens"_a = 0, "kv_tokens"_a = 0, "n_q_tiles"_a = 0,
         "n_kv_tiles"_a = 0, "mask_rows"_a = 0);
-  m.def("attention_fwd_visits", [] { return ditk::g_fwd_visits.load(); },
+  m.def("attention_fwd_visits", [] { return dk::g_fwd_visits.load(); },
         "Tiles (CSR entries) visited by the last attention_fwd call, summed over batch*head and row groups.");
-  m.def("attention_fwd_pairs", [] { return ditk::g_fwd_pairs.load(); },
+  m.def("attention_fwd_pairs", [] { return dk::g_fwd_pairs.load(); },
         "Score slots (key rows x query lanes, vector padding included) computed by the last attention_fwd call.");
 }

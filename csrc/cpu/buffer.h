@@ -6,7 +6,7 @@
 #include <cstdlib>
 #include <new>
 
-namespace ditk {
+namespace dk {
 
 template <typename T>
 struct Buf {
@@ -28,4 +28,4 @@ struct Buf {
   }
 };
 
-}  // namespace ditk
+}  // namespace dk

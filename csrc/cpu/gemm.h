@@ -10,7 +10,7 @@
 
 #include "cpu/simd.h"
 
-namespace ditk {
+namespace dk {
 
 #if defined(__AVX512F__)
 constexpr int kMR = 6;  // 6 x 4 zmm accumulators + 4 B vectors + 1 broadcast of 32 registers
@@ -90,4 +90,4 @@ inline void gemm(int M, int nvec, int K, const T* A, ptrdiff_t sar, ptrdiff_t sa
   }
 }
 
-}  // namespace ditk
+}  // namespace dk

@@ -28,7 +28,7 @@
 
 #include "cpu/simd.h"
 
-namespace ditk {
+namespace dk {
 
 enum TokenClass : int32_t { kGridTok = 0, kGlobalTok = 1, kExtraTok = 2 };
 enum LocalShape : int64_t { kCircle = 0, kSquare = 1, kTile = 2 };
@@ -238,4 +238,4 @@ struct LocalTable {
   }
 };
 
-}  // namespace ditk
+}  // namespace dk

@@ -1415,16 +1415,16 @@ void register_selective_scan_cpu(py::module_& m) {
       .def_readwrite("sl", &Operand::sl);
   auto cls = py::class_<Params>(m, "SelectiveScanParams", "arguments of selective_scan_fwd / _bwd")
       .def(py::init<>());
-#define DITK_FIELD(name) cls.def_readwrite(#name, &Params::name)
-  DITK_FIELD(batch); DITK_FIELD(dim); DITK_FIELD(seqlen); DITK_FIELD(dstate); DITK_FIELD(chunk);
-  DITK_FIELD(nthreads); DITK_FIELD(softplus); DITK_FIELD(acc);
-  DITK_FIELD(u); DITK_FIELD(delta); DITK_FIELD(z); DITK_FIELD(out);
-  DITK_FIELD(dout); DITK_FIELD(du); DITK_FIELD(ddelta); DITK_FIELD(dz);
-  DITK_FIELD(Bm); DITK_FIELD(Cm); DITK_FIELD(b_groups); DITK_FIELD(c_groups); DITK_FIELD(b_var); DITK_FIELD(c_var);
-  DITK_FIELD(A); DITK_FIELD(Dvec); DITK_FIELD(delta_bias); DITK_FIELD(init); DITK_FIELD(last); DITK_FIELD(hs);
-  DITK_FIELD(dlast); DITK_FIELD(dA_rows); DITK_FIELD(dD_rows); DITK_FIELD(dbias_rows); DITK_FIELD(dinit);
-  DITK_FIELD(dB); DITK_FIELD(dC);
-#undef DITK_FIELD
+#define DK_FIELD(name) cls.def_readwrite(#name, &Params::name)
+  DK_FIELD(batch); DK_FIELD(dim); DK_FIELD(seqlen); DK_FIELD(dstate); DK_FIELD(chunk);
+  DK_FIELD(nthreads); DK_FIELD(softplus); DK_FIELD(acc);
+  DK_FIELD(u); DK_FIELD(delta); DK_FIELD(z); DK_FIELD(out);
+  DK_FIELD(dout); DK_FIELD(du); DK_FIELD(ddelta); DK_FIELD(dz);
+  DK_FIELD(Bm); DK_FIELD(Cm); DK_FIELD(b_groups); DK_FIELD(c_groups); DK_FIELD(b_var); DK_FIELD(c_var);
+  DK_FIELD(A); DK_FIELD(Dvec); DK_FIELD(delta_bias); DK_FIELD(init); DK_FIELD(last); DK_FIELD(hs);
+  DK_FIELD(dlast); DK_FIELD(dA_rows); DK_FIELD(dD_rows); DK_FIELD(dbias_rows); DK_FIELD(dinit);
+  DK_FIELD(dB); DK_FIELD(dC);
+#undef DK_FIELD
   // The layout of the saved states, hs (batch, ceil(dim / lanes), nc + 1, dstate padded to a multiple
   // of state_block, lanes): the launcher allocates it and checks these against its own.
   m.attr("selective_scan_saved_layout") = py::make_tuple(W, NJB);

@@ -13,7 +13,7 @@
 #include <immintrin.h>
 #endif
 
-namespace ditk {
+namespace dk {
 
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
@@ -245,4 +245,4 @@ struct ComputeOf<double> {
   using type = double;
 };
 
-}  // namespace ditk
+}  // namespace dk

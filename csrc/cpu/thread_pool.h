@@ -16,7 +16,7 @@
 #include <thread>
 #include <vector>
 
-namespace ditk {
+namespace dk {
 
 class ThreadPool {
  public:
@@ -105,4 +105,4 @@ class ThreadPool {
   std::exception_ptr err_;
 };
 
-}  // namespace ditk
+}  // namespace dk

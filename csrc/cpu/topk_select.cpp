@@ -37,7 +37,7 @@
 
 namespace py = pybind11;
 
-namespace ditk {
+namespace dk {
 namespace {
 
 constexpr int kBuckets = 256;
@@ -317,11 +317,11 @@ void topk_select(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_
 }
 
 }  // namespace
-}  // namespace ditk
+}  // namespace dk
 
 void register_topk_select_cpu(py::module_& m) {
   using namespace pybind11::literals;
-  m.def("topk_select", &ditk::topk_select,
+  m.def("topk_select", &dk::topk_select,
         "Pass 1 of exact top-k attention (ditkernels/ops/topk.py): per query row of q (B, H, Sq, D) against\n"
         "k (B, H, Sk, D), the threshold of each topk in topks (each in [1, Sk)) into thr, float32 (T, B*H*Sq)\n"
         "contiguous, and the (query tile, key tile) visit codes (0 none kept, 1 all, 2 some) into visits,\n"
