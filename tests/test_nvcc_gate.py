@@ -103,10 +103,6 @@ def test_cuda_module_imports_without_gpu():
     n = cu.device_count()  # must not raise without a GPU / driver
     assert isinstance(n, int) and n >= 0
     assert isinstance(cu.cuda_status(), str) and cu.cuda_status()
-    from ditkernels import _ext
-
-    emu = _ext.emu()
-    assert [tuple(c) for c in cu.scan_pairs_configs()] == [tuple(c) for c in emu.scan_pairs_configs()]
 
 
 if __name__ == "__main__":  # print the resource report: python tests/test_nvcc_gate.py

@@ -1,13 +1,14 @@
-"""The CUDA device code of csrc/kernels, run on the CPU through the SIMT emulation (csrc/simt/emu.h).
+"""The SIMT emulation (csrc/simt/emu.h) and the device-code building blocks of csrc/kernels run through it.
 
-The same source that nvcc compiles (tests/test_nvcc_gate.py) runs here, one OS thread per CUDA thread,
-against a float64 reference; the emulation primitives (barrier, warp shuffles, shared memory, atomics,
-error reporting) are tested on small kernels of csrc/emu/simt_selftest.cpp.
+The same source that nvcc compiles (tests/test_nvcc_gate.py) runs here, one OS thread per CUDA thread: the
+selective scan's block scan (csrc/kernels/block_scan.cuh) against a float64 recurrence, the emulation
+primitives (barrier, warp shuffles, shared memory, atomics, error reporting) on small kernels of
+csrc/emu/simt_selftest.cpp, and the selective scan under ThreadSanitizer. The selective scan's own tests
+are tests/test_selective_scan_cuda_emu.py.
 """
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,98 +22,42 @@ from ditkernels import _ext  # noqa: E402
 
 emu = _ext.emu()  # test-only extension: fails collection with the fix when it is not built
 
-LENGTHS = [1, 31, 33, 100, 1000, 4097]
+
+def scan_ref(a, b, h0, reverse=False):
+    """float64 sequential recurrence h_t = a_t h_{t-1} + b_t (reverse: h_t = a_t h_{t+1} + b_t) from h0."""
+    a64, b64 = a.double().tolist(), b.double().tolist()
+    out, h = [0.0] * len(a64), float(h0)
+    for t in (reversed(range(len(a64))) if reverse else range(len(a64))):
+        h = a64[t] * h + b64[t]
+        out[t] = h
+    return torch.tensor(out, dtype=torch.float64)
 
 
-def scan_ref(a, b, h0=None):
-    """float64 sequential recurrence h_t = a_t h_{t-1} + b_t over the last axis."""
-    a64, b64 = a.double().numpy(), b.double().numpy()
-    out = np.empty_like(a64)
-    h = np.zeros(a64.shape[0]) if h0 is None else h0.double().numpy().copy()
-    for t in range(a64.shape[1]):
-        h = a64[:, t] * h + b64[:, t]
-        out[:, t] = h
-    return torch.from_numpy(out)
-
-
-def make_inputs(rows, L, seed):
+def make_inputs(L, seed):
     g = torch.Generator().manual_seed(seed)
     # |a| in [0.8, 1): long memory, both signs; b ~ N(0, 1)
-    sign = torch.where(torch.rand(rows, L, generator=g) < 0.2, -1.0, 1.0)
-    a = sign * (0.8 + 0.2 * torch.rand(rows, L, generator=g))
-    b = torch.randn(rows, L, generator=g)
-    h0 = 3.0 * torch.randn(rows, generator=g)
-    return a.float(), b.float(), h0.float()
+    sign = torch.where(torch.rand(L, generator=g) < 0.2, -1.0, 1.0)
+    a = sign * (0.8 + 0.2 * torch.rand(L, generator=g))
+    return a.float(), torch.randn(L, generator=g).float(), 3.0 * torch.randn((), generator=g).item()
 
 
-def run_emu(a, b, h0=None, out=None, h0_stride=1, **kw):
-    rows, L = a.shape
-    if out is None:
-        out = torch.full((rows, L), float("nan"))
-    emu.scan_pairs(a.data_ptr(), b.data_ptr(), out.data_ptr(), 0 if h0 is None else h0.data_ptr(), rows, L,
-                   a.stride(), b.stride(), out.stride(), h0_stride, **kw)
-    return out
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("warps", emu.block_scan_warps(), ids=lambda w: f"W{w}")
+def test_block_scan_carry(warps, reverse):
+    """The selective scan's block scan (csrc/kernels/block_scan.cuh) alone, for warp counts the selective scan
+    does not compile (3, 8, 32): one partial chunk, one full chunk, two full chunks and a tail (the carry)."""
+    chunk = 32 * warps
+    for L in (1, chunk - 1, chunk, 2 * chunk + 5):
+        a, b, h0 = make_inputs(L, seed=chunk + L)
+        out = torch.full((L,), float("nan"))
+        emu.block_scan(a.data_ptr(), b.data_ptr(), out.data_ptr(), L, h0, warps, reverse)
+        assert rel_err(out, scan_ref(a, b, h0, reverse)) <= 1e-5, L
 
 
-@pytest.mark.parametrize("with_h0", [False, True], ids=["h0=0", "h0"])
-@pytest.mark.parametrize("L", LENGTHS, ids=lambda L: f"L{L}")
-def test_scan_pairs_default_config(L, with_h0):
-    rows = 5
-    a, b, h0 = make_inputs(rows, L, seed=L)
-    out = run_emu(a, b, h0 if with_h0 else None)
-    ref = scan_ref(a, b, h0 if with_h0 else None)
-    assert torch.isfinite(out).all()
-    assert rel_err(out, ref) <= 1e-5
-
-
-@pytest.mark.parametrize("cfg", [tuple(c) for c in emu.scan_pairs_configs()], ids=lambda c: f"T{c[0]}xI{c[1]}")
-def test_scan_pairs_every_config_multi_chunk(cfg):
-    threads, items = cfg
-    chunk = threads * items
-    for L in (chunk - 1, 2 * chunk + 5):  # one partial chunk; two full chunks (float4 path) and a tail
-        a, b, h0 = make_inputs(3, L, seed=chunk + L)
-        out = run_emu(a, b, h0, threads=threads, items=items)
-        assert rel_err(out, scan_ref(a, b, h0)) <= 1e-5, L
-
-
-def test_scan_pairs_strided_and_unaligned():
-    rows, L = 4, 1000
-    a, b, h0 = make_inputs(rows, L, seed=7)
-    ref = scan_ref(a, b, h0[::1])
-    # a with t-stride = rows (a transposed (L, rows) tensor), out with padded rows, h0 with stride 2
-    a_t = a.t().contiguous().t()
-    out_big = torch.full((rows, L + 3), float("nan"))
-    out = out_big[:, :L]
-    h0_strided = torch.stack([h0, torch.full_like(h0, float("nan"))], 1).reshape(-1)
-    run_emu(a_t, b, h0_strided, out=out, h0_stride=2)
-    assert rel_err(out, ref) <= 1e-5
-    assert torch.isnan(out_big[:, L:]).all()  # nothing written past the rows
-    # contiguous but misaligned by one element: the kernel must not take the float4 path
-    a_buf, b_buf = torch.empty(rows * L + 1), torch.empty(rows * L + 1)
-    a_buf[1:] = a.reshape(-1)
-    b_buf[1:] = b.reshape(-1)
-    out_buf = torch.full((rows * L + 1,), float("nan"))
-    run_emu(a_buf[1:].view(rows, L), b_buf[1:].view(rows, L), h0, out=out_buf[1:].view(rows, L))
-    assert rel_err(out_buf[1:].view(rows, L), ref) <= 1e-5
-
-
-def test_scan_pairs_concurrency_is_deterministic():
-    rows, L = 7, 600
-    a, b, h0 = make_inputs(rows, L, seed=11)
-    outs = [run_emu(a, b, h0, threads=64, items=4, concurrent_blocks=c) for c in (1, 2, 7)]
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
-    assert rel_err(outs[0], scan_ref(a, b, h0)) <= 1e-5
-
-
-def test_scan_pairs_empty_and_bad_config():
-    a = torch.rand(2, 5)
-    out = torch.full((2, 5), float("nan"))
-    emu.scan_pairs(a.data_ptr(), a.data_ptr(), out.data_ptr(), 0, 0, 5, a.stride(), a.stride(), out.stride())
-    emu.scan_pairs(a.data_ptr(), a.data_ptr(), out.data_ptr(), 0, 2, 0, a.stride(), a.stride(), out.stride())
-    assert torch.isnan(out).all()
-    with pytest.raises(ValueError, match="no compiled configuration"):
-        run_emu(a, a, threads=48, items=4)
-    assert emu.scan_pairs_default_config(4097) in [tuple(c) for c in emu.scan_pairs_configs()]
+def test_block_scan_unknown_warp_count():
+    a = torch.ones(4)
+    with pytest.raises(ValueError, match="warps=5"):
+        emu.block_scan(a.data_ptr(), a.data_ptr(), a.data_ptr(), 4, 0.0, 5, False)
 
 
 # ----------------------------------------------------------------------------- emulation primitives
@@ -225,10 +170,11 @@ def test_invalid_launch_configurations():
         emu.selftest_launch(32, 1, 1, 100_000)
 
 
-def test_scan_pairs_has_no_data_race_under_thread_sanitizer(tmp_path):
-    """Builds the emulated scan with -fsanitize=thread: the emulation's barriers are std::mutex /
-    condition_variable, so TSan sees exactly the happens-before edges of __syncthreads and the warp
-    intrinsics, and reports any shared-memory access that a missing barrier leaves unordered."""
+def test_selective_scan_has_no_data_race_under_thread_sanitizer(tmp_path):
+    """Builds the emulated selective scan (forward and backward, every configuration) with -fsanitize=thread:
+    the emulation's barriers are std::mutex / condition_variable, so TSan sees exactly the happens-before
+    edges of __syncthreads and the warp intrinsics, and reports any shared-memory access that a missing
+    barrier leaves unordered (tests/csrc/tsan_selective_scan.cpp)."""
     import shutil
     import subprocess
     from pathlib import Path
@@ -237,9 +183,9 @@ def test_scan_pairs_has_no_data_race_under_thread_sanitizer(tmp_path):
     if cxx is None:
         pytest.skip("no C++ compiler on PATH")
     root = Path(__file__).resolve().parents[1]
-    exe = tmp_path / "tsan_scan_pairs"
+    exe = tmp_path / "tsan_selective_scan"
     build = subprocess.run([cxx, "-O1", "-g", "-std=c++17", "-pthread", "-fsanitize=thread", f"-I{root / 'csrc'}",
-                            str(root / "tests" / "csrc" / "tsan_scan_pairs.cpp"), "-o", str(exe)],
+                            str(root / "tests" / "csrc" / "tsan_selective_scan.cpp"), "-o", str(exe)],
                            capture_output=True, text=True)
     if build.returncode != 0 and "tsan" in build.stderr.lower() and "cannot find" in build.stderr.lower():
         pytest.skip(f"ThreadSanitizer runtime not installed: {build.stderr.strip()[-200:]}")

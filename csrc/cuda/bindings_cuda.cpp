@@ -66,25 +66,6 @@ PYBIND11_MODULE(_cuda, m) {
     return v;
   });
   m.def(
-      "scan_pairs",
-      [](uintptr_t a, uintptr_t b, uintptr_t out, uintptr_t h0, int64_t rows, int64_t L, py::tuple a_strides,
-         py::tuple b_strides, py::tuple out_strides, int64_t h0_stride, int threads, int items, uintptr_t stream) {
-        int64_t ar = a_strides[0].cast<int64_t>(), at = a_strides[1].cast<int64_t>();
-        int64_t br = b_strides[0].cast<int64_t>(), bt = b_strides[1].cast<int64_t>();
-        int64_t orr = out_strides[0].cast<int64_t>(), ot = out_strides[1].cast<int64_t>();
-        py::gil_scoped_release nogil;
-        dk::cuda::scan_pairs(reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(b),
-                             reinterpret_cast<float*>(out), reinterpret_cast<const float*>(h0), rows, L, ar, at, br,
-                             bt, orr, ot, h0_stride, threads, items, stream);
-      },
-      py::arg("a"), py::arg("b"), py::arg("out"), py::arg("h0"), py::arg("rows"), py::arg("L"),
-      py::arg("a_strides"), py::arg("b_strides"), py::arg("out_strides"), py::arg("h0_stride") = 1,
-      py::arg("threads") = 0, py::arg("items") = 0, py::arg("stream") = 0,
-      "h[r, t] = a[r, t] * h[r, t-1] + b[r, t] (fp32, device pointers), h[r, -1] = h0[r * h0_stride] (0 if h0 == 0).\n"
-      "*_strides: (row stride, t stride) in elements; stream: cudaStream_t as int (0: default stream).\n"
-      "Asynchronous on `stream`; launch errors raise RuntimeError.");
-  m.def("scan_pairs_configs", &dk::cuda::scan_pairs_configs);
-  m.def(
       "selective_scan_fwd",
       [](py::dict args, uintptr_t stream) {
         auto a = selective_scan_args(args);

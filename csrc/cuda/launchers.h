@@ -13,13 +13,6 @@
 namespace dk {
 namespace cuda {
 
-// h[r, t] = a[r, t] * h[r, t-1] + b[r, t] (fp32), h[r, -1] = h0[r * h0_stride] or 0 when h0 == nullptr.
-// threads = items = 0 picks the configuration from L.
-void scan_pairs(const float* a, const float* b, float* out, const float* h0, int64_t rows, int64_t L,
-                int64_t a_row, int64_t a_t, int64_t b_row, int64_t b_t, int64_t o_row, int64_t o_t,
-                int64_t h0_stride, int threads, int items, uintptr_t stream);
-std::vector<std::pair<int, int>> scan_pairs_configs();
-
 // The GPU architectures this module was compiled for, e.g. {"80", "90a"}.
 std::vector<std::string> compiled_archs();
 

@@ -1,4 +1,5 @@
-// nvcc instantiation and host launchers of csrc/kernels/selective_scan.cuh (every configuration x dtype).
+// nvcc instantiation and host launchers of csrc/kernels/selective_scan.cuh (every configuration x dtype), and
+// the list of the archs compiled (only nvcc knows it).
 #include <string>
 #include <utility>
 #include <vector>
@@ -23,6 +24,28 @@ std::vector<std::pair<int, int>> selective_scan_configs() {
   DK_SELECTIVE_SCAN_CONFIGS(DK_X)
 #undef DK_X
   return v;
+}
+
+// The build may pass the exact gencode list as -DDK_CUDA_ARCHS=80_90a ('_'-separated: nvcc splits
+// -D values at commas). Without it, nvcc's __CUDA_ARCH_LIST__ (e.g. 800,900) gives the archs without
+// the arch-specific 'a' suffix, which the host pass cannot see.
+std::vector<std::string> compiled_archs() {
+  std::vector<std::string> out;
+#if defined(DK_CUDA_ARCHS)
+  std::string s = DK_STRINGIFY(DK_CUDA_ARCHS), cur;
+  for (char c : s) {
+    if (c == '_' || c == ',' || c == ';' || c == ' ') {
+      if (!cur.empty()) out.push_back(cur);
+      cur.clear();
+    } else {
+      cur += c;
+    }
+  }
+  if (!cur.empty()) out.push_back(cur);
+#elif defined(__CUDA_ARCH_LIST__)
+  for (int a : {__CUDA_ARCH_LIST__}) out.push_back(std::to_string(a / 10));
+#endif
+  return out;
 }
 
 }  // namespace cuda

@@ -4,9 +4,13 @@
 
 namespace py = pybind11;
 
-void register_emu(py::module_& m);  // csrc/emu/scan_pairs_emu.cpp (registers the rest)
+void register_block_scan_emu(py::module_& m);      // csrc/emu/block_scan_emu.cpp
+void register_selective_scan_emu(py::module_& m);  // csrc/emu/selective_scan_emu.cpp
+void register_emu_selftest(py::module_& m);        // csrc/emu/simt_selftest.cpp
 
 PYBIND11_MODULE(_emu, m) {
   m.doc() = "CUDA device code run on the CPU through the SIMT emulation layer (test-only)";
-  register_emu(m);
+  register_block_scan_emu(m);
+  register_selective_scan_emu(m);
+  register_emu_selftest(m);
 }

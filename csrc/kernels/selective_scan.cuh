@@ -11,8 +11,8 @@
 // time steps, thread i holding the kItems consecutive steps [i * kItems, (i + 1) * kItems) of the chunk
 // in registers (u, delta', the output accumulator). For every state n (a runtime loop: N <= 256 costs no
 // registers) the block builds its pairs (a_t, b_t), composes them per thread, and runs the hand-written
-// block scan with carry (warp shuffles + one shared-memory pass over the warps, two __syncthreads; the
-// building blocks of scan_pairs.cuh, here also mirrored for the reverse direction). The carry of state n
+// block scan with carry of block_scan.cuh (warp shuffles + one shared-memory pass over the warps, two
+// __syncthreads; the backward also runs it in reverse thread order). The carry of state n
 // across chunks is the chunk-boundary state itself: warp 0 reads hs[c][n] and writes hs[c + 1][n], so the
 // forward saves the (batch, dim, nchunks + 1, N) boundary states the backward needs for free.
 //
@@ -41,7 +41,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "kernels/scan_pairs.cuh"
+#include "kernels/block_scan.cuh"
 #include "kernels/selective_scan_args.cuh"
 #include "simt/simt.h"
 
@@ -139,58 +139,6 @@ DK_DEVICE float warp_sum(float v) {
   return v;
 }
 
-// Block scan with carry of the affine maps h -> A h + B held one per thread (each the composition of the
-// thread's kItems steps), in thread order (kRev = false) or in reverse thread order (kRev = true).
-// `carry` (read and updated in warp 0 only) is the value entering the block; the result is the value
-// entering the calling thread (from its left, or from its right when kRev). Two __syncthreads; the three
-// shared arrays of kWarps floats are reused on every call (the barriers order the reuse).
-template <int kWarps, bool kRev>
-DK_DEVICE float block_scan_carry(float A, float B, float& carry, float* s_a, float* s_b, float* s_in, int lane,
-                                 int warp) {
-  if (!kRev) {
-    dk::scan::warp_scan_pairs(A, B, lane);
-  } else {
-    DK_UNROLL
-    for (int off = 1; off < 32; off <<= 1) {
-      const float pa = __shfl_down_sync(0xffffffffu, A, off);
-      const float pb = __shfl_down_sync(0xffffffffu, B, off);
-      if (lane + off < 32) {  // (pa, pb) (to the right, applied first) then (A, B)
-        B = A * pb + B;
-        A = pa * A;
-      }
-    }
-  }
-  if (lane == (kRev ? 0 : 31)) {
-    s_a[warp] = A;
-    s_b[warp] = B;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    float wa = lane < kWarps ? s_a[lane] : 1.f;
-    float wb = lane < kWarps ? s_b[lane] : 0.f;
-    DK_UNROLL
-    for (int off = 1; off < kWarps; off <<= 1) {
-      const float pa = kRev ? __shfl_down_sync(0xffffffffu, wa, off) : __shfl_up_sync(0xffffffffu, wa, off);
-      const float pb = kRev ? __shfl_down_sync(0xffffffffu, wb, off) : __shfl_up_sync(0xffffffffu, wb, off);
-      if (kRev ? lane + off < 32 : lane >= off) {
-        wb = wa * pb + wb;
-        wa = pa * wa;
-      }
-    }
-    const float incl = wa * carry + wb;  // value after warp `lane` (lanes >= kWarps: identity, = carry)
-    float excl = kRev ? __shfl_down_sync(0xffffffffu, incl, 1) : __shfl_up_sync(0xffffffffu, incl, 1);
-    if (lane == (kRev ? kWarps - 1 : 0)) excl = carry;
-    if (lane < kWarps) s_in[lane] = excl;
-    carry = __shfl_sync(0xffffffffu, incl, kRev ? 0 : kWarps - 1);
-  }
-  __syncthreads();
-  const float hw = s_in[warp];
-  const float v = A * hw + B;
-  float h = kRev ? __shfl_down_sync(0xffffffffu, v, 1) : __shfl_up_sync(0xffffffffu, v, 1);
-  if (lane == (kRev ? 31 : 0)) h = hw;
-  return h;
-}
-
 // Row-invariant addressing of B or C for (batch b, channel d).
 struct BCView {
   int64_t base, sn, sl;
@@ -269,7 +217,7 @@ DK_GLOBAL DK_LAUNCH_BOUNDS(kThreads, 1) selective_scan_fwd_kernel(SelectiveScanA
           carry = hs[c * N + n];
         }
       }
-      float h = block_scan_carry<kWarps, false>(PA, PB, carry, s_a, s_b, s_in, lane, warp);
+      float h = dk::scan::block_scan_carry<kWarps, false>(PA, PB, carry, s_a, s_b, s_in, lane, warp);
       if (warp == 0 && lane == 0) {
         hs[(c + 1) * N + n] = carry;
         if (c == nc - 1 && p.last) reinterpret_cast<float*>(p.last)[row * N + n] = carry;
@@ -391,7 +339,7 @@ DK_GLOBAL DK_LAUNCH_BOUNDS(kThreads, 1) selective_scan_bwd_kernel(SelectiveScanA
         DK_UNROLL
         for (int j = 1; j < kItems; ++j) dk::scan::compose(PA, PB, a[j], dt[j] * uv[j] * Bt[j]);
         float carry = warp == 0 ? hs[c * N + n] : 0.f;
-        float h = block_scan_carry<kWarps, false>(PA, PB, carry, s_a, s_b, s_in, lane, warp);
+        float h = dk::scan::block_scan_carry<kWarps, false>(PA, PB, carry, s_a, s_b, s_in, lane, warp);
         float dC_sum = 0.f;
         DK_UNROLL
         for (int j = 0; j < kItems; ++j) {
@@ -415,7 +363,7 @@ DK_GLOBAL DK_LAUNCH_BOUNDS(kThreads, 1) selective_scan_bwd_kernel(SelectiveScanA
         DK_UNROLL
         for (int j = kItems - 2; j >= 0; --j) dk::scan::compose(PA, PB, a[j], a[j] * dy[j] * Ct[j]);
         float rcarry = warp == 0 ? dinit[n] : 0.f;
-        float s = block_scan_carry<kWarps, true>(PA, PB, rcarry, r_a, r_b, r_in, lane, warp);
+        float s = dk::scan::block_scan_carry<kWarps, true>(PA, PB, rcarry, r_a, r_b, r_in, lane, warp);
         if (warp == 0 && lane == 0) dinit[n] = rcarry;
         // (3) gradients
         float dA_sum = 0.f, dB_sum = 0.f;
