@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cuda/launchers.h"
+#include "kernels/selective_scan_binding.h"
 
 namespace py = pybind11;
 
@@ -24,20 +25,12 @@ std::pair<int, std::string> query_devices() {
   return {n, ""};
 }
 
-// SelectiveScanArgs from a dict of field name -> int (unknown names raise: they are typos).
-dk::sscan::SelectiveScanArgs selective_scan_args(const py::dict& d) {
-  dk::sscan::SelectiveScanArgs a;
-  for (auto item : d) {
-    const std::string key = item.first.cast<std::string>();
-    const int64_t v = item.second.cast<int64_t>();
-    bool found = false;
-#define DK_SS_SET(name) \
-    if (key == #name) a.name = v, found = true;
-    DK_SELECTIVE_SCAN_FIELDS(DK_SS_SET)
-#undef DK_SS_SET
-    if (!found) throw py::key_error("selective_scan: unknown argument '" + key + "'");
-  }
-  return a;
+// args dict -> SelectiveScanArgs, then the launcher (asynchronous on `stream`) with the GIL released.
+template <void (*Launch)(const dk::sscan::SelectiveScanArgs&, uintptr_t)>
+void run(const py::dict& args, uintptr_t stream) {
+  const auto a = dk::sscan::args_from_dict(args);
+  py::gil_scoped_release nogil;
+  Launch(a, stream);
 }
 
 }  // namespace
@@ -65,23 +58,10 @@ PYBIND11_MODULE(_cuda, m) {
     if (cudaDriverGetVersion(&v) != cudaSuccess) v = 0;
     return v;
   });
-  m.def(
-      "selective_scan_fwd",
-      [](py::dict args, uintptr_t stream) {
-        auto a = selective_scan_args(args);
-        py::gil_scoped_release nogil;
-        dk::cuda::selective_scan_fwd(a, stream);
-      },
-      py::arg("args"), py::arg("stream") = 0,
-      "Selective-scan forward (csrc/kernels/selective_scan.cuh); args: dict of SelectiveScanArgs fields\n"
-      "(device addresses and element strides as ints). Asynchronous on `stream`.");
-  m.def(
-      "selective_scan_bwd",
-      [](py::dict args, uintptr_t stream) {
-        auto a = selective_scan_args(args);
-        py::gil_scoped_release nogil;
-        dk::cuda::selective_scan_bwd(a, stream);
-      },
-      py::arg("args"), py::arg("stream") = 0, "Selective-scan backward from the forward's chunk-boundary states hs.");
-  m.def("selective_scan_configs", &dk::cuda::selective_scan_configs);
+  m.def("selective_scan_fwd", &run<dk::cuda::selective_scan_fwd>, py::arg("args"), py::arg("stream") = 0,
+        "Selective-scan forward (csrc/kernels/selective_scan.cuh); args: dict of SelectiveScanArgs fields\n"
+        "(device addresses and element strides as ints). Asynchronous on `stream`.");
+  m.def("selective_scan_bwd", &run<dk::cuda::selective_scan_bwd>, py::arg("args"), py::arg("stream") = 0,
+        "Selective-scan backward from the forward's chunk-boundary states hs.");
+  dk::sscan::def_selective_scan_info(m);
 }

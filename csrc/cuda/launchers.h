@@ -5,7 +5,6 @@
 
 #include <cstdint>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "kernels/selective_scan_args.cuh"
@@ -20,7 +19,6 @@ std::vector<std::string> compiled_archs();
 // Raw device addresses and element strides in `args`; stream: cudaStream_t as an integer.
 void selective_scan_fwd(const dk::sscan::SelectiveScanArgs& args, uintptr_t stream);
 void selective_scan_bwd(const dk::sscan::SelectiveScanArgs& args, uintptr_t stream);
-std::vector<std::pair<int, int>> selective_scan_configs();
 
 }  // namespace cuda
 }  // namespace dk

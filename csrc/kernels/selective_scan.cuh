@@ -139,6 +139,17 @@ DK_DEVICE float warp_sum(float v) {
   return v;
 }
 
+// u_t and delta'_t = softplus(delta_t + bias) (or delta_t + bias) at step t of a row, both 0 past the end
+// (then a = 1, b = 0: the identity pair). The backward recomputes the forward's values with it.
+template <class T>
+DK_DEVICE void load_u_delta(const SelectiveScanArgs& p, int64_t u_base, int64_t dl_base, float bias, bool softplus_on,
+                            int64_t t, int64_t L, float& u, float& dt) {
+  const bool in = t < L;
+  u = in ? ld<T>(u_base, t * p.u_sl) : 0.f;
+  const float x = in ? ld<T>(dl_base, t * p.delta_sl) + bias : 0.f;
+  dt = in ? (softplus_on ? softplus(x) : x) : 0.f;
+}
+
 // Row-invariant addressing of B or C for (batch b, channel d).
 struct BCView {
   int64_t base, sn, sl;
@@ -156,6 +167,10 @@ DK_DEVICE BCView bc_view(const SelectiveScanArgs& p, bool c_operand, int64_t b, 
   return BCView{ptr + (b * sb + (d / span) * sg) * esize, c_operand ? p.C_sn : p.B_sn, c_operand ? p.C_sl : p.B_sl,
                 var};
 }
+
+// A variable dB / dC partial at one (state, step): the block's first channel writes it, the others add (the
+// thread owns the same steps for every channel of the block, so no other thread touches it).
+DK_DEVICE void add_partial(float* q, bool first, float g) { *q = first ? g : *q + g; }
 
 // ------------------------------------------------------------------------------------------------ forward
 template <int kThreads, int kItems, class T>
@@ -188,11 +203,7 @@ DK_GLOBAL DK_LAUNCH_BOUNDS(kThreads, 1) selective_scan_fwd_kernel(SelectiveScanA
     float uv[kItems], dt[kItems], y[kItems];
     DK_UNROLL
     for (int j = 0; j < kItems; ++j) {
-      const int64_t t = t0 + j;
-      const bool in = t < L;
-      uv[j] = in ? ld<T>(u_base, t * p.u_sl) : 0.f;
-      const float x = in ? ld<T>(dl_base, t * p.delta_sl) + bias : 0.f;
-      dt[j] = in ? (softplus_on ? softplus(x) : x) : 0.f;  // past the end: a = 1, b = 0 (identity)
+      load_u_delta<T>(p, u_base, dl_base, bias, softplus_on, t0 + j, L, uv[j], dt[j]);
       y[j] = 0.f;
     }
     for (int64_t n = 0; n < N; ++n) {
@@ -312,9 +323,7 @@ DK_GLOBAL DK_LAUNCH_BOUNDS(kThreads, 1) selective_scan_bwd_kernel(SelectiveScanA
       for (int j = 0; j < kItems; ++j) {
         const int64_t t = t0 + j;
         const bool in = t < L;
-        uv[j] = in ? ld<T>(u_base, t * p.u_sl) : 0.f;
-        const float x = in ? ld<T>(dl_base, t * p.delta_sl) + bias : 0.f;
-        dt[j] = in ? (softplus_on ? softplus(x) : x) : 0.f;
+        load_u_delta<T>(p, u_base, dl_base, bias, softplus_on, t, L, uv[j], dt[j]);
         float g = in ? ld<T>(do_base, t * p.dout_sl) : 0.f;
         if (has_z && in) {
           const float zt = ld<T>(z_base, t * p.z_sl);
@@ -347,15 +356,8 @@ DK_GLOBAL DK_LAUNCH_BOUNDS(kThreads, 1) selective_scan_bwd_kernel(SelectiveScanA
           h = a[j] * h + dt[j] * uv[j] * Bt[j];
           y[j] += h * Ct[j];
           const float g = dy[j] * h;  // dL/dC_t
-          if (c_var) {
-            const int64_t t = t0 + j;
-            if (t < L) {
-              float* q = dCk + n * p.dC_sn + t * p.dC_sl;
-              *q = first ? g : *q + g;
-            }
-          } else {
-            dC_sum += g;
-          }
+          if (!c_var) dC_sum += g;
+          else if (t0 + j < L) add_partial(dCk + n * p.dC_sn + (t0 + j) * p.dC_sl, first, g);
         }
         // (2) reverse scan of (a_t, a_t dy_t C_t): s_t = dL/dh_{t-1} through h_t
         PA = a[kItems - 1];
@@ -375,15 +377,8 @@ DK_GLOBAL DK_LAUNCH_BOUNDS(kThreads, 1) selective_scan_bwd_kernel(SelectiveScanA
           ddt[j] += w * An + r * Bt[j] * uv[j];
           du[j] += r * dt[j] * Bt[j];
           const float g = r * dt[j] * uv[j];  // dL/dB_t
-          if (b_var) {
-            const int64_t t = t0 + j;
-            if (t < L) {
-              float* q = dBk + n * p.dB_sn + t * p.dB_sl;
-              *q = first ? g : *q + g;
-            }
-          } else {
-            dB_sum += g;
-          }
+          if (!b_var) dB_sum += g;
+          else if (t0 + j < L) add_partial(dBk + n * p.dB_sn + (t0 + j) * p.dB_sl, first, g);
           s = a[j] * r;
         }
         dA_sum = warp_sum(dA_sum);

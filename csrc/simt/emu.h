@@ -305,6 +305,26 @@ class Block {
     if (launch->aborted.load()) throw Aborted{};
   }
 
+  // A thread at a block-wide barrier whose generation counter is `gen` (`lk` holds `mu`): the block's last
+  // thread to arrive (`last`) opens the next generation and wakes the others; any other one counts as blocked
+  // (a deadlock when every thread is) and waits for the generation to change.
+  void block_barrier(std::unique_lock<std::mutex>& lk, uint64_t& gen, bool last, const char* what, const char* file,
+                     int line) {
+    if (last) {
+      ++gen;
+      blocked.fetch_sub(nthreads - 1);
+      cv.notify_all();
+      return;
+    }
+    const uint64_t my = gen;
+    const int b = blocked.fetch_add(1) + 1;
+    if (b == nthreads) {
+      lk.unlock();
+      note_blocked_then_check(b);
+    }
+    wait(lk, cv, [&] { return gen != my; }, what, file, line);
+  }
+
   void syncthreads(const char* file, int line) {
     check_abort();
     std::unique_lock<std::mutex> lk(mu);
@@ -322,20 +342,9 @@ class Block {
       lk.unlock();
       fail_and_throw("threads wait at different __syncthreads: " + other + " and " + site_str(file, line));
     }
-    if (++sync_arrived == nthreads) {
-      sync_arrived = 0;
-      ++sync_gen;
-      blocked.fetch_sub(nthreads - 1);
-      cv.notify_all();
-      return;
-    }
-    uint64_t my = sync_gen;
-    int b = blocked.fetch_add(1) + 1;
-    if (b == nthreads) {
-      lk.unlock();
-      note_blocked_then_check(b);
-    }
-    wait(lk, cv, [&] { return sync_gen != my; }, "__syncthreads", file, line);
+    const bool last = ++sync_arrived == nthreads;
+    if (last) sync_arrived = 0;
+    block_barrier(lk, sync_gen, last, "__syncthreads", file, line);
   }
 
   // A thread returned from the kernel: mark it, then wait for the whole block (end-of-block barrier).
@@ -360,25 +369,16 @@ class Block {
       fail_and_throw("thread " + std::to_string(t.tid) + " returned from the kernel while " + std::to_string(a) +
                      " thread(s) wait at __syncthreads (" + site + ") (divergent __syncthreads)");
     }
-    if (++done == nthreads) {
+    const bool last = ++done == nthreads;
+    if (last) {
       done = 0;
       for (auto& ww : warps) {
         std::lock_guard<std::mutex> g(ww->mu);
         ww->exited = 0;
       }
       reset_memory();
-      ++end_gen;
-      blocked.fetch_sub(nthreads - 1);
-      cv.notify_all();
-      return;
     }
-    uint64_t my = end_gen;
-    int b = blocked.fetch_add(1) + 1;
-    if (b == nthreads) {
-      lk.unlock();
-      note_blocked_then_check(b);
-    }
-    wait(lk, cv, [&] { return end_gen != my; }, "the end of the block", nullptr, 0);
+    block_barrier(lk, end_gen, last, "the end of the block", nullptr, 0);
   }
 
   // Warp barrier + exchange: every lane of `mask` contributes `bits`; returns the generation's buffer.
