@@ -1,7 +1,7 @@
 // selective_scan_args.cuh - the arguments of the CUDA selective-scan launchers (plain C++, no device code).
 //
-// Included by the kernels (selective_scan.cuh), by csrc/cuda/launchers.h (so the host-compiled pybind11
-// module can fill it) and by the emulation bindings. Every field is an int64_t: pointers are device
+// Included by the kernels (selective_scan.cuh), by csrc/cuda/launchers.h and by selective_scan_binding.h,
+// which fills it in both pybind11 modules (_cuda, _emu). Every field is an int64_t: pointers are device
 // addresses as integers (0: absent), strides are in elements. The Python launcher
 // (ditkernels/backends/cuda_scan.py) fills the fields by name from a dict (DK_SELECTIVE_SCAN_FIELDS).
 //
