@@ -213,6 +213,61 @@ def _row_threshold(thr_ptr, offs_m, seq_q):
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
+def _program(H):
+    """Grid (tiles, batch*heads): this program's tile, batch*head, batch and head (int64)."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    return pid, pid_bh, b, h
+
+
+@triton.jit
+def _sched_row(pid, pid_bh, KvPtr, KvIdx, Partial, stride_sched_ptr, stride_sched_idx, sched_head_stride,
+               PER: tl.constexpr):
+    """SCHEDULE != 0: the CSR row of schedule tile ``st = pid // PER`` (``PER`` program tiles per
+    schedule tile) of this batch*head; entries ``[start, end)`` of ``idx_base`` (the visited tiles)
+    and ``part_base`` (their partial flags). Returns (st, start, end, idx_base, part_base)."""
+    srow = pid_bh * sched_head_stride
+    ptr_base = KvPtr + srow * stride_sched_ptr
+    idx_base = KvIdx + srow * stride_sched_idx
+    part_base = Partial + srow * stride_sched_idx
+    st = pid // PER
+    start = tl.load(ptr_base + st)
+    end = tl.load(ptr_base + st + 1)
+    return st, start, end, idx_base, part_base
+
+
+@triton.jit
+def _sched_entry(e, idx_base, part_base, pid, st, Count, count_stride, count_plane, PER: tl.constexpr,
+                 COUNT: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """CSR entry ``e`` of :func:`_sched_row`: (tile, partial). With COUNT the first program of the
+    schedule tile counts the visit (``Count[q_tile, kv_tile]``; TRANSPOSED: ``st`` is the KV tile)."""
+    tile = tl.load(idx_base + e)
+    part = tl.load(part_base + e)
+    if COUNT:
+        if pid % PER == 0:
+            if TRANSPOSED:
+                tl.atomic_add(Count + tile * count_stride + st, 1)
+                tl.atomic_add(Count + count_plane + tile * count_stride + st, part)
+            else:
+                tl.atomic_add(Count + st * count_stride + tile, 1)
+                tl.atomic_add(Count + count_plane + st * count_stride + tile, part)
+    return tile, part
+
+
+@triton.jit
+def _query_tile(pid_m, pid_bh, q_tok, mask_params, seq_q, BLOCK_M: tl.constexpr, SCHEDULE: tl.constexpr,
+                MASK: tl.constexpr):
+    """A program that owns a query tile (forward, dQ): its query token indices and mask parameters,
+    with MASK_THRESHOLD its rows' thresholds (:func:`_row_threshold`, loaded once)."""
+    offs_m = _q_tokens(pid_m, q_tok, BLOCK_M, SCHEDULE)
+    if MASK == 3:
+        mask_params = _row_threshold(mask_params + pid_bh.to(tl.int64) * seq_q, offs_m, seq_q)
+    return offs_m, mask_params
+
+
+@triton.jit
 def _load_rows(base, offs_r, offs_d, stride_r, stride_d, n_rows, head_dim,
                CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
     """Load a (rows, BLOCK_D) tile; out-of-range rows / padded head dims read as 0."""
@@ -227,6 +282,18 @@ def _load_rows(base, offs_r, offs_d, stride_r, stride_d, n_rows, head_dim,
             x = tl.load(ptrs)
         else:
             x = tl.load(ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
+    return x
+
+
+@triton.jit
+def _resident_rows(base, offs_r, offs_d, stride_r, stride_d, n_rows, head_dim, BLOCK_D: tl.constexpr,
+                   BLOCK_DK: tl.constexpr, EVEN_D: tl.constexpr):
+    """The tile a program keeps in registers for its whole walk (:func:`_load_rows`, rows checked),
+    or 0.0 with a chunked head dim (BLOCK_DK < BLOCK_D): its chunks are re-read per tile (L1/L2)."""
+    if BLOCK_DK < BLOCK_D:
+        x = 0.0
+    else:
+        x = _load_rows(base, offs_r, offs_d, stride_r, stride_d, n_rows, head_dim, True, EVEN_D)
     return x
 
 
@@ -324,22 +391,14 @@ def _flash_fwd_kernel(
     SCHEDULE: tl.constexpr, MASK: tl.constexpr, EPILOGUE: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, COUNT: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_m, pid_bh, b, h = _program(H)
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
-    offs_m = _q_tokens(pid_m, QTok, BLOCK_M, SCHEDULE)
-    if MASK == 3:
-        MaskParams = _row_threshold(MaskParams + pid_bh.to(tl.int64) * seq_q, offs_m, seq_q)
+    offs_m, MaskParams = _query_tile(pid_m, pid_bh, QTok, MaskParams, seq_q, BLOCK_M, SCHEDULE, MASK)
     offs_d = tl.arange(0, BLOCK_D)
-    if BLOCK_DK < BLOCK_D:
-        q = 0.0  # chunked head dim: each KV tile re-reads Q chunks (L1/L2) instead of keeping Q in registers
-    else:
-        q = _load_rows(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, True, EVEN_D)
+    q = _resident_rows(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, BLOCK_D, BLOCK_DK, EVEN_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -358,20 +417,11 @@ def _flash_fwd_kernel(
                                       qk_scale, MaskParams, KTok, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, SCHEDULE, True,
                                       EVEN_D, DOT_PREC)
     else:
-        srow = pid_bh * sched_head_stride
-        ptr_base = KvPtr + srow * stride_sched_ptr
-        idx_base = KvIdx + srow * stride_sched_idx
-        part_base = Partial + srow * stride_sched_idx
-        st = pid_m // (SCHED_BM // BLOCK_M)
-        start = tl.load(ptr_base + st)
-        end = tl.load(ptr_base + st + 1)
+        st, start, end, idx_base, part_base = _sched_row(pid_m, pid_bh, KvPtr, KvIdx, Partial, stride_sched_ptr,
+                                                         stride_sched_idx, sched_head_stride, SCHED_BM // BLOCK_M)
         for e in range(start, end):
-            tile = tl.load(idx_base + e)
-            part = tl.load(part_base + e)
-            if COUNT:
-                if pid_m % (SCHED_BM // BLOCK_M) == 0:
-                    tl.atomic_add(Count + st * count_stride + tile, 1)
-                    tl.atomic_add(Count + count_plane + st * count_stride + tile, part)
+            tile, part = _sched_entry(e, idx_base, part_base, pid_m, st, Count, count_stride, count_plane,
+                                      SCHED_BM // BLOCK_M, COUNT, False)
             if SCHED_BN == BLOCK_N:
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, q_base, k_base, v_base, offs_m, offs_d, tile, part, seq_q,
                                           seq_k, head_dim, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn,
@@ -414,10 +464,7 @@ def _flash_bwd_preprocess_kernel(
 ):
     """delta = rowsum(do * out) (fp32) and lse2 = lse * log2(e), with -inf rows mapped to +inf
     so that exp2(s - lse2) is 0 for rows that saw no key."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_m, pid_bh, b, h = _program(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od,
@@ -502,10 +549,7 @@ def _flash_bwd_dkdv_kernel(
     schedule (KV tiles of SCHED_BN keys -> query tiles of SCHED_BM rows). OUT_DK / OUT_DV select
     the outputs: configs short of registers (head_dim 256) run one launch for each, with one
     accumulator live instead of two."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_n, pid_bh, b, h = _program(H)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
     lse2_base = Lse2 + pid_bh.to(tl.int64) * seq_q
@@ -515,17 +559,10 @@ def _flash_bwd_dkdv_kernel(
 
     offs_n = _kv_tokens(pid_n, KTok, BLOCK_N, SCHEDULE)
     offs_d = tl.arange(0, BLOCK_D)
-    # Chunked head dim (BLOCK_DK < BLOCK_D): K / V chunks are re-read per query tile (L1/L2) instead.
     k_base = K + b * stride_kb + h * stride_kh
-    if BLOCK_DK < BLOCK_D:
-        k = 0.0
-    else:
-        k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, True, EVEN_D)
+    k = _resident_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, seq_k, head_dim, BLOCK_D, BLOCK_DK, EVEN_D)
     v_base = V + b * stride_vb + h * stride_vh
-    if BLOCK_DK < BLOCK_D:
-        v = 0.0
-    else:
-        v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, True, EVEN_D)
+    v = _resident_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, seq_k, head_dim, BLOCK_D, BLOCK_DK, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -542,20 +579,12 @@ def _flash_bwd_dkdv_kernel(
                                 stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, MaskParams, QTok,
                                 BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, SCHEDULE, True, EVEN_D, DOT_PREC, OUT_DK, OUT_DV)
     else:
-        srow = pid_bh * sched_head_stride
-        ptr_base = KvPtr + srow * stride_sched_ptr
-        idx_base = KvIdx + srow * stride_sched_idx
-        part_base = Partial + srow * stride_sched_idx
-        st = pid_n // (SCHED_BN // BLOCK_N)
-        start = tl.load(ptr_base + st)
-        end = tl.load(ptr_base + st + 1)
+        st, start, end, idx_base, part_base = _sched_row(pid_n, pid_bh, KvPtr, KvIdx, Partial, stride_sched_ptr,
+                                                         stride_sched_idx, sched_head_stride, SCHED_BN // BLOCK_N)
         for e in range(start, end):
-            tile = tl.load(idx_base + e)
-            part = tl.load(part_base + e)
-            if COUNT and OUT_DK:  # transposed CSR: st is the KV tile; a split dV launch does not count again
-                if pid_n % (SCHED_BN // BLOCK_N) == 0:
-                    tl.atomic_add(Count + tile * count_stride + st, 1)
-                    tl.atomic_add(Count + count_plane + tile * count_stride + st, part)
+            # Transposed CSR: st is the KV tile; a split dV launch does not count again.
+            tile, part = _sched_entry(e, idx_base, part_base, pid_n, st, Count, count_stride, count_plane,
+                                      SCHED_BN // BLOCK_N, COUNT and OUT_DK, True)
             if SCHED_BM == BLOCK_M:
                 dk, dv = _dkdv_tile(dk, dv, k, v, k_base, v_base, q_base, do_base, lse2_base, delta_base, offs_n,
                                     offs_d, tile, part, seq_q, seq_k, head_dim, stride_kn, stride_kd, stride_vn,
@@ -636,28 +665,16 @@ def _flash_bwd_dq_kernel(
     COUNT: tl.constexpr = False,
 ):
     """Grid (cdiv(seq_q, BLOCK_M), batch*heads), same schedule as the forward."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_m, pid_bh, b, h = _program(H)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
-    offs_m = _q_tokens(pid_m, QTok, BLOCK_M, SCHEDULE)
-    if MASK == 3:
-        MaskParams = _row_threshold(MaskParams + pid_bh.to(tl.int64) * seq_q, offs_m, seq_q)
+    offs_m, MaskParams = _query_tile(pid_m, pid_bh, QTok, MaskParams, seq_q, BLOCK_M, SCHEDULE, MASK)
     offs_d = tl.arange(0, BLOCK_D)
-    # Chunked head dim (BLOCK_DK < BLOCK_D): Q / dO chunks are re-read per KV tile (L1/L2) instead.
     q_base = Q + b * stride_qb + h * stride_qh
-    if BLOCK_DK < BLOCK_D:
-        q = 0.0
-    else:
-        q = _load_rows(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, True, EVEN_D)
+    q = _resident_rows(q_base, offs_m, offs_d, stride_qm, stride_qd, seq_q, head_dim, BLOCK_D, BLOCK_DK, EVEN_D)
     do_base = DO + b * stride_dob + h * stride_doh
-    if BLOCK_DK < BLOCK_D:
-        do = 0.0
-    else:
-        do = _load_rows(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, True, EVEN_D)
+    do = _resident_rows(do_base, offs_m, offs_d, stride_dom, stride_dod, seq_q, head_dim, BLOCK_D, BLOCK_DK, EVEN_D)
     row = pid_bh.to(tl.int64) * seq_q + offs_m
     lse2 = tl.load(Lse2 + row, mask=offs_m < seq_q, other=float("inf"))
     delta = tl.load(Delta + row, mask=offs_m < seq_q, other=0.0)
@@ -676,20 +693,11 @@ def _flash_bwd_dq_kernel(
                           stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, MaskParams, KTok,
                           BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DK, MASK, SCHEDULE, True, EVEN_D, DOT_PREC)
     else:
-        srow = pid_bh * sched_head_stride
-        ptr_base = KvPtr + srow * stride_sched_ptr
-        idx_base = KvIdx + srow * stride_sched_idx
-        part_base = Partial + srow * stride_sched_idx
-        st = pid_m // (SCHED_BM // BLOCK_M)
-        start = tl.load(ptr_base + st)
-        end = tl.load(ptr_base + st + 1)
+        st, start, end, idx_base, part_base = _sched_row(pid_m, pid_bh, KvPtr, KvIdx, Partial, stride_sched_ptr,
+                                                         stride_sched_idx, sched_head_stride, SCHED_BM // BLOCK_M)
         for e in range(start, end):
-            tile = tl.load(idx_base + e)
-            part = tl.load(part_base + e)
-            if COUNT:
-                if pid_m % (SCHED_BM // BLOCK_M) == 0:
-                    tl.atomic_add(Count + st * count_stride + tile, 1)
-                    tl.atomic_add(Count + count_plane + st * count_stride + tile, part)
+            tile, part = _sched_entry(e, idx_base, part_base, pid_m, st, Count, count_stride, count_plane,
+                                      SCHED_BM // BLOCK_M, COUNT, False)
             if SCHED_BN == BLOCK_N:
                 dq = _dq_tile(dq, q, do, lse2, delta, q_base, do_base, k_base, v_base, offs_m, offs_d,
                               tile, part, seq_q, seq_k, head_dim, stride_qm, stride_qd, stride_dom, stride_dod,
