@@ -150,6 +150,21 @@ def run_ranks(world: int, cases: Sequence[CaseFn], *, timeout: float = 60.0,
     return RankResults(world, results, missing)
 
 
+def raises_everywhere(fn: Callable[[], object], exc: type[BaseException], match: str) -> None:
+    """Inside a case: ``fn`` raises ``exc`` matching ``match`` on this rank, quickly, and the group is still
+    usable after it (no rank entered a collective the others skipped)."""
+    import torch
+    import torch.distributed as dist
+
+    t0 = time.perf_counter()
+    with pytest.raises(exc, match=match):
+        fn()
+    assert time.perf_counter() - t0 < 20, "the error took as long as a collective timeout"
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    assert t.item() == dist.get_world_size()
+
+
 def rank_fixture(cases: Sequence[CaseFn], worlds: Sequence[int] = (1, 2, 3, 4), **kwargs):
     """A module-scoped pytest fixture, parametrized by world size, holding the :class:`RankResults` of running
     ``cases`` on that many ranks (one spawn per world size per module).

@@ -12,7 +12,6 @@ input gradients summed (all_reduce) equal the single-process ones.
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from ditkernels.distributed import _comm
 from ditkernels.distributed.ring import ring_bytes
 from ditkernels.distributed.ulysses import ulysses_bytes
 
-from distributed_helpers import rank_fixture
+from distributed_helpers import raises_everywhere, rank_fixture
 from numerics import attention_lowp, rel_err
 
 B, H, D = 2, 12, 12          # 12 heads: divisible by 1, 2, 3 and 4 ranks
@@ -126,13 +125,18 @@ def case_ulysses_roundtrip_bitexact():
             assert out.dtype == dtype and torch.equal(out, loc)
 
 
-def case_ulysses_dense():
+def _check_dense(parallel_attention):
+    """``parallel_attention`` (Ulysses or ring) on GRID with text, even and uneven bands, float64 and float32."""
     rank, p = _rank()
     for dtype in (torch.float64, torch.float32):
         for bands in (None, _uneven_bands(7, p)):
-            _check_parallel(lambda q, k, v: ulysses_attention(q, k, v, grid=GRID, bands=bands, num_prefix=PRE,
-                                                              num_suffix=SUF),
+            _check_parallel(lambda q, k, v: parallel_attention(q, k, v, grid=GRID, bands=bands, num_prefix=PRE,
+                                                               num_suffix=SUF),
                             lambda q, k, v: ditkernels.attention(q, k, v), bands=bands, dtype=dtype)
+
+
+def case_ulysses_dense():
+    _check_dense(ulysses_attention)
 
 
 def case_ulysses_lse():
@@ -204,12 +208,7 @@ def case_ulysses_rettention():
 
 
 def case_ring_dense():
-    rank, p = _rank()
-    for dtype in (torch.float64, torch.float32):
-        for bands in (None, _uneven_bands(7, p)):
-            _check_parallel(lambda q, k, v: ring_attention(q, k, v, grid=GRID, bands=bands, num_prefix=PRE,
-                                                           num_suffix=SUF),
-                            lambda q, k, v: ditkernels.attention(q, k, v), bands=bands, dtype=dtype)
+    _check_dense(ring_attention)
     # the reference backend's path, a plain sequence of 97 tokens without text, and the lse
     _check_parallel(lambda q, k, v: ring_attention(q, k, v, backend="reference"),
                     lambda q, k, v: ditkernels.attention(q, k, v), grid=(97,), pre=0, suf=0)
@@ -291,19 +290,6 @@ def case_subgroup():
                         lambda q, k, v: ditkernels.attention(q, k, v), group=sub)
 
 
-def _raises_everywhere(fn, exc, match):
-    """``fn`` raises ``exc`` matching ``match`` on this rank, quickly, and the group is still usable after it
-    (no rank entered a collective the others skipped)."""
-    rank, p = _rank()
-    t0 = time.perf_counter()
-    with pytest.raises(exc, match=match):
-        fn()
-    assert time.perf_counter() - t0 < 20, "the error took as long as a collective timeout"
-    t = torch.ones(1)
-    dist.all_reduce(t)
-    assert t.item() == p
-
-
 def case_errors_raise_on_every_rank():
     rank, p = _rank()
     q, k, v, _ = _full_inputs(PRE + 42 + SUF, seed=7)
@@ -311,23 +297,23 @@ def case_errors_raise_on_every_rank():
     lay = dict(grid=GRID, num_prefix=PRE, num_suffix=SUF)
     if p > 1:  # heads not divisible by P (checked on every rank alike)
         odd = [t[:, : p + 1] for t in loc]
-        _raises_everywhere(lambda: ulysses_attention(*odd, **lay), ValueError, "divisible by the number of ranks")
+        raises_everywhere(lambda: ulysses_attention(*odd, **lay), ValueError, "divisible by the number of ranks")
     # one rank's shard has the wrong length for the grid: every rank raises, naming that rank
     bad = p - 1
     short = [t[:, :, :-1] if rank == bad else t for t in loc]
     for fn in (ulysses_attention, ring_attention):
-        _raises_everywhere(lambda: fn(*short, **lay), ValueError, f"rank {bad}.*expected num_prefix")
+        raises_everywhere(lambda: fn(*short, **lay), ValueError, f"rank {bad}.*expected num_prefix")
     # mismatched shard shapes between ranks (head_dim) without a grid: the agreement catches it
     if p > 1:
         hd = [t[..., :-1] if rank == bad else t for t in loc]
         for fn in (ulysses_attention, ring_attention):
-            _raises_everywhere(lambda: fn(*hd), ValueError, "must be the same on every rank")
+            raises_everywhere(lambda: fn(*hd), ValueError, "must be the same on every rank")
     # an op result that is neither an output nor (output, lse): the same on every rank, so every rank raises
-    _raises_everywhere(lambda: ulysses_attention(*loc, op=ditkernels.block_topk_attention, density=0.5, block_size=(8, 8),
+    raises_everywhere(lambda: ulysses_attention(*loc, op=ditkernels.block_topk_attention, density=0.5, block_size=(8, 8),
                                                  return_mask=True, **lay), TypeError, "return_mask")
     # bands that do not add up to the grid
-    _raises_everywhere(lambda: ring_attention(*loc, bands=(1,) * p, **lay), ValueError, "add up to")
-    _raises_everywhere(lambda: gather(loc[0][:, :, 1:] if rank == bad else loc[0], GRID, num_prefix=PRE,
+    raises_everywhere(lambda: ring_attention(*loc, bands=(1,) * p, **lay), ValueError, "add up to")
+    raises_everywhere(lambda: gather(loc[0][:, :, 1:] if rank == bad else loc[0], GRID, num_prefix=PRE,
                                       num_suffix=SUF), ValueError, f"rank {bad}")
 
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from ditkernels.distributed import _comm
 
+from builders import tiny_flux
 from distributed_helpers import rank_fixture
 from numerics import rel_err
 
@@ -62,20 +63,7 @@ def make_sd3():
 
 
 def make_flux():
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
-                                   attention_head_dim=16, num_attention_heads=HEADS, joint_attention_dim=32,
-                                   pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
-    g = torch.Generator().manual_seed(3)
-    h, w = GRID
-    img_ids = torch.stack(torch.meshgrid(torch.arange(1), torch.arange(h), torch.arange(w), indexing="ij"), -1)
-    inputs = dict(hidden_states=torch.randn(2, h * w, 16, generator=g),
-                  encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
-                  pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([0.3, 0.9]),
-                  img_ids=img_ids.reshape(-1, 3).float(), txt_ids=torch.zeros(5, 3))
-    return model, inputs, GRID
+    return (*tiny_flux(heads=HEADS, grid=GRID), GRID)
 
 
 def _run(model, inputs):

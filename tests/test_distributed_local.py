@@ -14,7 +14,6 @@ input gradients summed equal the single-process ones.
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -30,7 +29,8 @@ from ditkernels.ops.local import spec_backward, spec_forward
 from ditkernels.reference.attention import attention_ref
 from ditkernels.reference.local import LocalSpec, local_visible
 
-from distributed_helpers import rank_fixture
+from builders import check_plan_visits
+from distributed_helpers import raises_everywhere, rank_fixture
 from numerics import rel_err
 
 B, H, D = 2, 2, 8
@@ -203,18 +203,6 @@ def case_bytes_match_formula():
         assert [x.sent for x in c.calls if x.kind == "exchange"] == halo, c.calls
 
 
-def _raises_everywhere(fn, exc, match):
-    """``fn`` raises ``exc`` matching ``match`` on this rank, quickly, and the group is still usable after."""
-    rank, p = _rank()
-    t0 = time.perf_counter()
-    with pytest.raises(exc, match=match):
-        fn()
-    assert time.perf_counter() - t0 < 20, "the error took as long as a collective timeout"
-    t = torch.ones(1)
-    dist.all_reduce(t)
-    assert t.item() == p
-
-
 def case_errors_raise_on_every_rank():
     rank, p = _rank()
     grid = (10, 4)
@@ -224,21 +212,21 @@ def case_errors_raise_on_every_rank():
         # rank 1's band of 1 row: rank 0's circle of radius 4 reaches 3 rows past it, into rank 2's band
         bands = (1, 1, 8) if p == 3 else (1, 1, 1, 7)
         thin = [shard(t, grid, bands=bands) for t in (q, k, v)]
-        _raises_everywhere(lambda: dlocal.local_attention(*thin, grid, 4, bands=bands), ValueError,
+        raises_everywhere(lambda: dlocal.local_attention(*thin, grid, 4, bands=bands), ValueError,
                            "rank 0's band .* thinner than the halo")
         # NATTEN's shift at the grid edge needs 2r rows from the inner neighbour
-        _raises_everywhere(lambda: dlocal.local_attention(*thin, grid, 1, bands=bands, shape="square",
+        raises_everywhere(lambda: dlocal.local_attention(*thin, grid, 1, bands=bands, shape="square",
                                                           border="shift"), ValueError, "thinner than the halo")
     bad = p - 1
     short = [t[:, :, :-1] if rank == bad else t for t in loc]
-    _raises_everywhere(lambda: dlocal.local_attention(*short, grid, 2), ValueError,
+    raises_everywhere(lambda: dlocal.local_attention(*short, grid, 2), ValueError,
                        f"expected seq = num_prefix \\+ bands\\[{bad}\\]")
-    _raises_everywhere(lambda: dlocal.local_attention(*loc, grid, 2, bands=(1,) * p), ValueError, "add up to")
+    raises_everywhere(lambda: dlocal.local_attention(*loc, grid, 2, bands=(1,) * p), ValueError, "add up to")
     if p > 1:
         ex = (torch.randn(1, 2, 3, 8),) * 2 if rank == 0 else None
-        _raises_everywhere(lambda: dlocal.local_attention(*loc, grid, 2, extra_kv=ex), ValueError,
+        raises_everywhere(lambda: dlocal.local_attention(*loc, grid, 2, extra_kv=ex), ValueError,
                            "extra_kv must be the same on every rank")
-        _raises_everywhere(lambda: dlocal.local_attention(*loc, grid, 2 + (rank == bad)), ValueError,
+        raises_everywhere(lambda: dlocal.local_attention(*loc, grid, 2 + (rank == bad)), ValueError,
                            "window must be the same on every rank")
 
 
@@ -314,20 +302,7 @@ def test_subproblem_plan_lists_exactly_the_visible_tiles():
         ref = local_visible(spec)
         for block in ((16, 16), (8, 32)):
             plan = _plan(spec, *block, None, None)
-            assert plan.useful_pairs == int(ref.sum())
-            padded = torch.zeros(plan.seq_q + 1, plan.seq_k + 1, dtype=torch.bool)
-            padded[:-1, :-1] = ref
-            valid = torch.zeros_like(padded)
-            valid[:-1, :-1] = True
-            qt, kt, par = plan.visits()
-            rows = plan.q_tokens.long()[qt][:, :, None].expand(-1, -1, plan.kv_tokens.shape[1])
-            cols = plan.kv_tokens.long()[kt][:, None, :].expand(-1, plan.q_tokens.shape[1], -1)
-            vis, ok = padded[rows, cols], valid[rows, cols]
-            assert vis.flatten(1).any(1).all(), "a visited tile holds no visible pair"
-            assert (vis == ok)[~par].all(), "a non-partial tile holds an invisible pair"
-            covered = torch.zeros_like(padded)
-            covered[rows, cols] = True
-            assert (covered | ~padded).all(), "a visible pair is in no visited tile"
+            check_plan_visits(plan, ref)
 
 
 @pytest.mark.parametrize("opts", [dict(window=4), dict(window=1), dict(window=3, shape="square"),

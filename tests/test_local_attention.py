@@ -16,6 +16,7 @@ from ditkernels.ops.local import kernel_plan
 from ditkernels.reference.attention import attention_ref
 from ditkernels.reference.local import LocalSpec, local_visible
 
+from builders import check_plan_visits
 from numerics import ATTENTION_BACKENDS, assert_matches, attention_lowp, rel_err
 
 
@@ -183,25 +184,13 @@ def _plan(opts, m, block):
 
 @pytest.mark.parametrize("name", list(PLAN_CASES))
 def test_plan_visibility_equals_reference(name):
-    """The plan's tiles + element mask imply exactly the reference visibility; every visited tile
-    holds a visible pair; non-partial tiles are fully visible; useful_pairs is exact."""
+    """The plan's tiles + element mask imply exactly the reference visibility; its visited tiles pass
+    builders.check_plan_visits; the transposed CSR lists the same visits."""
     opts, m, block = PLAN_CASES[name]
     plan = _plan(opts, m, block)
     ref = local_visible(plan.spec)
     assert torch.equal(plan.element_mask(plan.mask)[0], ref)
-    assert plan.useful_pairs == int(ref.sum())
-    # every visit holds at least one visible pair; non-partial visits hold only visible pairs
-    padded = torch.zeros(plan.seq_q + 1, plan.seq_k + 1, dtype=torch.bool)
-    padded[:-1, :-1] = ref
-    valid = torch.zeros_like(padded)
-    valid[:-1, :-1] = True
-    qt, kt, par = plan.visits()
-    rows = plan.q_tokens.long()[qt][:, :, None]
-    cols = plan.kv_tokens.long()[kt][:, None, :]
-    vis, ok = padded[rows, cols], valid[rows, cols]
-    assert vis.flatten(1).any(1).all(), "a visited tile holds no visible pair"
-    assert (vis == ok)[~par].all(), "a non-partial tile holds an invisible pair"
-    assert plan.computed_pairs == int(ok.sum())
+    qt, kt, par = check_plan_visits(plan, ref)
     # the transposed CSR lists the same visits
     tq, tk, tp = plan.transposed().visits()
     a = sorted(zip(qt.tolist(), kt.tolist(), par.tolist()))

@@ -78,10 +78,10 @@ class _Handle:
         self.hooks = hooks
 
     def remove(self) -> None:
-        """Remove the shard / gather hooks (the processors stay)."""
-        for h in self.hooks:
+        """Remove the shard / gather hooks (the processors stay); a second call does nothing."""
+        hooks, self.hooks = self.hooks, []
+        for h in hooks:
             h.remove()
-        self.hooks = []
 
 
 def parallelize(model: nn.Module, grid: Sequence[int], *, bands: Sequence[int] | None = None,
