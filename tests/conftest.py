@@ -22,7 +22,7 @@ from numerics import ATTENTION_BACKENDS  # noqa: E402
 # two cores, four threads on two cores, and each small ATen op then pays an OpenMP fork/join against the
 # other worker (measured on a loaded 2-core machine: a tiny reference attention call 18-22 ms with one
 # thread, 220-310 ms with two). Share the cores instead. Thread-count behaviour is tested explicitly
-# (test_cpu_core.py::test_deterministic_across_thread_counts sets 1, 2 and 3 threads).
+# (test_attention_cpu.py::test_deterministic_across_thread_counts sets 1, 2 and 3 threads).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
 if _WORKERS > 0:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))

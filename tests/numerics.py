@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 # The backends the suite runs on CPU tensors (triton under TRITON_INTERPRET=1; the cuda backend's device
-# code runs under the SIMT emulation in test_selective_scan_cuda_emu.py).
+# code runs under the SIMT emulation in test_selective_scan_cuda.py).
 ATTENTION_BACKENDS = ("reference", "cpu", "triton")
 # Modules, integrations and the scan's own tests: reference and cpu (the triton scan is
 # test_selective_scan_triton.py; the interpreter is too slow for whole modules).

@@ -4,7 +4,7 @@ The same source that nvcc compiles (tests/test_nvcc_gate.py) runs here, one OS t
 selective scan's block scan (csrc/kernels/block_scan.cuh) against a float64 recurrence, the emulation
 primitives (barrier, warp shuffles, shared memory, atomics, error reporting) on small kernels of
 csrc/emu/simt_selftest.cpp, and the selective scan under ThreadSanitizer. The selective scan's own tests
-are tests/test_selective_scan_cuda_emu.py.
+are tests/test_selective_scan_cuda.py.
 """
 
 import os

@@ -2,7 +2,7 @@
 // built with -fsanitize=thread by tests/test_simt_emu.py so that a missing barrier in the device code (a
 // shared-memory data race) is reported even when it happens not to change the result. The forward is also
 // checked against a float64 recurrence, the backward for writing every gradient (the values are checked by
-// tests/test_selective_scan_cuda_emu.py). Variable grouped B (the dB partials two channels of a backward
+// tests/test_selective_scan_cuda.py). Variable grouped B (the dB partials two channels of a backward
 // block share) and constant C (the per-warp shared accumulators).
 #include <cmath>
 #include <cstdio>

@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 
 import diffusers
-from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 
 from ditkernels import Band, ReSchedule, ReStepper
 from ditkernels.integrations.diffusers import GridAttnProcessor, LocalAttnProcessor, set_grid, set_processors
 from ditkernels.nn import BlockTopKAttnFn
 from ditkernels.reference.local import LocalSpec, kv_pool_ref, local_visible
 
+from builders import tiny_flux
 from numerics import MODULE_BACKENDS, rel_err
 
 LATENT = (8, 12)  # latent height, width: a 4x6 token grid with patch 2 (FLUX: packed 2x2 -> 4x6)
@@ -87,18 +88,7 @@ def make_pixart():
 
 
 def make_flux():
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
-                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                   pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
-    g = _gen(3)
-    h, w = GRID
-    img_ids = torch.stack(torch.meshgrid(torch.arange(1), torch.arange(h), torch.arange(w), indexing="ij"), -1)
-    inputs = dict(hidden_states=torch.randn(2, h * w, 16, generator=g),
-                  encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
-                  pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([0.3, 0.9]),
-                  img_ids=img_ids.reshape(-1, 3).float(), txt_ids=torch.zeros(5, 3))
-    return model, inputs
+    return tiny_flux(heads=2, grid=GRID)
 
 
 def make_sd3():
