@@ -755,12 +755,13 @@ struct CommonParams {
   int64_t block_m, block_n;
   Sched sched;  // over query tiles
   const int32_t* mask_params;
-  const LocalGeom* geom;    // MASK_LOCAL only
+  const LocalGeom* geom;    // MASK_LOCAL only: &local
   const float* mask_rows;   // MASK_THRESHOLD only: (B*H*Sq) thresholds
   const int32_t* q_tokens;  // token-mapped tiles (TiledSchedule), else nullptr
   const int32_t* kv_tokens;
   int64_t n_q_tiles, n_kv_tiles;
   int num_threads;
+  LocalGeom local;
 };
 
 // The two sides of one pass. lane_q: lanes are query tiles and rows the KV tiles that `sched` lists for
@@ -1122,8 +1123,8 @@ void check_tokens(uintptr_t q_tokens, uintptr_t kv_tokens, uintptr_t kv_ptr, int
     throw std::invalid_argument("cpu attention: token maps need a schedule and tile counts");
 }
 
-// Checks and sets the common arguments; geom: the local mask's geometry (initialised for MASK_LOCAL).
-void set_common(CommonParams& p, LocalGeom& geom, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_t D,
+// Checks and sets the common arguments (and the local mask's geometry for MASK_LOCAL).
+void set_common(CommonParams& p, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_t D,
                 double scale, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 out, uintptr_t lse, bool lse_f64,
                 int64_t block_m, int64_t block_n, Sched sched, int mask_kind, uintptr_t mask_params,
                 uintptr_t mask_rows, uintptr_t q_tokens, uintptr_t kv_tokens, int64_t n_q_tiles, int64_t n_kv_tiles,
@@ -1137,9 +1138,9 @@ void set_common(CommonParams& p, LocalGeom& geom, int64_t B, int64_t H, int64_t 
   p.mask_params = reinterpret_cast<const int32_t*>(mask_params);
   if (mask_kind == MASK_LOCAL) {
     if (mask_params == 0) throw std::invalid_argument("cpu attention: the local mask needs its parameters");
-    geom.init(p.mask_params, Sq, Sk);
+    p.local.init(p.mask_params, Sq, Sk);
   }
-  p.geom = &geom;
+  p.geom = &p.local;
   if (mask_kind == MASK_THRESHOLD && mask_rows == 0)
     throw std::invalid_argument("cpu attention: the threshold mask needs mask_rows");
   p.mask_rows = reinterpret_cast<const float*>(mask_rows);
@@ -1177,8 +1178,7 @@ void attention_fwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int6
   if (epilogue_kind == EPILOGUE_SCALE_RESIDUAL && (row_scale == 0 || residual == 0 || (residual_strides[3] != 1 && D > 1)))
     throw std::invalid_argument("cpu attention: the epilogue needs row_scale and a residual with unit last stride");
   FwdParams p;
-  LocalGeom geom;
-  set_common(p, geom, B, H, Sq, Sk, D, scale, {q, q_strides}, {k, k_strides}, {v, v_strides}, {out, out_strides},
+  set_common(p, B, H, Sq, Sk, D, scale, {q, q_strides}, {k, k_strides}, {v, v_strides}, {out, out_strides},
              lse, lse_f64, block_m, block_n, make_sched(kv_ptr, kv_idx, partial, sched_ptr_stride, sched_idx_stride),
              mask_kind, mask_params, mask_rows, q_tokens, kv_tokens, n_q_tiles, n_kv_tiles, num_threads);
   p.epilogue = epilogue_kind;
@@ -1208,8 +1208,7 @@ void attention_bwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int6
   if ((kv_ptr == 0) != (t_kv_ptr == 0))
     throw std::invalid_argument("cpu attention: pass both the schedule and its transpose, or neither");
   BwdParams p;
-  LocalGeom geom;
-  set_common(p, geom, B, H, Sq, Sk, D, scale, {q, q_strides}, {k, k_strides}, {v, v_strides}, {out, out_strides},
+  set_common(p, B, H, Sq, Sk, D, scale, {q, q_strides}, {k, k_strides}, {v, v_strides}, {out, out_strides},
              lse, lse_f64, block_m, block_n, make_sched(kv_ptr, kv_idx, partial, sched_ptr_stride, sched_idx_stride),
              mask_kind, mask_params, mask_rows, q_tokens, kv_tokens, n_q_tiles, n_kv_tiles, num_threads);
   p.dout = {dout, dout_strides}, p.dq = {dq, dq_strides}, p.dk = {dk, dk_strides}, p.dv = {dv, dv_strides};
