@@ -722,7 +722,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--filter distributed: numbers of gloo CPU ranks to start (default 2,4; --quick 2)")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when an implementation failed (an unexpected error, not a skip)")
+    p.add_argument("--emulate-isa", choices=sorted(EMULATE_ISA), default=None,
+                   help="CPU: run every implementation as on a CPU with only this ISA (ditkernels' module and "
+                        "torch's own kernels, MKL, oneDNN and compiled Flex), for like-for-like ratios on a "
+                        "machine with a wider ISA")
     return p
+
+
+# --emulate-isa: the variables that restrict ditkernels, ATen's kernels (and inductor's C++ code), MKL and
+# oneDNN to one ISA. Each is read once, at the first op that needs it: set before any op runs.
+EMULATE_ISA = {"avx2": {"DITKERNELS_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
+                        "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+
+
+def emulate_isa(isa: str) -> None:
+    """Restricts this process's CPU kernels to ``isa`` (``--emulate-isa``); raises if torch ignores it."""
+    os.environ.update(EMULATE_ISA[isa])
+    got = torch.backends.cpu.get_cpu_capability()
+    if got.lower() != isa:
+        raise RuntimeError(f"--emulate-isa {isa}: torch's CPU capability is {got} (set too late, or this torch "
+                           "was built without it)")
 
 
 def _progress(total: int, disable: bool):
@@ -738,6 +757,12 @@ def _progress(total: int, disable: bool):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark CLI; returns the exit status (0 ok, 1 --strict failure, 2 usage error)."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.emulate_isa:
+        try:
+            emulate_isa(args.emulate_isa)
+        except RuntimeError as e:
+            print(f"ditkernels bench: {e}", file=sys.stderr)
+            return 2
     if any(f.startswith("distributed") for f in args.filter):  # P rank processes: its own driver
         from .distributed import run
 
@@ -832,7 +857,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "scale": args.scale, "threads": torch.get_num_threads(),
                    "reps": opts.reps if device.type == "cpu" else None,
                    "warmup": opts.warmup if device.type == "cpu" else None,
-                   "load": opts.load if device.type == "cpu" else None},
+                   "load": opts.load if device.type == "cpu" else None, "emulate_isa": args.emulate_isa},
         "flops_convention": FLOPS_CONVENTION,
         "module_load_errors": load_errors,
         "wall_s": round(time.perf_counter() - started, 2),

@@ -368,3 +368,20 @@ def test_plot_one_panel_per_family_at_most_2000_px(tmp_path):
     runner.write_plot(rows, tmp_path / "p.png", "title")
     width, height = _png_size(tmp_path / "p.png")
     assert width <= 2000 and height > 360 * len(panels)
+
+
+def test_emulate_isa_restricts_torch_and_ditkernels():
+    """--emulate-isa avx2 sets the ISA variables before the first op (in a fresh process: this one's torch
+    capability is fixed already), so torch's kernels and ours both run as on an AVX2 CPU."""
+    import subprocess
+    import sys
+
+    from ditkernels import _ext
+
+    if "avx2" not in _ext.cpu_isas():
+        pytest.skip("this CPU has no AVX2")
+    code = ("import torch; from ditkernels.bench.runner import main; "
+            "rc = main(['--device', 'cpu', '--emulate-isa', 'avx2', '--list', '--filter', 'attention.dense/']); "
+            "import ditkernels._ext as e; print(rc, torch.backends.cpu.get_cpu_capability(), e.isa())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-3:] == ["0", "AVX2", "avx2"]

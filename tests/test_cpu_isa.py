@@ -25,12 +25,15 @@ from ditkernels import _ext
 HERE = Path(__file__).resolve().parent
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 # The subset: every CPU kernel (attention forward/backward in every dtype and schedule at odd sizes, the
-# epilogue, the selective-scan forward/backward, exact top-k selection) against float64, at the suites'
-# own small shapes; gradchecks and torch.compile tests are left to the main run (they test no ISA code).
-SUBSET = ["test_attention_cpu.py", "test_selective_scan.py", "test_topk_attention.py", "test_cpu_isa.py"]
+# epilogue, local windows, the selective-scan forward/backward, exact top-k selection) against float64, at
+# the suites' own small shapes; gradchecks and torch.compile tests are left to the main run (they test no
+# ISA code).
+SUBSET = ["test_attention_cpu.py", "test_selective_scan.py", "test_topk_attention.py", "test_local_attention.py",
+          "test_cpu_isa.py"]
 SUBSET_K = ("(test_forward_backward and Sq97-Sk200 and contig) or test_epilogue"
             " or (test_matches_float64_reference and cpu) or (test_topk_matches_float64 and cpu and Sq97)"
-            " or (test_cpu_selection_matches_torch and not Sk2049) or test_isa_in_use_is_the_forced_one")
+            " or (test_cpu_selection_matches_torch and not Sk2049) or test_isa_in_use_is_the_forced_one"
+            " or (test_fp32_matches_float64 and cpu and (9x11 or 5x6x7))")
 
 
 def _supported_or_skip(isa: str) -> None:

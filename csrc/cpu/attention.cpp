@@ -224,13 +224,15 @@ inline const T* rows_operand(const S* src, int64_t rs, int64_t n, int64_t D, Buf
   }
 }
 
-// dst (D x ld) = transpose of n rows of src (n x D, row stride rs), times mult; zero beyond n.
+// dst (D x ld) = transpose of the rows tok[r] (tok == nullptr: first + r), r < n, of a (.., D) tensor whose
+// row i starts at base + i * rs, times mult; zero beyond n.
 template <typename S, typename T>
-inline void pack_transposed(const S* src, int64_t rs, int64_t n, int64_t D, T mult, T* dst, int64_t ld) {
+inline void pack_transposed(const S* base, int64_t rs, const int32_t* tok, int64_t first, int64_t n, int64_t D,
+                            T mult, T* dst, int64_t ld) {
   for (int64_t d = 0; d < D; ++d)
     for (int64_t r = n; r < ld; ++r) dst[d * ld + r] = T(0);
   for (int64_t r = 0; r < n; ++r) {
-    const S* s = src + r * rs;
+    const S* s = base + (tok ? static_cast<int64_t>(tok[r]) : first + r) * rs;
     for (int64_t d = 0; d < D; ++d) dst[d * ld + r] = to_compute(s[d]) * mult;
   }
 }
@@ -246,18 +248,6 @@ inline void load_row(const S* src, T* dst, int64_t D) {
     std::memcpy(dst, src, static_cast<size_t>(D) * sizeof(T));
   else
     convert_row(src, dst, D);
-}
-
-// pack_transposed over the rows tok[0, n) of a tensor whose row r starts at base + r * rs.
-template <typename S, typename T>
-inline void pack_transposed_tok(const S* base, int64_t rs, const int32_t* tok, int64_t n, int64_t D, T mult, T* dst,
-                                int64_t ld) {
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t r = n; r < ld; ++r) dst[d * ld + r] = T(0);
-  for (int64_t r = 0; r < n; ++r) {
-    const S* s = base + static_cast<int64_t>(tok[r]) * rs;
-    for (int64_t d = 0; d < D; ++d) dst[d * ld + r] = to_compute(s[d]) * mult;
-  }
 }
 
 // Number of valid tokens at the start of a token list of at most cap entries.
@@ -444,8 +434,6 @@ inline bool any_lane(VI m) {
 // The extent of the visible pairs of a chunk of n rows against the table's nv lane vectors.
 template <typename T>
 inline Extent local_extent(const LocalTable<T>& tab, const LocalGeom& g, int nv, int64_t n, const RowInfo& ri) {
-  using V = vec_t<T>;
-  constexpr int W = kLanes<T>;
   Extent e;
   e.r0 = n;
   uint64_t vecs = 0;
@@ -455,14 +443,9 @@ inline Extent local_extent(const LocalTable<T>& tab, const LocalGeom& g, int nv,
     if (!ri.is_partial(i)) {
       vecs = all, act = true;
     } else {
-      int64_t row;
-      T x;
-      tab.row_of(g, ri.token(i), row, x);
-      const V xv = splat(x);
-      const T* lo = tab.lo + row * tab.ld;
-      const T* hi = tab.hi + row * tab.ld;
+      const typename LocalTable<T>::Row r = tab.row(g, ri.token(i));
       for (int j = 0; j < nv; ++j)
-        if (any_lane((xv >= loadu(lo + j * W)) & (xv <= loadu(hi + j * W)))) vecs |= uint64_t(1) << j, act = true;
+        if (any_lane(r.visible(j))) vecs |= uint64_t(1) << j, act = true;
     }
     if (act) e.r0 = std::min(e.r0, i), e.r1 = i + 1;
   }
@@ -480,17 +463,9 @@ inline void apply_local(const LocalTable<T>& tab, const LocalGeom& g, T* Sc, int
   const V ninf = splat(-std::numeric_limits<T>::infinity());
   for (int64_t i = e.r0; i < e.r1; ++i) {
     if (!ri.is_partial(i)) continue;
-    int64_t row;
-    T x;
-    tab.row_of(g, ri.token(i), row, x);
-    const V xv = splat(x);
-    const T* lo = tab.lo + row * tab.ld;
-    const T* hi = tab.hi + row * tab.ld;
+    const typename LocalTable<T>::Row r = tab.row(g, ri.token(i));
     T* sr = Sc + i * ld;
-    for (int j = e.j0; j < e.j1; ++j) {
-      const V sv = loadu(sr + j * W);
-      storeu(sr + j * W, (xv >= loadu(lo + j * W)) & (xv <= loadu(hi + j * W)) ? sv : ninf);
-    }
+    for (int j = e.j0; j < e.j1; ++j) storeu(sr + j * W, r.visible(j) ? loadu(sr + j * W) : ninf);
   }
 }
 
@@ -511,16 +486,6 @@ inline vec_t<T> select_bits(vec_t<T> s, uint32_t bits, vec_t<T> ninf) {
   return (b & lane) != 0 ? s : ninf;
 }
 
-template <typename VI>
-inline uint32_t lane_bits(VI m) {
-#if defined(__AVX512F__)
-  if constexpr (sizeof(m[0]) == 4 && sizeof(VI) == 64) return _mm512_test_epi32_mask((__m512i)m, (__m512i)m);
-  if constexpr (sizeof(m[0]) == 8 && sizeof(VI) == 64) return _mm512_test_epi64_mask((__m512i)m, (__m512i)m);
-#endif
-  uint32_t b = 0;
-  for (size_t l = 0; l < sizeof(VI) / sizeof(m[0]); ++l) b |= (m[l] != 0 ? 1u : 0u) << l;
-  return b;
-}
 
 // The local mask of every partial visit of a token-mapped schedule, evaluated once per call and
 // shared by every batch*head: per CSR entry its Extent, per (entry, tile row, lane vector) the
@@ -531,18 +496,16 @@ struct VisitMasks {
   std::vector<uint32_t> bits;
   int64_t rblock = 0, nvmax = 0;
 
-  // Whether the masks of a schedule fit kVisitMaskBytes (else the kernels evaluate them per chunk).
-  static bool affordable(const Sched& s, int64_t n_lane_tiles, int64_t lane_block, int64_t row_block) {
-    const int64_t nv = (lane_block + kLanes<T> - 1) / kLanes<T>;
-    return lane_block <= kRowGroup &&
-           static_cast<size_t>(s.ptr[n_lane_tiles]) * (row_block * nv * 4 + sizeof(Extent)) <= kVisitMaskBytes;
-  }
-
-  void build(const LocalGeom& g, bool fwd, const Sched& s, int64_t n_lane_tiles, const int32_t* lane_map,
-             int64_t lane_block, int64_t lane_seq, const int32_t* row_map, int64_t row_block, int64_t row_seq,
-             int num_threads) {
+  // Evaluates the masks when they fit kVisitMaskBytes and the lane tiles one row group: returns this,
+  // else nullptr (the kernels then evaluate them per chunk).
+  const VisitMasks* build(const LocalGeom& g, bool fwd, const Sched& s, int64_t n_lane_tiles,
+                          const int32_t* lane_map, int64_t lane_block, int64_t lane_seq, const int32_t* row_map,
+                          int64_t row_block, int64_t row_seq, int num_threads) {
+    const int64_t nv_max = (lane_block + kLanes<T> - 1) / kLanes<T>;
+    if (lane_block > kRowGroup ||
+        static_cast<size_t>(s.ptr[n_lane_tiles]) * (row_block * nv_max * 4 + sizeof(Extent)) > kVisitMaskBytes)
+      return nullptr;
     constexpr int W = kLanes<T>;
-    using V = vec_t<T>;
     rblock = row_block, nvmax = (lane_block + W - 1) / W;
     const int64_t nnz = s.ptr[n_lane_tiles];
     ext.assign(static_cast<size_t>(std::max<int64_t>(nnz, 1)), Extent{});
@@ -569,15 +532,10 @@ struct VisitMasks {
             uint32_t vecs = 0;
             uint32_t* b = bits.data() + e * rblock * nvmax;
             for (int64_t i = 0; i < nr; ++i) {
-              int64_t row;
-              T xv;
-              tab.row_of(g, rt[i], row, xv);
-              const V xs = splat(xv);
-              const T* lo = tab.lo + row * tab.ld;
-              const T* hi = tab.hi + row * tab.ld;
+              const typename LocalTable<T>::Row r = tab.row(g, rt[i]);
               bool act = false;
               for (int j = 0; j < nv; ++j) {
-                const uint32_t m_ = lane_bits((xs >= loadu(lo + j * W)) & (xs <= loadu(hi + j * W)));
+                const uint32_t m_ = lane_bits(r.visible(j));
                 b[i * nvmax + j] = m_;
                 if (m_) vecs |= 1u << j, act = true;
               }
@@ -590,6 +548,7 @@ struct VisitMasks {
       }
     };
     ThreadPool::instance().run(resolve_threads(num_threads, n_lane_tiles), body);
+    return this;
   }
 
   // Extent of the chunk of rows [row_off, row_off + n) of visit e.
@@ -617,18 +576,12 @@ constexpr double kLazyMax = 8.0;
 // Every lane's running max grew by at most s (or not at all, which covers lanes still at -inf).
 template <typename V>
 inline bool grew_at_most(V mnew, V mold, typename std::remove_reference<decltype(mnew[0])>::type s) {
-  constexpr int W = sizeof(V) / sizeof(mnew[0]);
-  bool ok = true;
-  for (int i = 0; i < W; ++i) ok &= (mnew[i] == mold[i]) | (mnew[i] - mold[i] <= s);
-  return ok;
+  return !any_lane((mnew != mold) & ~(mnew - mold <= s));
 }
 
 template <typename V>
 inline bool all_equal(V a, typename std::remove_reference<decltype(a[0])>::type s) {
-  constexpr int W = sizeof(V) / sizeof(a[0]);
-  bool eq = true;
-  for (int i = 0; i < W; ++i) eq &= (a[i] == s);
-  return eq;
+  return !any_lane(a != s);
 }
 
 int resolve_threads(int requested, int64_t items) {
@@ -637,28 +590,214 @@ int resolve_threads(int requested, int64_t items) {
   return n;
 }
 
+// Per-thread scratch cut into consecutive arrays: *part.first = part.second elements (64-byte aligned).
+template <typename T>
+void carve(Buf<T>& buf, std::initializer_list<std::pair<T**, int64_t>> parts) {
+  const auto padded = [](int64_t n) { return (n * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64 / sizeof(T); };
+  int64_t total = 0;
+  for (const auto& part : parts) total += padded(part.second);
+  T* at = buf.get(static_cast<size_t>(total));
+  for (const auto& part : parts) *part.first = at, at += padded(part.second);
+}
+
+// ---- the two sides of a pass -------------------------------------------------------------------
+// Every pass (forward, dQ, dK/dV) runs work items over the tiles of its lane side (queries, or keys
+// for dK/dV) and, per item, streams the row chunks of the tiles that its schedule lists.
+
+// One work item: (batch*head, lane tile, group of <= kRowGroup lanes). Lanes: the tokens tok[0, n), or
+// first + [0, n) when tok == nullptr. lt: the (tile, group) id, which keys a thread's LocalTable.
+struct LaneItem {
+  int64_t bh = 0, b = 0, h = 0, tile = 0, lt = 0, first = 0, n = 0;
+  const int32_t* tok = nullptr;
+  int64_t token(int64_t r) const { return tok ? tok[r] : first + r; }
+};
+
+// The lane side: ntiles tiles of `block` lanes, token-mapped when tokens != nullptr.
+struct LaneTiles {
+  int64_t BH, H, ntiles, block, seq;
+  const int32_t* tokens;
+  bool local;  // local masks order the items batch*head fastest: a thread reuses its lane table across heads
+  int64_t groups() const { return (block + kRowGroup - 1) / kRowGroup; }
+  int64_t total() const { return BH * ntiles * groups(); }
+  // ld of the widest group, in lanes of a vector width w
+  int64_t ldmax(int w) const { return (std::min<int64_t>(kRowGroup, block) + w - 1) / w * w; }
+  LaneItem item(int64_t it) const {
+    const int64_t ng = groups(), per_head = ng * ntiles;
+    LaneItem x;
+    x.bh = local ? it % BH : it / per_head;
+    x.lt = local ? it / BH : it % per_head;
+    x.b = x.bh / H, x.h = x.bh % H, x.tile = x.lt / ng;
+    const int64_t g = x.lt % ng;
+    if (tokens) {
+      x.tok = tokens + x.tile * block + g * kRowGroup;
+      x.n = count_tokens(x.tok, std::min<int64_t>(kRowGroup, block - g * kRowGroup), seq);
+    } else {
+      x.first = x.tile * block + g * kRowGroup;
+      x.n = std::min<int64_t>(kRowGroup, std::min((x.tile + 1) * block, seq) - x.first);
+    }
+    return x;
+  }
+  // thread_body(for_each_item) on num_threads threads; for_each_item(fn) calls fn(item, nv, ld) for the
+  // thread's share of the non-empty items (nv vectors of w lanes, ld = nv * w).
+  template <typename F>
+  void run(int num_threads, int w, F&& thread_body) const {
+    const int64_t n = total();
+    std::atomic<int64_t> next{0};
+    auto body = [&](int) {
+      thread_body([&](auto&& fn) {
+        for (int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+          const LaneItem x = item(it);
+          if (x.n <= 0) continue;
+          const int nv = static_cast<int>((x.n + w - 1) / w);
+          fn(x, nv, static_cast<int64_t>(nv) * w);
+        }
+      });
+    };
+    if (n > 0) ThreadPool::instance().run(resolve_threads(num_threads, n), body);
+  }
+  // The item's lanes of tensor t, transposed and times mult, into dst (D x ld).
+  template <typename S, typename T>
+  void pack(const Tensor4& t, const LaneItem& x, int64_t D, T mult, T* dst, int64_t ld) const {
+    pack_transposed(t.row<S>(x.b, x.h, 0), t.st[2], x.tok, x.first, x.n, D, mult, dst, ld);
+  }
+};
+
+// The row side: the same rows of two (B, H, seq, D) tensors (K and V, or Q and dO) in tiles of `block`,
+// token-mapped when MAP (copied once per call into TilePanels).
+template <typename S, typename T, bool MAP>
+struct RowTiles {
+  Tensor4 x, y;
+  int64_t block, seq, D;
+  const int32_t* tokens;
+  TilePanels<T> panels;
+  RowTiles(const Tensor4& x_, const Tensor4& y_, int64_t B, int64_t H, const int32_t* tokens_, int64_t ntiles,
+           int64_t block_, int64_t seq_, int64_t D_, int num_threads)
+      : x(x_), y(y_), block(block_), seq(seq_), D(D_), tokens(tokens_) {
+    if constexpr (MAP) panels.template pack<S>(x, y, B, H, tokens, ntiles, block, seq, D, num_threads);
+  }
+  // fn(X, xrs, Y, yrs, n, RowInfo) over the chunks of the tiles that s lists for the item's tile; returns
+  // the tiles visited. Token-mapped partial tiles are chunks of their own unless merge_partial.
+  template <bool merge_partial, typename F>
+  int64_t visit(const Sched& s, const LaneItem& it, ChunkBufs<T>& cb, F&& fn) const {
+    if constexpr (MAP)
+      return for_each_rows_packed<merge_partial>(s, tokens, panels, it.bh, it.tile, cb, fn);
+    else
+      return for_each_rows<S, T>(s, it.bh, it.tile, block, seq, x.row<S>(it.b, it.h, 0), x.st[2],
+                                 y.row<S>(it.b, it.h, 0), y.st[2], D, cb, fn);
+  }
+};
+
+// The element mask of a pass's score chunks (rows: RowInfo tokens; lanes: the item's), one per thread.
+// Local masks come from the VisitMasks evaluated once per call (vm) when there are some, else from a
+// LocalTable of the item's lanes.
+template <typename T, int MASK, bool MAP>
+struct ChunkMask {
+  bool lane_q;  // lanes are queries (forward, dQ), else keys (dK/dV)
+  const LocalGeom* geom;
+  const VisitMasks<T>* vm;
+  const int32_t* params;
+  const float* thr_all;  // MASK_THRESHOLD: (B*H*Sq) thresholds
+  int64_t Sq;
+  LocalTable<T> table;
+  const LaneItem* x = nullptr;
+
+  void start(const LaneItem& item, int64_t ld) {
+    x = &item;
+    if constexpr (MASK == MASK_LOCAL) {
+      if (!vm && table.cached != item.lt) {
+        table.build(*geom, lane_q, item.tok, item.first, item.n, ld);
+        table.cached = item.lt;
+      }
+    }
+  }
+  // The part of a chunk of n rows that can hold a visible pair (all of it but for partial local visits).
+  Extent extent(int nv, int64_t n, const RowInfo& ri) const {
+    if constexpr (MASK == MASK_LOCAL) {
+      if (ri.any_partial)
+        return vm && ri.visit >= 0 ? vm->extent(ri.visit, ri.row_off, n) : local_extent(table, *geom, nv, n, ri);
+    }
+    return Extent{0, n, 0, nv};
+  }
+  // -inf on the invisible pairs of the partial rows of S (n rows, stride ld; e from extent()).
+  void apply(T* S, int64_t ld, const Extent& e, int64_t n, const RowInfo& ri) const {
+    if (!ri.any_partial) return;
+    const auto lane_token = [&](int64_t r) { return x->token(r); };
+    if constexpr (MASK == MASK_LOCAL) {
+      if (vm && ri.visit >= 0)
+        vm->apply(S, ld, e, ri);
+      else
+        apply_local(table, *geom, S, ld, e, ri);
+    } else if constexpr (MASK == MASK_THRESHOLD) {
+      threshold_rows(S, ld, n, x->n, ri, lane_q, thr_all + x->bh * Sq, lane_token);
+    } else if constexpr (!ElementMask<MASK>::kTrivial) {
+      if (MASK == MASK_BAND && !MAP && lane_q) return band_rows(S, ld, n, x->first, x->n, ri, params);
+      const T neg_inf = -std::numeric_limits<T>::infinity();
+      for (int64_t i = 0; i < n; ++i)
+        if (ri.is_partial(i))
+          for (int64_t j = 0; j < x->n; ++j) {
+            const int64_t a = ri.token(i), l = x->token(j);
+            if (!ElementMask<MASK>::visible(params, lane_q ? l : a, lane_q ? a : l)) S[i * ld + j] = neg_inf;
+          }
+    }
+  }
+};
+
 // ================================================================================================
 // Forward
 // ================================================================================================
-struct FwdParams {
+// The arguments of attention_fwd and attention_bwd (common: set_common).
+struct CommonParams {
   int64_t B, H, Sq, Sk, D;
   double scale;
-  Tensor4 q, k, v, out;  // out.ptr == 0: statistics only (lse), no output
+  Tensor4 q, k, v, out;  // forward: out.ptr == 0: statistics only (lse), no output
   uintptr_t lse;         // (B, H, Sq) contiguous, float32 or float64
   bool lse_f64;
   int64_t block_m, block_n;
-  Sched sched;
+  Sched sched;  // over query tiles
   const int32_t* mask_params;
-  const LocalGeom* geom;  // MASK_LOCAL only
-  const float* mask_rows;  // MASK_THRESHOLD only: (B*H*Sq) thresholds
-  const int32_t* q_tokens;   // token-mapped tiles (TiledSchedule), else nullptr
+  const LocalGeom* geom;    // MASK_LOCAL only: &local
+  const float* mask_rows;   // MASK_THRESHOLD only: (B*H*Sq) thresholds
+  const int32_t* q_tokens;  // token-mapped tiles (TiledSchedule), else nullptr
   const int32_t* kv_tokens;
   int64_t n_q_tiles, n_kv_tiles;
+  int num_threads;
+  LocalGeom local;
+};
+
+// The two sides of one pass. lane_q: lanes are query tiles and rows the KV tiles that `sched` lists for
+// them (forward, dQ; rx, ry = K, V), else lanes are KV tiles and rows query tiles (dK/dV; rx, ry = Q, dO
+// and the transposed schedule). Local masks of token-mapped tiles are evaluated here, once per call.
+template <typename S, typename T, int MASK, bool MAP>
+struct Pass {
+  const CommonParams& p;
+  bool lane_q;
+  LaneTiles lanes;
+  int64_t ldmax;  // ld of the widest lane group
+  RowTiles<S, T, MAP> rows;
+  VisitMasks<T> vm;
+  const VisitMasks<T>* vmp = nullptr;
+  Pass(const CommonParams& p_, bool lane_q_, const Sched& sched, const Tensor4& rx, const Tensor4& ry)
+      : p(p_), lane_q(lane_q_), lanes(lane_side(p_, lane_q_)), ldmax(lanes.ldmax(kLanes<T>)),
+        rows(rx, ry, p.B, p.H, lane_q ? p.kv_tokens : p.q_tokens, lane_q ? p.n_kv_tiles : p.n_q_tiles,
+             lane_q ? p.block_n : p.block_m, lane_q ? p.Sk : p.Sq, p.D, p.num_threads) {
+    if constexpr (MAP && MASK == MASK_LOCAL)
+      vmp = vm.build(*p.geom, lane_q, sched, lanes.ntiles, lanes.tokens, lanes.block, lanes.seq, rows.tokens,
+                     rows.block, rows.seq, p.num_threads);
+  }
+  static LaneTiles lane_side(const CommonParams& p, bool lane_q) {
+    const int64_t block = lane_q ? p.block_m : p.block_n, seq = lane_q ? p.Sq : p.Sk;
+    const int64_t ntiles = MAP ? (lane_q ? p.n_q_tiles : p.n_kv_tiles) : (seq + block - 1) / block;
+    return LaneTiles{p.B * p.H, p.H, ntiles, block, seq, lane_q ? p.q_tokens : p.kv_tokens, MASK == MASK_LOCAL};
+  }
+  // A thread's mask of the score chunks
+  ChunkMask<T, MASK, MAP> mask() const { return {lane_q, p.geom, vmp, p.mask_params, p.mask_rows, p.Sq}; }
+};
+
+struct FwdParams : CommonParams {
   int epilogue;
   const float* row_scale;  // (B, H, Sq) with strides rs_st
   std::array<int64_t, 3> rs_st;
   Tensor4 residual;  // storage dtype of q
-  int num_threads;
 };
 
 // Tiles visited by the last forward call (for tests: the kernel runs exactly the plan's tiles), and
@@ -670,117 +809,43 @@ template <typename S, int MASK, bool MAP>
 void fwd_kernel(const FwdParams& p) {
   using T = typename ComputeOf<S>::type;
   using V = vec_t<T>;
-  using Mask = ElementMask<MASK>;
   constexpr int W = kLanes<T>;
   constexpr bool kLocal = MASK == MASK_LOCAL;
-  const int64_t D = p.D, H = p.H, Sq = p.Sq, Sk = p.Sk, BH = p.B * p.H;
-  const int64_t nqt = MAP ? p.n_q_tiles : (Sq + p.block_m - 1) / p.block_m;
-  const int64_t ngroups = (p.block_m + kRowGroup - 1) / kRowGroup;
-  const int64_t total = BH * nqt * ngroups;
+  const int64_t D = p.D, Sq = p.Sq;
+  const Pass<S, T, MASK, MAP> pass(p, true, p.sched, p.k, p.v);
   g_fwd_visits.store(0);
   g_fwd_pairs.store(0);
-  if (total == 0) return;
-  const int64_t gmax = std::min<int64_t>(kRowGroup, p.block_m);
-  const int64_t ldmax = (gmax + W - 1) / W * W;
+  if (pass.lanes.total() == 0) return;
+  const int64_t ldmax = pass.ldmax;
   const T c = static_cast<T>(p.scale);
   const T log2e = static_cast<T>(kLog2e);
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const bool stats_only = p.out.ptr == 0;
-  TilePanels<T> kv;  // token-mapped tiles: K and V in KV-tile order
-  if constexpr (MAP)
-    kv.template pack<S>(p.k, p.v, p.B, p.H, p.kv_tokens, p.n_kv_tiles, p.block_n, Sk, D, p.num_threads);
-  VisitMasks<T> vm;  // token-mapped local masks: evaluated once for every batch*head
-  const VisitMasks<T>* vmp = nullptr;
-  if constexpr (MAP && kLocal) {
-    if (VisitMasks<T>::affordable(p.sched, nqt, p.block_m, p.block_n)) {
-      vm.build(*p.geom, true, p.sched, nqt, p.q_tokens, p.block_m, Sq, p.kv_tokens, p.block_n, Sk, p.num_threads);
-      vmp = &vm;
-    }
-  }
-  std::atomic<int64_t> next{0};
-
-  auto body = [&](int) {
-    Buf<T> qt_b, ot_b, st_b, m_b, l_b;
+  pass.lanes.run(p.num_threads, W, [&](auto&& for_each_item) {
+    Buf<T> ws;
     ChunkBufs<T> cb;
-    LocalTable<T> table;
+    ChunkMask<T, MASK, MAP> mask = pass.mask();
     int64_t visits = 0, pairs = 0;
-    T* Qt = qt_b.get(D * ldmax);
-    T* Ot = ot_b.get(D * ldmax);
-    T* St = st_b.get(kChunk * ldmax);
-    T* mrow = m_b.get(ldmax);
-    T* lrow = l_b.get(ldmax);
-    for (;;) {
-      const int64_t it = next.fetch_add(1, std::memory_order_relaxed);
-      if (it >= total) break;
-      // Local masks: batch*head varies fastest, so a thread reuses its lane table across heads.
-      const int64_t bh = kLocal ? it % BH : it / (ngroups * nqt);
-      const int64_t lt = kLocal ? it / BH : it % (ngroups * nqt);
-      const int64_t g = lt % ngroups, m = lt / ngroups;
-      const int64_t b = bh / H, h = bh % H;
-      const int32_t* ltok = nullptr;  // lane (query) tokens when MAP
-      int64_t q0 = 0, nr;
-      if constexpr (MAP) {
-        ltok = p.q_tokens + m * p.block_m + g * kRowGroup;
-        nr = count_tokens(ltok, std::min<int64_t>(kRowGroup, p.block_m - g * kRowGroup), Sq);
-      } else {
-        q0 = m * p.block_m + g * kRowGroup;
-        nr = std::min<int64_t>(kRowGroup, std::min((m + 1) * p.block_m, Sq) - q0);
-      }
-      if (nr <= 0) continue;
-      const int nv = static_cast<int>((nr + W - 1) / W);
-      const int64_t ld = static_cast<int64_t>(nv) * W;
-
-      if constexpr (MAP)
-        pack_transposed_tok(p.q.row<S>(b, h, 0), p.q.st[2], ltok, nr, D, c, Qt, ld);
-      else
-        pack_transposed(p.q.row<S>(b, h, q0), p.q.st[2], nr, D, c, Qt, ld);
-      if constexpr (kLocal) {
-        if (!vmp && table.cached != lt) {
-          table.build(*p.geom, true, ltok, q0, nr, ld);
-          table.cached = lt;
-        }
-      }
+    T *Qt, *Ot, *St, *mrow, *lrow;
+    carve<T>(ws, {{&Qt, D * ldmax}, {&Ot, D * ldmax}, {&St, kChunk * ldmax}, {&mrow, ldmax}, {&lrow, ldmax}});
+    for_each_item([&](const LaneItem& x, int nv, int64_t ld) {
+      const int64_t nr = x.n;
+      pass.lanes.template pack<S>(p.q, x, D, c, Qt, ld);
+      mask.start(x, ld);
       std::fill(Ot, Ot + D * ld, T(0));
       std::fill(mrow, mrow + ld, neg_inf);
       std::fill(lrow, lrow + ld, T(0));
-      const S* kbase = p.k.row<S>(b, h, 0);
-      const S* vbase = p.v.row<S>(b, h, 0);
 
       auto chunk = [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs, int64_t nk, const RowInfo& ri) {
-        Extent e{0, nk, 0, nv};
-        if constexpr (kLocal) {
-          if (ri.any_partial) {
-            e = vmp && ri.visit >= 0 ? vmp->extent(ri.visit, ri.row_off, nk)
-                                      : local_extent(table, *p.geom, nv, nk, ri);
-            if (e.empty()) return;
-          }
-        }
+        const Extent e = mask.extent(nv, nk, ri);
+        if (e.empty()) return;
         const int64_t ne = e.r1 - e.r0;
         const int nve = e.j1 - e.j0;
         pairs += ne * nve * W;
         T* Se = St + e.r0 * ld;  // rows of the extent; lanes are indexed j * W with j in [j0, j1)
         gemm<T, false>(static_cast<int>(ne), nve, static_cast<int>(D), Kr + e.r0 * krs, krs, 1, Qt + e.j0 * W, ld,
                        Se + e.j0 * W, ld);
-        if constexpr (kLocal) {
-          if (ri.any_partial) {
-            if (vmp && ri.visit >= 0)
-              vmp->apply(St, ld, e, ri);
-            else
-              apply_local(table, *p.geom, St, ld, e, ri);
-          }
-        } else if constexpr (MASK == MASK_THRESHOLD) {
-          if (ri.any_partial)
-            threshold_rows(St, ld, nk, nr, ri, true, p.mask_rows + bh * Sq,
-                           [&](int64_t r) { return MAP ? ltok[r] : q0 + r; });
-        } else if constexpr (MASK == MASK_BAND && !MAP) {
-          if (ri.any_partial) band_rows(St, ld, nk, q0, nr, ri, p.mask_params);
-        } else if constexpr (!Mask::kTrivial) {
-          if (ri.any_partial)
-            for (int64_t kk = 0; kk < nk; ++kk)
-              if (ri.is_partial(kk))
-                for (int64_t r = 0; r < nr; ++r)
-                  if (!Mask::visible(p.mask_params, MAP ? ltok[r] : q0 + r, ri.token(kk))) St[kk * ld + r] = neg_inf;
-        }
+        mask.apply(St, ld, e, nk, ri);
         // Online softmax down the key axis, one vector of query rows at a time.
         for (int j = e.j0; j < e.j1; ++j) {
           T* sj = Se + j * W;
@@ -811,77 +876,58 @@ void fwd_kernel(const FwdParams& p) {
           gemm<T, true>(static_cast<int>(D), nve, static_cast<int>(ne), Vr + e.r0 * vrs, 1, vrs, Se + e.j0 * W, ld,
                         Ot + e.j0 * W, ld);
       };
-      if constexpr (MAP)
-        visits += for_each_rows_packed<!kLocal>(p.sched, p.kv_tokens, kv, bh, m, cb, chunk);
-      else
-        visits += for_each_rows<S, T>(p.sched, bh, m, p.block_n, Sk, kbase, p.k.st[2], vbase, p.v.st[2], D, cb, chunk);
+      visits += pass.rows.template visit<!kLocal>(p.sched, x, cb, chunk);
 
       // Normalise, apply the epilogue, store (transposing Ot back), write lse.
       for (int64_t r = 0; r < nr; ++r) {
-        const int64_t qi = MAP ? ltok[r] : q0 + r;
+        const int64_t qi = x.token(r);
         const T l = lrow[r];
         const bool empty = !(l > T(0));
         const T inv = empty ? T(0) : T(1) / l;
         const double lse = empty ? -std::numeric_limits<double>::infinity()
                                  : static_cast<double>(mrow[r]) + std::log(static_cast<double>(l));
-        const int64_t li = bh * Sq + qi;
+        const int64_t li = x.bh * Sq + qi;
         if (p.lse_f64)
           reinterpret_cast<double*>(p.lse)[li] = lse;
         else
           reinterpret_cast<float*>(p.lse)[li] = static_cast<float>(lse);
         if (stats_only) continue;
-        S* o = p.out.mrow<S>(b, h, qi);
+        S* o = p.out.mrow<S>(x.b, x.h, qi);
         if (p.epilogue == EPILOGUE_SCALE_RESIDUAL) {
-          const T rsc = static_cast<T>(p.row_scale[b * p.rs_st[0] + h * p.rs_st[1] + qi * p.rs_st[2]]);
-          const S* res = p.residual.row<S>(b, h, qi);
+          const T rsc = static_cast<T>(p.row_scale[x.b * p.rs_st[0] + x.h * p.rs_st[1] + qi * p.rs_st[2]]);
+          const S* res = p.residual.row<S>(x.b, x.h, qi);
           for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(rsc * (Ot[d * ld + r] * inv) + to_compute(res[d]));
         } else {
           for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(Ot[d * ld + r] * inv);
         }
       }
-    }
+    });
     g_fwd_visits.fetch_add(visits, std::memory_order_relaxed);
     g_fwd_pairs.fetch_add(pairs, std::memory_order_relaxed);
-  };
-  ThreadPool::instance().run(resolve_threads(p.num_threads, total), body);
+  });
 }
 
 // ================================================================================================
 // Backward
 // ================================================================================================
-struct BwdParams {
-  int64_t B, H, Sq, Sk, D;
-  double scale;
-  Tensor4 dout, q, k, v, out, dq, dk, dv;
-  uintptr_t lse;  // (B, H, Sq) contiguous
-  bool lse_f64;
-  int64_t block_m, block_n;
-  Sched sched;   // over query tiles
+struct BwdParams : CommonParams {
+  Tensor4 dout, dq, dk, dv;
   Sched tsched;  // over KV tiles (schedule.transposed())
-  const int32_t* mask_params;
-  const LocalGeom* geom;     // MASK_LOCAL only
-  const float* mask_rows;    // MASK_THRESHOLD only: (B*H*Sq) thresholds
-  const int32_t* q_tokens;   // token-mapped tiles (TiledSchedule), else nullptr
-  const int32_t* kv_tokens;
-  int64_t n_q_tiles, n_kv_tiles;
-  int num_threads;
 };
 
 template <typename S, int MASK, bool MAP>
 void bwd_kernel(const BwdParams& p) {
   using T = typename ComputeOf<S>::type;
   using V = vec_t<T>;
-  using Mask = ElementMask<MASK>;
   constexpr int W = kLanes<T>;
   constexpr bool kLocal = MASK == MASK_LOCAL;
-  const int64_t D = p.D, H = p.H, Sq = p.Sq, Sk = p.Sk, BH = p.B * p.H;
+  const int64_t D = p.D, H = p.H, Sq = p.Sq, BH = p.B * p.H;
   const T sc = static_cast<T>(p.scale);
   const T log2e = static_cast<T>(kLog2e);
   const T inf = std::numeric_limits<T>::infinity();
   // fp16/bf16: the stored O is rounded, and delta = rowsum(dO * O) inherits that rounding, which
   // large logits amplify in dQ/dK. Those dtypes get delta = rowsum(P * dP) from an extra scores pass.
   constexpr bool kExactDelta = !std::is_same<S, T>::value;
-  ThreadPool& pool = ThreadPool::instance();
 
   // ---- 1. per-row statistics: delta = rowsum(dO * O), lse (+inf for empty rows: P = exp(s - inf) = 0) ----
   std::unique_ptr<T[]> delta(new T[std::max<int64_t>(BH * Sq, 1)]);
@@ -907,117 +953,47 @@ void bwd_kernel(const BwdParams& p) {
         }
       }
     };
-    if (total > 0) pool.run(resolve_threads(p.num_threads, total), body);
+    if (total > 0) ThreadPool::instance().run(resolve_threads(p.num_threads, total), body);
   }
 
   // ---- 2. dQ: per query row group, over its KV tiles ---------------------------------------------
   {
-    const int64_t nqt = MAP ? p.n_q_tiles : (Sq + p.block_m - 1) / p.block_m;
-    const int64_t ngroups = (p.block_m + kRowGroup - 1) / kRowGroup;
-    const int64_t total = BH * nqt * ngroups;
-    const int64_t ldmax = (std::min<int64_t>(kRowGroup, p.block_m) + W - 1) / W * W;
-    TilePanels<T> kv;  // token-mapped tiles: K and V in KV-tile order
-    if constexpr (MAP)
-      kv.template pack<S>(p.k, p.v, p.B, p.H, p.kv_tokens, p.n_kv_tiles, p.block_n, Sk, D, p.num_threads);
-    VisitMasks<T> vm;
-    const VisitMasks<T>* vmp = nullptr;
-    if constexpr (MAP && kLocal) {
-      if (VisitMasks<T>::affordable(p.sched, nqt, p.block_m, p.block_n)) {
-        vm.build(*p.geom, true, p.sched, nqt, p.q_tokens, p.block_m, Sq, p.kv_tokens, p.block_n, Sk, p.num_threads);
-        vmp = &vm;
-      }
-    }
-    std::atomic<int64_t> next{0};
-    auto body = [&](int) {
-      Buf<T> qt_b, dot_b, dqt_b, st_b, dpt_b, l_b, dl_b;
+    const Pass<S, T, MASK, MAP> pass(p, true, p.sched, p.k, p.v);
+    const int64_t ldmax = pass.ldmax;
+    pass.lanes.run(p.num_threads, W, [&](auto&& for_each_item) {
+      Buf<T> ws;
       ChunkBufs<T> cb;
-      LocalTable<T> table;
-      T* Qt = qt_b.get(D * ldmax);
-      T* dOt = dot_b.get(D * ldmax);
-      T* dQt = dqt_b.get(D * ldmax);
-      T* St = st_b.get(kChunk * ldmax);
-      T* dPt = dpt_b.get(kChunk * ldmax);
-      T* lrow = l_b.get(ldmax);
-      T* drow = dl_b.get(ldmax);
-      for (;;) {
-        const int64_t it = next.fetch_add(1, std::memory_order_relaxed);
-        if (it >= total) break;
-        const int64_t bh = kLocal ? it % BH : it / (ngroups * nqt);
-        const int64_t lt = kLocal ? it / BH : it % (ngroups * nqt);
-        const int64_t g = lt % ngroups, m = lt / ngroups;
-        const int64_t b = bh / H, h = bh % H;
-        const int32_t* ltok = nullptr;
-        int64_t q0 = 0, nr;
-        if constexpr (MAP) {
-          ltok = p.q_tokens + m * p.block_m + g * kRowGroup;
-          nr = count_tokens(ltok, std::min<int64_t>(kRowGroup, p.block_m - g * kRowGroup), Sq);
-        } else {
-          q0 = m * p.block_m + g * kRowGroup;
-          nr = std::min<int64_t>(kRowGroup, std::min((m + 1) * p.block_m, Sq) - q0);
-        }
-        if (nr <= 0) continue;
-        const int nv = static_cast<int>((nr + W - 1) / W);
-        const int64_t ld = static_cast<int64_t>(nv) * W;
-        if constexpr (MAP) {
-          pack_transposed_tok(p.q.row<S>(b, h, 0), p.q.st[2], ltok, nr, D, sc, Qt, ld);
-          pack_transposed_tok(p.dout.row<S>(b, h, 0), p.dout.st[2], ltok, nr, D, T(1), dOt, ld);
-        } else {
-          pack_transposed(p.q.row<S>(b, h, q0), p.q.st[2], nr, D, sc, Qt, ld);
-          pack_transposed(p.dout.row<S>(b, h, q0), p.dout.st[2], nr, D, T(1), dOt, ld);
-        }
-        if constexpr (kLocal) {
-          if (!vmp && table.cached != lt) {
-            table.build(*p.geom, true, ltok, q0, nr, ld);
-            table.cached = lt;
-          }
-        }
+      ChunkMask<T, MASK, MAP> mask = pass.mask();
+      T *Qt, *dOt, *dQt, *St, *dPt, *lrow, *drow;
+      carve<T>(ws, {{&Qt, D * ldmax}, {&dOt, D * ldmax}, {&dQt, D * ldmax}, {&St, kChunk * ldmax},
+                    {&dPt, kChunk * ldmax}, {&lrow, ldmax}, {&drow, ldmax}});
+      for_each_item([&](const LaneItem& x, int nv, int64_t ld) {
+        const int64_t nr = x.n, bh = x.bh;
+        pass.lanes.template pack<S>(p.q, x, D, sc, Qt, ld);
+        pass.lanes.template pack<S>(p.dout, x, D, T(1), dOt, ld);
+        mask.start(x, ld);
         std::fill(dQt, dQt + D * ld, T(0));
         for (int64_t r = 0; r < ld; ++r) {
-          const int64_t qi = r < nr ? (MAP ? ltok[r] : q0 + r) : 0;
+          const int64_t qi = r < nr ? x.token(r) : 0;
           lrow[r] = r < nr ? lse_row[bh * Sq + qi] : inf;
           drow[r] = r < nr ? delta[bh * Sq + qi] : T(0);
         }
-        const S* kbase = p.k.row<S>(b, h, 0);
-        const S* vbase = p.v.row<S>(b, h, 0);
         // St = scores, dPt = dP (keys x rows) of one chunk of keys, inside its extent e (returned).
         auto scores = [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs, int64_t nk, const RowInfo& ri) {
-          Extent e{0, nk, 0, nv};
-          if constexpr (kLocal) {
-            if (ri.any_partial) {
-              e = vmp && ri.visit >= 0 ? vmp->extent(ri.visit, ri.row_off, nk)
-                                      : local_extent(table, *p.geom, nv, nk, ri);
-              if (e.empty()) return e;
-            }
-          }
+          const Extent e = mask.extent(nv, nk, ri);
+          if (e.empty()) return e;
           const int ne = static_cast<int>(e.r1 - e.r0), nve = e.j1 - e.j0, iD = static_cast<int>(D);
           const int64_t off = e.r0 * ld + e.j0 * W;
           gemm<T, false>(ne, nve, iD, Kr + e.r0 * krs, krs, 1, Qt + e.j0 * W, ld, St + off, ld);
-          if constexpr (kLocal) {
-            if (ri.any_partial) {
-              if (vmp && ri.visit >= 0)
-                vmp->apply(St, ld, e, ri);
-              else
-                apply_local(table, *p.geom, St, ld, e, ri);
-            }
-          } else if constexpr (MASK == MASK_THRESHOLD) {
-            if (ri.any_partial)
-              threshold_rows(St, ld, nk, nr, ri, true, p.mask_rows + bh * Sq,
-                             [&](int64_t r) { return MAP ? ltok[r] : q0 + r; });
-          } else if constexpr (!Mask::kTrivial) {
-            if (ri.any_partial)
-              for (int64_t kk = 0; kk < nk; ++kk)
-                if (ri.is_partial(kk))
-                  for (int64_t r = 0; r < nr; ++r)
-                    if (!Mask::visible(p.mask_params, MAP ? ltok[r] : q0 + r, ri.token(kk))) St[kk * ld + r] = -inf;
-          }
+          mask.apply(St, ld, e, nk, ri);
           gemm<T, false>(ne, nve, iD, Vr + e.r0 * vrs, vrs, 1, dOt + e.j0 * W, ld, dPt + off, ld);
           return e;
         };
         if constexpr (kExactDelta) {
           // delta = sum_j P_ij dP_ij from the scores: rowsum(dO * O) would use the rounded O.
           std::fill(drow, drow + ld, T(0));
-          auto delta_chunk = [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs, int64_t nk,
-                                 const RowInfo& ri) {
+          pass.rows.template visit<!kLocal>(p.sched, x, cb, [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs,
+                                                          int64_t nk, const RowInfo& ri) {
             const Extent e = scores(Kr, krs, Vr, vrs, nk, ri);
             for (int j = e.j0; j < e.j1; ++j) {
               const V lj = loadu(lrow + j * W);
@@ -1026,14 +1002,11 @@ void bwd_kernel(const BwdParams& p) {
                 acc = fmadd(exp2v((loadu(St + kk * ld + j * W) - lj) * log2e), loadu(dPt + kk * ld + j * W), acc);
               storeu(drow + j * W, loadu(drow + j * W) + acc);
             }
-          };
-          if constexpr (MAP)
-            for_each_rows_packed<!kLocal>(p.sched, p.kv_tokens, kv, bh, m, cb, delta_chunk);
-          else
-            for_each_rows<S, T>(p.sched, bh, m, p.block_n, Sk, kbase, p.k.st[2], vbase, p.v.st[2], D, cb, delta_chunk);
-          for (int64_t r = 0; r < nr; ++r) delta[bh * Sq + (MAP ? ltok[r] : q0 + r)] = drow[r];  // for dK/dV
+          });
+          for (int64_t r = 0; r < nr; ++r) delta[bh * Sq + x.token(r)] = drow[r];  // for dK/dV
         }
-        auto dq_chunk = [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs, int64_t nk, const RowInfo& ri) {
+        pass.rows.template visit<!kLocal>(p.sched, x, cb, [&](const T* Kr, ptrdiff_t krs, const T* Vr, ptrdiff_t vrs,
+                                                        int64_t nk, const RowInfo& ri) {
           const Extent e = scores(Kr, krs, Vr, vrs, nk, ri);
           if (e.empty()) return;
           for (int j = e.j0; j < e.j1; ++j) {
@@ -1048,117 +1021,44 @@ void bwd_kernel(const BwdParams& p) {
           const int64_t off = e.r0 * ld + e.j0 * W;
           gemm<T, true>(static_cast<int>(D), e.j1 - e.j0, static_cast<int>(e.r1 - e.r0), Kr + e.r0 * krs, 1, krs,
                         dPt + off, ld, dQt + e.j0 * W, ld);
-        };
-        if constexpr (MAP)
-          for_each_rows_packed<!kLocal>(p.sched, p.kv_tokens, kv, bh, m, cb, dq_chunk);
-        else
-          for_each_rows<S, T>(p.sched, bh, m, p.block_n, Sk, kbase, p.k.st[2], vbase, p.v.st[2], D, cb, dq_chunk);
+        });
         for (int64_t r = 0; r < nr; ++r) {
-          S* o = p.dq.mrow<S>(b, h, MAP ? ltok[r] : q0 + r);
+          S* o = p.dq.mrow<S>(x.b, x.h, x.token(r));
           for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(dQt[d * ld + r] * sc);
         }
-      }
-    };
-    if (total > 0) pool.run(resolve_threads(p.num_threads, total), body);
+      });
+    });
   }
 
   // ---- 3. dK, dV: per key row group, over the query tiles that visit its KV tile --------------------
   {
-    const int64_t nkt = MAP ? p.n_kv_tiles : (Sk + p.block_n - 1) / p.block_n;
-    const int64_t ngroups = (p.block_n + kRowGroup - 1) / kRowGroup;
-    const int64_t total = BH * nkt * ngroups;
-    const int64_t ldmax = (std::min<int64_t>(kRowGroup, p.block_n) + W - 1) / W * W;
-    TilePanels<T> qg;  // token-mapped tiles: Q and dO in query-tile order
-    if constexpr (MAP)
-      qg.template pack<S>(p.q, p.dout, p.B, p.H, p.q_tokens, p.n_q_tiles, p.block_m, Sq, D, p.num_threads);
-    VisitMasks<T> vm;  // lanes are keys here: the transposed schedule, the inverse window
-    const VisitMasks<T>* vmp = nullptr;
-    if constexpr (MAP && kLocal) {
-      if (VisitMasks<T>::affordable(p.tsched, nkt, p.block_n, p.block_m)) {
-        vm.build(*p.geom, false, p.tsched, nkt, p.kv_tokens, p.block_n, Sk, p.q_tokens, p.block_m, Sq, p.num_threads);
-        vmp = &vm;
-      }
-    }
-    std::atomic<int64_t> next{0};
-    auto body = [&](int) {
-      Buf<T> kt_b, vt_b, dkt_b, dvt_b, s_b, dp_b;
+    const Pass<S, T, MASK, MAP> pass(p, false, p.tsched, p.q, p.dout);  // lanes are keys: the inverse window
+    const int64_t ldmax = pass.ldmax;
+    pass.lanes.run(p.num_threads, W, [&](auto&& for_each_item) {
+      Buf<T> ws;
       ChunkBufs<T> cb;
-      LocalTable<T> table;
-      T* Kt = kt_b.get(D * ldmax);
-      T* Vt = vt_b.get(D * ldmax);
-      T* dKt = dkt_b.get(D * ldmax);
-      T* dVt = dvt_b.get(D * ldmax);
-      T* Sm = s_b.get(kChunk * ldmax);
-      T* dP = dp_b.get(kChunk * ldmax);
-      for (;;) {
-        const int64_t it = next.fetch_add(1, std::memory_order_relaxed);
-        if (it >= total) break;
-        const int64_t bh = kLocal ? it % BH : it / (ngroups * nkt);
-        const int64_t lt = kLocal ? it / BH : it % (ngroups * nkt);
-        const int64_t g = lt % ngroups, n = lt / ngroups;
-        const int64_t b = bh / H, h = bh % H;
-        const int32_t* ltok = nullptr;  // lane (key) tokens when MAP
-        int64_t k0 = 0, nk;
-        if constexpr (MAP) {
-          ltok = p.kv_tokens + n * p.block_n + g * kRowGroup;
-          nk = count_tokens(ltok, std::min<int64_t>(kRowGroup, p.block_n - g * kRowGroup), Sk);
-        } else {
-          k0 = n * p.block_n + g * kRowGroup;
-          nk = std::min<int64_t>(kRowGroup, std::min((n + 1) * p.block_n, Sk) - k0);
-        }
-        if (nk <= 0) continue;
-        const int nv = static_cast<int>((nk + W - 1) / W);
-        const int64_t ld = static_cast<int64_t>(nv) * W;
-        if constexpr (MAP) {
-          pack_transposed_tok(p.k.row<S>(b, h, 0), p.k.st[2], ltok, nk, D, sc, Kt, ld);
-          pack_transposed_tok(p.v.row<S>(b, h, 0), p.v.st[2], ltok, nk, D, T(1), Vt, ld);
-        } else {
-          pack_transposed(p.k.row<S>(b, h, k0), p.k.st[2], nk, D, sc, Kt, ld);
-          pack_transposed(p.v.row<S>(b, h, k0), p.v.st[2], nk, D, T(1), Vt, ld);
-        }
-        if constexpr (kLocal) {
-          if (!vmp && table.cached != lt) {
-            table.build(*p.geom, false, ltok, k0, nk, ld);
-            table.cached = lt;
-          }
-        }
+      ChunkMask<T, MASK, MAP> mask = pass.mask();
+      T *Kt, *Vt, *dKt, *dVt, *Sm, *dP;
+      carve<T>(ws, {{&Kt, D * ldmax}, {&Vt, D * ldmax}, {&dKt, D * ldmax}, {&dVt, D * ldmax}, {&Sm, kChunk * ldmax},
+                    {&dP, kChunk * ldmax}});
+      for_each_item([&](const LaneItem& x, int nv, int64_t ld) {
+        const int64_t nk = x.n;
+        pass.lanes.template pack<S>(p.k, x, D, sc, Kt, ld);
+        pass.lanes.template pack<S>(p.v, x, D, T(1), Vt, ld);
+        mask.start(x, ld);
         std::fill(dKt, dKt + D * ld, T(0));
         std::fill(dVt, dVt + D * ld, T(0));
-        const S* qbase = p.q.row<S>(b, h, 0);
-        const S* gbase = p.dout.row<S>(b, h, 0);
-        const T* lse_bh = lse_row.get() + bh * Sq;
-        const T* delta_bh = delta.get() + bh * Sq;
+        const T* lse_bh = lse_row.get() + x.bh * Sq;
+        const T* delta_bh = delta.get() + x.bh * Sq;
         auto chunk = [&](const T* Qr, ptrdiff_t qrs, const T* Gr, ptrdiff_t grs, int64_t nq, const RowInfo& ri) {
-          Extent e{0, nq, 0, nv};
-          if constexpr (kLocal) {
-            if (ri.any_partial) {
-              e = vmp && ri.visit >= 0 ? vmp->extent(ri.visit, ri.row_off, nq)
-                                        : local_extent(table, *p.geom, nv, nq, ri);
-              if (e.empty()) return;
-            }
-          }
+          const Extent e = mask.extent(nv, nq, ri);
+          if (e.empty()) return;
           const int ne = static_cast<int>(e.r1 - e.r0), nve = e.j1 - e.j0, iD = static_cast<int>(D);
           const int64_t off = e.r0 * ld + e.j0 * W;
           const T* Qe = Qr + e.r0 * qrs;
           const T* Ge = Gr + e.r0 * grs;
           gemm<T, false>(ne, nve, iD, Qe, qrs, 1, Kt + e.j0 * W, ld, Sm + off, ld);
-          if constexpr (kLocal) {
-            if (ri.any_partial) {
-              if (vmp && ri.visit >= 0)
-                vmp->apply(Sm, ld, e, ri);
-              else
-                apply_local(table, *p.geom, Sm, ld, e, ri);
-            }
-          } else if constexpr (MASK == MASK_THRESHOLD) {
-            if (ri.any_partial)
-              threshold_rows(Sm, ld, nq, nk, ri, false, p.mask_rows + bh * Sq, [](int64_t) { return int64_t(0); });
-          } else if constexpr (!Mask::kTrivial) {
-            if (ri.any_partial)
-              for (int64_t i = 0; i < nq; ++i)
-                if (ri.is_partial(i))
-                  for (int64_t j = 0; j < nk; ++j)
-                    if (!Mask::visible(p.mask_params, ri.token(i), MAP ? ltok[j] : k0 + j)) Sm[i * ld + j] = -inf;
-          }
+          mask.apply(Sm, ld, e, nq, ri);
           for (int64_t i = e.r0; i < e.r1; ++i) {
             const V li = splat(lse_bh[ri.token(i)]);
             T* s = Sm + i * ld;
@@ -1174,22 +1074,17 @@ void bwd_kernel(const BwdParams& p) {
           }
           gemm<T, true>(iD, nve, ne, Qe, 1, qrs, dP + off, ld, dKt + e.j0 * W, ld);
         };
-        if constexpr (MAP)
-          for_each_rows_packed<!kLocal>(p.tsched, p.q_tokens, qg, bh, n, cb, chunk);
-        else
-          for_each_rows<S, T>(p.tsched, bh, n, p.block_m, Sq, qbase, p.q.st[2], gbase, p.dout.st[2], D, cb, chunk);
+        pass.rows.template visit<!kLocal>(p.tsched, x, cb, chunk);
         for (int64_t j = 0; j < nk; ++j) {
-          const int64_t kj = MAP ? ltok[j] : k0 + j;
-          S* ok = p.dk.mrow<S>(b, h, kj);
-          S* ov = p.dv.mrow<S>(b, h, kj);
+          S* ok = p.dk.mrow<S>(x.b, x.h, x.token(j));
+          S* ov = p.dv.mrow<S>(x.b, x.h, x.token(j));
           for (int64_t d = 0; d < D; ++d) {
             ok[d] = from_compute<S>(dKt[d * ld + j] * sc);
             ov[d] = from_compute<S>(dVt[d * ld + j]);
           }
         }
-      }
-    };
-    if (total > 0) pool.run(resolve_threads(p.num_threads, total), body);
+      });
+    });
   }
 }
 
@@ -1228,6 +1123,46 @@ void check_tokens(uintptr_t q_tokens, uintptr_t kv_tokens, uintptr_t kv_ptr, int
     throw std::invalid_argument("cpu attention: token maps need a schedule and tile counts");
 }
 
+// Checks and sets the common arguments (and the local mask's geometry for MASK_LOCAL).
+void set_common(CommonParams& p, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_t D,
+                double scale, Tensor4 q, Tensor4 k, Tensor4 v, Tensor4 out, uintptr_t lse, bool lse_f64,
+                int64_t block_m, int64_t block_n, Sched sched, int mask_kind, uintptr_t mask_params,
+                uintptr_t mask_rows, uintptr_t q_tokens, uintptr_t kv_tokens, int64_t n_q_tiles, int64_t n_kv_tiles,
+                int num_threads) {
+  if (lse == 0) throw std::invalid_argument("cpu attention: lse pointer is required");
+  p.B = B, p.H = H, p.Sq = Sq, p.Sk = Sk, p.D = D, p.scale = scale;
+  p.q = q, p.k = k, p.v = v, p.out = out;
+  p.lse = lse, p.lse_f64 = lse_f64;
+  p.block_m = block_m, p.block_n = block_n;
+  p.sched = sched;
+  p.mask_params = reinterpret_cast<const int32_t*>(mask_params);
+  if (mask_kind == MASK_LOCAL) {
+    if (mask_params == 0) throw std::invalid_argument("cpu attention: the local mask needs its parameters");
+    p.local.init(p.mask_params, Sq, Sk);
+  }
+  p.geom = &p.local;
+  if (mask_kind == MASK_THRESHOLD && mask_rows == 0)
+    throw std::invalid_argument("cpu attention: the threshold mask needs mask_rows");
+  p.mask_rows = reinterpret_cast<const float*>(mask_rows);
+  p.q_tokens = reinterpret_cast<const int32_t*>(q_tokens);
+  p.kv_tokens = reinterpret_cast<const int32_t*>(kv_tokens);
+  p.n_q_tiles = n_q_tiles, p.n_kv_tiles = n_kv_tiles;
+  p.num_threads = num_threads;
+}
+
+// f(S{}, mask kind, token-mapped) as compile-time values: the kernel instance of a call.
+template <typename F>
+void dispatch(int dtype, int mask_kind, bool token_mapped, F&& f) {
+  dispatch_dtype(dtype, [&](auto s) {
+    dispatch_mask(mask_kind, [&](auto kind) {
+      if (token_mapped)
+        f(s, kind, std::true_type{});
+      else
+        f(s, kind, std::false_type{});
+    });
+  });
+}
+
 void attention_fwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int64_t D, double scale, uintptr_t q,
                    Strides4 q_strides, uintptr_t k, Strides4 k_strides, uintptr_t v, Strides4 v_strides,
                    uintptr_t out, Strides4 out_strides, uintptr_t lse, bool lse_f64, int64_t block_m, int64_t block_n,
@@ -1242,40 +1177,17 @@ void attention_fwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int6
     throw std::invalid_argument("cpu attention: unknown epilogue kind " + std::to_string(epilogue_kind));
   if (epilogue_kind == EPILOGUE_SCALE_RESIDUAL && (row_scale == 0 || residual == 0 || (residual_strides[3] != 1 && D > 1)))
     throw std::invalid_argument("cpu attention: the epilogue needs row_scale and a residual with unit last stride");
-  if (lse == 0) throw std::invalid_argument("cpu attention: lse pointer is required");
   FwdParams p;
-  p.B = B, p.H = H, p.Sq = Sq, p.Sk = Sk, p.D = D, p.scale = scale;
-  p.q = {q, q_strides}, p.k = {k, k_strides}, p.v = {v, v_strides}, p.out = {out, out_strides};
-  p.lse = lse, p.lse_f64 = lse_f64;
-  p.block_m = block_m, p.block_n = block_n;
-  p.sched = make_sched(kv_ptr, kv_idx, partial, sched_ptr_stride, sched_idx_stride);
-  p.mask_params = reinterpret_cast<const int32_t*>(mask_params);
-  LocalGeom geom;
-  if (mask_kind == MASK_LOCAL) {
-    if (mask_params == 0) throw std::invalid_argument("cpu attention: the local mask needs its parameters");
-    geom.init(p.mask_params, Sq, Sk);
-  }
-  p.geom = &geom;
-  if (mask_kind == MASK_THRESHOLD && mask_rows == 0)
-    throw std::invalid_argument("cpu attention: the threshold mask needs mask_rows");
-  p.mask_rows = reinterpret_cast<const float*>(mask_rows);
-  p.q_tokens = reinterpret_cast<const int32_t*>(q_tokens);
-  p.kv_tokens = reinterpret_cast<const int32_t*>(kv_tokens);
-  p.n_q_tiles = n_q_tiles, p.n_kv_tiles = n_kv_tiles;
+  set_common(p, B, H, Sq, Sk, D, scale, {q, q_strides}, {k, k_strides}, {v, v_strides}, {out, out_strides},
+             lse, lse_f64, block_m, block_n, make_sched(kv_ptr, kv_idx, partial, sched_ptr_stride, sched_idx_stride),
+             mask_kind, mask_params, mask_rows, q_tokens, kv_tokens, n_q_tiles, n_kv_tiles, num_threads);
   p.epilogue = epilogue_kind;
   p.row_scale = reinterpret_cast<const float*>(row_scale);
   p.rs_st = row_scale_strides;
   p.residual = {residual, residual_strides};
-  p.num_threads = num_threads;
   py::gil_scoped_release nogil;
-  dispatch_dtype(dtype, [&](auto s) {
-    using S = decltype(s);
-    dispatch_mask(mask_kind, [&](auto kind) {
-      if (q_tokens)
-        fwd_kernel<S, decltype(kind)::value, true>(p);
-      else
-        fwd_kernel<S, decltype(kind)::value, false>(p);
-    });
+  dispatch(dtype, mask_kind, q_tokens != 0, [&](auto s, auto kind, auto map) {
+    fwd_kernel<decltype(s), decltype(kind)::value, decltype(map)::value>(p);
   });
 }
 
@@ -1293,40 +1205,17 @@ void attention_bwd(int dtype, int64_t B, int64_t H, int64_t Sq, int64_t Sk, int6
                {&dout_strides, &q_strides, &k_strides, &v_strides, &out_strides, &dq_strides, &dk_strides,
                 &dv_strides});
   check_tokens(q_tokens, kv_tokens, kv_ptr, n_q_tiles, n_kv_tiles);
-  if (lse == 0) throw std::invalid_argument("cpu attention: lse pointer is required");
   if ((kv_ptr == 0) != (t_kv_ptr == 0))
     throw std::invalid_argument("cpu attention: pass both the schedule and its transpose, or neither");
   BwdParams p;
-  p.B = B, p.H = H, p.Sq = Sq, p.Sk = Sk, p.D = D, p.scale = scale;
-  p.dout = {dout, dout_strides}, p.q = {q, q_strides}, p.k = {k, k_strides}, p.v = {v, v_strides};
-  p.out = {out, out_strides}, p.dq = {dq, dq_strides}, p.dk = {dk, dk_strides}, p.dv = {dv, dv_strides};
-  p.lse = lse, p.lse_f64 = lse_f64;
-  p.block_m = block_m, p.block_n = block_n;
-  p.sched = make_sched(kv_ptr, kv_idx, partial, sched_ptr_stride, sched_idx_stride);
+  set_common(p, B, H, Sq, Sk, D, scale, {q, q_strides}, {k, k_strides}, {v, v_strides}, {out, out_strides},
+             lse, lse_f64, block_m, block_n, make_sched(kv_ptr, kv_idx, partial, sched_ptr_stride, sched_idx_stride),
+             mask_kind, mask_params, mask_rows, q_tokens, kv_tokens, n_q_tiles, n_kv_tiles, num_threads);
+  p.dout = {dout, dout_strides}, p.dq = {dq, dq_strides}, p.dk = {dk, dk_strides}, p.dv = {dv, dv_strides};
   p.tsched = make_sched(t_kv_ptr, t_kv_idx, t_partial, t_sched_ptr_stride, t_sched_idx_stride);
-  p.mask_params = reinterpret_cast<const int32_t*>(mask_params);
-  LocalGeom geom;
-  if (mask_kind == MASK_LOCAL) {
-    if (mask_params == 0) throw std::invalid_argument("cpu attention: the local mask needs its parameters");
-    geom.init(p.mask_params, Sq, Sk);
-  }
-  p.geom = &geom;
-  if (mask_kind == MASK_THRESHOLD && mask_rows == 0)
-    throw std::invalid_argument("cpu attention: the threshold mask needs mask_rows");
-  p.mask_rows = reinterpret_cast<const float*>(mask_rows);
-  p.q_tokens = reinterpret_cast<const int32_t*>(q_tokens);
-  p.kv_tokens = reinterpret_cast<const int32_t*>(kv_tokens);
-  p.n_q_tiles = n_q_tiles, p.n_kv_tiles = n_kv_tiles;
-  p.num_threads = num_threads;
   py::gil_scoped_release nogil;
-  dispatch_dtype(dtype, [&](auto s) {
-    using S = decltype(s);
-    dispatch_mask(mask_kind, [&](auto kind) {
-      if (q_tokens)
-        bwd_kernel<S, decltype(kind)::value, true>(p);
-      else
-        bwd_kernel<S, decltype(kind)::value, false>(p);
-    });
+  dispatch(dtype, mask_kind, q_tokens != 0, [&](auto s, auto kind, auto map) {
+    bwd_kernel<decltype(s), decltype(kind)::value, decltype(map)::value>(p);
   });
 }
 

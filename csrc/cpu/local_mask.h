@@ -222,6 +222,23 @@ struct LocalTable {
     }
   }
 
+  // The intervals of one row token against the lanes: row(g, j).visible(v) is the compare mask of the
+  // lanes of vector v (of kLanes<T> lanes) that see row token j.
+  struct Row {
+    const T* lo;
+    const T* hi;
+    vec_t<T> x;
+    typename VecOf<T>::itype visible(int v) const {
+      return (x >= loadu(lo + v * kLanes<T>)) & (x <= loadu(hi + v * kLanes<T>));
+    }
+  };
+  Row row(const LocalGeom& g, int64_t j) const {
+    int64_t r;
+    T x;
+    row_of(g, j, r, x);
+    return Row{lo + r * ld, hi + r * ld, splat(x)};
+  }
+
   // Row of the table and x coordinate of row token j.
   void row_of(const LocalGeom& g, int64_t j, int64_t& row, T& x) const {
     const TokCoord& c = (lanes_q ? g.kcoords : g.qcoords)[static_cast<size_t>(j)];

@@ -59,29 +59,48 @@ inline V vmax(V a, V b) {
   return a > b ? a : b;
 }
 
+// Bit l set iff lane l of the compare result m is set (all ones).
+template <typename VI>
+inline uint32_t lane_bits(VI m) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(m[0]) == 4 && sizeof(VI) == 64) return _mm512_test_epi32_mask((__m512i)m, (__m512i)m);
+  if constexpr (sizeof(m[0]) == 8 && sizeof(VI) == 64) return _mm512_test_epi64_mask((__m512i)m, (__m512i)m);
+#elif defined(__AVX__)
+  // compare results are all-ones or all-zero lanes: their sign bits are the lane bits
+  if constexpr (sizeof(m[0]) == 4 && sizeof(VI) == 32) return static_cast<uint32_t>(_mm256_movemask_ps((__m256)m));
+  if constexpr (sizeof(m[0]) == 8 && sizeof(VI) == 32) return static_cast<uint32_t>(_mm256_movemask_pd((__m256d)m));
+#endif
+  uint32_t b = 0;
+  for (size_t l = 0; l < sizeof(VI) / sizeof(m[0]); ++l) b |= (m[l] != 0 ? 1u : 0u) << l;
+  return b;
+}
+
 // a * b + c as one fused instruction. The build compiles in ISO C++ mode, where GCC does not
 // contract a*b+c on its own, so the micro-kernels spell the FMA out.
-inline vec_t<float> fmadd(vec_t<float> a, vec_t<float> b, vec_t<float> c) {
 #if defined(__AVX512F__)
-  return (vec_t<float>)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#define DK_FMADD(sfx, a, b, c) _mm512_fmadd_##sfx(a, b, c)
 #elif defined(__AVX__) && defined(__FMA__)
-  return (vec_t<float>)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#define DK_FMADD(sfx, a, b, c) _mm256_fmadd_##sfx(a, b, c)
 #else
-  return a * b + c;
+#define DK_FMADD(sfx, a, b, c) a * b + c
 #endif
-}
-inline vec_t<double> fmadd(vec_t<double> a, vec_t<double> b, vec_t<double> c) {
-#if defined(__AVX512F__)
-  return (vec_t<double>)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
-#elif defined(__AVX__) && defined(__FMA__)
-  return (vec_t<double>)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
-#else
-  return a * b + c;
-#endif
+inline vec_t<float> fmadd(vec_t<float> a, vec_t<float> b, vec_t<float> c) { return DK_FMADD(ps, a, b, c); }
+inline vec_t<double> fmadd(vec_t<double> a, vec_t<double> b, vec_t<double> c) { return DK_FMADD(pd, a, b, c); }
+#undef DK_FMADD
+
+// 2^f for f in [-0.5, 0.5]: Cephes' exp2f polynomial, ~2e-7 relative.
+inline vec_t<float> exp2_poly(vec_t<float> f) {
+  vec_t<float> p = splat(1.535336188319500e-4f);
+  p = fmadd(p, f, splat(1.339887440266574e-3f));
+  p = fmadd(p, f, splat(9.618437357674640e-3f));
+  p = fmadd(p, f, splat(5.550332471162809e-2f));
+  p = fmadd(p, f, splat(2.402264791363012e-1f));
+  p = fmadd(p, f, splat(6.931472028550421e-1f));
+  return fmadd(p, f, splat(1.0f));
 }
 
 // 2^x lane-wise. Exactly 0 for x < -126 (and x = -inf); x <= 127 expected (softmax arguments are <= ~0).
-// Cephes' exp2f polynomial on [-0.5, 0.5] after rounding x to the nearest integer: ~2e-7 relative.
+// exp2_poly of x minus x rounded to the nearest integer, scaled by 2^round(x).
 inline vec_t<float> exp2v(vec_t<float> x) {
 #if defined(__AVX512F__)
   // AVX-512: round with vrndscaleps, scale with vscalefps, zero x < -126 (and -inf, NaN) by the mask.
@@ -89,15 +108,19 @@ inline vec_t<float> exp2v(vec_t<float> x) {
   // (the masked form with src = xv: GCC 12 warns about the undefined src of the plain one)
   const __m512 k = _mm512_mask_roundscale_ps(xv, (__mmask16)0xffff, xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(xv, k);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512 p = (__m512)exp2_poly((vec_t<float>)f);
   const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
   return (vec_t<float>)_mm512_maskz_scalef_ps(keep, p, k);
+#elif defined(__AVX2__) && defined(__FMA__)
+  // AVX2: clamp with vmaxps / vminps (the selects of the portable code compile to compare + blend);
+  // 2^k is y << 23 (the magic's bits shift out); x < -126 (and -inf, NaN) become 0 as on AVX-512.
+  const __m256 xv = (__m256)x, lo = _mm256_set1_ps(-126.0f), magic = _mm256_set1_ps(12582912.0f);
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(xv, lo), _mm256_set1_ps(127.0f));
+  const __m256 y = _mm256_add_ps(xc, magic);  // 1.5 * 2^23 + round(xc)
+  const __m256 f = _mm256_sub_ps(xc, _mm256_sub_ps(y, magic));
+  const __m256 p = (__m256)exp2_poly((vec_t<float>)f);
+  const __m256i scaled = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_castps_si256(y), 23));
+  return (vec_t<float>)_mm256_and_ps(_mm256_castsi256_ps(scaled), _mm256_cmp_ps(xv, lo, _CMP_GE_OQ));
 #else
   using V = vec_t<float>;
   using VI = VecOf<float>::itype;
@@ -108,13 +131,7 @@ inline vec_t<float> exp2v(vec_t<float> x) {
   V y = xc + magic;
   V k = y - magic;
   V f = xc - k;
-  V p = splat(1.535336188319500e-4f);
-  p = fmadd(p, f, splat(1.339887440266574e-3f));
-  p = fmadd(p, f, splat(9.618437357674640e-3f));
-  p = fmadd(p, f, splat(5.550332471162809e-2f));
-  p = fmadd(p, f, splat(2.402264791363012e-1f));
-  p = fmadd(p, f, splat(6.931472028550421e-1f));
-  p = fmadd(p, f, splat(1.0f));
+  const V p = exp2_poly(f);
   VI ki = (VI)y - 0x4B400000;
   V r = (V)((VI)p + (ki << 23));
   return x < lo ? V{} : r;

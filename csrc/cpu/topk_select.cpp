@@ -77,6 +77,39 @@ inline bool min_max(const T* x, int64_t n, T& mn, T& mx) {
   return nan;
 }
 
+// compress_store(dst, v, k): the lanes of v whose bit is set in k, in lane order, to dst[0, popcount(k));
+// all W lanes of dst are written. kHasCompress<T>: whether this build has one for T.
+#if defined(__AVX512F__)
+template <typename T>
+constexpr bool kHasCompress = true;
+inline void compress_store(float* dst, vec_t<float> v, uint32_t k) {
+  _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(static_cast<__mmask16>(k), (__m512)v));
+}
+inline void compress_store(double* dst, vec_t<double> v, uint32_t k) {
+  _mm512_storeu_pd(dst, _mm512_maskz_compress_pd(static_cast<__mmask8>(k), (__m512d)v));
+}
+#elif defined(__AVX2__)
+template <typename T>
+constexpr bool kHasCompress = std::is_same<T, float>::value;
+// For each 8-bit lane mask, the lane indices that move its set lanes to the front.
+struct CompressTable {
+  uint8_t idx[256][8];
+  constexpr CompressTable() : idx{} {
+    for (int m = 0; m < 256; ++m)
+      for (int l = 0, c = 0; l < 8; ++l)
+        if ((m >> l) & 1) idx[m][c++] = static_cast<uint8_t>(l);
+  }
+};
+constexpr CompressTable kCompressTable{};
+inline void compress_store(float* dst, vec_t<float> v, uint32_t k) {
+  const __m128i idx8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompressTable.idx[k]));
+  _mm256_storeu_ps(dst, _mm256_permutevar8x32_ps((__m256)v, _mm256_cvtepu8_epi32(idx8)));
+}
+#else
+template <typename T>
+constexpr bool kHasCompress = false;
+#endif
+
 // Copies the x[i] (i < n) whose bucket is in [lo, hi] to dst, in order; returns how many. dst may be x
 // (the write index never passes the read index). bucket_of(x) >= lo iff y >= lo, and <= hi iff
 // hi == kBuckets - 1 or y < hi + 1, with y = (x - mn) * inv: the same test in vector lanes.
@@ -84,29 +117,17 @@ template <typename T>
 int64_t gather_buckets(const T* x, int64_t n, T mn, T inv, int lo, int hi, T* dst) {
   const T flo = static_cast<T>(lo), fhi = hi == kBuckets - 1 ? std::numeric_limits<T>::infinity() : T(hi + 1);
   int64_t c = 0, i = 0;
-#if defined(__AVX512F__)
-  if constexpr (std::is_same<T, float>::value) {
-    const __m512 vmn = _mm512_set1_ps(mn), vinv = _mm512_set1_ps(inv), vlo = _mm512_set1_ps(flo),
-                 vhi = _mm512_set1_ps(fhi);
-    for (; i + 16 <= n; i += 16) {
-      const __m512 v = _mm512_loadu_ps(x + i);
-      const __m512 y = _mm512_mul_ps(_mm512_sub_ps(v, vmn), vinv);
-      const __mmask16 k = _mm512_cmp_ps_mask(y, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(y, vhi, _CMP_LT_OQ);
-      _mm512_storeu_ps(dst + c, _mm512_maskz_compress_ps(k, v));
-      c += __builtin_popcount(k);
-    }
-  } else {
-    const __m512d vmn = _mm512_set1_pd(mn), vinv = _mm512_set1_pd(inv), vlo = _mm512_set1_pd(flo),
-                  vhi = _mm512_set1_pd(fhi);
-    for (; i + 8 <= n; i += 8) {
-      const __m512d v = _mm512_loadu_pd(x + i);
-      const __m512d y = _mm512_mul_pd(_mm512_sub_pd(v, vmn), vinv);
-      const __mmask8 k = _mm512_cmp_pd_mask(y, vlo, _CMP_GE_OQ) & _mm512_cmp_pd_mask(y, vhi, _CMP_LT_OQ);
-      _mm512_storeu_pd(dst + c, _mm512_maskz_compress_pd(k, v));
+  if constexpr (kHasCompress<T>) {
+    using V = vec_t<T>;
+    constexpr int W = kLanes<T>;
+    const V vmn = splat(mn), vinv = splat(inv), vlo = splat(flo), vhi = splat(fhi);
+    for (; i + W <= n; i += W) {
+      const V v = loadu(x + i), y = (v - vmn) * vinv;
+      const uint32_t k = lane_bits((y >= vlo) & (y < vhi));
+      compress_store(dst + c, v, k);  // W lanes written at c <= i: never past x + i + W
       c += __builtin_popcount(k);
     }
   }
-#endif
   for (; i < n; ++i) {
     const T v = x[i], y = (v - mn) * inv;
     dst[c] = v;
