@@ -829,10 +829,15 @@ Acc decay_limit(const Acc* A2, int64_t n) {
   return m > 0 ? Acc(125) / m : std::numeric_limits<Acc>::infinity();
 }
 template <class Acc>
-bool decays_in_range(const Acc* DT, int64_t n, Acc limit) {
-  bool ok = true;
-  for (int64_t i = 0; i < n; ++i) ok &= std::fabs(DT[i]) <= limit;
-  return ok;
+bool decays_in_range(const Acc* DT, int64_t n, Acc limit) {  // n: a multiple of W
+  using V = typename LaneVec<Acc>::type;
+  using VI = decltype(V{} < V{});
+  const VI magnitude = ~(VI)(Acc(-0.0) - V{});
+  VI ok = ~VI{};
+  for (int64_t i = 0; i < n; i += kLanesOf<V>) ok &= (V)((VI)vld<V>(DT + i) & magnitude) <= limit - V{};
+  for (int l = 0; l < kLanesOf<V>; ++l)
+    if (!ok[l]) return false;
+  return true;
 }
 
 // The rows of a span are 16 streams of a few KB, 4 KB or more apart, each read (or written) once: the
@@ -937,8 +942,10 @@ void forward(const Params& p) {
         for (int i = 0; i < blk.nl; ++i) {
           const Acc dv = channel_weight(Dv, blk, i);
           const Acc* ur = in.u.r[i];
-          const Acc* zr = in.z.r[i];
+          const Acc *zr = in.z.r[i], *zn = in.z.r[next_row(i)];  // z is first read here: prefetched a row ahead
+          Acc* on = out.r[next_row(i)];
           for (int64_t t = 0; t < se; t += W) {
+            prefetch_line<false>(zn + t), prefetch_line<true>(on + t);
             V y = vfma(vload(ur + t), splat(dv), vload(&Yr[i * SP + t]));
             if (p.z.ptr) {
               const V zv = vload(zr + t);
