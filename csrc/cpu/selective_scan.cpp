@@ -860,9 +860,8 @@ struct SpanInputs {
 
   // Reads u, delta, z on [t0, t0 + sl); delta' = softplus(delta + bias) and delta' * u as rows and as
   // tiles; sig (rows (W, SP)), when given, gets d delta' / d(delta + bias) (the sigmoid, or 1).
-  // prefetch: while on row i, ask for the same steps of row i + 1 of u and delta (see prefetch_line).
-  void load(const Params& p, const Shape& s, const Block& blk, int64_t t0, int64_t sl, Acc* sig = nullptr,
-            bool prefetch = false) {
+  // While on row i, it asks for the same steps of row i + 1 of u and delta (see prefetch_line).
+  void load(const Params& p, const Shape& s, const Block& blk, int64_t t0, int64_t sl, Acc* sig = nullptr) {
     using V = Vec<Acc>;
     const Acc* bias_w = reinterpret_cast<const Acc*>(p.delta_bias);
     const int64_t se = (sl + W - 1) / W * W;
@@ -881,7 +880,7 @@ struct SpanInputs {
       const Acc bias = channel_weight(bias_w, blk, i);
       const Acc *xn = x.r[next_row(i)], *un = u.r[next_row(i)];
       for (int64_t t = 0; t < se; t += W) {
-        if (prefetch) prefetch_line<false>(xn + t), prefetch_line<false>(un + t);
+        prefetch_line<false>(xn + t), prefetch_line<false>(un + t);
         const V xv = vload(x.r[i] + t) + bias;
         V sg;
         const V dt = p.softplus ? vsoftplus(xv, sig ? &sg : nullptr) : xv;
@@ -1221,7 +1220,7 @@ void backward(const Params& p) {
         const Acc* hsk = hs + k * (s.nc + 1) * hstride;
         for (int64_t t0 = (s.L - 1) / s.S * s.S; t0 >= 0; t0 -= s.S) {
           const int64_t sl = std::min(s.S, s.L - t0), se = (sl + W - 1) / W * W;
-          in.load(p, s, blk, t0, sl, SPr.data(), true);
+          in.load(p, s, blk, t0, sl, SPr.data());
           dout.read(p.dout, blk, t0, sl);
           for (int i = 0; i < W; ++i) {
             const Acc *dor = dout.r[i], *zr = in.z.r[i], *don = dout.r[next_row(i)], *zn = in.z.r[next_row(i)];
