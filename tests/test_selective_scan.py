@@ -191,6 +191,21 @@ def test_cpu_backward_is_deterministic():
         assert torch.equal(first[name], second[name]), name
 
 
+def test_cpu_decays_beyond_the_exponent_range():
+    """The cpu kernels skip the decays' clamps in a chunk (64 steps) whose |delta' A| stays small: here the
+    middle chunk has delta' A down to ~-300 (exp underflows), the chunks around it do not."""
+    case = Case(1, 20, 200, 8)
+    inputs = make_inputs(case, torch.float32, seed=5)
+    inputs["delta"][..., 64:128] *= 400
+    dout, dlast = _douts(case)
+    out64, last64, g64 = run(selective_scan_ref, _upcast(inputs), case, dout, dlast)
+    out, last, grads = run(selective_scan, inputs, case, dout, dlast, backend="cpu")
+    assert_matches("out", out, out64)
+    assert_matches("last_state", last, last64)
+    for name in grads:
+        assert_matches(f"d{name}", grads[name], g64[name])
+
+
 def test_torch_compile_fullgraph_cpu():
     case = Case(2, 4, 33, 8)
     inputs = make_inputs(case, torch.float32, seed=4)

@@ -30,6 +30,8 @@
 // Threads: torch's OpenMP workers when the process has that runtime, std::threads otherwise.
 #include <pybind11/pybind11.h>
 
+#include "cpu/simd.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -37,11 +39,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -59,7 +63,7 @@ namespace py = pybind11;
 
 namespace {
 
-enum DType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
+enum DType : int { kF32 = dk::kFloat32, kF64 = dk::kFloat64, kF16 = dk::kFloat16, kBF16 = dk::kBFloat16 };
 constexpr int W = 16;    // lanes: channels per block
 #if defined(__AVX512F__)
 constexpr int NJF = 16;  // states per register block in the forward (16 zmm of 32; 8 ymm of 16 for AVX2)
@@ -68,111 +72,34 @@ constexpr int NJF = 8;
 #endif
 constexpr int NJB = 8;   // ... in the backward (its reverse loop carries two vectors per state)
 
-// ---------------------------------------------------------------------------------------------
-// 16-bit float conversions (bit manipulation, round-to-nearest-even).
-
-inline uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
+// dst[i * dst_stride] = src[i * stride] converted to Acc, for i < n (storage types: csrc/cpu/simd.h).
+template <class S, class Acc>
+void load_as(const S* p, int64_t stride, int64_t n, Acc* dst, int64_t dst_stride) {
+  for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = Acc(dk::to_compute(p[i * stride]));
 }
-inline float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline float half_to_float(uint16_t h) {
-  const uint32_t w = uint32_t(h) << 16;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t two_w = w + w;
-  const float normalized = float_of((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const float denormalized = float_of((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t result = sign | (two_w < (1u << 27) ? bits_of(denormalized) : bits_of(normalized));
-  return float_of(result);
-}
-
-inline uint16_t float_to_half(float f) {
-  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
-  const uint32_t w = bits_of(f);
-  const uint32_t shl1_w = w + w;
-  const uint32_t sign = w & 0x80000000u;
-  uint32_t bias = shl1_w & 0xFF000000u;
-  if (bias < 0x71000000u) bias = 0x71000000u;
-  base = float_of((bias >> 1) + 0x07800000u) + base;
-  const uint32_t b = bits_of(base);
-  const uint32_t nonsign = ((b >> 13) & 0x00007C00u) + (b & 0x00000FFFu);
-  return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
-}
-
-inline float bf16_to_float(uint16_t h) { return float_of(uint32_t(h) << 16); }
-
-inline uint16_t float_to_bf16(float f) {
-  uint32_t u = bits_of(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-
-// dst[i * dst_stride] = src[i * stride] converted to Acc, for i < n.
 template <class Acc>
 void load(int64_t addr, int dtype, int64_t stride, int64_t n, Acc* dst, int64_t dst_stride = 1) {
   switch (dtype) {
-    case kF32: {
-      auto p = reinterpret_cast<const float*>(addr);
-      if (stride == 1 && dst_stride == 1) {
-        for (int64_t i = 0; i < n; ++i) dst[i] = Acc(p[i]);
-      } else {
-        for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = Acc(p[i * stride]);
-      }
-      break;
-    }
-    case kF64: {
-      auto p = reinterpret_cast<const double*>(addr);
-      for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = Acc(p[i * stride]);
-      break;
-    }
-    case kF16: {
-      auto p = reinterpret_cast<const uint16_t*>(addr);
-      for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = Acc(half_to_float(p[i * stride]));
-      break;
-    }
-    case kBF16: {
-      auto p = reinterpret_cast<const uint16_t*>(addr);
-      for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = Acc(bf16_to_float(p[i * stride]));
-      break;
-    }
+    case kF32: return load_as(reinterpret_cast<const float*>(addr), stride, n, dst, dst_stride);
+    case kF64: return load_as(reinterpret_cast<const double*>(addr), stride, n, dst, dst_stride);
+    case kF16: return load_as(reinterpret_cast<const dk::fp16_t*>(addr), stride, n, dst, dst_stride);
+    case kBF16: return load_as(reinterpret_cast<const dk::bf16_t*>(addr), stride, n, dst, dst_stride);
   }
 }
 
-// dst[i * stride] = src[i * src_stride] converted to dtype, for i < n.
+// dst[i * stride] = src[i * src_stride] converted to dtype, for i < n (rounded to nearest even).
+template <class S, class Acc>
+void store_as(S* p, int64_t stride, int64_t n, const Acc* src, int64_t src_stride) {
+  using C = typename dk::ComputeOf<S>::type;
+  for (int64_t i = 0; i < n; ++i) p[i * stride] = dk::from_compute<S>(C(src[i * src_stride]));
+}
 template <class Acc>
 void store(int64_t addr, int dtype, int64_t stride, int64_t n, const Acc* src, int64_t src_stride = 1) {
   switch (dtype) {
-    case kF32: {
-      auto p = reinterpret_cast<float*>(addr);
-      if (stride == 1 && src_stride == 1) {
-        for (int64_t i = 0; i < n; ++i) p[i] = float(src[i]);
-      } else {
-        for (int64_t i = 0; i < n; ++i) p[i * stride] = float(src[i * src_stride]);
-      }
-      break;
-    }
-    case kF64: {
-      auto p = reinterpret_cast<double*>(addr);
-      for (int64_t i = 0; i < n; ++i) p[i * stride] = double(src[i * src_stride]);
-      break;
-    }
-    case kF16: {
-      auto p = reinterpret_cast<uint16_t*>(addr);
-      for (int64_t i = 0; i < n; ++i) p[i * stride] = float_to_half(float(src[i * src_stride]));
-      break;
-    }
-    case kBF16: {
-      auto p = reinterpret_cast<uint16_t*>(addr);
-      for (int64_t i = 0; i < n; ++i) p[i * stride] = float_to_bf16(float(src[i * src_stride]));
-      break;
-    }
+    case kF32: return store_as(reinterpret_cast<float*>(addr), stride, n, src, src_stride);
+    case kF64: return store_as(reinterpret_cast<double*>(addr), stride, n, src, src_stride);
+    case kF16: return store_as(reinterpret_cast<dk::fp16_t*>(addr), stride, n, src, src_stride);
+    case kBF16: return store_as(reinterpret_cast<dk::bf16_t*>(addr), stride, n, src, src_stride);
   }
 }
 
@@ -204,13 +131,7 @@ struct VecOf<double> {
 template <class Acc>
 using Vec = typename VecOf<Acc>::type;
 
-#if defined(__AVX512F__)
-constexpr int kRegBytes = 64;
-#elif defined(__AVX__)
-constexpr int kRegBytes = 32;
-#else
-constexpr int kRegBytes = 16;
-#endif
+constexpr int kRegBytes = dk::kVecBytes;  // one register of the build's ISA (csrc/cpu/simd.h)
 constexpr int kRegLanes = kRegBytes / int(sizeof(float));  // float lanes of one register
 
 // Float vectors of n lanes (n: a power of two up to W) and their same-width int32 vectors.
@@ -244,6 +165,13 @@ inline V join(HalfOf<V> lo, HalfOf<V> hi) {
   V v;
   std::memcpy(&v, &lo, sizeof lo), std::memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
   return v;
+}
+// f applied to each half of x (f: the caller itself, so that a wide vector is split down to registers).
+template <class V, class F>
+inline V halves(V x, F f) {
+  HalfOf<V> lo, hi;
+  split(x, lo, hi);
+  return join<V>(f(lo), f(hi));
 }
 
 // x < c ? c : x and x > c ? c : x lane-wise (NaN stays NaN): one vmaxps / vminps at register width.
@@ -328,7 +256,8 @@ inline void stream_fence() {
 // 2^f on [-0.5, 0.5] by a degree-5 polynomial with p(0) = 1, minimax for the relative error (~1.7e-7
 // with FMAs; Cephes' degree 6 would cost one more FMA of the ~9 per state update). AVX-512:
 // vrndscaleps, then vscalefps (exact underflow to 0, overflow to inf); -inf gives 0 and NaN stays
-// NaN. Elsewhere x is clamped to [-126, 126] and 2^n built in the exponent bits.
+// NaN. Elsewhere x is clamped to [-125, 126] and n added to the exponent bits. CLAMP false: the
+// caller knows |x| <= 125 (see decay_limit), and the clamps, a sixth of the work, are left out.
 template <class V>
 inline V exp2_poly(V f) {
   V p = vfma(vsplat<V>(1.3264727e-3f), f, vsplat<V>(9.671513e-3f));
@@ -337,29 +266,31 @@ inline V exp2_poly(V f) {
   p = vfma(p, f, vsplat<V>(6.93147e-1f));
   return vfma(p, f, vsplat<V>(1.0f));
 }
-template <class V>
+template <bool CLAMP, class V>
 inline V vexp2(V x) {
   if constexpr (kWide<V>) {
-    HalfOf<V> lo, hi;
-    split(x, lo, hi);
-    return join<V>(vexp2(lo), vexp2(hi));
+    return halves(x, [](auto h) { return vexp2<CLAMP>(h); });
   } else {
 #if defined(__AVX512F__)
     if constexpr (sizeof(V) == 64) {
       // max(c, NaN) = NaN (the masked forms: GCC 12 warns about the undefined source of the plain ones)
-      const __m512 xv = _mm512_mask_max_ps((__m512)x, (__mmask16)0xffff, _mm512_set1_ps(-160.0f), (__m512)x);
+      const __m512 xv =
+          CLAMP ? _mm512_mask_max_ps((__m512)x, (__mmask16)0xffff, _mm512_set1_ps(-160.0f), (__m512)x) : (__m512)x;
       const __m512 n =
           _mm512_mask_roundscale_ps(xv, (__mmask16)0xffff, xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       const V p = exp2_poly((V)xv - (V)n);
       return (V)_mm512_mask_scalef_ps((__m512)p, (__mmask16)0xffff, (__m512)p, n);
     }
 #endif
-    x = vmin_of(vsplat<V>(126.0f), vmax_of(vsplat<V>(-126.0f), x));
-    const V magic = vsplat<V>(12582912.0f + 127.0f);  // 1.5 * 2^23 + 127: rounds x, leaves n + 127 in the low bits
+    // 2^n is added to the exponent bits of p(f) in [0.7, 1.5) (an integer add, which runs on more
+    // ports than a multiply): n >= -125 keeps the result normal.
+    if (CLAMP) x = vmin_of(vsplat<V>(126.0f), vmax_of(vsplat<V>(-125.0f), x));
+    const V magic = vsplat<V>(12582912.0f);  // 1.5 * 2^23: rounds x, leaves n in the low bits
     const V v = x + magic;
-    return exp2_poly(x - (v - magic)) * (V)((IVecOf<V>)v << 23);
+    return (V)((IVecOf<V>)exp2_poly(x - (v - magic)) + ((IVecOf<V>)v << 23));
   }
 }
+template <bool CLAMP>
 inline Vec<double> vexp2(Vec<double> x) {
   for (int i = 0; i < W; ++i) x[i] = std::exp2(x[i]);
   return x;
@@ -374,9 +305,7 @@ constexpr double kLog2e = 1.4426950408889634074;
 template <class V>
 inline V vexp_neg(V x) {
   if constexpr (kWide<V>) {
-    HalfOf<V> lo, hi;
-    split(x, lo, hi);
-    return join<V>(vexp_neg(lo), vexp_neg(hi));
+    return halves(x, [](auto h) { return vexp_neg(h); });
   } else {
     constexpr bool k512 = kRegBytes == 64 && sizeof(V) == 64;
     x = vmax_of(vsplat<V>(k512 ? -104.0f : -87.0f), x);
@@ -405,12 +334,19 @@ inline V vexp_neg(V x) {
   }
 }
 
-// 1 / u for u in [1, 3]: vrcp14ps and one Newton step (~2^-28) with AVX-512, a division elsewhere.
+// 1 / u for u in [1, 3]: an approximate reciprocal and one Newton step, vrcp14ps with AVX-512
+// (~2^-28), vrcpps with AVX (~2.5e-7 relative; a division costs ~5x as much); a division elsewhere.
 template <class V>
 inline V vrcp_1to3(V u) {
 #if defined(__AVX512F__)
   if constexpr (sizeof(V) == 64) {
     const V r = (V)_mm512_mask_rcp14_ps((__m512)u, (__mmask16)0xffff, (__m512)u);
+    return r * vfma(-u, r, vsplat<V>(2.0f));
+  }
+#endif
+#if defined(__AVX__)
+  if constexpr (sizeof(V) == 32) {
+    const V r = (V)_mm256_rcp_ps((__m256)u);
     return r * vfma(-u, r, vsplat<V>(2.0f));
   }
 #endif
@@ -452,9 +388,7 @@ inline Vec<double> vsoftplus(Vec<double> x, Vec<double>* sig = nullptr) {
 template <class V>
 inline V vsigmoid(V x) {
   if constexpr (kWide<V>) {
-    HalfOf<V> lo, hi;
-    split(x, lo, hi);
-    return join<V>(vsigmoid(lo), vsigmoid(hi));
+    return halves(x, [](auto h) { return vsigmoid(h); });
   } else {
     using VI = IVecOf<V>;
     const V e = vexp_neg((V)((VI)x | (VI)vsplat<V>(-0.0f)));  // exp(-|x|)
@@ -468,58 +402,42 @@ inline Vec<double> vsigmoid(Vec<double> x) {
 
 // Transposing reduction: 16 vectors q_0..q_15 -> one vector whose lane i is the sum of q_i's lanes,
 // by a shuffle tree (15 two-input folds, ~3 ops per reduced vector instead of a horizontal sum each):
-// fold8 on the pairs (q_2k, q_2k+1), fold4 on pairs of those results, then fold2, then fold1.
-template <class V>
-inline V fold8(V a, V b) {
-  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-         __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+// fold<8> on the pairs (q_2k, q_2k+1), fold<4> on pairs of those results, then fold<2>, then fold<1>.
+// fold<S>(a, b): of the 32 lanes a ++ b in blocks of S, the even blocks plus the odd ones (fold<8>:
+// a[0, 8) ++ b[0, 8) + a[8, 16) ++ b[8, 16); fold<1>: pairwise sums, a's then b's).
+template <int S, class V, size_t... I>
+inline V fold_lanes(V a, V b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, int(2 * S * (I / S) + I % S)...) +
+         __builtin_shufflevector(a, b, int(2 * S * (I / S) + I % S + S)...);
 }
 template <class V>
-inline V fold4(V a, V b) {
-  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-         __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+constexpr int kLanesOf = int(sizeof(V) / sizeof(std::declval<V>()[0]));
+template <int S, class V>
+inline V fold(V a, V b) {
+  return fold_lanes<S>(a, b, std::make_index_sequence<kLanesOf<V>>());
 }
-template <class V>
-inline V fold2(V a, V b) {
-  return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-         __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+// The even (EVEN) or odd lanes of a vector, as one of half its width.
+template <bool EVEN, class V, size_t... I>
+inline auto half_lanes(V r, std::index_sequence<I...>) {
+  return __builtin_shufflevector(r, r, int(2 * I + !EVEN)...);
 }
-template <class V>
-inline V fold1(V a, V b) {
-  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-// The lanes 0, 2, .., 14 (EVEN) or 1, 3, .., 15 of a 16-lane vector, as an 8-lane one.
 template <bool EVEN, class V>
 inline auto half_lanes(V r) {
-  if constexpr (EVEN) return __builtin_shufflevector(r, r, 0, 2, 4, 6, 8, 10, 12, 14);
-  else return __builtin_shufflevector(r, r, 1, 3, 5, 7, 9, 11, 13, 15);
+  return half_lanes<EVEN>(r, std::make_index_sequence<kLanesOf<V> / 2>());
 }
 // 16 x 16 transpose: dst[j * ds + i] = src[i * ss + j]. Four rounds of block swaps (8, 4, 2, 1 wide),
 // each 16 two-input shuffles.
-template <int S, class V>
-inline void swap_blocks(V& a, V& b) {
-  V x, y;
-  if constexpr (S == 8) {
-    x = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-    y = __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  } else if constexpr (S == 4) {
-    x = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
-    y = __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-  } else if constexpr (S == 2) {
-    x = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
-    y = __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-  } else {
-    x = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-    y = __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-  }
+template <int S, class V, size_t... I>
+inline void swap_blocks(V& a, V& b, std::index_sequence<I...>) {
+  const V x = __builtin_shufflevector(a, b, int(I & S ? I - S + W : I)...);
+  const V y = __builtin_shufflevector(a, b, int(I & S ? I + W : I + S)...);
   a = x;
   b = y;
 }
 template <int S, class V>
 inline void swap_round(V* r) {
   for (int i = 0; i < W; ++i)
-    if (!(i & S)) swap_blocks<S>(r[i], r[i + S]);
+    if (!(i & S)) swap_blocks<S>(r[i], r[i + S], std::make_index_sequence<W>());
 }
 #if defined(__AVX__) && !defined(__AVX512F__)
 // 8 x 8 float transpose in ymm registers: dst[j * ds + i] = src[i * ss + j].
@@ -837,56 +755,89 @@ inline void vst(Acc* p, V v) {
   std::memcpy(p, &v, sizeof v);
 }
 
-// NJ states (a register block) of one block over one chunk. A2: (NJ, W) A * log2(e); DT, DTU, Y:
-// (tl, W) delta', delta' * u and the output accumulator y += <h_t, C_t>; h: (NJ, W) state in/out;
-// Bp/Cp: B/C of the chunk at this register block's first state (t-stride bts/cts; a scalar per
-// (t, n) when BL/CL is false, a lane vector per (t, n) when true). The lanes run in passes of one
-// register (LaneVec), each over the whole chunk.
-template <class Acc, int NJ, bool BL, bool CL>
-void fwd_states(int64_t tl, const Acc* A2, const Acc* DT, const Acc* DTU, const Acc* Bp, int64_t bts,
-                const Acc* Cp, int64_t cts, Acc* h, Acc* Y) {
+// NJ states (a register block) of one block over one chunk, the forward's and the backward's
+// recomputation. A2: (NJ, W) A * log2(e); DT, DTU, Y: (tl, W) delta', delta' * u and the output
+// accumulator Y += <h_t, C_t> (when HY); h0: (NJ, W) the state before the chunk; Bp/Cp: B/C of the
+// chunk at this register block's first state (t-stride bts/cts; a scalar per (t, n) when BL/CL is
+// false, a lane vector per (t, n) when true). The forward (SAVE false) writes the state after the
+// chunk to h (may be h0). The backward (SAVE true) keeps every step: Hb (tl + 1, NJ, W) gets
+// h_{t-1} at row t (row 0 = h0) and h_t at row t + 1, Ab (tl, NJ, W) the decays. The lanes run in
+// passes of one register (LaneVec), each over the whole chunk. CLAMP: see vexp2.
+template <class Acc, int NJ, bool BL, bool CL, bool SAVE, bool HY, bool CLAMP>
+void scan_states(int64_t tl, const Acc* A2, const Acc* DT, const Acc* DTU, const Acc* Bp, int64_t bts,
+                 const Acc* Cp, int64_t cts, const Acc* h0, Acc* h, Acc* Hb, Acc* Ab, Acc* Y) {
   using V = typename LaneVec<Acc>::type;
-  constexpr int VL = int(sizeof(V) / sizeof(Acc)), BJ = BL ? W : 1, CJ = CL ? W : 1;
+  constexpr int VL = kLanesOf<V>, BJ = BL ? W : 1, CJ = CL ? W : 1;
   for (int o = 0; o < W; o += VL) {
     V hr[NJ];
-    for (int j = 0; j < NJ; ++j) hr[j] = vld<V>(h + j * W + o);
+    for (int j = 0; j < NJ; ++j) {
+      hr[j] = vld<V>(h0 + j * W + o);
+      if (SAVE) vst(Hb + j * W + o, hr[j]);
+    }
     for (int64_t t = 0; t < tl; ++t) {
       const V dt = vld<V>(DT + t * W + o), dtu = vld<V>(DTU + t * W + o);
       const Acc* Bt = Bp + t * bts;
       const Acc* Ct = Cp + t * cts;
-      V y0 = vld<V>(Y + t * W + o), y1{};
+      V y0{}, y1{};
 #pragma GCC unroll 16
       for (int j = 0; j < NJ; ++j) {
-        const V a = vexp2(vld<V>(A2 + j * W + o) * dt);
+        const V a = vexp2<CLAMP>(vld<V>(A2 + j * W + o) * dt);
         const V bv = BL ? vld<V>(Bt + j * BJ + o) : Bt[j * BJ] - V{};
-        const V cv = CL ? vld<V>(Ct + j * CJ + o) : Ct[j * CJ] - V{};
         hr[j] = vfma(a, hr[j], bv * dtu);
-        if (j & 1) y1 = vfma(hr[j], cv, y1); else y0 = vfma(hr[j], cv, y0);
+        if (SAVE) vst(Ab + (t * NJ + j) * W + o, a), vst(Hb + ((t + 1) * NJ + j) * W + o, hr[j]);
+        if (HY) {
+          const V cv = CL ? vld<V>(Ct + j * CJ + o) : Ct[j * CJ] - V{};
+          if (j & 1) y1 = vfma(hr[j], cv, y1); else y0 = vfma(hr[j], cv, y0);
+        }
       }
-      vst(Y + t * W + o, y0 + y1);
+      if (HY) vst(Y + t * W + o, vld<V>(Y + t * W + o) + (y0 + y1));
     }
-    for (int j = 0; j < NJ; ++j) vst(h + j * W + o, hr[j]);
+    if (!SAVE)
+      for (int j = 0; j < NJ; ++j) vst(h + j * W + o, hr[j]);
   }
 }
 
-template <class Acc, bool BL, bool CL>
+template <class Acc, bool BL, bool CL, bool CLAMP>
 void fwd_chunk(const Shape& s, int64_t tl, const Acc* A2, const Acc* DT, const Acc* DTU, const Acc* Bp, int64_t bts,
                const Acc* Cp, int64_t cts, Acc* h, Acc* Y) {
   constexpr int BJ = BL ? W : 1, CJ = CL ? W : 1;
   int64_t n = 0;
   for (; n + NJF <= s.NP; n += NJF)
-    fwd_states<Acc, NJF, BL, CL>(tl, A2 + n * W, DT, DTU, Bp + n * BJ, bts, Cp + n * CJ, cts, h + n * W, Y);
+    scan_states<Acc, NJF, BL, CL, false, true, CLAMP>(tl, A2 + n * W, DT, DTU, Bp + n * BJ, bts, Cp + n * CJ, cts, h + n * W,
+                                               h + n * W, nullptr, nullptr, Y);
   for (; n < s.NP; n += NJB)
-    fwd_states<Acc, NJB, BL, CL>(tl, A2 + n * W, DT, DTU, Bp + n * BJ, bts, Cp + n * CJ, cts, h + n * W, Y);
+    scan_states<Acc, NJB, BL, CL, false, true, CLAMP>(tl, A2 + n * W, DT, DTU, Bp + n * BJ, bts, Cp + n * CJ, cts, h + n * W,
+                                               h + n * W, nullptr, nullptr, Y);
 }
 
 template <class Acc>
 using FwdChunkFn = void (*)(const Shape&, int64_t, const Acc*, const Acc*, const Acc*, const Acc*, int64_t,
                             const Acc*, int64_t, Acc*, Acc*);
-template <class Acc>
+template <class Acc, bool CLAMP>
 FwdChunkFn<Acc> fwd_chunk_for(bool bl, bool cl) {
-  return bl ? (cl ? fwd_chunk<Acc, true, true> : fwd_chunk<Acc, true, false>)
-            : (cl ? fwd_chunk<Acc, false, true> : fwd_chunk<Acc, false, false>);
+  return bl ? (cl ? fwd_chunk<Acc, true, true, CLAMP> : fwd_chunk<Acc, true, false, CLAMP>)
+            : (cl ? fwd_chunk<Acc, false, true, CLAMP> : fwd_chunk<Acc, false, false, CLAMP>);
+}
+
+// The decays 2^(A2 delta') of a chunk need no clamping when every |A2 delta'| <= 125 (vexp2<false>):
+// decay_limit(A2) = 125 / max |A2| over a block's states, and the chunk's |delta'| must not exceed
+// it (a NaN never passes).
+template <class Acc>
+Acc decay_limit(const Acc* A2, int64_t n) {
+  Acc m = 0;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(A2[i]));
+  return m > 0 ? Acc(125) / m : std::numeric_limits<Acc>::infinity();
+}
+template <class Acc>
+bool decays_in_range(const Acc* DT, int64_t n, Acc limit) {  // n: a multiple of W
+  using V = typename LaneVec<Acc>::type;
+  using VI = decltype(V{} < V{});
+  const VI magnitude = ~(VI)(Acc(-0.0) - V{});
+  VI ok = ~VI{};
+  for (int64_t i = 0; i < n; i += kLanesOf<V>) ok &= (V)((VI)vld<V>(DT + i) & magnitude) <= limit - V{};
+  for (int l = 0; l < kLanesOf<V>; ++l)
+    if (!ok[l]) return false;
+  return true;
 }
 
 // The rows of a span are 16 streams of a few KB, 4 KB or more apart, each read (or written) once: the
@@ -909,9 +860,8 @@ struct SpanInputs {
 
   // Reads u, delta, z on [t0, t0 + sl); delta' = softplus(delta + bias) and delta' * u as rows and as
   // tiles; sig (rows (W, SP)), when given, gets d delta' / d(delta + bias) (the sigmoid, or 1).
-  // prefetch: while on row i, ask for the same steps of row i + 1 of u and delta (see prefetch_line).
-  void load(const Params& p, const Shape& s, const Block& blk, int64_t t0, int64_t sl, Acc* sig = nullptr,
-            bool prefetch = false) {
+  // While on row i, it asks for the same steps of row i + 1 of u and delta (see prefetch_line).
+  void load(const Params& p, const Shape& s, const Block& blk, int64_t t0, int64_t sl, Acc* sig = nullptr) {
     using V = Vec<Acc>;
     const Acc* bias_w = reinterpret_cast<const Acc*>(p.delta_bias);
     const int64_t se = (sl + W - 1) / W * W;
@@ -930,7 +880,7 @@ struct SpanInputs {
       const Acc bias = channel_weight(bias_w, blk, i);
       const Acc *xn = x.r[next_row(i)], *un = u.r[next_row(i)];
       for (int64_t t = 0; t < se; t += W) {
-        if (prefetch) prefetch_line<false>(xn + t), prefetch_line<false>(un + t);
+        prefetch_line<false>(xn + t), prefetch_line<false>(un + t);
         const V xv = vload(x.r[i] + t) + bias;
         V sg;
         const V dt = p.softplus ? vsoftplus(xv, sig ? &sg : nullptr) : xv;
@@ -969,7 +919,9 @@ void forward(const Params& p) {
       if (init) lane_weights(s, blk, init + blk.b * s.D * s.N, Acc(1), h.data());
       bsrc.begin_block(blk);
       csrc.begin_block(blk);
-      const FwdChunkFn<Acc> run = fwd_chunk_for<Acc>(bsrc.mode != kShared, csrc.mode != kShared);
+      const bool bl = bsrc.mode != kShared, cl = csrc.mode != kShared;
+      const FwdChunkFn<Acc> run[2] = {fwd_chunk_for<Acc, false>(bl, cl), fwd_chunk_for<Acc, true>(bl, cl)};
+      const Acc limit = decay_limit(A2.data(), s.NP * W);
       Acc* hsk = hs + k * (s.nc + 1) * hstride;
       for (int64_t t0 = 0; t0 < s.L; t0 += s.S) {
         const int64_t sl = std::min(s.S, s.L - t0), se = (sl + W - 1) / W * W;
@@ -981,15 +933,18 @@ void forward(const Params& p) {
           int64_t bts, cts;
           const Acc* Bp = bsrc.chunk(t0 + c0, tl, bts);
           const Acc* Cp = csrc.chunk(t0 + c0, tl, cts);
-          run(s, tl, A2.data(), &in.DT[c0 * W], &in.DTU[c0 * W], Bp, bts, Cp, cts, h.data(), &Y[c0 * W]);
+          const bool clamp = !decays_in_range(&in.DT[c0 * W], tl * W, limit);
+          run[clamp](s, tl, A2.data(), &in.DT[c0 * W], &in.DTU[c0 * W], Bp, bts, Cp, cts, h.data(), &Y[c0 * W]);
         }
         tile_to_rows(Y.data(), se, Yr.data(), SP);
         out.begin(p.out, blk, t0, sl);
         for (int i = 0; i < blk.nl; ++i) {
           const Acc dv = channel_weight(Dv, blk, i);
           const Acc* ur = in.u.r[i];
-          const Acc* zr = in.z.r[i];
+          const Acc *zr = in.z.r[i], *zn = in.z.r[next_row(i)];  // z is first read here: prefetched a row ahead
+          Acc* on = out.r[next_row(i)];
           for (int64_t t = 0; t < se; t += W) {
+            prefetch_line<false>(zn + t), prefetch_line<true>(on + t);
             V y = vfma(vload(ur + t), splat(dv), vload(&Yr[i * SP + t]));
             if (p.z.ptr) {
               const V zv = vload(zr + t);
@@ -1010,122 +965,103 @@ void forward(const Params& p) {
 // ---------------------------------------------------------------------------------------------
 // Backward
 
-// Recompute NJB states of one block over one chunk from the saved state h0 (NJB, W): Hb (tl + 1, NJB, W)
-// gets h_{t-1} at row t (row 0 = h0) and h_t at row t + 1, Ab (tl, NJB, W) the decays; Y += <h_t, C_t>
-// when HY (dz needs y).
-template <class Acc, bool BL, bool CL, bool HY>
-void bwd_recompute(int64_t tl, const Acc* A2, const Acc* DT, const Acc* DTU, const Acc* Bp, int64_t bts,
-                   const Acc* Cp, int64_t cts, const Acc* h0, Acc* Hb, Acc* Ab, Acc* Y) {
-  using V = typename LaneVec<Acc>::type;  // lanes in passes of one register, as in fwd_states
-  constexpr int NJ = NJB, VL = int(sizeof(V) / sizeof(Acc)), BJ = BL ? W : 1, CJ = CL ? W : 1;
-  for (int o = 0; o < W; o += VL) {
-    V hr[NJ];
-    for (int j = 0; j < NJ; ++j) vst(Hb + j * W + o, hr[j] = vld<V>(h0 + j * W + o));
-    for (int64_t t = 0; t < tl; ++t) {
-      const V dt = vld<V>(DT + t * W + o), dtu = vld<V>(DTU + t * W + o);
-      const Acc* Bt = Bp + t * bts;
-      const Acc* Ct = Cp + t * cts;
-      V y0{}, y1{};
-#pragma GCC unroll 8
-      for (int j = 0; j < NJ; ++j) {
-        const V a = vexp2(vld<V>(A2 + j * W + o) * dt);
-        const V bv = BL ? vld<V>(Bt + j * BJ + o) : Bt[j * BJ] - V{};
-        hr[j] = vfma(a, hr[j], bv * dtu);
-        vst(Ab + (t * NJ + j) * W + o, a);
-        vst(Hb + ((t + 1) * NJ + j) * W + o, hr[j]);
-        if (HY) {
-          const V cv = CL ? vld<V>(Ct + j * CJ + o) : Ct[j * CJ] - V{};
-          if (j & 1) y1 = vfma(hr[j], cv, y1); else y0 = vfma(hr[j], cv, y0);
-        }
-      }
-      if (HY) vst(Y + t * W + o, vld<V>(Y + t * W + o) + (y0 + y1));
-    }
-  }
-}
-
 // The reverse recurrence of NJB states over one chunk, t = tl-1 .. 0:
 //   g_t = C_t dy_t + a_{t+1} g_{t+1}   (dL/dh_t; g: (NJB, W) carried in/out)
 //   dA += g_t a_t h_{t-1} delta'_t,  RGA[t] += sum_n A g_t a_t h_{t-1},  RGB[t] += sum_n g_t B_t,
 //   dC[t] += sum_lanes h_t dy_t,  dB[t] += sum_lanes g_t delta'_t u_t.
-// A shared (scalar) B/C gets its lane sums by one fold of 16 vectors per t, added to dBp/dCp[t * dbts + j];
+// A shared (scalar) B/C gets its lane sums by a fold tree per t and pass, added to dBp/dCp[t * dbts + j];
 // a lane B/C accumulates lane-wise into dBp/dCp[t * dbts + j * W] (dbts 0 for a constant one).
 template <class Acc, bool BL, bool CL>
 void bwd_reverse(int64_t tl, const Acc* A1, const Acc* DT, const Acc* DTU, const Acc* DY, const Acc* Bp, int64_t bts,
                  const Acc* Cp, int64_t cts, const Acc* Hb, const Acc* Ab, Acc* g, Acc* dA, Acc* RGA, Acc* RGB,
                  Acc* dBp, int64_t dbts, Acc* dCp, int64_t dcts) {
-  using V = Vec<Acc>;
-  constexpr int NJ = NJB, BJ = BL ? W : 1, CJ = CL ? W : 1;
-  static_assert(NJ == 8, "the fold tree below reduces 2 * 8 vectors");
-  V gr[NJ], da[NJ];
-  for (int j = 0; j < NJ; ++j) gr[j] = vload(g + j * W), da[j] = vload(dA + j * W);
-  for (int64_t t = tl - 1; t >= 0; --t) {
-    const V dt = vload(DT + t * W), dtu = vload(DTU + t * W), dy = vload(DY + t * W);
-    const Acc* Bt = Bp + t * bts;
-    const Acc* Ct = Cp + t * cts;
-    // Lanes to fold, in the order qC_0, qB_0, qC_1, ... (qC_j = h_t dy for dC, qB_j = g_t delta' u for
-    // dB), folded as the states are done (the fold tree, level by level) to keep few vectors live.
-    V s8[NJ], s4[NJ / 2], s2[NJ / 4], r{};
-    V rga{}, rgb{};
+  // Passes of one register of lanes (LaneVec) times VL / 2 states: a pass carries VL vectors (g and dA
+  // of each state), few enough to stay in registers with AVX2's 16, and its 2 * NJ lane sums for a
+  // shared B/C (qC_j = h_t dy for dC, qB_j = g_t delta' u for dB, in that order) fold into one vector.
+  using V = typename LaneVec<Acc>::type;
+  constexpr int VL = kLanesOf<V>, NJ = VL / 2, BJ = BL ? W : 1, CJ = CL ? W : 1;
+  static_assert(NJ >= 2 && NJ <= 8 && NJB % NJ == 0, "the fold tree below reduces 4 to 16 vectors");
+  for (int o = 0; o < W; o += VL) {
+    for (int j0 = 0; j0 < NJB; j0 += NJ) {
+      V gr[NJ], da[NJ];
+      for (int j = 0; j < NJ; ++j) gr[j] = vld<V>(g + (j0 + j) * W + o), da[j] = vld<V>(dA + (j0 + j) * W + o);
+      for (int64_t t = tl - 1; t >= 0; --t) {
+        const V dt = vld<V>(DT + t * W + o), dtu = vld<V>(DTU + t * W + o), dy = vld<V>(DY + t * W + o);
+        const Acc* Bt = Bp + t * bts + j0 * BJ;
+        const Acc* Ct = Cp + t * cts + j0 * CJ;
+        // The fold tree, level by level as the states are done (few vectors live): l1 per state, l2 per
+        // two, l4 per four, r per eight; r's lane 2j is the sum of qC_j, lane 2j + 1 that of qB_j.
+        V l1[NJ], l2[NJ / 2], l4[NJ / 4 + 1], r{};
+        V rga{}, rgb{};
 #pragma GCC unroll 8
-    for (int j = 0; j < NJ; ++j) {
-      const V hc = vload(Hb + ((t + 1) * NJ + j) * W), hp = vload(Hb + (t * NJ + j) * W);
-      const V a = vload(Ab + (t * NJ + j) * W);
-      const V bv = BL ? vload(Bt + j * BJ) : splat(Bt[j * BJ]);
-      const V cv = CL ? vload(Ct + j * CJ) : splat(Ct[j * CJ]);
-      const V gj = vfma(cv, dy, gr[j]);
-      V qc{}, qb{};
-      if (CL) {
-        Acc* d = dCp + t * dcts + j * W;
-        vstore(d, vfma(hc, dy, vload(d)));
-      } else {
-        qc = hc * dy;
+        for (int j = 0; j < NJ; ++j) {
+          const Acc* hb = Hb + (t * NJB + j0 + j) * W + o;
+          const V hc = vld<V>(hb + NJB * W), hp = vld<V>(hb);
+          const V a = vld<V>(Ab + (t * NJB + j0 + j) * W + o);
+          const V bv = BL ? vld<V>(Bt + j * BJ + o) : Bt[j * BJ] - V{};
+          const V cv = CL ? vld<V>(Ct + j * CJ + o) : Ct[j * CJ] - V{};
+          const V gj = vfma(cv, dy, gr[j]);
+          V qc{}, qb{};
+          if (CL) {
+            Acc* d = dCp + t * dcts + (j0 + j) * W + o;
+            vst(d, vfma(hc, dy, vld<V>(d)));
+          } else {
+            qc = hc * dy;
+          }
+          if (BL) {
+            Acc* d = dBp + t * dbts + (j0 + j) * W + o;
+            vst(d, vfma(gj, dtu, vld<V>(d)));
+          } else {
+            qb = gj * dtu;
+          }
+          if (!BL || !CL) {
+            l1[j] = fold<VL / 2>(qc, qb);
+            if (j & 1) l2[j / 2] = fold<VL / 4>(l1[j - 1], l1[j]);
+            if constexpr (NJ >= 4)
+              if ((j & 3) == 3) l4[j / 4] = fold<VL / 8>(l2[j / 2 - 1], l2[j / 2]);
+            if constexpr (NJ >= 8)
+              if (j == 7) r = fold<VL / 16>(l4[0], l4[1]);
+          }
+          gr[j] = a * gj;
+          const V w = gr[j] * hp;  // g_t a_t h_{t-1}
+          da[j] = vfma(w, dt, da[j]);
+          rga = vfma(vld<V>(A1 + (j0 + j) * W + o), w, rga);
+          rgb = vfma(gj, bv, rgb);
+        }
+        if (!BL || !CL) {
+          if constexpr (NJ == 2) r = l2[0];
+          if constexpr (NJ == 4) r = l4[0];
+          typedef Acc H __attribute__((vector_size(NJ * sizeof(Acc))));
+          H d;
+          if (!CL) {
+            Acc* p = dCp + t * dcts + j0;
+            std::memcpy(&d, p, sizeof d), d += half_lanes<true>(r), std::memcpy(p, &d, sizeof d);
+          }
+          if (!BL) {
+            Acc* p = dBp + t * dbts + j0;
+            std::memcpy(&d, p, sizeof d), d += half_lanes<false>(r), std::memcpy(p, &d, sizeof d);
+          }
+        }
+        vst(RGA + t * W + o, vld<V>(RGA + t * W + o) + rga);
+        vst(RGB + t * W + o, vld<V>(RGB + t * W + o) + rgb);
       }
-      if (BL) {
-        Acc* d = dBp + t * dbts + j * W;
-        vstore(d, vfma(gj, dtu, vload(d)));
-      } else {
-        qb = gj * dtu;
-      }
-      if (!BL || !CL) {
-        s8[j] = fold8(qc, qb);
-        if (j & 1) s4[j / 2] = fold4(s8[j - 1], s8[j]);
-        if ((j & 3) == 3) s2[j / 4] = fold2(s4[j / 2 - 1], s4[j / 2]);
-        if (j == NJ - 1) r = fold1(s2[0], s2[1]);  // lane 2j: dC[t][j], lane 2j + 1: dB[t][j]
-      }
-      gr[j] = a * gj;
-      const V w = gr[j] * hp;  // g_t a_t h_{t-1}
-      da[j] = vfma(w, dt, da[j]);
-      rga = vfma(vload(A1 + j * W), w, rga);
-      rgb = vfma(gj, bv, rgb);
+      for (int j = 0; j < NJ; ++j) vst(g + (j0 + j) * W + o, gr[j]), vst(dA + (j0 + j) * W + o, da[j]);
     }
-    if (!BL || !CL) {
-      typedef Acc H __attribute__((vector_size(NJ * sizeof(Acc))));
-      H d;
-      if (!CL) {
-        const H c = half_lanes<true>(r);
-        std::memcpy(&d, dCp + t * dcts, sizeof d), d += c, std::memcpy(dCp + t * dcts, &d, sizeof d);
-      }
-      if (!BL) {
-        const H b = half_lanes<false>(r);
-        std::memcpy(&d, dBp + t * dbts, sizeof d), d += b, std::memcpy(dBp + t * dbts, &d, sizeof d);
-      }
-    }
-    vstore(RGA + t * W, vload(RGA + t * W) + rga);
-    vstore(RGB + t * W, vload(RGB + t * W) + rgb);
   }
-  for (int j = 0; j < NJ; ++j) vstore(g + j * W, gr[j]), vstore(dA + j * W, da[j]);
 }
 
 template <class Acc>
 struct BwdKernels {
-  void (*recompute[2])(int64_t, const Acc*, const Acc*, const Acc*, const Acc*, int64_t, const Acc*, int64_t,
-                       const Acc*, Acc*, Acc*, Acc*);  // [has y]
+  void (*recompute[2][2])(int64_t, const Acc*, const Acc*, const Acc*, const Acc*, int64_t, const Acc*, int64_t,
+                          const Acc*, Acc*, Acc*, Acc*, Acc*);  // scan_states keeping every step, [clamp][has y]
   void (*reverse)(int64_t, const Acc*, const Acc*, const Acc*, const Acc*, const Acc*, int64_t, const Acc*, int64_t,
                   const Acc*, const Acc*, Acc*, Acc*, Acc*, Acc*, Acc*, int64_t, Acc*, int64_t);
 };
 template <class Acc, bool BL, bool CL>
 constexpr BwdKernels<Acc> bwd_kernels_of() {
-  return {{bwd_recompute<Acc, BL, CL, false>, bwd_recompute<Acc, BL, CL, true>}, bwd_reverse<Acc, BL, CL>};
+  return {{{scan_states<Acc, NJB, BL, CL, true, false, false>, scan_states<Acc, NJB, BL, CL, true, true, false>},
+           {scan_states<Acc, NJB, BL, CL, true, false, true>, scan_states<Acc, NJB, BL, CL, true, true, true>}},
+          bwd_reverse<Acc, BL, CL>};
 }
 template <class Acc>
 BwdKernels<Acc> bwd_kernels_for(bool bl, bool cl) {
@@ -1280,10 +1216,11 @@ void backward(const Params& p) {
         dbg.begin_block();
         dcg.begin_block();
         const BwdKernels<Acc> kern = bwd_kernels_for<Acc>(bsrc.mode != kShared, csrc.mode != kShared);
+        const Acc limit = decay_limit(A2.data(), s.NP * W);
         const Acc* hsk = hs + k * (s.nc + 1) * hstride;
         for (int64_t t0 = (s.L - 1) / s.S * s.S; t0 >= 0; t0 -= s.S) {
           const int64_t sl = std::min(s.S, s.L - t0), se = (sl + W - 1) / W * W;
-          in.load(p, s, blk, t0, sl, SPr.data(), true);
+          in.load(p, s, blk, t0, sl, SPr.data());
           dout.read(p.dout, blk, t0, sl);
           for (int i = 0; i < W; ++i) {
             const Acc *dor = dout.r[i], *zr = in.z.r[i], *don = dout.r[next_row(i)], *zn = in.z.r[next_row(i)];
@@ -1312,9 +1249,11 @@ void backward(const Params& p) {
             Acc* dCp = dcg.begin_chunk(blk, t0 + c0, dcts);
             const int64_t bj = bsrc.jstride(), cj = csrc.jstride();
             const Acc *DT = &in.DT[c0 * W], *DTU = &in.DTU[c0 * W];
+            const bool clamp = !decays_in_range(DT, tl * W, limit);
             for (int64_t n = 0; n < s.NP; n += NJB) {
-              kern.recompute[has_z](tl, &A2[n * W], DT, DTU, Bp + n * bj, bts, Cp + n * cj, cts, hsk + c * hstride + n * W,
-                             Hb.data(), Ab.data(), has_z ? &Y[c0 * W] : nullptr);
+              kern.recompute[clamp][has_z](tl, &A2[n * W], DT, DTU, Bp + n * bj, bts, Cp + n * cj, cts,
+                                           hsk + c * hstride + n * W, nullptr, Hb.data(), Ab.data(),
+                                           has_z ? &Y[c0 * W] : nullptr);
               kern.reverse(tl, &A1[n * W], DT, DTU, &DY[c0 * W], Bp + n * bj, bts, Cp + n * cj, cts, Hb.data(),
                            Ab.data(), &G[n * W], &dA[n * W], &RGA[c0 * W], &RGB[c0 * W], dBp + n * bj, dbts,
                            dCp + n * cj, dcts);
