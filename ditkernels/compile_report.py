@@ -489,7 +489,7 @@ def compile_scan_job(job: ScanJob) -> Row:
 # --------------------------------------------------------------------------------------------
 
 SELECT_KERNELS = ("select_pool", "select_blocks")
-SELECT_NK_PAD = (16, 64, 256, 1024, 4096, 8192)
+SELECT_NK_PAD = (16, 64, 256, 1024, 4096)  # up to block_select.MAX_KEY_BLOCKS
 
 
 @dataclass(frozen=True)

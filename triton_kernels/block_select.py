@@ -28,7 +28,9 @@ from ditkernels import _alloc
 from . import _interpreter
 from .flash import block_d_for
 
-MAX_KEY_BLOCKS = 8192
+# Rows of 8192 blocks needed all 255 registers plus 64 B of stack on sm_120 (compile-report, full set;
+# neither 16 warps nor a smaller head-dim chunk removed it); 4096 compile clean everywhere (153 registers).
+MAX_KEY_BLOCKS = 4096
 POOL_ROWS = 32  # query / key rows per load of the pooling loops
 POOL_WARPS = 4  # warps of a key-pooling program
 
