@@ -128,8 +128,9 @@ def supports(nk: int) -> bool:
 
 def launch_options(nk_pad: int) -> dict:
     """(CHUNK_D, num_warps) of a selection launch over rows of ``nk_pad`` key blocks: a head-dim chunk
-    of pooled keys holds at most 16K floats (64 per thread at 8 warps)."""
-    return {"CHUNK_D": max(1, min(16, 16384 // nk_pad)), "num_warps": 4 if nk_pad <= 256 else 8}
+    of pooled keys holds at most 16K floats (64 per thread at 8 warps). ``maxnreg``: without it ptxas capped
+    the 4096-block rows at 128 registers for occupancy on sm_86 (8 B of stack; compile-report, full set)."""
+    return {"CHUNK_D": max(1, min(16, 16384 // nk_pad)), "num_warps": 4 if nk_pad <= 256 else 8, "maxnreg": 255}
 
 
 def block_topk_mask(q: torch.Tensor, k: torch.Tensor, topk: int, block_q: int, block_k: int, num_prefix: int,

@@ -865,6 +865,9 @@ _OVERRIDES: dict[tuple[int, str, str, str, int], Config] = {
     (120, "csr", "fwd", "f16", 256): Config(128, 128, 8, 2, maxnreg=255),
     (120, "csr", "bwd_dkdv", "f32", 256): Config(16, 64, 4, 2, split=True, block_dk=16),  # 16 B at 8 warps
     (120, "dense", "bwd_preprocess", "f32", 256): Config(32, 0, 4, 1, maxnreg=255),  # 8 B at ptxas's 80 registers
+    # sm_120, found by the full compile-report (8-24 B of stack at 255 registers): 8 warps / 1 stage.
+    (120, "topk", "bwd_dkdv", "f16", 64): Config(32, 64, 8, 2, maxnreg=255),
+    (120, "local", "fwd", "f32", 64): Config(128, 16, 8, 1, block_dk=16, maxnreg=255),
     # sm_100, schedule dK at head_dim 256: sm_90's 2 stages need all 255 registers and 48 B of stack under
     # tcgen05; 1 stage fits (64-key tiles: tcgen05 needs 64 MMA rows, 32 falls back to mma.sync)
     (100, "csr", "bwd_dkdv", "f16", 256): Config(16, 64, 8, 1, split=True),
@@ -872,7 +875,27 @@ _OVERRIDES: dict[tuple[int, str, str, str, int], Config] = {
     (100, "csr", "bwd_dq", "f16", 256): Config(64, 16, 8, 1),  # the same for dQ: 48 B of stack with 2 stages
     (100, "local", "bwd_dq", "f16", 256): Config(64, 16, 8, 1, maxnreg=255),  # 88 B with 2
 }
+# Launches whose config compiled with 8-16 B of stack in the full compile-report because ptxas capped
+# their registers for occupancy (56-128 registers): the same tiles with .maxnreg 255.
+_UNCAPPED = (
+    (120, "csr", "bwd_dkdv", "f32", 32), (120, "topk", "bwd_dq", "f32", 32), (120, "dense", "bwd_dq", "f16", 16),
+    *((arch, "topk", "bwd_dkdv", "f32", 32) for arch in (86, 89)),
+    *((arch, "dense", "fwd", "f16", 32) for arch in (86, 89)),
+    *((arch, "band", "fwd", "f32", 64) for arch in (86, 89)),
+    *((arch, "topk", "fwd", "f32", 32) for arch in (86, 89)),
+)
+
+
+def _fill_uncapped() -> None:
+    for arch, variant, kernel, cls, d in _UNCAPPED:
+        key = (arch, variant, kernel, cls, d)
+        while key not in _CONFIGS:
+            key = (arch, _PARENT[key[1]], *key[2:])
+        _CONFIGS[arch, variant, kernel, cls, d] = replace(_CONFIGS[key], maxnreg=255)
+
+
 _fill()
+_fill_uncapped()
 
 
 def launch_variant(schedule_kind: int, mask_kind: int) -> str:
