@@ -29,7 +29,8 @@ from . import _interpreter
 from .flash import block_d_for
 
 # Rows of 8192 blocks needed all 255 registers plus 64 B of stack on sm_120 (compile-report, full set;
-# neither 16 warps nor a smaller head-dim chunk removed it); 4096 compile clean everywhere (153 registers).
+# neither 16 warps nor a smaller head-dim chunk removed it); rows of 4096 compile without stack on sm_80,
+# sm_86, sm_89, sm_100 and sm_120 (with launch_options' register cap).
 MAX_KEY_BLOCKS = 4096
 POOL_ROWS = 32  # query / key rows per load of the pooling loops
 POOL_WARPS = 4  # warps of a key-pooling program
@@ -127,7 +128,7 @@ def supports(nk: int) -> bool:
 
 
 def launch_options(nk_pad: int) -> dict:
-    """(CHUNK_D, num_warps) of a selection launch over rows of ``nk_pad`` key blocks: a head-dim chunk
+    """(CHUNK_D, num_warps, maxnreg) of a selection launch over rows of ``nk_pad`` key blocks: a head-dim chunk
     of pooled keys holds at most 16K floats (64 per thread at 8 warps). ``maxnreg``: without it ptxas capped
     the 4096-block rows at 128 registers for occupancy on sm_86 (8 B of stack; compile-report, full set)."""
     return {"CHUNK_D": max(1, min(16, 16384 // nk_pad)), "num_warps": 4 if nk_pad <= 256 else 8, "maxnreg": 255}

@@ -886,12 +886,16 @@ _UNCAPPED = (
 )
 
 
+def _lookup(key: tuple[int | None, str, str, str, int]) -> Config:
+    """The config of ``key`` = (arch, variant, kernel, dtype class, block_d): its own entry, else its parent variant's."""
+    while key not in _CONFIGS:
+        key = (key[0], _PARENT[key[1]], *key[2:])
+    return _CONFIGS[key]
+
+
 def _fill_uncapped() -> None:
-    for arch, variant, kernel, cls, d in _UNCAPPED:
-        key = (arch, variant, kernel, cls, d)
-        while key not in _CONFIGS:
-            key = (arch, _PARENT[key[1]], *key[2:])
-        _CONFIGS[arch, variant, kernel, cls, d] = replace(_CONFIGS[key], maxnreg=255)
+    for key in _UNCAPPED:
+        _CONFIGS[key] = replace(_lookup(key), maxnreg=255)
 
 
 _fill()
@@ -933,10 +937,7 @@ def config_for(kernel: str, arch: int | None, dtype: torch.dtype, block_d: int, 
     """The shipped config of ``kernel`` for ``arch`` (None: the interpreter's) and launch ``variant``:
     its own entry, else its parent variant's. A launch with a schedule runs min(config tile, schedule
     tile) rows and keys (``_launch_blocks``)."""
-    key = (arch, variant, kernel, _dtype_class(dtype), block_d)
-    while key not in _CONFIGS:
-        key = (arch, _PARENT[key[1]], *key[2:])
-    return _CONFIGS[key]
+    return _lookup((arch, variant, kernel, _dtype_class(dtype), block_d))
 
 
 def chunk_d(cfg: Config, block_d: int) -> int:
