@@ -874,6 +874,11 @@ _OVERRIDES: dict[tuple[int, str, str, str, int], Config] = {
     (100, "local", "bwd_dkdv", "f16", 256): Config(16, 64, 8, 1, split=True, maxnreg=255),  # 192 B of stack with 2
     (100, "csr", "bwd_dq", "f16", 256): Config(64, 16, 8, 1),  # the same for dQ: 48 B of stack with 2 stages
     (100, "local", "bwd_dq", "f16", 256): Config(64, 16, 8, 1, maxnreg=255),  # 88 B with 2
+    # sm_100 at head_dim 64, found by the full compile-report: 24-56 B of stack at 255 registers with 4 warps
+    # (the odd-head-dim forward, the band-masked forward, local dK/dV); 8 warps halve the rows per thread.
+    (100, "dense", "fwd", "f16", 64): Config(128, 64, 8, 3),
+    (100, "band", "fwd", "f16", 64): Config(128, 128, 8, 3),
+    (100, "local", "bwd_dkdv", "f16", 64): Config(32, 64, 8, 2, maxnreg=255),
 }
 # Launches whose config compiled with 8-16 B of stack in the full compile-report because ptxas capped
 # their registers for occupancy (56-128 registers): the same tiles with .maxnreg 255.
@@ -883,6 +888,8 @@ _UNCAPPED = (
     *((arch, "dense", "fwd", "f16", 32) for arch in (86, 89)),
     *((arch, "band", "fwd", "f32", 64) for arch in (86, 89)),
     *((arch, "topk", "fwd", "f32", 32) for arch in (86, 89)),
+    # sm_100 (sm_90's tiles under tcgen05): 24-32 B of stack at 72-128 registers
+    (100, "dense", "fwd", "f32", 64), (100, "topk", "fwd", "f32", 64), (100, "dense", "bwd_preprocess", "f16", 128),
 )
 
 
