@@ -542,16 +542,15 @@ def compile_select_job(job: SelectJob) -> Row:
             vals.update({f"stride_{x}b": heads * seq * job.block_d, f"stride_{x}h": seq * job.block_d,
                          f"stride_{x}s": job.block_d, f"stride_{x}d": 1})
         if pool:
-            fn, warps, extra = bsel._pool_keys_kernel, bsel.POOL_WARPS, {}
-        else:
-            opts = bsel.launch_options(job.nk_pad)
-            fn, warps, extra = bsel._select_blocks_kernel, opts["num_warps"], {"maxnreg": opts["maxnreg"]}
-            vals.update(CHUNK_D=opts["CHUNK_D"], NK_PAD=job.nk_pad)
-        row.num_warps = warps
+            fn, opts = bsel._pool_keys_kernel, {"num_warps": bsel.POOL_WARPS}
+        else:  # the launch's options less its one constexpr
+            fn, opts = bsel._select_blocks_kernel, bsel.launch_options(job.nk_pad)
+            vals.update(CHUNK_D=opts.pop("CHUNK_D"), NK_PAD=job.nk_pad)
+        row.num_warps = opts["num_warps"]
         signature, constexprs, attrs = _signature(
             fn, job.arch, vals, lambda name: job.dtype if name in ("Q", "K") else ("i8" if name == "Mask" else "fp32"))
         _, problems = _compile_row(row, ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                                   job.arch, {"num_warps": warps, "num_stages": 1, **extra})
+                                   job.arch, {"num_stages": 1, **opts})
         row.mma = "none"
         row.status = "ok" if not problems else "FAIL: " + "; ".join(problems)
     except Exception as exc:  # a compile failure is a report row, not a crash of the report
