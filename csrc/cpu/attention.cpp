@@ -257,6 +257,35 @@ inline void pack_transposed(const S* base, int64_t rs, const int32_t* tok, int64
   }
 }
 
+// The inverse of pack_transposed: row r < n (tok[r], or first + r) of a (.., D) tensor = column r of
+// src (D x ld) times mult[r].
+template <typename S, typename T>
+inline void unpack_transposed(const T* src, int64_t ld, const T* mult, S* base, int64_t rs, const int32_t* tok,
+                              int64_t first, int64_t n, int64_t D) {
+  const auto row = [&](int64_t r) { return base + (tok ? static_cast<int64_t>(tok[r]) : first + r) * rs; };
+  int64_t r0 = 0;
+  if constexpr (std::is_same<S, T>::value) {
+    constexpr int W = kLanes<T>;
+    for (; r0 + W <= n; r0 += W) {
+      T* dst[W];
+      for (int i = 0; i < W; ++i) dst[i] = row(r0 + i);
+      int64_t d = 0;
+      for (; d + W <= D; d += W) {
+        vec_t<T> b[W];
+        for (int i = 0; i < W; ++i) b[i] = loadu(src + (d + i) * ld + r0);
+        transpose<T>(b);
+        for (int i = 0; i < W; ++i) storeu(dst[i] + d, b[i] * splat(mult[r0 + i]));
+      }
+      for (; d < D; ++d)
+        for (int i = 0; i < W; ++i) dst[i][d] = src[d * ld + r0 + i] * mult[r0 + i];
+    }
+  }
+  for (int64_t r = r0; r < n; ++r) {
+    S* o = row(r);
+    for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(src[d * ld + r] * mult[r]);
+  }
+}
+
 int resolve_threads(int requested, int64_t items);
 
 // ---- token-mapped tiles (ditkernels.schedule.TiledSchedule) -----------------------------------
@@ -698,6 +727,11 @@ struct LaneTiles {
   void pack(const Tensor4& t, const LaneItem& x, int64_t D, T mult, T* dst, int64_t ld) const {
     pack_transposed(t.row<S>(x.b, x.h, 0), t.st[2], x.tok, x.first, x.n, D, mult, dst, ld);
   }
+  // The inverse: the item's rows of tensor t = the columns of src (D x ld), column r times mult[r].
+  template <typename S, typename T>
+  void unpack(const Tensor4& t, const LaneItem& x, int64_t D, const T* src, int64_t ld, const T* mult) const {
+    unpack_transposed(src, ld, mult, t.mrow<S>(x.b, x.h, 0), t.st[2], x.tok, x.first, x.n, D);
+  }
 };
 
 // The row side: the same rows of two (B, H, seq, D) tensors (K and V, or Q and dO) in tiles of `block`,
@@ -929,16 +963,15 @@ void fwd_kernel(const FwdParams& p) {
           reinterpret_cast<double*>(p.lse)[li] = lse;
         else
           reinterpret_cast<float*>(p.lse)[li] = static_cast<float>(lse);
-        if (stats_only) continue;
+        lrow[r] = inv;
+        if (stats_only || p.epilogue != EPILOGUE_SCALE_RESIDUAL) continue;
         S* o = p.out.mrow<S>(x.b, x.h, qi);
-        if (p.epilogue == EPILOGUE_SCALE_RESIDUAL) {
-          const T rsc = static_cast<T>(p.row_scale[x.b * p.rs_st[0] + x.h * p.rs_st[1] + qi * p.rs_st[2]]);
-          const S* res = p.residual.row<S>(x.b, x.h, qi);
-          for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(rsc * (Ot[d * ld + r] * inv) + to_compute(res[d]));
-        } else {
-          for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(Ot[d * ld + r] * inv);
-        }
+        const T rsc = static_cast<T>(p.row_scale[x.b * p.rs_st[0] + x.h * p.rs_st[1] + qi * p.rs_st[2]]);
+        const S* res = p.residual.row<S>(x.b, x.h, qi);
+        for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(rsc * (Ot[d * ld + r] * inv) + to_compute(res[d]));
       }
+      if (!stats_only && p.epilogue == EPILOGUE_NONE)
+        pass.lanes.template unpack<S>(p.out, x, D, Ot, ld, lrow);
     });
     g_fwd_visits.fetch_add(visits, std::memory_order_relaxed);
     g_fwd_pairs.fetch_add(pairs, std::memory_order_relaxed);
