@@ -241,6 +241,23 @@ def test_cpu_kernel_visits_exactly_the_plan(opts, m):
     assert (plan.block_m, plan.block_n) == cpu.local_block_sizes(16, torch.float32)
 
 
+def test_cpu_plan_tiles_fp32_matches_float64():
+    """The CPU plans' 16 x 4 query tiles (partial ones at the bottom) and 32-key row segments
+    (ditkernels.backends.cpu.local_tiles), strided inputs, head_dim 40: with prefix tokens only, every
+    KV tile is a run of tokens (the kernels read K and V in place); prefix + suffix tokens make one KV
+    tile of two runs (K and V copied into tile panels)."""
+    for opts in (dict(grid=(18, 36), window=(4, 6), num_prefix=3), dict(grid=(18, 36), window=5, num_prefix=2,
+                                                                         num_suffix=2)):
+        spec = _spec(opts, 0)
+        plan = kernel_plan(spec, cpu, 40, torch.float32)
+        assert plan.q_tile[1:] == (16, 4) and plan.kv_tile[1:] == (1, 32)
+        q, k, v, _, _, do = _inputs(spec, 40, torch.float32, seed=7, b=1, h=2, strided=True)
+        ref = _truth(q.double(), k.double(), v.double(), None, None, do.double(), spec, 40 ** -0.5)
+        got = _run(q, k, v, None, None, do, opts, "cpu")
+        for name, x, r in zip(NAMES, got, ref):
+            assert_matches(f"{opts}/{name}", x, r)
+
+
 # (options, extra keys, block, q_tile, kv_tile): 3-D tiles, 1-D tiles, tails, square / tile / circle
 COUNT_CASES = {
     "2d-13x20-circle-r4-P7": (dict(grid=(13, 20), window=4, num_prefix=7), 0, (64, 64), None, None),

@@ -229,11 +229,60 @@ inline const T* rows_operand(const S* src, int64_t rs, int64_t n, int64_t D, Buf
 template <typename S, typename T>
 inline void pack_transposed(const S* base, int64_t rs, const int32_t* tok, int64_t first, int64_t n, int64_t D,
                             T mult, T* dst, int64_t ld) {
+  const auto row = [&](int64_t r) { return base + (tok ? static_cast<int64_t>(tok[r]) : first + r) * rs; };
   for (int64_t d = 0; d < D; ++d)
     for (int64_t r = n; r < ld; ++r) dst[d * ld + r] = T(0);
-  for (int64_t r = 0; r < n; ++r) {
-    const S* s = base + (tok ? static_cast<int64_t>(tok[r]) : first + r) * rs;
+  int64_t r0 = 0;
+  if constexpr (std::is_same<S, T>::value) {
+    // W x W blocks transposed in registers; the rest of the rows and columns below, element by element
+    constexpr int W = kLanes<T>;
+    const vec_t<T> m = splat(mult);
+    for (; r0 + W <= n; r0 += W) {
+      const T* src[W];
+      for (int i = 0; i < W; ++i) src[i] = row(r0 + i);
+      int64_t d = 0;
+      for (; d + W <= D; d += W) {
+        vec_t<T> b[W];
+        for (int i = 0; i < W; ++i) b[i] = loadu(src[i] + d) * m;
+        transpose<T>(b);
+        for (int i = 0; i < W; ++i) storeu(dst + (d + i) * ld + r0, b[i]);
+      }
+      for (; d < D; ++d)
+        for (int i = 0; i < W; ++i) dst[d * ld + r0 + i] = src[i][d] * mult;
+    }
+  }
+  for (int64_t r = r0; r < n; ++r) {
+    const S* s = row(r);
     for (int64_t d = 0; d < D; ++d) dst[d * ld + r] = to_compute(s[d]) * mult;
+  }
+}
+
+// The inverse of pack_transposed: row r < n (tok[r], or first + r) of a (.., D) tensor = column r of
+// src (D x ld) times mult[r].
+template <typename S, typename T>
+inline void unpack_transposed(const T* src, int64_t ld, const T* mult, S* base, int64_t rs, const int32_t* tok,
+                              int64_t first, int64_t n, int64_t D) {
+  const auto row = [&](int64_t r) { return base + (tok ? static_cast<int64_t>(tok[r]) : first + r) * rs; };
+  int64_t r0 = 0;
+  if constexpr (std::is_same<S, T>::value) {
+    constexpr int W = kLanes<T>;
+    for (; r0 + W <= n; r0 += W) {
+      T* dst[W];
+      for (int i = 0; i < W; ++i) dst[i] = row(r0 + i);
+      int64_t d = 0;
+      for (; d + W <= D; d += W) {
+        vec_t<T> b[W];
+        for (int i = 0; i < W; ++i) b[i] = loadu(src + (d + i) * ld + r0);
+        transpose<T>(b);
+        for (int i = 0; i < W; ++i) storeu(dst[i] + d, b[i] * splat(mult[r0 + i]));
+      }
+      for (; d < D; ++d)
+        for (int i = 0; i < W; ++i) dst[i][d] = src[d * ld + r0 + i] * mult[r0 + i];
+    }
+  }
+  for (int64_t r = r0; r < n; ++r) {
+    S* o = row(r);
+    for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(src[d * ld + r] * mult[r]);
   }
 }
 
@@ -300,7 +349,7 @@ inline int64_t for_each_rows(const Sched& s, int64_t bh, int64_t tile, int64_t b
 // Two (B, H, seq, D) tensors copied once per call into tile order, in the compute type: the rows of
 // token-mapped tile u of head bh are rows [u * block, u * block + cnt[u]) of that head's panel.
 // Visiting a tile then reads contiguous rows, as for contiguous tiles (and fp16/bf16 rows are
-// converted once, not once per visit).
+// converted once, not once per visit). Tiles that are runs of consecutive tokens already are: no copy.
 // The panels' memory stays with the calling thread between calls (fresh pages cost more than the
 // copy), up to kPanelKeepBytes per buffer.
 constexpr size_t kPanelKeepBytes = size_t(256) << 20;
@@ -317,8 +366,20 @@ struct TilePanels {
   Buf<T>& y = panel_buffer<T>(1);
   std::vector<int32_t> cnt;
   int64_t ntiles = 0, block = 0, D = 0;
-  const T* xh(int64_t bh) const { return x.p + bh * ntiles * block * D; }
-  const T* yh(int64_t bh) const { return y.p + bh * ntiles * block * D; }
+  // Every tile a run of consecutive tokens and the storage the compute type (e.g. KV tiles that are
+  // grid row segments, fp32): no copy, rows are read in place (tx / ty, row stride rs).
+  bool in_place = false;
+  Tensor4 tx, ty;
+  int64_t H = 1;
+  // Row stride, and the address of panel row a (token tokmap[a]) of head bh, of x and y.
+  ptrdiff_t xrs() const { return in_place ? tx.st[2] : D; }
+  ptrdiff_t yrs() const { return in_place ? ty.st[2] : D; }
+  const T* xrow(int64_t bh, const int32_t* tokmap, int64_t a) const {
+    return in_place ? tx.row<T>(bh / H, bh % H, tokmap[a]) : x.p + (bh * ntiles * block + a) * D;
+  }
+  const T* yrow(int64_t bh, const int32_t* tokmap, int64_t a) const {
+    return in_place ? ty.row<T>(bh / H, bh % H, tokmap[a]) : y.p + (bh * ntiles * block + a) * D;
+  }
   TilePanels() = default;
   TilePanels(const TilePanels&) = delete;
   ~TilePanels() {
@@ -330,11 +391,17 @@ struct TilePanels {
   }
 
   template <typename S>
-  void pack(const Tensor4& tx, const Tensor4& ty, int64_t B, int64_t H, const int32_t* tokmap, int64_t ntiles_,
+  void pack(const Tensor4& tx_, const Tensor4& ty_, int64_t B, int64_t H_, const int32_t* tokmap, int64_t ntiles_,
             int64_t block_, int64_t seq, int64_t D_, int num_threads) {
-    ntiles = ntiles_, block = block_, D = D_;
+    ntiles = ntiles_, block = block_, D = D_, tx = tx_, ty = ty_, H = H_;
     cnt.resize(static_cast<size_t>(ntiles));
-    for (int64_t u = 0; u < ntiles; ++u) cnt[u] = static_cast<int32_t>(count_tokens(tokmap + u * block, block, seq));
+    in_place = std::is_same<S, T>::value;
+    for (int64_t u = 0; u < ntiles; ++u) {
+      const int32_t* tok = tokmap + u * block;
+      cnt[u] = static_cast<int32_t>(count_tokens(tok, block, seq));
+      for (int64_t i = 1; i < cnt[u] && in_place; ++i) in_place = tok[i] == tok[0] + i;
+    }
+    if (in_place) return;
     const int64_t BH = B * H, n = std::max<int64_t>(BH * ntiles * block * D, 1);
     T* px = x.get(static_cast<size_t>(n));
     T* py = y.get(static_cast<size_t>(n));
@@ -359,14 +426,13 @@ struct TilePanels {
 };
 
 // for_each_rows over token-mapped tiles packed in TilePanels: rows of consecutive visited tiles that
-// are consecutive in the panel (full tiles u, u + 1, ...) are merged into chunks of <= kChunk rows.
+// are consecutive in the panel (full tiles u, u + 1, ...), and in the tensor when read in place, are
+// merged into chunks of <= kChunk rows.
 // merge_partial == false: a partial tile is a chunk of its own (its work is trimmed to its extent).
 template <bool merge_partial, typename T, typename F>
 inline int64_t for_each_rows_packed(const Sched& s, const int32_t* tokmap, const TilePanels<T>& tp, int64_t bh,
                                     int64_t tile, ChunkBufs<T>& cb, F&& fn) {
-  const int64_t block = tp.block, D = tp.D;
-  const T* xb = tp.xh(bh);
-  const T* yb = tp.yh(bh);
+  const int64_t block = tp.block;
   uint8_t* pr = cb.par.get(kChunk);
   const int32_t* ptr = s.ptr + bh * s.ptr_stride;
   const int32_t* idx = s.idx + bh * s.idx_stride;
@@ -384,7 +450,7 @@ inline int64_t for_each_rows_packed(const Sched& s, const int32_t* tokmap, const
       ri.par = pr;
     else
       ri.partial = first_p;
-    fn(xb + a * D, static_cast<ptrdiff_t>(D), yb + a * D, static_cast<ptrdiff_t>(D), n, ri);
+    fn(tp.xrow(bh, tokmap, a), tp.xrs(), tp.yrow(bh, tokmap, a), tp.yrs(), n, ri);
     n = 0, anyp = mixed = false;
   };
   for (int32_t e = ptr[tile]; e < ptr[tile + 1]; ++e) {
@@ -393,7 +459,8 @@ inline int64_t for_each_rows_packed(const Sched& s, const int32_t* tokmap, const
     int64_t r0 = u * block;
     if (!merge_partial && n > 0 && (p || anyp)) flush();
     for (int64_t done = 0; done < c;) {
-      if (n > 0 && (a + n != r0 + done || n == kChunk)) flush();
+      if (n > 0 && (a + n != r0 + done || n == kChunk || (tp.in_place && tokmap[a + n - 1] + 1 != tokmap[r0 + done])))
+        flush();
       const int64_t take = std::min(c - done, kChunk - n);
       if (n == 0) a = r0 + done, first_p = p, visit = e, off = done;
       if (p != first_p && !mixed) {
@@ -660,6 +727,11 @@ struct LaneTiles {
   void pack(const Tensor4& t, const LaneItem& x, int64_t D, T mult, T* dst, int64_t ld) const {
     pack_transposed(t.row<S>(x.b, x.h, 0), t.st[2], x.tok, x.first, x.n, D, mult, dst, ld);
   }
+  // The inverse: the item's rows of tensor t = the columns of src (D x ld), column r times mult[r].
+  template <typename S, typename T>
+  void unpack(const Tensor4& t, const LaneItem& x, int64_t D, const T* src, int64_t ld, const T* mult) const {
+    unpack_transposed(src, ld, mult, t.mrow<S>(x.b, x.h, 0), t.st[2], x.tok, x.first, x.n, D);
+  }
 };
 
 // The row side: the same rows of two (B, H, seq, D) tensors (K and V, or Q and dO) in tiles of `block`,
@@ -853,13 +925,13 @@ void fwd_kernel(const FwdParams& p) {
           for (int64_t kk = 1; kk < ne; ++kk) mx = vmax(mx, loadu(sj + kk * ld));
           const V mold = loadu(mrow + j * W);
           V mnew = vmax(mold, mx);
-          if constexpr (kLocal) {
-            // Keep the running max unless some lane's grows by more than kLazyMax: exp(s - m) <= e^8
-            // stays exact in fp32 and most chunks then skip rescaling Ot (short chunks are many here).
-            if (grew_at_most(mnew, mold, T(kLazyMax))) mnew = mold;
-          }
-          const V base = mnew == splat(neg_inf) ? V{} : mnew;  // -inf-safe: all-masked rows stay 0
-          const V alpha = exp2v((mold - base) * log2e);
+          // Keep the running max unless some lane's grows by more than kLazyMax: exp(s - m) <= e^8
+          // stays exact in fp32 and most chunks then skip rescaling Ot.
+          if (grew_at_most(mnew, mold, T(kLazyMax))) mnew = mold;
+          const V ninf = splat(neg_inf);
+          const V base = mnew == ninf ? V{} : mnew;  // -inf-safe: all-masked rows stay 0
+          // Lanes that saw no key yet hold 0 in Ot and lrow: alpha 1 there (no rescale of Ot for them).
+          const V alpha = mold == ninf ? splat(T(1)) : exp2v((mold - base) * log2e);
           V sum{};
           for (int64_t kk = 0; kk < ne; ++kk) {
             V ex = exp2v((loadu(sj + kk * ld) - base) * log2e);
@@ -891,16 +963,15 @@ void fwd_kernel(const FwdParams& p) {
           reinterpret_cast<double*>(p.lse)[li] = lse;
         else
           reinterpret_cast<float*>(p.lse)[li] = static_cast<float>(lse);
-        if (stats_only) continue;
+        lrow[r] = inv;
+        if (stats_only || p.epilogue != EPILOGUE_SCALE_RESIDUAL) continue;
         S* o = p.out.mrow<S>(x.b, x.h, qi);
-        if (p.epilogue == EPILOGUE_SCALE_RESIDUAL) {
-          const T rsc = static_cast<T>(p.row_scale[x.b * p.rs_st[0] + x.h * p.rs_st[1] + qi * p.rs_st[2]]);
-          const S* res = p.residual.row<S>(x.b, x.h, qi);
-          for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(rsc * (Ot[d * ld + r] * inv) + to_compute(res[d]));
-        } else {
-          for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(Ot[d * ld + r] * inv);
-        }
+        const T rsc = static_cast<T>(p.row_scale[x.b * p.rs_st[0] + x.h * p.rs_st[1] + qi * p.rs_st[2]]);
+        const S* res = p.residual.row<S>(x.b, x.h, qi);
+        for (int64_t d = 0; d < D; ++d) o[d] = from_compute<S>(rsc * (Ot[d * ld + r] * inv) + to_compute(res[d]));
       }
+      if (!stats_only && p.epilogue == EPILOGUE_NONE)
+        pass.lanes.template unpack<S>(p.out, x, D, Ot, ld, lrow);
     });
     g_fwd_visits.fetch_add(visits, std::memory_order_relaxed);
     g_fwd_pairs.fetch_add(pairs, std::memory_order_relaxed);

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__FMA__)
 #include <immintrin.h>
@@ -142,6 +143,31 @@ inline vec_t<double> exp2v(vec_t<double> x) {
   vec_t<double> r;
   for (int i = 0; i < kLanes<double>; ++i) r[i] = std::exp2(x[i]);
   return r;
+}
+
+// ---- in-register transpose --------------------------------------------------------------------
+// Lanes [0, W/2) (lo) or [W/2, W) (hi) of a and b, interleaved: a0 b0 a1 b1 ...
+template <typename V, size_t... I>
+inline V zip_half(V a, V b, bool hi, std::index_sequence<I...>) {
+  constexpr int W = sizeof(V) / sizeof(a[0]);
+  return hi ? __builtin_shufflevector(a, b, ((I & 1) * W + W / 2 + I / 2)...)
+            : __builtin_shufflevector(a, b, ((I & 1) * W + I / 2)...);
+}
+
+// r[0..W) (W vectors of W lanes) transposed in place: log2(W) rounds of interleaving row i with
+// row i + W/2 (after the last round, lane j of row i holds what lane i of row j held).
+template <typename T>
+inline void transpose(vec_t<T>* r) {
+  constexpr int W = kLanes<T>;
+  using Idx = std::make_index_sequence<W>;
+  for (int step = 1; step < W; step *= 2) {
+    vec_t<T> t[W];
+    for (int i = 0; i < W / 2; ++i) {
+      t[2 * i] = zip_half(r[i], r[i + W / 2], false, Idx{});
+      t[2 * i + 1] = zip_half(r[i], r[i + W / 2], true, Idx{});
+    }
+    for (int i = 0; i < W; ++i) r[i] = t[i];
+  }
 }
 
 // ---- storage dtypes -------------------------------------------------------------------------

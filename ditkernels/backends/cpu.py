@@ -63,16 +63,22 @@ def local_block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     """(block_m, block_n) of the local-attention plans the CPU kernels run (2-D/3-D token tiles).
 
     64 queries fill the kernels' vector side. The kernels trim each partial visit to the key rows and
-    the lane vectors that hold a visible pair, so short KV tiles (16 keys) fit a window's outline."""
-    return 64, 16
+    the lane vectors that hold a visible pair, so KV tiles of one grid row (32 keys) fit a window's
+    outline row by row."""
+    return 64, 32
 
 
 def local_tiles(grid: tuple[int, ...]) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
-    """(query tile, KV tile) box shapes for the CPU plans (None: the plan chooses): KV tiles are row
-    segments of 16 keys, whose trimmed visits follow a circle's outline row by row."""
-    if grid[-1] >= 16:
-        return None, (1,) * (len(grid) - 1) + (16,)
-    return None, None
+    """(query tile, KV tile) box shapes for the CPU plans (None: the plan chooses).
+
+    Query tiles of 16 x 4 tokens (2-D/3-D grids): a vector of 8 (AVX2) or 16 (AVX-512) lanes is then a
+    2 x 4 or 4 x 4 block of queries, whose visible keys are close to a window's own, so trimmed
+    visits compute fewer invisible pairs than with 8 x 8 tiles (whose vectors are rows of 8): on a
+    64 x 64 grid, radius-8 circle, 1.43x the visible pairs instead of 1.62x (AVX2; AVX-512: 1.59x
+    instead of 1.71x). KV tiles are row segments of 32 keys."""
+    q = (1,) * (len(grid) - 2) + (16, 4) if len(grid) >= 2 and grid[-2] >= 16 and grid[-1] >= 4 else None
+    kv = (1,) * (len(grid) - 1) + (32,) if grid[-1] >= 32 else None
+    return q, kv
 
 
 # One forward block_n (local_block_sizes'): the kernels trim each visit to its visible rows instead.
