@@ -24,8 +24,12 @@
 // per block, the 16 lanes of each (t, n) are folded by a transposing shuffle tree into the partial
 // sums of its unit (a range of blocks); units are added in unit order at the end, so results do not
 // depend on the thread that ran a unit. The backward's span work is mostly memory traffic (4 rows read,
-// 3 written per channel): its row loops prefetch the next row, and whole aligned output rows are
-// written with streaming stores.
+// 3 written per channel): its row loops prefetch the next row. Output rows written whole and aligned
+// in place (out; du, ddelta, dz) go around the caches (streaming stores, AVX2 and AVX-512).
+//
+// The per-(channel, t) row loops, like the state loops, work one register of lanes at a time (LaneVec):
+// with AVX2 a 16-lane vector is two registers that GCC passes through the stack between the helpers,
+// and the reloads stall on store forwarding (that cost the AVX2 forward a quarter of its time).
 //
 // Threads: torch's OpenMP workers when the process has that runtime, std::threads otherwise.
 #include <pybind11/pybind11.h>
@@ -108,8 +112,9 @@ int64_t itemsize(int dtype) { return dtype == kF64 ? 8 : dtype == kF32 ? 4 : 2; 
 // ---------------------------------------------------------------------------------------------
 // 16-lane vectors (GCC vector extensions: one zmm with AVX-512, two ymm with AVX2, four xmm
 // elsewhere). Float math uses Cephes-style polynomials (~1 ulp); the float64 path calls libm per
-// lane (it is there for exactness, not speed). The build is ISO C++, where GCC does not contract
-// a * b + c, so the hot loops spell their FMAs out with vfma.
+// lane (it is there for exactness, not speed). GCC contracts a * b + c into an FMA where it sees one
+// (its default -ffp-contract=fast holds in ISO C++ mode too); the hot loops still spell their FMAs
+// out with vfma, so as not to depend on that.
 //
 // The float math below is written once for a vector of any width and runs at the register width
 // (kRegBytes): a wider vector is split into halves first. GCC lowers plain arithmetic on a vector
@@ -742,6 +747,10 @@ template <>
 struct LaneVec<double> {
   using type = Vec<double>;
 };
+// The vector of the per-(channel, t) row loops: LaneVec with AVX2 and AVX-512. Narrower targets keep
+// the 16-lane Vec (with SSE's 4-lane registers GCC rebuilt the polynomials' constants in the loops).
+template <class Acc>
+using RowVec = std::conditional_t<(kRegBytes >= 32), typename LaneVec<Acc>::type, Vec<Acc>>;
 template <class V, class Acc>
 inline V vld(const Acc* p) {
   V v;
@@ -868,7 +877,7 @@ struct SpanInputs {
   // tiles; sig (rows (W, SP)), when given, gets d delta' / d(delta + bias) (the sigmoid, or 1).
   // While on row i, it asks for the same steps of row i + 1 of u and delta (see prefetch_line).
   void load(const Params& p, const Shape& s, const Block& blk, int64_t t0, int64_t sl, Acc* sig = nullptr) {
-    using V = typename LaneVec<Acc>::type;
+    using V = RowVec<Acc>;
     const Acc* bias_w = reinterpret_cast<const Acc*>(p.delta_bias);
     const int64_t se = (sl + W - 1) / W * W;
     u.read(p.u, blk, t0, sl);
@@ -904,7 +913,7 @@ struct SpanInputs {
 
 template <class Acc>
 void forward(const Params& p) {
-  using V = typename LaneVec<Acc>::type;
+  using V = RowVec<Acc>;
   const Shape s(p);
   const Acc* A = reinterpret_cast<const Acc*>(p.A);
   const Acc* Dv = reinterpret_cast<const Acc*>(p.Dvec);
@@ -1186,7 +1195,7 @@ void reduce_partials(const Shape& s, const PartialSums<Acc>& b, const PartialSum
 
 template <class Acc>
 void backward(const Params& p) {
-  using V = typename LaneVec<Acc>::type;
+  using V = RowVec<Acc>;
   constexpr int VL = kLanesOf<V>, NR = W / VL;  // a row's 16 steps are NR registers
   const Shape s(p);
   const Acc* A = reinterpret_cast<const Acc*>(p.A);
