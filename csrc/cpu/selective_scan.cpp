@@ -27,9 +27,10 @@
 // 3 written per channel): its row loops prefetch the next row. Output rows written whole and aligned
 // in place (out; du, ddelta, dz) go around the caches (streaming stores, AVX2 and AVX-512).
 //
-// The per-(channel, t) row loops, like the state loops, work one register of lanes at a time (LaneVec):
-// with AVX2 a 16-lane vector is two registers that GCC passes through the stack between the helpers,
-// and the reloads stall on store forwarding (that cost the AVX2 forward a quarter of its time).
+// The per-(channel, t) row loops, like the state loops, work one register of lanes at a time with AVX2
+// and AVX-512 (RowVec): with AVX2 a 16-lane vector is two registers that GCC passes through the stack
+// between the helpers, and the reloads stall on store forwarding (that cost the AVX2 forward a quarter
+// of its time).
 //
 // Threads: torch's OpenMP workers when the process has that runtime, std::threads otherwise.
 #include <pybind11/pybind11.h>
