@@ -24,8 +24,8 @@
 // per block, the 16 lanes of each (t, n) are folded by a transposing shuffle tree into the partial
 // sums of its unit (a range of blocks); units are added in unit order at the end, so results do not
 // depend on the thread that ran a unit. The backward's span work is mostly memory traffic (4 rows read,
-// 3 written per channel): its row loops prefetch the next row. Output rows written whole and aligned
-// in place (out; du, ddelta, dz) go around the caches (streaming stores, AVX2 and AVX-512).
+// 3 written per channel): its row loops prefetch the next row, and whole aligned output rows are
+// written with streaming stores (AVX-512; with AVX2 they measured no faster).
 //
 // The per-(channel, t) row loops, like the state loops, work one register of lanes at a time with AVX2
 // and AVX-512 (RowVec): with AVX2 a 16-lane vector is two registers that GCC passes through the stack
@@ -234,14 +234,11 @@ inline void vstream(Acc* p, V v) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same<Acc, float>::value && sizeof(V) == 64) return _mm512_stream_ps(p, (__m512)v);
 #endif
-#if defined(__AVX__)
-  if constexpr (std::is_same<Acc, float>::value && sizeof(V) == 32) return _mm256_stream_ps(p, (__m256)v);
-#endif
   std::memcpy(p, &v, sizeof v);
 }
 template <class Acc>
 bool stream_ok(const Acc* p) {
-#if defined(__AVX__)
+#if defined(__AVX512F__)
   return std::is_same<Acc, float>::value && reinterpret_cast<uintptr_t>(p) % 64 == 0;
 #else
   (void)p;
@@ -250,7 +247,7 @@ bool stream_ok(const Acc* p) {
 }
 // Streaming stores are weakly ordered: each thread fences them before it leaves the parallel region.
 inline void stream_fence() {
-#if defined(__AVX__)
+#if defined(__AVX512F__)
   _mm_sfence();
 #endif
 }
@@ -960,24 +957,18 @@ void forward(const Params& p) {
           const Acc dv = channel_weight(Dv, blk, i);
           const Acc* ur = in.u.r[i];
           const Acc *zr = in.z.r[i], *zn = in.z.r[next_row(i)];  // z is first read here: prefetched a row ahead
-          Acc *outr = out.r[i], *on = out.r[next_row(i)];
-          // A row written in place goes around the caches when aligned; a buffered one is read back by commit.
-          auto emit = [&](auto nt) {
-            constexpr bool NT = decltype(nt)::value;
-            for (int64_t t = 0; t < se; t += W) {
-              prefetch_line<false>(zn + t);
-              if (!NT) prefetch_line<true>(on + t);
-              for (int64_t o = t; o < t + W; o += kLanesOf<V>) {
-                V y = vfma(vld<V>(ur + o), vsplat<V>(dv), vld<V>(&Yr[i * SP + o]));
-                if (p.z.ptr) {
-                  const V zv = vld<V>(zr + o);
-                  y = y * zv * vsigmoid(zv);
-                }
-                if constexpr (NT) vstream(outr + o, y); else vst(outr + o, y);
+          Acc* on = out.r[next_row(i)];
+          for (int64_t t = 0; t < se; t += W) {
+            prefetch_line<false>(zn + t), prefetch_line<true>(on + t);
+            for (int64_t o = t; o < t + W; o += kLanesOf<V>) {
+              V y = vfma(vld<V>(ur + o), vsplat<V>(dv), vld<V>(&Yr[i * SP + o]));
+              if (p.z.ptr) {
+                const V zv = vld<V>(zr + o);
+                y = y * zv * vsigmoid(zv);
               }
+              vst(out.r[i] + o, y);
             }
-          };
-          if (out.direct && stream_ok(outr)) emit(std::true_type{}); else emit(std::false_type{});
+          }
         }
         out.commit(p.out, blk, t0, sl);
       }
@@ -985,7 +976,6 @@ void forward(const Params& p) {
       for (int i = 0; i < blk.nl; ++i)
         for (int64_t n = 0; n < s.N; ++n) last[(blk.b * s.D + blk.d0 + i) * s.N + n] = h[n * W + i];
     }
-    stream_fence();
   });
 }
 
