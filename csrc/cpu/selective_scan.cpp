@@ -25,7 +25,12 @@
 // sums of its unit (a range of blocks); units are added in unit order at the end, so results do not
 // depend on the thread that ran a unit. The backward's span work is mostly memory traffic (4 rows read,
 // 3 written per channel): its row loops prefetch the next row, and whole aligned output rows are
-// written with streaming stores.
+// written with streaming stores (AVX-512; with AVX2 they measured no faster).
+//
+// The per-(channel, t) row loops, like the state loops, work one register of lanes at a time with AVX2
+// and AVX-512 (RowVec): with AVX2 a 16-lane vector is two registers that GCC passes through the stack
+// between the helpers, and the reloads stall on store forwarding (that cost the AVX2 forward a quarter
+// of its time).
 //
 // Threads: torch's OpenMP workers when the process has that runtime, std::threads otherwise.
 #include <pybind11/pybind11.h>
@@ -108,8 +113,9 @@ int64_t itemsize(int dtype) { return dtype == kF64 ? 8 : dtype == kF32 ? 4 : 2; 
 // ---------------------------------------------------------------------------------------------
 // 16-lane vectors (GCC vector extensions: one zmm with AVX-512, two ymm with AVX2, four xmm
 // elsewhere). Float math uses Cephes-style polynomials (~1 ulp); the float64 path calls libm per
-// lane (it is there for exactness, not speed). The build is ISO C++, where GCC does not contract
-// a * b + c, so the hot loops spell their FMAs out with vfma.
+// lane (it is there for exactness, not speed). GCC contracts a * b + c into an FMA where it sees one
+// (its default -ffp-contract=fast holds in ISO C++ mode too); the hot loops still spell their FMAs
+// out with vfma, so as not to depend on that.
 //
 // The float math below is written once for a vector of any width and runs at the register width
 // (kRegBytes): a wider vector is split into halves first. GCC lowers plain arithmetic on a vector
@@ -152,8 +158,8 @@ using HalfOf = typename FVec<lanes_of<V>() / 2>::type;
 template <class V>
 constexpr bool kWide = sizeof(V) > size_t(kRegBytes);
 
-template <class V>
-inline V vsplat(float x) {
+template <class V, class T>
+inline V vsplat(T x) {
   return x - V{};  // x - 0 == x for every x (unlike 0 + x for x = -0)
 }
 template <class V>
@@ -200,10 +206,6 @@ template <class Acc>
 inline void vstore(Acc* p, Vec<Acc> v) {
   std::memcpy(p, &v, sizeof v);
 }
-template <class Acc>
-inline Vec<Acc> splat(Acc x) {
-  return x - Vec<Acc>{};  // x - 0 == x for every x (unlike 0 + x for x = -0)
-}
 
 // a * b + c, fused where the target has FMA.
 template <class V>
@@ -227,14 +229,13 @@ inline Vec<double> vfma(Vec<double> a, Vec<double> b, Vec<double> c) { return a 
 
 // Store that bypasses the caches (no read of the line before it is written), for output rows written
 // once and whole; p must be 64-byte aligned (see stream_ok). A plain store where that is not built.
-inline void vstream(float* p, Vec<float> v) {
+template <class Acc, class V>
+inline void vstream(Acc* p, V v) {
 #if defined(__AVX512F__)
-  _mm512_stream_ps(p, (__m512)v);
-#else
-  vstore(p, v);
+  if constexpr (std::is_same<Acc, float>::value && sizeof(V) == 64) return _mm512_stream_ps(p, (__m512)v);
 #endif
+  std::memcpy(p, &v, sizeof v);
 }
-inline void vstream(double* p, Vec<double> v) { vstore(p, v); }
 template <class Acc>
 bool stream_ok(const Acc* p) {
 #if defined(__AVX512F__)
@@ -744,6 +745,10 @@ template <>
 struct LaneVec<double> {
   using type = Vec<double>;
 };
+// The vector of the per-(channel, t) row loops: LaneVec with AVX2 and AVX-512. Narrower targets keep
+// the 16-lane Vec (with SSE's 4-lane registers GCC rebuilt the polynomials' constants in the loops).
+template <class Acc>
+using RowVec = std::conditional_t<(kRegBytes >= 32), typename LaneVec<Acc>::type, Vec<Acc>>;
 template <class V, class Acc>
 inline V vld(const Acc* p) {
   V v;
@@ -754,15 +759,23 @@ template <class V, class Acc>
 inline void vst(Acc* p, V v) {
   std::memcpy(p, &v, sizeof v);
 }
+// Offset of (row t, state j, lanes [o, o + VL)) in the backward's per-step buffers of NJB states
+// (Hb, Ab; rows: their row count): [o / VL][t][j][VL], so that each pass of lanes (one register
+// wide) writes and reads whole cache lines, one pass after the other.
+template <class V>
+inline int64_t step_at(int64_t rows, int64_t t, int j, int o) {
+  constexpr int VL = kLanesOf<V>;
+  return ((o / VL * rows + t) * NJB + j) * VL;
+}
 
 // NJ states (a register block) of one block over one chunk, the forward's and the backward's
 // recomputation. A2: (NJ, W) A * log2(e); DT, DTU, Y: (tl, W) delta', delta' * u and the output
 // accumulator Y += <h_t, C_t> (when HY); h0: (NJ, W) the state before the chunk; Bp/Cp: B/C of the
 // chunk at this register block's first state (t-stride bts/cts; a scalar per (t, n) when BL/CL is
 // false, a lane vector per (t, n) when true). The forward (SAVE false) writes the state after the
-// chunk to h (may be h0). The backward (SAVE true) keeps every step: Hb (tl + 1, NJ, W) gets
-// h_{t-1} at row t (row 0 = h0) and h_t at row t + 1, Ab (tl, NJ, W) the decays. The lanes run in
-// passes of one register (LaneVec), each over the whole chunk. CLAMP: see vexp2.
+// chunk to h (may be h0). The backward (SAVE true, NJ = NJB) keeps every step: Hb (tl + 1 rows) gets
+// h_{t-1} at row t (row 0 = h0) and h_t at row t + 1, Ab (tl rows) the decays (layout: step_at). The
+// lanes run in passes of one register (LaneVec), each over the whole chunk. CLAMP: see vexp2.
 template <class Acc, int NJ, bool BL, bool CL, bool SAVE, bool HY, bool CLAMP>
 void scan_states(int64_t tl, const Acc* A2, const Acc* DT, const Acc* DTU, const Acc* Bp, int64_t bts,
                  const Acc* Cp, int64_t cts, const Acc* h0, Acc* h, Acc* Hb, Acc* Ab, Acc* Y) {
@@ -772,7 +785,7 @@ void scan_states(int64_t tl, const Acc* A2, const Acc* DT, const Acc* DTU, const
     V hr[NJ];
     for (int j = 0; j < NJ; ++j) {
       hr[j] = vld<V>(h0 + j * W + o);
-      if (SAVE) vst(Hb + j * W + o, hr[j]);
+      if (SAVE) vst(Hb + step_at<V>(tl + 1, 0, j, o), hr[j]);
     }
     for (int64_t t = 0; t < tl; ++t) {
       const V dt = vld<V>(DT + t * W + o), dtu = vld<V>(DTU + t * W + o);
@@ -784,7 +797,7 @@ void scan_states(int64_t tl, const Acc* A2, const Acc* DT, const Acc* DTU, const
         const V a = vexp2<CLAMP>(vld<V>(A2 + j * W + o) * dt);
         const V bv = BL ? vld<V>(Bt + j * BJ + o) : Bt[j * BJ] - V{};
         hr[j] = vfma(a, hr[j], bv * dtu);
-        if (SAVE) vst(Ab + (t * NJ + j) * W + o, a), vst(Hb + ((t + 1) * NJ + j) * W + o, hr[j]);
+        if (SAVE) vst(Ab + step_at<V>(tl, t, j, o), a), vst(Hb + step_at<V>(tl + 1, t + 1, j, o), hr[j]);
         if (HY) {
           const V cv = CL ? vld<V>(Ct + j * CJ + o) : Ct[j * CJ] - V{};
           if (j & 1) y1 = vfma(hr[j], cv, y1); else y0 = vfma(hr[j], cv, y0);
@@ -862,7 +875,7 @@ struct SpanInputs {
   // tiles; sig (rows (W, SP)), when given, gets d delta' / d(delta + bias) (the sigmoid, or 1).
   // While on row i, it asks for the same steps of row i + 1 of u and delta (see prefetch_line).
   void load(const Params& p, const Shape& s, const Block& blk, int64_t t0, int64_t sl, Acc* sig = nullptr) {
-    using V = Vec<Acc>;
+    using V = RowVec<Acc>;
     const Acc* bias_w = reinterpret_cast<const Acc*>(p.delta_bias);
     const int64_t se = (sl + W - 1) / W * W;
     u.read(p.u, blk, t0, sl);
@@ -881,12 +894,14 @@ struct SpanInputs {
       const Acc *xn = x.r[next_row(i)], *un = u.r[next_row(i)];
       for (int64_t t = 0; t < se; t += W) {
         prefetch_line<false>(xn + t), prefetch_line<false>(un + t);
-        const V xv = vload(x.r[i] + t) + bias;
-        V sg;
-        const V dt = p.softplus ? vsoftplus(xv, sig ? &sg : nullptr) : xv;
-        if (sig) vstore(sig + i * s.SP + t, p.softplus ? sg : splat(Acc(1)));
-        vstore(dtr + t, dt);
-        vstore(dtur + t, dt * vload(u.r[i] + t));
+        for (int64_t o = t; o < t + W; o += kLanesOf<V>) {
+          const V xv = vld<V>(x.r[i] + o) + bias;
+          V sg;
+          const V dt = p.softplus ? vsoftplus(xv, sig ? &sg : nullptr) : xv;
+          if (sig) vst(sig + i * s.SP + o, p.softplus ? sg : vsplat<V>(Acc(1)));
+          vst(dtr + o, dt);
+          vst(dtur + o, dt * vld<V>(u.r[i] + o));
+        }
       }
     }
     rows_to_tile(DTr.data(), s.SP, se, DT.data());
@@ -896,7 +911,7 @@ struct SpanInputs {
 
 template <class Acc>
 void forward(const Params& p) {
-  using V = Vec<Acc>;
+  using V = RowVec<Acc>;
   const Shape s(p);
   const Acc* A = reinterpret_cast<const Acc*>(p.A);
   const Acc* Dv = reinterpret_cast<const Acc*>(p.Dvec);
@@ -945,12 +960,14 @@ void forward(const Params& p) {
           Acc* on = out.r[next_row(i)];
           for (int64_t t = 0; t < se; t += W) {
             prefetch_line<false>(zn + t), prefetch_line<true>(on + t);
-            V y = vfma(vload(ur + t), splat(dv), vload(&Yr[i * SP + t]));
-            if (p.z.ptr) {
-              const V zv = vload(zr + t);
-              y = y * zv * vsigmoid(zv);
+            for (int64_t o = t; o < t + W; o += kLanesOf<V>) {
+              V y = vfma(vld<V>(ur + o), vsplat<V>(dv), vld<V>(&Yr[i * SP + o]));
+              if (p.z.ptr) {
+                const V zv = vld<V>(zr + o);
+                y = y * zv * vsigmoid(zv);
+              }
+              vst(out.r[i] + o, y);
             }
-            vstore(out.r[i] + t, y);
           }
         }
         out.commit(p.out, blk, t0, sl);
@@ -995,9 +1012,9 @@ void bwd_reverse(int64_t tl, const Acc* A1, const Acc* DT, const Acc* DTU, const
         V rga{}, rgb{};
 #pragma GCC unroll 8
         for (int j = 0; j < NJ; ++j) {
-          const Acc* hb = Hb + (t * NJB + j0 + j) * W + o;
-          const V hc = vld<V>(hb + NJB * W), hp = vld<V>(hb);
-          const V a = vld<V>(Ab + (t * NJB + j0 + j) * W + o);
+          const V hc = vld<V>(Hb + step_at<V>(tl + 1, t + 1, j0 + j, o));
+          const V hp = vld<V>(Hb + step_at<V>(tl + 1, t, j0 + j, o));
+          const V a = vld<V>(Ab + step_at<V>(tl, t, j0 + j, o));
           const V bv = BL ? vld<V>(Bt + j * BJ + o) : Bt[j * BJ] - V{};
           const V cv = CL ? vld<V>(Ct + j * CJ + o) : Ct[j * CJ] - V{};
           const V gj = vfma(cv, dy, gr[j]);
@@ -1169,7 +1186,8 @@ void reduce_partials(const Shape& s, const PartialSums<Acc>& b, const PartialSum
 
 template <class Acc>
 void backward(const Params& p) {
-  using V = Vec<Acc>;
+  using V = RowVec<Acc>;
+  constexpr int VL = kLanesOf<V>, NR = W / VL;  // a row's 16 steps are NR registers
   const Shape s(p);
   const Acc* A = reinterpret_cast<const Acc*>(p.A);
   const Acc* Dv = reinterpret_cast<const Acc*>(p.Dvec);
@@ -1197,7 +1215,7 @@ void backward(const Params& p) {
     std::vector<Acc> SPr(W * SP), SZr(W * SP), DYr(W * SP), Yr(W * SP), RGAr(W * SP), RGBr(W * SP);
     std::vector<Acc> DY(SP * W), Y(SP * W), RGA(SP * W), RGB(SP * W);
     std::vector<Acc> Hb((s.T + 1) * NJB * W), Ab(s.T * NJB * W);
-    V dDacc[W], dbacc[W];
+    V dDacc[W][NR], dbacc[W][NR];  // per channel: lane j of register r sums steps t = r * VL + j (mod 16)
     for (int64_t u; (u = next.fetch_add(1)) < nunits;) {
       const int64_t k0 = u < nbig ? nhead * u / nbig : nhead + (u - nbig);
       const int64_t k1 = u < nbig ? nhead * (u + 1) / nbig : k0 + 1;
@@ -1210,7 +1228,8 @@ void backward(const Params& p) {
         std::fill(G.begin(), G.end(), Acc(0));
         std::fill(dA.begin(), dA.end(), Acc(0));
         if (dlast) lane_weights(s, blk, dlast + blk.b * s.D * s.N, Acc(1), G.data());
-        for (int i = 0; i < W; ++i) dDacc[i] = dbacc[i] = V{};
+        for (int i = 0; i < W; ++i)
+          for (int r = 0; r < NR; ++r) dDacc[i][r] = dbacc[i][r] = V{};
         bsrc.begin_block(blk);
         csrc.begin_block(blk);
         dbg.begin_block();
@@ -1227,13 +1246,15 @@ void backward(const Params& p) {
             Acc *szr = &SZr[i * SP], *dyr = &DYr[i * SP];
             for (int64_t t = 0; t < se; t += W) {
               prefetch_line<false>(don + t), prefetch_line<false>(zn + t);
-              V dy = vload(dor + t);
-              if (has_z) {
-                const V zv = vload(zr + t), sz = vsigmoid(zv);
-                vstore(szr + t, sz);
-                dy = dy * zv * sz;
+              for (int64_t o = t; o < t + W; o += VL) {
+                V dy = vld<V>(dor + o);
+                if (has_z) {
+                  const V zv = vld<V>(zr + o), sz = vsigmoid(zv);
+                  vst(szr + o, sz);
+                  dy = dy * zv * sz;
+                }
+                vst(dyr + o, dy);
               }
-              vstore(dyr + t, dy);
             }
           }
           rows_to_tile(DYr.data(), SP, se, DY.data());
@@ -1269,31 +1290,34 @@ void backward(const Params& p) {
           ddelta.begin(p.ddelta, blk, t0, sl);
           if (has_z) dz.begin(p.dz, blk, t0, sl);
           for (int i = 0; i < blk.nl; ++i) {
-            const V dv = splat(channel_weight(Dv, blk, i));
+            const V dv = vsplat<V>(channel_weight(Dv, blk, i));
             const int64_t r0 = i * SP;
             const Acc *ur = in.u.r[i], *zr = in.z.r[i], *dor = dout.r[i];
             const Acc *dyr = &DYr[r0], *rgar = &RGAr[r0], *rgbr = &RGBr[r0], *dtr = &in.DTr[r0], *spr = &SPr[r0];
             const Acc *szr = &SZr[r0], *yr = &Yr[r0];
             Acc *dur = du.r[i], *ddr = ddelta.r[i], *dzr = has_z ? dz.r[i] : nullptr;
             Acc *dun = du.r[next_row(i)], *ddn = ddelta.r[next_row(i)], *dzn = has_z ? dz.r[next_row(i)] : nullptr;
-            V dDi{}, dbi{};
+            V dDi[NR] = {}, dbi[NR] = {};
             // Rows written in place go around the caches when aligned; buffered ones are read back by commit.
             auto emit = [&](auto nt) {
               constexpr bool NT = decltype(nt)::value;
-              auto put = [](Acc* q, V v) { if constexpr (NT) vstream(q, v); else vstore(q, v); };
+              auto put = [](Acc* q, V v) { if constexpr (NT) vstream(q, v); else vst(q, v); };
               for (int64_t t = 0; t < se; t += W) {
                 if (!NT) prefetch_line<true>(dun + t), prefetch_line<true>(ddn + t);
-                const V uv = vload(ur + t), dy = vload(dyr + t), rgb = vload(rgbr + t);
-                put(dur + t, vfma(dy, dv, vload(dtr + t) * rgb));
-                const V dd = vfma(uv, rgb, vload(rgar + t)) * vload(spr + t);  // dL/d(delta + bias)
-                put(ddr + t, dd);
-                dDi = vfma(dy, uv, dDi);
-                dbi += dd;
-                if (has_z) {
-                  if (!NT) prefetch_line<true>(dzn + t);
-                  const V zv = vload(zr + t), sz = vload(szr + t);
-                  const V y = vfma(uv, dv, vload(yr + t));
-                  put(dzr + t, vload(dor + t) * y * sz * vfma(zv, Acc(1) - sz, splat(Acc(1))));
+                if (has_z && !NT) prefetch_line<true>(dzn + t);
+                for (int r = 0; r < NR; ++r) {
+                  const int64_t o = t + r * VL;
+                  const V uv = vld<V>(ur + o), dy = vld<V>(dyr + o), rgb = vld<V>(rgbr + o);
+                  put(dur + o, vfma(dy, dv, vld<V>(dtr + o) * rgb));
+                  const V dd = vfma(uv, rgb, vld<V>(rgar + o)) * vld<V>(spr + o);  // dL/d(delta + bias)
+                  put(ddr + o, dd);
+                  dDi[r] = vfma(dy, uv, dDi[r]);
+                  dbi[r] += dd;
+                  if (has_z) {
+                    const V zv = vld<V>(zr + o), sz = vld<V>(szr + o);
+                    const V y = vfma(uv, dv, vld<V>(yr + o));
+                    put(dzr + o, vld<V>(dor + o) * y * sz * vfma(zv, Acc(1) - sz, vsplat<V>(Acc(1))));
+                  }
                 }
               }
             };
@@ -1302,8 +1326,7 @@ void backward(const Params& p) {
               emit(std::true_type{});
             else
               emit(std::false_type{});
-            dDacc[i] += dDi;
-            dbacc[i] += dbi;
+            for (int r = 0; r < NR; ++r) dDacc[i][r] += dDi[r], dbacc[i][r] += dbi[r];
           }
           du.commit(p.du, blk, t0, sl);
           ddelta.commit(p.ddelta, blk, t0, sl);
@@ -1318,7 +1341,8 @@ void backward(const Params& p) {
             reinterpret_cast<Acc*>(p.dA_rows)[row * s.N + n] = dA[n * W + i];
           }
           Acc sD = 0, sb = 0;
-          for (int j = 0; j < W; ++j) sD += dDacc[i][j], sb += dbacc[i][j];
+          for (int r = 0; r < NR; ++r)
+            for (int j = 0; j < VL; ++j) sD += dDacc[i][r][j], sb += dbacc[i][r][j];
           if (p.dD_rows) reinterpret_cast<Acc*>(p.dD_rows)[row] = sD;
           if (p.dbias_rows) reinterpret_cast<Acc*>(p.dbias_rows)[row] = sb;
         }
