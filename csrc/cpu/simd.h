@@ -76,8 +76,9 @@ inline uint32_t lane_bits(VI m) {
   return b;
 }
 
-// a * b + c as one fused instruction. The build compiles in ISO C++ mode, where GCC does not
-// contract a*b+c on its own, so the micro-kernels spell the FMA out.
+// a * b + c as one fused instruction. GCC contracts a*b+c where it sees one (-ffp-contract=fast is
+// its default in ISO C++ mode too), but only where the FMA ISA is enabled and the expression survives
+// optimisation intact: the micro-kernels spell the FMA out so their rounding never depends on that.
 #if defined(__AVX512F__)
 #define DK_FMADD(sfx, a, b, c) _mm512_fmadd_##sfx(a, b, c)
 #elif defined(__AVX__) && defined(__FMA__)
