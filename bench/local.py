@@ -73,11 +73,11 @@ def _builders(side: int, r: int, shape: str, border: str, text: int) -> dict[str
         fn = lambda: ditkernels.local_attention(q, k, v, grid, r, shape=shape, border=border,  # noqa: E731
                                                 num_prefix=text)
         fn.detail = (f"backend={mod.NAME} tiles q{plan.q_tile[1:]} kv{plan.kv_tile[1:]} "
-                     f"plan computed/useful={plan.computed_pairs / plan.useful_pairs:.2f}")
+                     f"whole-tile pairs/useful={plan.computed_pairs / plan.useful_pairs:.2f}")
         if has(mod, FWD_COUNTERS):
             fn()  # the kernel's own count of the pairs it computed after trimming partial visits
             kernel_pairs = mod.last_fwd_pairs() / (q.shape[0] * q.shape[1])
-            fn.detail += f", kernel computed/useful={kernel_pairs / plan.useful_pairs:.2f}"
+            fn.detail += f", computed (trimmed visits)/useful={kernel_pairs / plan.useful_pairs:.2f}"
         return fn
 
     def build_flex(inputs):
