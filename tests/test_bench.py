@@ -385,3 +385,21 @@ def test_emulate_isa_restricts_torch_and_ditkernels():
             "import ditkernels._ext as e; print(rc, torch.backends.cpu.get_cpu_capability(), e.isa())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split()[-3:] == ["0", "AVX2", "avx2"]
+
+
+def test_flex_output_check_skips_a_wrong_flex():
+    """bench's compiled-Flex guard: the right masked output passes, a perturbed one is a skip naming the error."""
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask
+
+    from ditkernels.bench.attention import _check_flex
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 96, 16) for _ in range(3))
+    band = lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() <= 5  # noqa: E731
+    bm = create_block_mask(band, B=None, H=None, Q_LEN=96, KV_LEN=96, device="cpu", BLOCK_SIZE=32)
+    mask = create_mask(band, 1, 2, 96, 96, device="cpu")
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    _check_flex(out, q, k, v, bm)
+    _check_flex(torch.nn.functional.scaled_dot_product_attention(q, k, v), q, k, v, None)
+    with pytest.raises(SkipImpl, match="compiled FlexAttention is wrong here: rel. err"):
+        _check_flex(torch.nn.functional.scaled_dot_product_attention(q, k, v), q, k, v, bm)  # mask ignored
